@@ -1,0 +1,524 @@
+"""Tests for orchestrator.survey: loading, country names, splits, culture selection and similarity."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from orchestrator.survey import (
+    LoadReport,
+    SurveyDataError,
+    SurveyRecord,
+    canonical_country,
+    culture_similarity,
+    load_survey,
+    lookup_culture,
+    nearest_cultures,
+    normalise_question,
+    question_split,
+    select_cultures,
+    split_records,
+)
+
+GOQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "goqa"
+OPINIONS = GOQA / "opinions.jsonl"
+SAMPLE_CSV = GOQA / "format-sample.csv"
+
+needs_data = pytest.mark.skipif(not OPINIONS.exists(), reason=f"shared survey data not at {GOQA}")
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    # json.dumps writes NaN/Infinity tokens, which json.loads reads back: the loader must catch them.
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def row(country: str, question: str = "Q1?", options=("A", "B"), distribution=(0.5, 0.5)) -> dict:
+    return {
+        "country": country,
+        "question": question,
+        "options": list(options),
+        "distribution": list(distribution),
+    }
+
+
+def rec(culture: str, question: str, distribution: tuple[float, ...], options=None) -> SurveyRecord:
+    options = options or tuple(f"o{i}" for i in range(len(distribution)))
+    return SurveyRecord(culture, "XX", question, tuple(options), distribution)
+
+
+@pytest.fixture(scope="module")
+def real() -> tuple[list[SurveyRecord], LoadReport]:
+    if not OPINIONS.exists():
+        pytest.skip(f"shared survey data not at {GOQA}")
+    return load_survey(OPINIONS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading the shared data
+# ---------------------------------------------------------------------------------------------------------
+
+
+@needs_data
+def test_real_file_counts(real):
+    records, report = real
+    assert report.read == 3880
+    assert report.skipped["zero_sum"] == 9
+    assert report.skipped.get("unknown_country", 0) == 0
+    assert report.skipped.get("malformed", 0) == 0
+    # Six questions were asked of both a national and a non-national sample of one country.
+    assert report.skipped == {"zero_sum": 9, "duplicate": 6}
+    assert report.kept == len(records) == 3880 - 15
+    assert report.summary() == "read 3880 records, kept 3865, skipped 15 (zero_sum 9, duplicate 6)"
+    assert report.path == str(OPINIONS)
+
+
+@needs_data
+def test_real_file_records_are_clean(real):
+    records, _ = real
+    cultures = {r.culture for r in records}
+    assert not any("sample" in c.lower() for c in cultures)
+    for spelling in ("Britain", "Great Britain", "S. Korea", "Czech Rep.", "Palest. ter.", "Taiwan ROC"):
+        assert spelling not in cultures
+    assert {"United Kingdom", "South Korea", "Czechia", "Palestine", "Taiwan", "India", "Russia"} <= cultures
+    assert all(len(r.iso) == 2 and r.iso.isupper() for r in records)
+    assert all(math.isclose(sum(r.distribution), 1.0, abs_tol=1e-9) for r in records)
+    assert all(len(r.options) == len(r.distribution) >= 2 for r in records)
+    # Some scale points are stored as floats (1.0, 2.0, ...); they come back as the text a respondent saw.
+    assert all(isinstance(o, str) for r in records for o in r.options)
+    assert any(r.options[:3] == ("Not important at all", "1", "2") for r in records)
+    keys = Counter((r.culture, normalise_question(r.question), r.options) for r in records)
+    assert max(keys.values()) == 1
+
+
+@needs_data
+def test_real_file_prefers_national_sample(real):
+    records, _ = real
+    raw = [json.loads(line) for line in OPINIONS.read_text(encoding="utf-8").splitlines()]
+    mali = [r for r in raw if r["country"].startswith("Mali") and "honest election" in r["question"]]
+    assert {r["country"] for r in mali} == {"Mali", "Mali (Non-national sample)"}
+    national = next(r for r in mali if r["country"] == "Mali")
+    kept = [r for r in records if r.culture == "Mali" and "honest election" in r.question]
+    assert len(kept) == 1
+    assert kept[0].distribution == pytest.approx(national["distribution"], abs=1e-9)
+
+
+@needs_data
+def test_sample_csv():
+    records, report = load_survey(SAMPLE_CSV)
+    assert report.read == 7
+    assert report.skipped == {"zero_sum": 1}
+    assert [r.culture for r in records] == ["Nigeria", "Japan", "Germany", "Egypt", "Brazil", "Mexico"]
+    assert "Sweden" not in {r.culture for r in records}
+    germany = records[2]
+    assert germany.options == ("1", "2", "3", "4")
+    assert germany.distribution == pytest.approx((0.02, 0.05, 0.28, 0.65))
+    mexico = records[-1]
+    assert mexico.options[-1] == "Don't know"
+    assert sum(mexico.distribution) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading synthetic files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_each_bad_record_kind_is_counted(tmp_path):
+    rows: list[object] = [
+        row("Germany", distribution=(2, 2)),
+        row("France", distribution=(1, 3)),
+        row("Spain", distribution=(0, 0)),  # zero_sum
+        row("Italy", options=("A", "B", "C")),  # length_mismatch
+        row("Japan", distribution=(float("nan"), 1.0)),  # nan_or_negative
+        row("Kenya", distribution=(float("inf"), 1.0)),  # nan_or_negative
+        row("Peru", distribution=(-0.1, 1.1)),  # nan_or_negative
+        row("Atlantis"),  # unknown_country
+        row("Germany (Non-national sample)", distribution=(0.9, 0.1)),  # duplicate of the first row
+        row("Chile", options=("A",), distribution=(1.0,)),  # too_few_options
+        {"country": "Chile", "question": "Q1?", "options": ["A", "B"]},  # malformed: no distribution
+        row("Chile") | {"options": "A, B"},  # malformed: options not a list
+        row("Chile") | {"distribution": ["0.5", "0.5"]},  # malformed: shares are text
+        row("Chile") | {"distribution": [True, False]},  # malformed: booleans are not shares
+        row("Chile") | {"country": 56},  # malformed: country not text
+        [1, 2, 3],  # malformed: not an object
+    ]
+    records, report = load_survey(write_jsonl(tmp_path / "bad.jsonl", rows))
+    assert report.read == len(rows)
+    assert report.skipped == {
+        "zero_sum": 1,
+        "length_mismatch": 1,
+        "nan_or_negative": 3,
+        "unknown_country": 1,
+        "duplicate": 1,
+        "too_few_options": 1,
+        "malformed": 6,
+    }
+    assert report.kept == 2
+    assert [(r.culture, r.iso) for r in records] == [("Germany", "DE"), ("France", "FR")]
+    assert records[0].distribution == pytest.approx((0.5, 0.5))
+    assert records[1].distribution == pytest.approx((0.25, 0.75))
+    assert report.summary().startswith("read 16 records, kept 2, skipped 14 (")
+
+
+def test_duplicates_keep_best_sample_in_first_position(tmp_path):
+    rows = [
+        row("India (Non-national sample)", distribution=(0.1, 0.9)),
+        row("Japan", distribution=(0.5, 0.5)),
+        row("India (Old national sample)", distribution=(0.2, 0.8)),
+        row("India (Current national sample)", distribution=(0.3, 0.7)),
+        row("India (Non-national sample)", question="Q2?", distribution=(0.6, 0.4)),
+        row("Britain", question="Q2?", distribution=(0.4, 0.6)),
+        row(
+            "Great Britain", question="  q2? ", distribution=(0.7, 0.3)
+        ),  # same question, same rank: first wins
+    ]
+    records, report = load_survey(write_jsonl(tmp_path / "dup.jsonl", rows))
+    assert report.skipped == {"duplicate": 3}
+    assert [(r.culture, r.question, r.distribution) for r in records] == [
+        ("India", "Q1?", pytest.approx((0.3, 0.7))),
+        ("Japan", "Q1?", pytest.approx((0.5, 0.5))),
+        ("India", "Q2?", pytest.approx((0.6, 0.4))),
+        ("United Kingdom", "Q2?", pytest.approx((0.4, 0.6))),
+    ]
+
+
+def test_json_list_and_jsonl_agree(tmp_path):
+    rows = [row("Germany", distribution=(1, 3)), row("S. Korea", question="Q2?"), row("Mars")]
+    from_jsonl = load_survey(write_jsonl(tmp_path / "a.jsonl", rows))
+    (tmp_path / "a.json").write_text(json.dumps(rows), encoding="utf-8")
+    from_json = load_survey(tmp_path / "a.json")
+    assert from_json[0] == from_jsonl[0]
+    assert from_json[1].skipped == from_jsonl[1].skipped == {"unknown_country": 1}
+
+
+def test_nothing_usable_is_an_error(tmp_path):
+    path = write_jsonl(
+        tmp_path / "empty.jsonl", [row("Spain", distribution=(0, 0)), row("Atlantis"), {"x": 1}]
+    )
+    with pytest.raises(SurveyDataError) as err:
+        load_survey(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(path) in message
+    assert "malformed 1" in message and "unknown_country 1" in message and "zero_sum 1" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("bad.jsonl", json.dumps(row("Germany")) + "\n\n" + '{"country": "France", oops\n', "line 3"),
+        ("bad.json", '[\n{"country": "France"},\n{oops}\n]', "line 3"),
+        ("data.txt", "whatever", "unknown format '.txt'"),
+        ("bad.csv", "a,b\n1,2\n", "missing columns question, selections, options"),
+        ("empty.jsonl", "", "no usable survey records (read 0 records)"),
+        ("dict.json", '{"country": "France"}', "expected a JSON list"),
+    ],
+)
+def test_file_level_errors_name_the_file(tmp_path, name, text, expected):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SurveyDataError) as err:
+        load_survey(path)
+    message = str(err.value)
+    assert str(path) in message and expected in message and "\n" not in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SurveyDataError, match="no such file"):
+        load_survey(tmp_path / "absent.jsonl")
+
+
+def test_csv_bad_rows_are_malformed_and_never_evaluated(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "goqa.csv"
+    path.write_text(
+        "question,selections,options,source\n"
+        "Q1?,\"defaultdict(<class 'list'>, {'France': [1, 1], 'Narnia': [1, 0]})\",\"['Yes', 'No']\",GAS\n"
+        f"Q2?,\"__import__('pathlib').Path('{marker}').touch()\",\"['Yes', 'No']\",GAS\n"
+        'Q3?,"{\'Italy\': [0.2, 0.8]}","not a list",WVS\n'
+        "Q4?,\"{'Italy': [0.2, 0.8]}\",\"['Yes', 'No']\",WVS\n",
+        encoding="utf-8",
+    )
+    records, report = load_survey(path)
+    assert not marker.exists()
+    assert report.read == 5
+    assert report.skipped == {"unknown_country": 1, "malformed": 2}
+    assert [(r.culture, r.question, r.distribution) for r in records] == [
+        ("France", "Q1?", pytest.approx((0.5, 0.5))),
+        ("Italy", "Q4?", pytest.approx((0.2, 0.8))),
+    ]
+
+
+@pytest.mark.parametrize("source", ["hf://Anthropic/llm_global_opinions", "Anthropic/llm_global_opinions"])
+def test_hub_offline_gives_clear_error(monkeypatch, tmp_path, source):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # An empty cache, so a copy downloaded on this machine earlier cannot satisfy the offline request.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SurveyDataError) as err:
+        load_survey(source)
+    message = str(err.value)
+    assert "hf://Anthropic/llm_global_opinions/data/global_opinions.csv" in message
+    assert "could not be reached" in message and "local file" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Country names
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spelling", "expected"),
+    [
+        ("Britain", ("United Kingdom", "GB")),
+        ("Great Britain", ("United Kingdom", "GB")),
+        ("S. Korea", ("South Korea", "KR")),
+        ("South Korea", ("South Korea", "KR")),
+        ("S. Africa", ("South Africa", "ZA")),
+        ("S. Africa (Non-national sample)", ("South Africa", "ZA")),
+        ("Czech Rep.", ("Czechia", "CZ")),
+        ("Palest. ter.", ("Palestine", "PS")),
+        ("Ivory Coast (Non-national sample)", ("Côte d'Ivoire", "CI")),
+        ("Russia", ("Russia", "RU")),
+        ("Russian Federation", ("Russia", "RU")),
+        ("Vietnam", ("Vietnam", "VN")),
+        ("Iran", ("Iran", "IR")),
+        ("Bolivia (Non-national sample)", ("Bolivia", "BO")),
+        ("Venezuela", ("Venezuela", "VE")),
+        ("Taiwan ROC", ("Taiwan", "TW")),
+        ("Tanzania", ("Tanzania", "TZ")),
+        ("Syria", ("Syria", "SY")),
+        ("Moldova", ("Moldova", "MD")),
+        ("Macedonia", ("North Macedonia", "MK")),
+        ("North Macedonia", ("North Macedonia", "MK")),
+        ("Kosovo", ("Kosovo", "XK")),
+        ("Turkey", ("Turkey", "TR")),
+        ("Bosnia Herzegovina", ("Bosnia and Herzegovina", "BA")),
+        ("Hong Kong SAR", ("Hong Kong", "HK")),
+        ("Macau SAR", ("Macao", "MO")),
+        ("Northern Ireland", ("Northern Ireland", "XI")),
+        ("India (Current national sample)", ("India", "IN")),
+        ("India (Old national sample)", ("India", "IN")),
+        ("United States", ("United States", "US")),
+        ("germany", ("Germany", "DE")),
+    ],
+)
+def test_canonical_country(spelling, expected):
+    assert canonical_country(spelling) == expected
+
+
+@pytest.mark.parametrize("spelling", ["Atlantis", "", "   ", "Korea", "(Non-national sample)"])
+def test_canonical_country_unknown(spelling):
+    assert canonical_country(spelling) is None
+
+
+@needs_data
+def test_every_spelling_in_shared_data_resolves():
+    spellings = {json.loads(line)["country"] for line in OPINIONS.read_text(encoding="utf-8").splitlines()}
+    assert [s for s in sorted(spellings) if canonical_country(s) is None] == []
+
+
+KNOWN = ["Germany", "United Kingdom", "United States", "South Korea", "Russia", "Côte d'Ivoire"]
+
+
+@pytest.mark.parametrize(
+    ("spelling", "expected"),
+    [
+        ("de", "Germany"),
+        ("DE", "Germany"),
+        ("DEU", "Germany"),
+        ("germany", "Germany"),
+        (" Germany ", "Germany"),
+        ("Britain", "United Kingdom"),
+        ("UK", "United Kingdom"),
+        ("gb", "United Kingdom"),
+        ("USA", "United States"),
+        ("S. Korea", "South Korea"),
+        ("kor", "South Korea"),
+        ("Russian Federation", "Russia"),
+        ("ivory coast", "Côte d'Ivoire"),
+    ],
+)
+def test_lookup_culture(spelling, expected):
+    assert lookup_culture(spelling, KNOWN) == expected
+
+
+def test_lookup_culture_matches_other_spellings_in_known():
+    assert lookup_culture("United Kingdom", ["Britain", "Japan"]) == "Britain"
+
+
+@pytest.mark.parametrize("spelling", ["Narnia", "France", ""])
+def test_lookup_culture_unknown(spelling):
+    with pytest.raises(SurveyDataError) as err:
+        lookup_culture(spelling, KNOWN)
+    message = str(err.value)
+    assert message.startswith(f"unknown culture '{spelling}'; known: ")
+    assert message.endswith(", ".join(sorted(KNOWN)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_normalise_question():
+    assert normalise_question("  Do You\n\tAGREE?  ") == "do you agree?"
+
+
+def test_question_split_is_deterministic_and_whitespace_blind():
+    q = "How important is God in your life?"
+    variants = [q, q.upper(), f"  {q}\n", q.replace(" ", "  \t")]
+    assert len({question_split(v) for v in variants}) == 1
+    assert question_split(q) == question_split(q, (0.7, 0.15, 0.15), "")
+    assert question_split(q, (1, 0, 0)) == "train"
+    assert question_split(q, (0, 1, 0)) == "val"
+    assert question_split(q, (0, 0, 1)) == "test"
+
+
+def test_salt_reshuffles_questions():
+    questions = [f"question number {i}" for i in range(200)]
+    plain = [question_split(q) for q in questions]
+    salted = [question_split(q, salt="seed-1") for q in questions]
+    assert plain != salted
+    assert salted == [question_split(q, salt="seed-1") for q in questions]
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.5), (1.0, -0.5, 0.5), (0, 0, 0), (float("nan"), 0.5, 0.5)])
+def test_bad_fractions(fractions):
+    with pytest.raises(SurveyDataError, match="fractions"):
+        question_split("q", fractions)
+
+
+@needs_data
+@pytest.mark.parametrize("fractions", [(0.7, 0.15, 0.15), (0.8, 0.1, 0.1), (0.5, 0.25, 0.25)])
+def test_split_fractions_roughly_honoured(real, fractions):
+    records, _ = real
+    parts = split_records(records, fractions)
+    assert set(parts) == {"train", "val", "test"}
+    assert sum(len(v) for v in parts.values()) == len(records)
+    questions = {name: {normalise_question(r.question) for r in part} for name, part in parts.items()}
+    # A question sits in exactly one split whatever the culture, so no answer leaks across splits.
+    assert not (questions["train"] & questions["val"] or questions["train"] & questions["test"])
+    assert not questions["val"] & questions["test"]
+    total = sum(len(q) for q in questions.values())
+    for name, target in zip(("train", "val", "test"), fractions, strict=True):
+        assert abs(len(questions[name]) / total - target) <= 0.05, (name, len(questions[name]) / total)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Culture selection
+# ---------------------------------------------------------------------------------------------------------
+
+
+def synthetic_records(counts: dict[str, int]) -> list[SurveyRecord]:
+    return [rec(c, f"q{i}", (0.5, 0.5)) for c, n in counts.items() for i in range(n)]
+
+
+SELECTION = synthetic_records({"Germany": 10, "France": 8, "Japan": 8, "Kenya": 8, "Peru": 3, "Chile": 1})
+
+
+def test_top_n_ranking_ties_and_held_out():
+    chosen = select_cultures(SELECTION, top=3)
+    # France, Japan and Kenya tie on 8: names break the tie.
+    assert chosen.trained == ["Germany", "France", "Japan"]
+    assert chosen.held_out == []
+    assert chosen.counts == {"Germany": 10, "France": 8, "Japan": 8, "Kenya": 8, "Peru": 3, "Chile": 1}
+
+    chosen = select_cultures(SELECTION, top=3, min_questions=3, held_out=["fr", "Chile"])
+    assert chosen.trained == ["Germany", "Japan", "Kenya"]
+    assert chosen.held_out == ["France", "Chile"]
+
+
+def test_top_n_uses_remaining_cultures_after_held_out():
+    chosen = select_cultures(SELECTION, top=4, min_questions=3, held_out=["DEU"])
+    assert chosen.trained == ["France", "Japan", "Kenya", "Peru"]
+    assert "Germany" not in chosen.trained and chosen.held_out == ["Germany"]
+
+
+def test_named_cultures_any_spelling():
+    chosen = select_cultures(SELECTION, cultures=["germany", "JP", "France", "Germany"], held_out=["Kenya"])
+    assert chosen.trained == ["Germany", "Japan", "France"]
+    assert chosen.held_out == ["Kenya"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, "exactly one of cultures or top"),
+        ({"cultures": ["Germany"], "top": 2}, "exactly one of cultures or top"),
+        ({"cultures": ["Narnia"]}, "unknown culture 'Narnia'"),
+        ({"top": 2, "held_out": ["Narnia"]}, "unknown culture 'Narnia'"),
+        ({"top": 2, "held_out": ["Spain"]}, "unknown culture 'Spain'"),
+        ({"cultures": ["Peru"], "min_questions": 5}, "'Peru' has 3 questions, fewer than min_questions 5"),
+        ({"top": 5, "min_questions": 5}, "only 4 cultures have at least 5 questions, fewer than top 5"),
+        ({"top": 4, "min_questions": 5, "held_out": ["Kenya"]}, "only 3 cultures"),
+        ({"cultures": ["Germany"], "held_out": ["DE"]}, "both trained and held out"),
+        ({"cultures": []}, "cultures is empty"),
+        ({"top": 0}, "top must be a positive integer"),
+    ],
+)
+def test_selection_errors(kwargs, expected):
+    with pytest.raises(SurveyDataError) as err:
+        select_cultures(SELECTION, **kwargs)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+@needs_data
+def test_top_selection_on_real_data(real):
+    records, _ = real
+    chosen = select_cultures(records, top=21, min_questions=60, held_out=["Japan"])
+    assert len(chosen.trained) == 21 and "Japan" not in chosen.trained
+    assert all(chosen.counts[c] >= 60 for c in chosen.trained)
+    assert chosen.trained[:2] == ["Germany", "United States"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Similarity
+# ---------------------------------------------------------------------------------------------------------
+
+SIMILAR = [
+    rec("Germany", "q1", (0.5, 0.5)),
+    rec("Germany", "q2", (0.9, 0.1)),
+    rec("Austria", "Q1", (0.5, 0.5)),  # same question, other case: still matched
+    rec("Austria", "q2", (0.9, 0.1)),
+    rec("France", "q1", (0.6, 0.4)),
+    rec("France", "q2", (0.7, 0.3)),
+    rec("Japan", "q1", (1.0, 0.0)),
+    rec("Japan", "q2", (0.0, 1.0)),
+    rec("Peru", "q3", (0.5, 0.5)),
+    rec("Chile", "q1", (0.2, 0.3, 0.5)),  # other options: not comparable with anyone's q1
+]
+
+
+def test_similarity_identical_and_symmetric():
+    assert culture_similarity(SIMILAR, "Germany", "Austria") == pytest.approx(1.0)
+    assert culture_similarity(SIMILAR, "Germany", "Germany") == pytest.approx(1.0)
+    forward = culture_similarity(SIMILAR, "Germany", "France")
+    assert forward is not None and 0.0 < forward < 1.0
+    assert culture_similarity(SIMILAR, "France", "Germany") == pytest.approx(forward)
+    assert culture_similarity(SIMILAR, "de", "fra") == pytest.approx(forward)
+
+
+def test_similarity_disjoint_is_none():
+    assert culture_similarity(SIMILAR, "Germany", "Peru") is None
+    assert culture_similarity(SIMILAR, "Germany", "Chile") is None
+
+
+def test_similarity_known_value():
+    # Opposite certainties on two options are one full bit apart: JS distance 1, alignment 0.
+    half = [rec("Japan", "q1", (1.0, 0.0)), rec("Kenya", "q1", (0.0, 1.0))]
+    assert culture_similarity(half, "Japan", "Kenya") == pytest.approx(0.0, abs=1e-9)
+
+
+def test_nearest_cultures_ordering():
+    ranked = nearest_cultures(SIMILAR, "Germany", None, 10)
+    assert [c for c, _ in ranked] == ["Austria", "France", "Japan"]
+    scores = [s for _, s in ranked]
+    assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0)
+    assert nearest_cultures(SIMILAR, "Germany", ["Japan", "FR", "Peru", "Germany"], 1) == [ranked[1]]
+    assert nearest_cultures(SIMILAR, "Germany", None, 0) == []

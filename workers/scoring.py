@@ -1,0 +1,162 @@
+"""Option distributions from next-token logits of the option letters, and alignment with survey shares."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from workers.base_model import FrozenBase
+from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
+
+LETTERS = string.ascii_uppercase
+ANSWER_PREFIX = "Answer:"
+INSTRUCTION = "Answer with the letter of one option."
+
+
+def question_text(
+    tokenizer: PreTrainedTokenizerBase, question: str, options: Sequence[str], persona: str | None = None
+) -> str:
+    """The question and lettered options, through the chat template where there is one, then the answer prefix."""
+    if len(options) > len(LETTERS):
+        raise ValueError(f"at most {len(LETTERS)} options, got {len(options)}")
+    body = "\n".join([question.strip(), *(f"{LETTERS[i]}. {o}" for i, o in enumerate(options)), INSTRUCTION])
+    if tokenizer.chat_template:
+        messages = ([{"role": "system", "content": persona}] if persona else []) + [
+            {"role": "user", "content": body}
+        ]
+        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat + ANSWER_PREFIX
+    return (f"{persona}\n\n" if persona else "") + f"Question: {body}\n{ANSWER_PREFIX}"
+
+
+def option_token_ids(tokenizer: PreTrainedTokenizerBase, n: int = len(LETTERS)) -> torch.Tensor:
+    """n x 2 token ids per option letter: the bare letter and the space-prefixed one (equal if one token)."""
+    ids = []
+    for letter in LETTERS[:n]:
+        bare = tokenizer.encode(letter, add_special_tokens=False)[-1]
+        spaced = tokenizer.encode(" " + letter, add_special_tokens=False)[-1]
+        ids.append([bare, spaced])
+    return torch.tensor(ids)
+
+
+def option_log_probs(
+    last_logits: torch.Tensor, letter_ids: torch.Tensor, n_options: torch.Tensor
+) -> torch.Tensor:
+    """B x max_n log-distributions over each row's options (-inf beyond a row's own options)."""
+    letter_logits = last_logits.float()[:, letter_ids]  # B x 26 x 2
+    same = letter_ids[:, 0] == letter_ids[:, 1]
+    letter_logits[:, same, 1] = float("-inf")  # count a letter once when bare and spaced are one token
+    per_option = torch.logsumexp(letter_logits, dim=-1)[:, : int(n_options.max())]
+    beyond = torch.arange(per_option.shape[1], device=per_option.device)[None, :] >= n_options[:, None]
+    return torch.log_softmax(per_option.masked_fill(beyond.to(per_option.device), float("-inf")), dim=-1)
+
+
+def js_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon distance with log base 2, in [0, 1]."""
+    p, q = np.asarray(p, float) / np.sum(p), np.asarray(q, float) / np.sum(q)
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log2(a[nz] / m[nz])))
+
+    return float(np.sqrt(max(0.0, (kl(p) + kl(q)) / 2)))
+
+
+def alignment(p: np.ndarray, q: np.ndarray) -> float:
+    """1 - Jensen-Shannon distance (base 2): 1 is the survey's own distribution, 0 disjoint support."""
+    return 1.0 - js_distance(p, q)
+
+
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of the mean."""
+    values = np.asarray(values, float)
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_resamples, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@dataclass
+class EncodedQuestion:
+    """A question ready for the model: token ids, its number of options, and the survey target if known."""
+
+    input_ids: list[int]
+    n_options: int
+    target: list[float] | None = None
+
+
+def encode_question(
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    options: Sequence[str],
+    target: Sequence[float] | None = None,
+    persona: str | None = None,
+    max_length: int = 512,
+) -> EncodedQuestion:
+    """Tokenise one question (keeping its end if it is too long)."""
+    ids = tokenizer(question_text(tokenizer, question, options, persona), add_special_tokens=False)[
+        "input_ids"
+    ]
+    return EncodedQuestion(ids[-max_length:], len(options), list(target) if target is not None else None)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded input ids and attention mask for a batch of token lists."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def batch_log_probs(
+    base: FrozenBase,
+    bank: SoftPromptBank | None,
+    questions: Sequence[EncodedQuestion],
+    expert_idx: Sequence[int],
+    letter_ids: torch.Tensor,
+) -> torch.Tensor:
+    """One forward pass over a batch: B x max_n option log-probabilities, each row with its own expert."""
+    ids, mask = left_pad([q.input_ids for q in questions], base.tokenizer.pad_token_id)
+    inputs = prompted_inputs(
+        base.model, ids.to(base.device), mask.to(base.device), bank, torch.tensor(list(expert_idx))
+    )
+    out = base.model(**inputs, use_cache=False, logits_to_keep=1)
+    n_options = torch.tensor([q.n_options for q in questions], device=base.device)
+    return option_log_probs(out.logits[:, -1], letter_ids.to(base.device), n_options)
+
+
+@torch.no_grad()
+def option_distributions(
+    base: FrozenBase,
+    bank: SoftPromptBank | None,
+    questions: Sequence[EncodedQuestion],
+    expert_idx: Sequence[int] | None = None,
+    batch_size: int = 16,
+    progress: str | None = None,
+) -> list[np.ndarray]:
+    """The model's distribution over each question's options, batched (rows sorted by length)."""
+    expert_idx = list(expert_idx) if expert_idx is not None else [NO_EXPERT] * len(questions)
+    letter_ids = option_token_ids(base.tokenizer)
+    order = sorted(range(len(questions)), key=lambda i: len(questions[i].input_ids))
+    results: list[np.ndarray | None] = [None] * len(questions)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch", leave=False):
+        rows = order[start : start + batch_size]
+        log_probs = batch_log_probs(
+            base, bank, [questions[i] for i in rows], [expert_idx[i] for i in rows], letter_ids
+        )
+        for row, i in enumerate(rows):
+            results[i] = log_probs[row, : questions[i].n_options].exp().cpu().double().numpy()
+    return results
