@@ -59,7 +59,7 @@ def _save_tiny(family: str, folder: Path) -> Path:
             max_position_embeddings=512,
         )
     config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
+    config.eos_token_id = config.bos_token_id = tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from workers.base_model import FrozenBase
 from workers.prompts import SoftPromptBank
@@ -70,7 +71,7 @@ class TrainResult:
 Callback = Callable[[EpochReport, "PackedTrainer"], None]
 
 
-def _culture_seed(seed: int, culture: str) -> int:
+def culture_seed(seed: int, culture: str) -> int:
     # Each expert's data order depends only on the seed and its own culture, so training it
     # packed with others or alone visits its examples in the same order.
     return seed * 1_000_003 + int(hashlib.sha256(culture.encode()).hexdigest()[:8], 16)
@@ -90,15 +91,17 @@ class PackedTrainer:
         train: dict[str, list[EncodedQuestion]],
         val: dict[str, list[EncodedQuestion]],
         config: TrainConfig,
+        progress: bool = False,
     ):
         missing = [c for c in bank.cultures if not train.get(c)]
         if missing:
             raise ValueError(f"no training examples for {missing}")
         self.base, self.bank, self.train, self.val, self.config = base, bank, train, val, config
+        self.progress = progress
         self.optimizer = torch.optim.AdamW(bank.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.letter_ids = option_token_ids(base.tokenizer)
         self.generators = {
-            c: torch.Generator().manual_seed(_culture_seed(config.seed, c)) for c in bank.cultures
+            c: torch.Generator().manual_seed(culture_seed(config.seed, c)) for c in bank.cultures
         }
         self.epoch = 0
         self.active = list(bank.cultures)
@@ -130,7 +133,10 @@ class PackedTrainer:
         steps = max(math.ceil(len(order) / cfg.batch_size) for order in orders.values())
         losses: dict[str, list[float]] = {c: [] for c in self.active}
         self.optimizer.zero_grad(set_to_none=True)
-        for step in range(steps):
+        bar = tqdm(
+            range(steps), desc=f"epoch {self.epoch}", unit="step", disable=not self.progress, leave=False
+        )
+        for step in bar:
             rows, cultures = [], []
             for culture, order in orders.items():
                 chunk = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -144,6 +150,7 @@ class PackedTrainer:
             (loss / cfg.grad_accum).backward()
             for culture in dict.fromkeys(cultures):
                 losses[culture].append(float(per_row.detach()[torch.from_numpy(names == culture)].mean()))
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             if (step + 1) % cfg.grad_accum == 0 or step + 1 == steps:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -174,6 +181,10 @@ class PackedTrainer:
         with torch.no_grad():
             for i, culture in enumerate(self.bank.cultures):
                 self.bank.prompts[i].copy_(self.best_prompts[culture])
+        return self.result()
+
+    def result(self) -> TrainResult:
+        """Where training stands: per culture the best validation alignment and its epoch."""
         return TrainResult(
             dict(self.best_val), dict(self.best_epoch), dict(self.initial_val), self.epoch, self.history
         )

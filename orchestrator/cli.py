@@ -1,0 +1,177 @@
+"""The `shores` command line: errors a user can cause are one line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shores", description="Cultural experts as soft prompts on one frozen LM."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--config", required=True, help="experiment YAML (e.g. configs/demo.yaml)")
+        sub.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+        )
+        return sub
+
+    train = with_config("train", "train one soft-prompt expert per culture")
+    train.add_argument("--local", action="store_true", help="train in this process, without Ray or MLflow")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
+
+    experts = with_config("experts", "list the registered experts, their versions, aliases and alignment")
+    experts.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    ui = with_config("ui", "open the MLflow UI on the experiment's store, on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+
+    register = commands.add_parser("register", help="log and register an experiment from its checkpoints")
+    register.add_argument("--from", dest="source", required=True, help="the experiment's output_dir")
+
+    ev = with_config("eval", "score base, persona, expert, committee, uniform and agnostic on survey records")
+    ev.add_argument("--data", help="survey file to evaluate on (default: the config's)")
+    ev.add_argument("--split", default="test", choices=["test", "val", "train", "all"])
+    ev.add_argument(
+        "--experts",
+        help="a directory of experts, or a registry alias such as `champion` (default: <output_dir>/experts)",
+    )
+    ev.add_argument("--out", required=True, help="report JSON path; a PNG chart is written beside it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `shores` command."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    args = _parser().parse_args(argv)
+    from orchestrator.errors import USER_ERRORS
+
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as err:
+        print(f"shores {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"shores {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+
+    config = load_config(args.config, args.set)
+    if args.local:
+        from orchestrator.experiment import train_local
+
+        paths = train_local(config)
+        print(f"saved {len(paths)} experts to {config.experts_dir}")
+        return 0
+    from orchestrator.train import train
+
+    outcome = train(config, resume=args.resume)
+    return 0 if outcome["experts"] else 1
+
+
+def _experts(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestrator.config import load_config
+    from orchestrator.tracking import Store, registered_experts
+
+    rows = registered_experts(Store.from_config(load_config(args.config, args.set)))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'culture':<24}{'model':<32}{'version':>8}  {'aliases':<12}{'val alignment':>14}")
+    for row in rows:
+        aliases = ",".join(row["aliases"])
+        print(
+            f"{row['culture']:<24}{row['model']:<32}{row['version']:>8}  {aliases:<12}{row['val_alignment']:>14.4f}"
+        )
+    if not rows:
+        print("(no registered experts yet: run `shores train --config ...`)")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from orchestrator.config import load_config
+    from orchestrator.tracking import Store
+
+    store = Store.from_config(load_config(args.config, args.set))
+    command = [
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        store.tracking_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
+    if not store.tracking_uri.startswith("http"):
+        command += ["--default-artifact-root", store.artifact_root]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    return subprocess.call([str(Path(sys.executable).parent / command[0]), *command[1:]])
+
+
+def _register(args: argparse.Namespace) -> int:
+    from orchestrator.train import register_from
+
+    outcome = register_from(Path(args.source))
+    return 0 if outcome["registered"] else 1
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.evaluate import evaluate, format_table, write_report
+    from orchestrator.experiment import prepare_data
+    from orchestrator.experts import load_experts
+    from workers.base_model import load_frozen_base
+
+    config = load_config(args.config, args.set)
+    data = prepare_data(config.data, args.data)
+    print(f"data: {data.report.summary()}", file=sys.stderr)
+    base = load_frozen_base(config.base_model.name, config.base_model.dtype, config.base_model.device)
+    experts = load_experts(resolve_experts(config, args.experts), base)
+    cultures = data.selection.trained + data.selection.held_out
+    report = evaluate(
+        base,
+        experts,
+        data,
+        args.split,
+        cultures,
+        batch_size=config.eval.batch_size,
+        max_length=config.data.max_length,
+        n_bootstrap=config.eval.bootstrap,
+    )
+    json_path, png_path = write_report(report, Path(args.out))
+    print(format_table(report))
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def resolve_experts(config, choice: str | None) -> Path:
+    """A directory of experts: the given folder, the config's own, or a registry alias downloaded."""
+    if choice is None:
+        return config.experts_dir
+    if Path(choice).is_dir():
+        return Path(choice)
+    from orchestrator.tracking import Store, download_champions
+
+    return download_champions(
+        Store.from_config(config), Path(config.output_dir) / "registry" / choice, choice
+    )
+
+
+COMMANDS = {"train": _train, "eval": _eval, "experts": _experts, "ui": _ui, "register": _register}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""One experiment's data and the plain (Ray-free) training path: records -> splits -> encoded examples -> experts."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.config import DataSection, ExperimentConfig
+from orchestrator.experts import save_experts
+from orchestrator.survey import (
+    CultureSelection,
+    LoadReport,
+    SurveyRecord,
+    load_survey,
+    select_cultures,
+    split_records,
+)
+from workers.base_model import FrozenBase, load_frozen_base
+from workers.prompts import SoftPromptBank, persona_text
+from workers.scoring import EncodedQuestion, encode_question
+from workers.trainer import EpochReport, PackedTrainer, TrainResult
+
+
+@dataclass
+class ExperimentData:
+    """The usable survey records, the chosen cultures, and every record's split."""
+
+    records: list[SurveyRecord]
+    report: LoadReport
+    selection: CultureSelection
+    splits: dict[str, list[SurveyRecord]]
+
+    def records_of(self, split: str, cultures: list[str]) -> dict[str, list[SurveyRecord]]:
+        """Per culture, its records in a split (`all` for every split)."""
+        pool = self.records if split == "all" else self.splits[split]
+        wanted, out = set(cultures), defaultdict(list)
+        for record in pool:
+            if record.culture in wanted:
+                out[record.culture].append(record)
+        return {c: out[c] for c in cultures}
+
+
+def prepare_data(section: DataSection, path: str | None = None) -> ExperimentData:
+    """Load, clean and split the survey, and choose the cultures."""
+    records, report = load_survey(path or section.path)
+    selection = select_cultures(
+        records, section.cultures, section.top, section.min_questions, section.held_out
+    )
+    return ExperimentData(records, report, selection, split_records(records, section.split))
+
+
+def encode(
+    base: FrozenBase, records: list[SurveyRecord], max_length: int, persona: bool = False
+) -> list[EncodedQuestion]:
+    """Records as model-ready questions, optionally under the culture's hard-text persona."""
+    return [
+        encode_question(
+            base.tokenizer,
+            r.question,
+            r.options,
+            r.distribution,
+            persona_text(r.culture) if persona else None,
+            max_length,
+        )
+        for r in records
+    ]
+
+
+def print_epoch(report: EpochReport, trainer: PackedTrainer) -> None:
+    """One line per culture and epoch: training loss, validation alignment, best so far."""
+    for culture in report.train_loss:
+        val = report.val_alignment.get(culture, float("nan"))
+        print(
+            f"epoch {report.epoch:>2}  {culture:<24} loss {report.train_loss[culture]:.4f}  "
+            f"val alignment {val:.4f}  best {report.best_val_alignment.get(culture, float('nan')):.4f}",
+            flush=True,
+        )
+
+
+def train_local(config: ExperimentConfig) -> list[Path]:
+    """Train every selected culture's expert in one packed run in this process; return the saved experts."""
+    data = prepare_data(config.data)
+    print(f"data: {data.report.summary()}", flush=True)
+    cultures = data.selection.trained
+    base = load_frozen_base(config.base_model.name, config.base_model.dtype, config.base_model.device)
+    train = {
+        c: encode(base, r, config.data.max_length) for c, r in data.records_of("train", cultures).items()
+    }
+    val = {c: encode(base, r, config.data.max_length) for c, r in data.records_of("val", cultures).items()}
+    print(
+        f"training {len(cultures)} experts on {base.name} ({sum(map(len, train.values()))} train, "
+        f"{sum(map(len, val.values()))} val questions)",
+        flush=True,
+    )
+    bank = SoftPromptBank.initialise(base, cultures, config.prompt.num_virtual_tokens, config.prompt.init)
+    result = PackedTrainer(base, bank, train, val, config.train.trainer_config(), progress=True).fit(
+        print_epoch
+    )
+    return save_experts(config.experts_dir, bank, base, data, training_summary(result, config))
+
+
+def training_summary(result: TrainResult, config: ExperimentConfig) -> dict[str, dict]:
+    """Per culture, what goes into its expert's metadata."""
+    return {
+        c: {
+            "val_alignment": result.best_val_alignment.get(c),
+            "initial_val_alignment": result.initial_val_alignment.get(c),
+            "best_epoch": result.best_epoch.get(c),
+            "epochs_run": result.epochs_run,
+            "lr": config.train.lr,
+            "num_virtual_tokens": config.prompt.num_virtual_tokens,
+            "experiment": config.name,
+        }
+        for c in result.best_epoch
+    }
