@@ -75,6 +75,8 @@ def _train(args: argparse.Namespace) -> int:
     from orchestrator.train import train
 
     outcome = train(config, resume=args.resume)
+    if outcome.get("interrupted"):
+        return 130
     return 0 if outcome["experts"] else 1
 
 

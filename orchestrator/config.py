@@ -72,6 +72,12 @@ class TuneSection(Strict):
     gpus_per_trial: float | Literal["auto"] = "auto"  # auto: one GPU where the cluster has GPUs, else none
 
 
+class DeepSpeedSection(Strict):
+    num_workers: int = Field(default=2, ge=1)  # Ray Train workers of one trial, each holding a ZeRO shard
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    config: dict = {}  # extra DeepSpeed config keys, checked by DeepSpeed itself before any worker starts
+
+
 class MlflowSection(Strict):
     tracking_uri: str | None = None  # default: sqlite:///<output_dir>/mlflow.db
     artifact_root: str | None = None  # default: <output_dir>/mlartifacts
@@ -85,6 +91,44 @@ class EvalSection(Strict):
     bootstrap: int = Field(default=1000, ge=10)
 
 
+class AutoscalingSection(Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=16, gt=0)  # per replica: about one full batch
+
+
+class ServeSection(Strict):
+    host: str = "127.0.0.1"  # loopback unless deliberately opened up
+    port: int = Field(default=8000, ge=1, le=65535)
+    experts_source: Literal["directory", "registry"] = (
+        "directory"  # registry: each culture's `registry_alias`
+    )
+    experts_dir: str | None = None  # the directory source; default <output_dir>/experts
+    registry_alias: str = "champion"
+    num_replicas: int = Field(default=1, ge=1)  # ExpertPool replicas when autoscaling is not set
+    autoscaling: AutoscalingSection | None = None
+    cpus_per_replica: float = Field(default=1.0, gt=0)
+    gpus_per_replica: float | Literal["auto"] = "auto"  # auto: one GPU a replica where the cluster has GPUs
+    max_batch_size: int = Field(default=16, ge=1)  # requests in one forward pass, across experts
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    batching: Literal["mixed", "per_expert"] = "mixed"  # per_expert: one forward per expert (benchmarks)
+    max_body_bytes: int = Field(default=65536, ge=1024)
+    max_new_tokens: int = Field(default=256, ge=1)  # the cap on a request's max_new_tokens
+    default_max_new_tokens: int = Field(default=64, ge=1)
+    max_options: int = Field(default=26, ge=2, le=26)  # option letters A-Z
+    committee_size: int = Field(default=3, ge=1)  # k of similarity and text committees, unless asked
+    routing_temperature: float = Field(default=0.05, gt=0)  # softmax temperature of committee weights
+    router_model: str = "all-MiniLM-L6-v2"  # sentence embeddings: the embedded name, a folder or a hub id
+    reload_interval_s: float = Field(default=30.0, ge=0)  # how often replicas look for new experts; 0: never
+    api_key_env: str | None = None  # the env var holding the bearer token; None: no auth
+
+    @model_validator(mode="after")
+    def _default_under_cap(self) -> ServeSection:
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("serve.default_max_new_tokens is over serve.max_new_tokens")
+        return self
+
+
 class ExperimentConfig(Strict):
     """Everything one experiment needs; unknown keys are errors."""
 
@@ -96,7 +140,10 @@ class ExperimentConfig(Strict):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     tune: TuneSection = TuneSection()
+    strategy: Literal["packed", "deepspeed"] = "packed"  # deepspeed: a base too large for one GPU
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
     mlflow: MlflowSection = MlflowSection()
+    serve: ServeSection = ServeSection()
 
     @property
     def experts_dir(self) -> Path:

@@ -18,7 +18,7 @@ from orchestrator.config import ExperimentConfig, load_config
 from orchestrator.experiment import ExperimentData, prepare_data
 from orchestrator.experts import slug, write_similarity
 from orchestrator.tracking import Store, TrackingError
-from orchestrator.tune import restore, storage_path, train_trial, tuner
+from orchestrator.tune import expected_trials, restore, storage_path, train_trial, tuner
 from workers.prompts import load_expert
 from workers.shared_base import SharedBase
 
@@ -81,6 +81,10 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
     else:
         experiment = tuner(config, data, shared, callbacks=[LiveMetrics(store, config.name)])
     results = experiment.fit()
+    if results.num_terminated + results.num_errors < expected_trials(config, len(data.selection.trained)):
+        # Ctrl-C: Tune saved its state; finished trials stay finished when the experiment resumes.
+        print(f"interrupted: continue with `shores train --resume --config ...` ({config.output_dir})")
+        return {"experts": [], "registered": [], "interrupted": True}
     return finish(config, data, results, store)
 
 

@@ -66,6 +66,8 @@ def train_trial(params: dict, config: ExperimentConfig, data: ExperimentData, sh
         ]
         metrics["val_gain"] = float(np.mean(gains)) if gains else 0.0
         metrics |= {"gpu_id": float(gpu_ids[0]) if gpu_ids else -1.0, "pid": os.getpid(), "started": started}
+        metrics["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        metrics["device"] = str(base.device)
         with tempfile.TemporaryDirectory() as folder:
             # The prompts reach the checkpoint before anyone logs anything anywhere.
             torch.save(trainer.state_dict(), Path(folder) / "trainer.pt")
@@ -92,6 +94,14 @@ def param_space(config: ExperimentConfig, n_groups: int) -> dict:
     for key, values in config.tune.search_space.items():
         space[key] = tune.grid_search([int(v) if key in INT_KEYS else float(v) for v in values])
     return space
+
+
+def expected_trials(config: ExperimentConfig, n_cultures: int) -> int:
+    """How many trials the experiment holds when it has run to the end."""
+    n = -(-n_cultures // config.tune.experts_per_trial) * config.tune.num_samples
+    for values in config.tune.search_space.values():
+        n *= len(values)
+    return n
 
 
 def make_trainable(config: ExperimentConfig, data: ExperimentData, shared: SharedBase):

