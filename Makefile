@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/shores train --local --config configs/demo.yaml
-	$(VENV)/bin/shores eval --config configs/demo.yaml --split test --out runs/demo/report.json
+	$(VENV)/bin/shores train --config configs/demo.yaml
+	$(VENV)/bin/shores eval --config configs/demo.yaml --experts champion --split test --out runs/demo/report.json
+	@echo "Review in MLflow:  $(VENV)/bin/shores ui --config configs/demo.yaml   (http://127.0.0.1:5000)"
+	@echo "Serve the experts: $(VENV)/bin/shores serve --config configs/demo.yaml (http://127.0.0.1:8000)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -41,7 +41,10 @@ def champions(store):
 def test_train_registers_every_culture_and_moves_champion_only_when_better(
     llama_dir, tmp_path, local_ray, capsys
 ):
-    config, sets = tiny_config(llama_dir, tmp_path, "tune.experts_per_trial=2", "train.epochs=3")
+    # Two learning rates for one group of three: ASHA schedules them, each culture keeps its better trial.
+    config, sets = tiny_config(
+        llama_dir, tmp_path, "tune.experts_per_trial=3", "train.epochs=3", "tune.search_space={lr: [0.05, 0.2]}"
+    )
     outcome = train(config)
     assert outcome["experts"] == ["Germany", "Japan", "Kenya"]
     assert sorted(p.name for p in (tmp_path / "experts").glob("*.safetensors")) == [
