@@ -15,10 +15,11 @@ from ray import tune
 
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig, load_config
+from orchestrator.deepspeed_trial import validate_deepspeed
 from orchestrator.experiment import ExperimentData, prepare_data
 from orchestrator.experts import slug, write_similarity
 from orchestrator.tracking import Store, TrackingError
-from orchestrator.tune import expected_trials, restore, storage_path, train_trial, tuner
+from orchestrator.tune import expected_trials, restore, storage_path, trial_function, tuner
 from workers.prompts import load_expert
 from workers.shared_base import SharedBase
 
@@ -67,6 +68,7 @@ def connect() -> None:
 
 def train(config: ExperimentConfig, resume: bool = False) -> dict:
     """Run (or resume) the experiment, then pick, save, log and register every culture's best expert."""
+    validate_deepspeed(config)  # bad DeepSpeed settings fail here, before any worker starts
     data = prepare_data(config.data)
     print(f"data: {data.report.summary()}; cultures: {', '.join(data.selection.trained)}", flush=True)
     out = Path(config.output_dir)
@@ -210,5 +212,5 @@ def register_from(output_dir: Path) -> dict:
     if not tune.Tuner.can_restore(str(path)):
         raise FileNotFoundError(f"no Tune experiment at {path}")
 
-    results = tune.Tuner.restore(str(path), train_trial).get_results()
+    results = tune.Tuner.restore(str(path), trial_function(config)).get_results()
     return finish(config, data, results, Store.from_config(config))

@@ -13,6 +13,7 @@ import torch
 from ray import tune
 
 from orchestrator.config import ExperimentConfig
+from orchestrator.deepspeed_trial import train_trial_deepspeed, trial_resources
 from orchestrator.experiment import ExperimentData, encode, training_summary
 from orchestrator.experts import save_experts
 from workers.prompts import SoftPromptBank
@@ -106,6 +107,11 @@ def expected_trials(config: ExperimentConfig, n_cultures: int) -> int:
 
 def make_trainable(config: ExperimentConfig, data: ExperimentData, shared: SharedBase):
     """The trial function with its resources, the shared checkpoint and data put in the object store once."""
+    if config.strategy == "deepspeed":  # the trial holds 0.1 CPU; its Ray Train workers ask for the rest
+        trainable = tune.with_parameters(
+            train_trial_deepspeed, config=config, data=data, shared=ray.put(shared)
+        )
+        return tune.with_resources(trainable, trial_resources(config))
     resources = {"cpu": config.tune.cpus_per_trial, "gpu": gpus_per_trial(config)}
     return tune.with_resources(
         tune.with_parameters(train_trial, config=config, data=data, shared=shared), resources
@@ -144,6 +150,11 @@ def tuner(
     )
 
 
+def trial_function(config: ExperimentConfig):
+    """The bare trial function of the configured strategy (to read a finished experiment's results)."""
+    return train_trial_deepspeed if config.strategy == "deepspeed" else train_trial
+
+
 def storage_path(config: ExperimentConfig) -> Path:
     return Path(config.output_dir).resolve() / "tune"
 
@@ -153,5 +164,5 @@ def restore(config: ExperimentConfig, data: ExperimentData, shared: SharedBase |
     path = storage_path(config) / config.name
     if not tune.Tuner.can_restore(str(path)):
         raise FileNotFoundError(f"no experiment to resume at {path}")
-    trainable = make_trainable(config, data, shared) if shared else train_trial
+    trainable = make_trainable(config, data, shared) if shared else trial_function(config)
     return tune.Tuner.restore(str(path), trainable, resume_errored=True)

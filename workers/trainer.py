@@ -111,6 +111,7 @@ class PackedTrainer:
         self.initial_val: dict[str, float] = {}
         self.stale = {c: 0 for c in bank.cultures}
         self.history: list[EpochReport] = []
+        self.grad_norms: list[float] = []  # the current epoch's, one per optimizer step
 
     def validate(self, cultures: list[str]) -> dict[str, float]:
         """Mean validation alignment per culture with the bank's current prompts."""
@@ -124,37 +125,82 @@ class PackedTrainer:
             scores[culture] = float(np.mean([alignment(d, q.target) for d, q in zip(dists, questions)]))
         return scores
 
-    def train_epoch(self) -> dict[str, float]:
-        """One pass over every active expert's examples; returns each one's mean training loss."""
-        cfg = self.config
+    def epoch_batches(self) -> list[tuple[list[EncodedQuestion], list[str]]]:
+        """This epoch's micro-batches: the rows and their cultures, each active expert's next chunk in turn.
+
+        Draws each active expert's data order from its own generator, so call it once an epoch.
+        """
+        size = self.config.batch_size
         orders = {
             c: torch.randperm(len(self.train[c]), generator=self.generators[c]).tolist() for c in self.active
         }
-        steps = max(math.ceil(len(order) / cfg.batch_size) for order in orders.values())
-        losses: dict[str, list[float]] = {c: [] for c in self.active}
-        self.optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(
-            range(steps), desc=f"epoch {self.epoch}", unit="step", disable=not self.progress, leave=False
-        )
-        for step in bar:
+        steps = max(math.ceil(len(order) / size) for order in orders.values())
+        batches = []
+        for step in range(steps):
             rows, cultures = [], []
             for culture, order in orders.items():
-                chunk = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                chunk = order[step * size : (step + 1) * size]
                 rows += [self.train[culture][i] for i in chunk]
                 cultures += [culture] * len(chunk)
-            expert_idx = [self.bank.index(c) for c in cultures]
-            log_probs = batch_log_probs(self.base, self.bank, rows, expert_idx, self.letter_ids)
-            per_row = torch.stack([kl_to_survey(log_probs[i], q) for i, q in enumerate(rows)])
-            names = np.array(cultures)
-            loss = sum(per_row[torch.from_numpy(names == c)].mean() for c in dict.fromkeys(cultures))
-            (loss / cfg.grad_accum).backward()
-            for culture in dict.fromkeys(cultures):
-                losses[culture].append(float(per_row.detach()[torch.from_numpy(names == culture)].mean()))
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-            if (step + 1) % cfg.grad_accum == 0 or step + 1 == steps:
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            batches.append((rows, cultures))
+        return batches
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over every active expert's examples; returns each one's mean training loss."""
+        cfg = self.config
+        batches = self.epoch_batches()
+        losses: dict[str, list[float]] = {c: [] for c in self.active}
+        self.grad_norms = []
+        used: set[str] = set()  # experts with rows since the last optimizer step
+        self.zero_grad()
+        bar = tqdm(batches, desc=f"epoch {self.epoch}", unit="step", disable=not self.progress, leave=False)
+        for step, (rows, cultures) in enumerate(bar):
+            boundary = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(batches)
+            step_losses = self.micro_step(rows, cultures, boundary)
+            for culture, value in step_losses.items():
+                losses[culture].append(value)
+            bar.set_postfix(loss=f"{sum(step_losses.values()):.4f}")
+            used.update(cultures)
+            if boundary:
+                self.grad_norms.append(
+                    self.optimizer_step(idle=[c for c in self.bank.cultures if c not in used])
+                )
+                used = set()
         return {c: float(np.mean(v)) for c, v in losses.items()}
+
+    def micro_step(
+        self, rows: list[EncodedQuestion], cultures: list[str], boundary: bool
+    ) -> dict[str, float]:
+        """Forward and backward of one micro-batch (gradients accumulate); each culture's mean loss in it."""
+        expert_idx = [self.bank.index(c) for c in cultures]
+        log_probs = batch_log_probs(self.base, self.bank, rows, expert_idx, self.letter_ids)
+        per_row = torch.stack([kl_to_survey(log_probs[i], q) for i, q in enumerate(rows)])
+        (packed_loss(per_row, cultures) / self.config.grad_accum).backward()
+        return culture_means(per_row.detach(), cultures)
+
+    def optimizer_step(self, idle: list[str]) -> float:
+        """Apply the accumulated gradients and clear them; returns their norm.
+
+        `idle` experts had no rows since the last step: their gradients are None, so AdamW skips them.
+        """
+        grads = [torch.linalg.vector_norm(p.grad) for p in self.bank.prompts if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        self.optimizer.step()
+        self.zero_grad()
+        return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def current_prompts(self) -> dict[str, torch.Tensor]:
+        """A copy of every expert's prompt as it is now."""
+        return {c: self.bank.prompts[i].detach().clone() for i, c in enumerate(self.bank.cultures)}
+
+    def load_prompts(self, prompts: dict[str, torch.Tensor]) -> None:
+        """Set the bank's prompts (for the cultures given)."""
+        with torch.no_grad():
+            for culture, prompt in prompts.items():
+                self.bank.prompts[self.bank.index(culture)].copy_(prompt)
 
     def fit(self, callback: Callback | None = None) -> TrainResult:
         """Train until every expert has run its epochs or stopped early; the bank ends with the best prompts."""
@@ -165,12 +211,13 @@ class PackedTrainer:
             self.epoch += 1
             train_loss = self.train_epoch()
             val = self.validate(self.active)
+            current = self.current_prompts()
             for culture in self.active:
                 # With no validation data there is nothing to select on: the latest prompt is kept.
                 if culture not in val or val[culture] > self.best_val.get(culture, -1.0):
                     self.best_val[culture] = val.get(culture, float("nan"))
                     self.best_epoch[culture], self.stale[culture] = self.epoch, 0
-                    self.best_prompts[culture] = self.bank.prompts[self.bank.index(culture)].detach().clone()
+                    self.best_prompts[culture] = current[culture]
                 else:
                     self.stale[culture] += 1
             report = EpochReport(self.epoch, train_loss, val, dict(self.best_val), list(self.active))
@@ -178,9 +225,7 @@ class PackedTrainer:
             self.history.append(report)
             if callback is not None:
                 callback(report, self)
-        with torch.no_grad():
-            for i, culture in enumerate(self.bank.cultures):
-                self.bank.prompts[i].copy_(self.best_prompts[culture])
+        self.load_prompts(self.best_prompts)
         return self.result()
 
     def result(self) -> TrainResult:
@@ -192,8 +237,8 @@ class PackedTrainer:
     def state_dict(self) -> dict:
         """Everything needed to continue this run exactly: prompts, optimizer, data order, early stopping."""
         return {
-            "bank": self.bank.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "bank": self.bank_state(),
+            "optimizer": self.optimizer_state(),
             "generators": {c: g.get_state() for c, g in self.generators.items()},
             "epoch": self.epoch,
             "active": self.active,
@@ -204,10 +249,22 @@ class PackedTrainer:
             "stale": self.stale,
         }
 
+    def bank_state(self) -> dict:
+        return self.bank.state_dict()
+
+    def load_bank_state(self, state: dict) -> None:
+        self.bank.load_state_dict(state)
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`."""
-        self.bank.load_state_dict(state["bank"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_bank_state(state["bank"])
+        self.load_optimizer_state(state["optimizer"])
         for culture, generator_state in state["generators"].items():
             self.generators[culture].set_state(generator_state)
         self.epoch, self.active = state["epoch"], list(state["active"])
@@ -225,3 +282,25 @@ def kl_to_survey(log_probs: torch.Tensor, question: EncodedQuestion) -> torch.Te
     model = log_probs[: question.n_options]
     nz = target > 0
     return torch.sum(target[nz] * (target[nz].log() - model[nz]))
+
+
+def packed_loss(
+    per_row: torch.Tensor, cultures: list[str], counts: dict[str, int] | None = None
+) -> torch.Tensor:
+    """Sum over experts of the mean loss of each expert's rows: what training each alone would minimise.
+
+    `counts` are the number of rows of each culture in the whole micro-batch, for a shard of it
+    (data-parallel workers): each worker's losses then add up to the whole micro-batch's.
+    """
+    names = np.array(cultures)
+    total = per_row.new_zeros(())
+    for culture in dict.fromkeys(cultures):
+        mine = per_row[torch.from_numpy(names == culture)]
+        total = total + (mine.mean() if counts is None else mine.sum() / counts[culture])
+    return total
+
+
+def culture_means(per_row: torch.Tensor, cultures: list[str]) -> dict[str, float]:
+    """Each culture's mean of a per-row value."""
+    names = np.array(cultures)
+    return {c: float(per_row[torch.from_numpy(names == c)].mean()) for c in dict.fromkeys(cultures)}
