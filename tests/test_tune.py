@@ -43,7 +43,11 @@ def test_train_registers_every_culture_and_moves_champion_only_when_better(
 ):
     # Two learning rates for one group of three: ASHA schedules them, each culture keeps its better trial.
     config, sets = tiny_config(
-        llama_dir, tmp_path, "tune.experts_per_trial=3", "train.epochs=3", "tune.search_space={lr: [0.05, 0.2]}"
+        llama_dir,
+        tmp_path,
+        "tune.experts_per_trial=3",
+        "train.epochs=3",
+        "tune.search_space={lr: [0.05, 0.2]}",
     )
     outcome = train(config)
     assert outcome["experts"] == ["Germany", "Japan", "Kenya"]

@@ -170,8 +170,11 @@ def committee_distributions(
         groups = list(by_expert.values())
     row_probs: list[np.ndarray | None] = [None] * len(rows)
     for group in groups:
+        experts = [rows[r][1] for r in group]
+        # Rows that are all the plain base model need no prompt slots at all, not masked ones.
+        group_bank = bank if any(e != NO_EXPERT for e in experts) else None
         log_probs = batch_log_probs(
-            base, bank, [questions[rows[r][0]] for r in group], [rows[r][1] for r in group], letter_ids
+            base, group_bank, [questions[rows[r][0]] for r in group], experts, letter_ids
         )
         for slot, r in enumerate(group):
             n = questions[rows[r][0]].n_options

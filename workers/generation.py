@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.base_model import FrozenBase
-from workers.prompts import SoftPromptBank, prompted_inputs
+from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import left_pad
 
 
@@ -93,6 +93,8 @@ def committee_generate(
             weight.append(w / total)
             prompts.append(request.prompt_ids)
     ids, mask = left_pad(prompts, base.tokenizer.pad_token_id)
+    if all(e == NO_EXPERT for e in expert_idx):
+        bank = None  # the plain base model throughout: no prompt slots at all
     inputs = prompted_inputs(base.model, ids.to(device), mask.to(device), bank, torch.tensor(expert_idx))
     mask = inputs["attention_mask"]
     cache = DynamicCache(config=base.model.config)  # filled in place by every forward step
@@ -117,10 +119,10 @@ def committee_generate(
         # Greedy requests mix the members' plain distributions; sampled ones those at their temperature.
         scale = torch.where(temperature_t > 0, temperature_t, torch.ones_like(temperature_t))
         probs = torch.softmax(logits / scale[:, None], dim=-1) * weight_t[:, None]
-        mixed = torch.zeros(len(requests), probs.shape[1], device=device).index_add_(0, owner_t, probs)
+        mixed = torch.zeros(len(requests), probs.shape[1], device=device).index_add_(0, owner_t, probs).cpu()
         picked = {}
         for i in live:
-            token = _pick(mixed[i].cpu(), requests[i].temperature, generators[i])
+            token = _pick(mixed[i], requests[i].temperature, generators[i])
             if token in stop_ids:
                 finish[i] = "stop"
                 continue

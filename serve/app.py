@@ -1,0 +1,156 @@
+"""The Serve application: a Router ingress in front of ExpertPool replicas, composed with `.bind()`.
+
+`app` is the Application for `serve run serve.app:app`, `serve build serve.app:app` and the Serve config
+in serve/serve_config.yaml; it is built on first access from the config named by $SHORES_CONFIG
+(default configs/demo.yaml). `shores serve --config C` runs the same graph through `run()`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from ray import serve
+from ray.serve import Application
+
+from orchestrator.config import ConfigError, ExperimentConfig, load_config
+from orchestrator.experts import ExpertsNotFoundError, load_experts
+from serve.pool import ExpertPool
+from serve.router import Router
+
+CONFIG_ENV = "SHORES_CONFIG"
+DEFAULT_CONFIG = "configs/demo.yaml"
+REPO = Path(__file__).resolve().parents[1]
+APP_NAME = "shores"
+ROUTER_CPUS = 0.5
+SERVE_LOGS = "/tmp/ray/session_latest/logs/serve"  # the router embeds short texts and relays JSON; the pool replicas do the model work
+
+
+def absolute_paths(config: ExperimentConfig, root: Path) -> ExperimentConfig:
+    """The config with its relative paths made absolute, since replicas do not share the driver's cwd."""
+    config = config.model_copy(deep=True)
+
+    def fix(path: str) -> str:
+        return str(path if Path(path).is_absolute() else (root / path).resolve())
+
+    config.output_dir = fix(config.output_dir)
+    config.data.path = fix(config.data.path)
+    if config.serve.experts_dir:
+        config.serve.experts_dir = fix(config.serve.experts_dir)
+    if (root / config.base_model.name).exists():  # a local model folder, not a hub id or embedded name
+        config.base_model.name = fix(config.base_model.name)
+    return config
+
+
+def gpus_per_replica(config: ExperimentConfig) -> float:
+    """`auto`: one GPU a replica where the cluster (or, before Ray starts, this machine) has GPUs."""
+    asked = config.serve.gpus_per_replica
+    if asked != "auto":
+        return float(asked)
+    import ray
+
+    if ray.is_initialized():
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def build_app(config: ExperimentConfig) -> Application:
+    """The graph: Router -> ExpertPool, with replicas, batching and resources from `config.serve`."""
+    section = config.serve
+    scaling = {"num_replicas": section.num_replicas}
+    if section.autoscaling is not None:
+        scaling = {"autoscaling_config": section.autoscaling.model_dump()}
+    pool = ExpertPool.options(
+        **scaling,
+        # Both batch queues must be able to fill: twice a batch in flight per replica, at least.
+        max_ongoing_requests=max(64, 4 * section.max_batch_size),
+        ray_actor_options={"num_cpus": section.cpus_per_replica, "num_gpus": gpus_per_replica(config)},
+    ).bind(config)
+    return Router.options(ray_actor_options={"num_cpus": ROUTER_CPUS}).bind(pool, config)
+
+
+def config_from_env() -> ExperimentConfig:
+    """The config named by $SHORES_CONFIG, relative to the cwd or else to the repository."""
+    name = os.environ.get(CONFIG_ENV, DEFAULT_CONFIG)
+    root = Path.cwd() if (Path.cwd() / name).exists() or Path(name).is_absolute() else REPO
+    return absolute_paths(load_config(root / name), root)
+
+
+def __getattr__(name: str) -> Application:
+    # Built on first access, so importing serve.app (tests, `shores serve`) reads no config.
+    if name == "app":
+        return build_app(config_from_env())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def preflight(config: ExperimentConfig) -> None:
+    """Fail early, in one line, when there is nothing to serve or no key (before Ray and replicas start)."""
+    key = config.serve.api_key_env
+    if key and not os.environ.get(key):
+        raise ConfigError(f"serve.api_key_env names {key}, which is not set in this environment")
+    if config.serve.experts_source == "directory":
+        load_experts(Path(config.serve.experts_dir or config.experts_dir))
+        return
+    from orchestrator.tracking import Store, registered_experts
+
+    rows = registered_experts(Store.from_config(config))
+    if not any(config.serve.registry_alias in r["aliases"] for r in rows):
+        raise ExpertsNotFoundError(
+            f"no experts registered under the alias {config.serve.registry_alias!r}; train some first"
+        )
+
+
+class ServeStartError(RuntimeError):
+    """The graph did not come up; the first replica error, in one line."""
+
+
+def start(config: ExperimentConfig) -> None:
+    """Start (or join) Ray and Serve on the config's host and port, and deploy the graph."""
+    import ray
+
+    if not ray.is_initialized():
+        # Replica logs stay in Ray's log folder: the terminal keeps one line a state and the one-line errors.
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    section = config.serve
+    serve.start(http_options={"host": section.host, "port": section.port})
+    try:
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    except RuntimeError as err:
+        raise ServeStartError(_why(err)) from None
+
+
+def _why(err: RuntimeError) -> str:
+    # Serve's exception names only the failed deployment; the replica's own error ends its status message.
+    app = serve.status().applications.get(APP_NAME)
+    for name, deployment in (app.deployments if app else {}).items():
+        lines = [line.strip() for line in deployment.message.splitlines() if line.strip()]
+        if deployment.status.value.endswith("FAILED") and lines:
+            found = re.match(r"(?:[\w.]*\.)?(\w+): (.*)", lines[-1])  # `module.SomeError: message`
+            return f"{name} did not start: " + (f"{found[1]}: {found[2]}" if found else lines[-1])
+    return str(err).strip().splitlines()[0]
+
+
+def run(config: ExperimentConfig) -> int:
+    """`shores serve`: deploy the graph and keep it up until interrupted, then shut down cleanly."""
+    import ray
+
+    config = absolute_paths(config, Path.cwd())
+    preflight(config)
+    try:
+        start(config)
+        print(f"serving on http://{config.serve.host}:{config.serve.port} (Ctrl-C to stop)", flush=True)
+        print(f"replica logs: {SERVE_LOGS} on the head node", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()

@@ -1,0 +1,353 @@
+"""Router: the HTTP ingress. It checks each request, resolves it to a committee, and asks the ExpertPool.
+
+Errors a client can cause are 4xx with `{"error": "..."}`, and change nothing on the server. Bodies are read
+and parsed here (not by FastAPI's automatic parsing) so that the size cap holds before any JSON is parsed
+and every error has the same one-line shape. (No `from __future__ import annotations` here: FastAPI
+reads the endpoints' annotations at run time, through Serve's ingress wrapper.)
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orchestrator.config import ExperimentConfig
+from orchestrator.experts import slug
+from serve.pool import GenerateJob, OpinionJob
+from serve.schemas import ChatRequest, GenerateRequest, OpinionRequest
+from workers.committees import (
+    BASE,
+    Committee,
+    TextRouter,
+    UnknownCultureError,
+    culture_committee,
+    culture_key,
+    find_culture,
+)
+
+logger = logging.getLogger("ray.serve")
+Body = TypeVar("Body", bound=BaseModel)
+MODEL_PREFIX = "shores:"
+AUTO = "auto"
+POOL_RETRIES = 4  # a replica that dies mid-request is retried on another (or its replacement)
+
+
+class ApiError(Exception):
+    """An error the client caused (or may retry), answered as `{"error": message}` with its status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+api = FastAPI(
+    title="shores", description="Cultural experts as soft prompts on one frozen LM, behind a router."
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    # Bodies are parsed by hand (see the module docstring); this keeps them in the OpenAPI page at /docs.
+    schema = {"application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"content": schema, "required": True}}
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+@serve.deployment(max_ongoing_requests=256, max_constructor_retry_count=3)
+@serve.ingress(api)
+class Router:
+    """Validates, routes to a committee, calls the pool, and answers in the contract's shapes."""
+
+    def __init__(self, pool: DeploymentHandle, config: ExperimentConfig):
+        self.pool = pool
+        self.section = config.serve
+        self.started = int(time.time())
+        self.api_key = None
+        if self.section.api_key_env:
+            self.api_key = os.environ.get(self.section.api_key_env)
+            if not self.api_key:
+                raise RuntimeError(f"serve.api_key_env names {self.section.api_key_env}, which is not set")
+        self.text_router = TextRouter(self.section.router_model)
+        # Fast tokenizers are not safe to call from two threads at once: one thread embeds.
+        self.embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.catalogue: dict | None = None
+        self.catalogue_lock = asyncio.Lock()
+        self.refresher = None
+        self.pending: set[asyncio.Task] = set()
+        if self.section.reload_interval_s > 0:
+            self.refresher = asyncio.get_running_loop().create_task(
+                self._refresh_every(self.section.reload_interval_s)
+            )
+
+    # ---- the pool and its catalogue ----
+
+    async def _catalogue(self, refresh: bool = False) -> dict:
+        async with self.catalogue_lock:
+            if self.catalogue is None or refresh:
+                self.catalogue = await self._ask("catalogue")
+        return self.catalogue
+
+    async def _refresh_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._catalogue(refresh=True)
+            except ApiError as err:  # the pool may be restarting; the next request or tick tries again
+                logger.warning("catalogue refresh failed: %s", err.message)
+
+    async def _ask(self, method: str, *args) -> dict:
+        """Call the pool, retrying a replica that died (Serve replaces it); 503 if none answers."""
+        for attempt in range(POOL_RETRIES):
+            try:
+                result = await getattr(self.pool, method).remote(*args)
+            except (RayActorError, ActorUnavailableError) as err:
+                logger.warning(
+                    "pool call %s failed (attempt %d): %s", method, attempt + 1, type(err).__name__
+                )
+                await asyncio.sleep(0.25 * 2**attempt)
+                continue
+            if "error" in result:
+                if result.get("status") == 409:
+                    await self._catalogue(refresh=True)
+                raise ApiError(result.get("status", 500), result["error"])
+            version = result.get("experts_version")
+            if version and self.catalogue and version != self.catalogue["version"]:
+                task = asyncio.get_running_loop().create_task(
+                    self._catalogue(refresh=True)
+                )  # a replica reloaded
+                self.pending.add(task)  # held until done: the loop keeps only weak references to tasks
+                task.add_done_callback(self.pending.discard)
+            return result
+        raise ApiError(503, "the expert pool is unavailable; retry shortly")
+
+    # ---- request checks ----
+
+    def _authorise(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <key>)")
+
+    async def _body(self, request: Request, schema: type[Body]) -> Body:
+        """The request's JSON body as `schema`: 413 over the size cap, 400 if not JSON, 422 if invalid."""
+        self._authorise(request)
+        cap = self.section.max_body_bytes
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit():
+            raise ApiError(400, "bad Content-Length header")
+        if int(declared) > cap:
+            raise ApiError(413, f"request body of {declared} bytes is over the cap of {cap}")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > cap:
+                raise ApiError(413, f"request body is over the cap of {cap} bytes")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ApiError(400, f"malformed JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as err:
+            raise ApiError(422, _first_error(err)) from None
+
+    def _new_tokens(self, asked: int | None) -> int:
+        cap = self.section.max_new_tokens
+        if asked is not None and asked > cap:
+            raise ApiError(422, f"max_new_tokens {asked} is over the cap of {cap}")
+        return asked or self.section.default_max_new_tokens
+
+    # ---- routing ----
+
+    async def _committee(self, culture: str | None, text: str, k: int | None) -> tuple[Committee, str]:
+        """The committee for an explicit culture, else for the text; and the model id that names the choice."""
+        k = k or self.section.committee_size
+        temperature = self.section.routing_temperature
+        catalogue = await self._catalogue()
+        if culture is not None:
+            if culture_key(culture) == BASE:
+                return Committee([(BASE, 1.0)]), MODEL_PREFIX + BASE
+            for refresh in (
+                False,
+                True,
+            ):  # a culture unknown here may have been registered since the last look
+                if refresh:
+                    catalogue = await self._catalogue(refresh=True)
+                experts = [e["culture"] for e in catalogue["experts"]]
+                try:
+                    committee = culture_committee(culture, experts, catalogue["similarity"], k, temperature)
+                except UnknownCultureError as err:
+                    error = err
+                    continue
+                name = find_culture(culture, experts + list(catalogue["similarity"]))
+                return committee, MODEL_PREFIX + slug(name)
+            raise ApiError(404, str(error))
+        descriptors = {e["culture"]: e["descriptor"] or e["culture"] for e in catalogue["experts"]}
+        try:
+            committee = await asyncio.get_running_loop().run_in_executor(
+                self.embed_thread, self.text_router.committee, text, descriptors, k, temperature
+            )
+        except UnknownCultureError as err:
+            raise ApiError(503, str(err)) from None
+        return committee, MODEL_PREFIX + AUTO
+
+    def _model_culture(self, model: str) -> str | None:
+        """The culture a `shores:<culture>` model id names (None for `shores:auto`); 404 for other models."""
+        if not model.startswith(MODEL_PREFIX) or not model[len(MODEL_PREFIX) :].strip():
+            raise ApiError(404, f"unknown model {model!r}: use shores:<culture>, shores:auto or shores:base")
+        name = model[len(MODEL_PREFIX) :].strip()
+        return None if name == AUTO else name
+
+    @staticmethod
+    def _members(committee: Committee, answer: dict) -> list[dict]:
+        return [
+            {"culture": c, "weight": round(w, 6), "version": answer["versions"].get(c)}
+            for c, w in committee.members
+        ]
+
+    # ---- endpoints ----
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness: the router answers and a pool replica reports its experts and batching counters."""
+        pool = await self._ask("health")
+        return {"status": "ok", "pool": pool}
+
+    @api.get("/v1/experts")
+    async def experts(self, request: Request) -> dict:
+        """The experts served (culture, version, descriptor) and the cultures answered by committees."""
+        self._authorise(request)
+        catalogue = await self._catalogue()
+        own = {e["culture"] for e in catalogue["experts"]}
+        return {
+            "experts": catalogue["experts"],
+            "committee_cultures": sorted(c for c in catalogue["similarity"] if c not in own),
+            "base_model": catalogue["base_model"],
+            "experts_version": catalogue["version"],
+        }
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        """OpenAI model list: shores:auto, shores:base and one shores:<culture> per expert."""
+        self._authorise(request)
+        catalogue = await self._catalogue()
+        ids = [AUTO, BASE] + [slug(e["culture"]) for e in catalogue["experts"]]
+        cards = [
+            {"id": MODEL_PREFIX + i, "object": "model", "created": self.started, "owned_by": "shores"}
+            for i in ids
+        ]
+        return {"object": "list", "data": cards}
+
+    @api.post("/v1/opinion", openapi_extra=_body_schema(OpinionRequest))
+    async def opinion(self, request: Request) -> dict:
+        """A committee's distribution over the options of one survey-style question."""
+        body = await self._body(request, OpinionRequest)
+        if len(body.options) > self.section.max_options:
+            raise ApiError(422, f"too many options: {len(body.options)} (at most {self.section.max_options})")
+        committee, model = await self._committee(
+            body.culture, body.profile or body.question, body.committee_size
+        )
+        answer = await self._ask("opinion", OpinionJob(body.question, body.options, committee))
+        return {
+            "distribution": answer["distribution"],
+            "committee": self._members(committee, answer),
+            "model": model,
+            "experts_version": answer["experts_version"],
+        }
+
+    @api.post("/v1/generate", openapi_extra=_body_schema(GenerateRequest))
+    async def generate(self, request: Request) -> dict:
+        """A committee's joint continuation of a prompt (greedy at temperature 0, else seeded sampling)."""
+        body = await self._body(request, GenerateRequest)
+        max_new_tokens = self._new_tokens(body.max_new_tokens)
+        committee, model = await self._committee(
+            body.culture, body.profile or body.prompt, body.committee_size
+        )
+        job = GenerateJob(
+            committee, max_new_tokens, prompt=body.prompt, temperature=body.temperature, seed=body.seed
+        )
+        answer = await self._ask("generate", job)
+        return {
+            "text": answer["text"],
+            "finish_reason": answer["finish_reason"],
+            "committee": self._members(committee, answer),
+            "model": model,
+            "experts_version": answer["experts_version"],
+        }
+
+    @api.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
+    async def chat_completions(self, request: Request) -> dict:
+        """OpenAI chat completion; `shores:auto` routes from the conversation's system and user text."""
+        body = await self._body(request, ChatRequest)
+        if body.stream:
+            raise ApiError(400, "stream=true is not supported; ask without streaming")
+        culture = self._model_culture(body.model)
+        max_new_tokens = self._new_tokens(body.max_completion_tokens or body.max_tokens)
+        # The chat template knows system, user and assistant; OpenAI's newer `developer` is a system message.
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
+        if not any(m["content"].strip() for m in messages):
+            raise ApiError(422, "messages: every message is empty")
+        context = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+        committee, model = await self._committee(culture, context, body.committee_size)
+        temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
+        job = GenerateJob(
+            committee, max_new_tokens, messages=messages, temperature=temperature, seed=body.seed
+        )
+        answer = await self._ask("generate", job)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer["text"]},
+                    "finish_reason": answer["finish_reason"],
+                }
+            ],
+            "usage": {
+                "prompt_tokens": answer["prompt_tokens"],
+                "completion_tokens": answer["completion_tokens"],
+                "total_tokens": answer["prompt_tokens"] + answer["completion_tokens"],
+            },
+            "committee": self._members(committee, answer),
+            "experts_version": answer["experts_version"],
+        }

@@ -1,0 +1,79 @@
+"""The HTTP request bodies, validated before anything reaches a model (design.md, "Contracts")."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not silently ignored
+
+
+def _not_blank(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class Routing(Strict):
+    """Who answers: a culture (`base` for the plain model), else a free-text profile, else the query itself."""
+
+    culture: str | None = None
+    profile: str | None = None
+    committee_size: int | None = Field(default=None, ge=1)
+
+    _check_text = field_validator("culture", "profile")(_not_blank)
+
+
+class OpinionRequest(Routing):
+    question: str
+    options: list[str] = Field(min_length=2)
+
+    _check_question = field_validator("question")(_not_blank)
+
+    @field_validator("options")
+    @classmethod
+    def _options_not_blank(cls, options: list[str]) -> list[str]:
+        if any(not o.strip() for o in options):
+            raise ValueError("options must not be empty")
+        return options
+
+
+class GenerateRequest(Routing):
+    prompt: str
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0, le=5)  # 0: greedy
+    seed: int | None = None
+
+    _check_prompt = field_validator("prompt")(_not_blank)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI messages carry optional keys such as `name`
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict]
+
+    def text(self) -> str:
+        """The message's text (OpenAI content may be a list of typed parts; text parts are joined)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+
+
+class ChatRequest(BaseModel):
+    """An OpenAI chat completion request; options shores does not use are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)  # one choice: a committee decodes one text
+    stream: bool | None = False
+    committee_size: int | None = Field(default=None, ge=1)

@@ -1,0 +1,134 @@
+"""Helpers for the serving tests: experts with random prompts on a tiny model, a config, a local Serve."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from orchestrator.config import ExperimentConfig
+from orchestrator.experts import SIMILARITY_FILE, slug
+from tests.conftest import OPINIONS
+from workers.base_model import load_frozen_base
+from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text, save_expert
+
+CULTURES = ["Germany", "Japan", "Kenya"]
+# Canada and Brazil have no expert: they are answered by committees of their nearest experts.
+SIMILARITY = {
+    "Canada": {"Germany": 0.9, "Japan": 0.6, "Kenya": 0.7},
+    "Brazil": {"Germany": 0.5, "Japan": 0.55, "Kenya": 0.8},
+    "Germany": {"Japan": 0.7, "Kenya": 0.6},
+    "Japan": {"Germany": 0.7, "Kenya": 0.5},
+    "Kenya": {"Germany": 0.6, "Japan": 0.5},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_experts(
+    directory: Path, model_dir: Path, cultures: list[str], seed: int = 0, similarity: dict | None = None
+) -> list[Path]:
+    """Save one random-prompt expert a culture for the model in `model_dir`, plus a similarity table."""
+    base = load_frozen_base(str(model_dir), device="cpu")
+    bank = SoftPromptBank.initialise(base, cultures, 4, init="random", seed=seed)
+    paths = []
+    for i, culture in enumerate(cultures):
+        meta = ExpertMeta(
+            culture=culture,
+            iso=culture[:2].upper(),
+            num_virtual_tokens=4,
+            hidden_size=base.hidden_size,
+            base_model=base.name,
+            base_fingerprint=base.fingerprint,
+            training={"val_alignment": 0.5 + i / 100},
+            descriptor=persona_text(culture),
+        )
+        paths.append(
+            save_expert(directory / f"{slug(culture)}.safetensors", Expert(bank.prompts[i].detach(), meta))
+        )
+    if similarity is not None:
+        (directory / SIMILARITY_FILE).write_text(json.dumps(similarity))
+    return paths
+
+
+def serve_config(model_dir: Path, out: Path, **serve) -> ExperimentConfig:
+    """A config for the tiny model with the given `serve` section (experts in <out>/experts)."""
+    return ExperimentConfig.model_validate(
+        {
+            "name": "serve-test",
+            "output_dir": str(out),
+            "base_model": {"name": str(model_dir), "device": "cpu"},
+            "data": {"path": str(OPINIONS), "cultures": CULTURES, "max_length": 128},
+            "serve": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, **serve},
+        }
+    )
+
+
+@contextmanager
+def local_serve(config: ExperimentConfig, num_cpus: int = 4):
+    """Ray and Serve on 127.0.0.1 with the graph deployed; yields the base URL; shuts everything down."""
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name="shores", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.5):
+    """Poll until predicate() is truthy; return its value, or fail after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"gave up waiting after {timeout}s")
+        time.sleep(interval)
+
+
+def client(url: str, key: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=60)
+
+
+def register(config: ExperimentConfig, expert_file: Path, val_alignment: float) -> dict:
+    """Log one expert file as a run's artifact and register it, as training does (champion if better)."""
+    import shutil
+    import tempfile
+
+    from orchestrator import tracking
+    from orchestrator.tracking import Store
+    from workers.prompts import load_expert
+
+    store = Store.from_config(config)
+    meta = load_expert(expert_file).meta
+    run_id = tracking.start_run(store, f"trial-{slug(meta.culture)}-{val_alignment}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "experts" / slug(meta.culture)
+        folder.mkdir(parents=True)
+        shutil.copy2(expert_file, folder)
+        tracking.log_artifacts(store, run_id, Path(tmp))
+    tags = {"culture": meta.culture, "iso": meta.iso, "base_fingerprint": meta.base_fingerprint}
+    tags |= {"base_model": meta.base_model, "val_alignment": val_alignment}
+    row = tracking.register_expert(
+        store, meta.culture, meta.iso, run_id, f"experts/{slug(meta.culture)}", tags
+    )
+    tracking.end_run(store, run_id)
+    return row

@@ -1,0 +1,126 @@
+"""Joint committee decoding and committee opinions: batched rows give what each request gets alone."""
+
+import numpy as np
+import pytest
+import torch
+
+from workers.committees import committee_distributions
+from workers.generation import DecodeRequest, chat_prompt, committee_generate
+from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
+from workers.scoring import encode_question, option_distributions
+
+PROMPTS = ["Do you think people can be trusted?", "Answer: A", "How important is religion in your life? Very"]
+
+
+@pytest.fixture
+def bank(tiny_base):
+    return SoftPromptBank.initialise(tiny_base, ["Germany", "Japan", "Kenya"], 4, init="random", seed=5)
+
+
+def _ids(base, text):
+    return base.tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_committee_of_one_is_plain_greedy_generation_with_that_prompt(tiny_base, bank):
+    ids = _ids(tiny_base, PROMPTS[0])
+    [ours] = committee_generate(tiny_base, bank, [DecodeRequest(ids, [(1, 1.0)], max_new_tokens=12)], set())
+    inputs = prompted_inputs(
+        tiny_base.model,
+        torch.tensor([ids]),
+        torch.ones(1, len(ids), dtype=torch.long),
+        bank,
+        torch.tensor([1]),
+    )
+    reference = tiny_base.model.generate(
+        inputs_embeds=inputs["inputs_embeds"],
+        attention_mask=inputs["attention_mask"],
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tiny_base.tokenizer.pad_token_id,
+    )
+    assert ours.token_ids == reference[0, -12:].tolist()
+    assert ours.finish_reason == "length"
+
+
+def _reference_mixture(base, bank, ids, members, steps):
+    """Greedy committee decoding the slow way: every step re-runs each member's full sequence, no cache."""
+    tokens = []
+    for _ in range(steps):
+        seq = torch.tensor([ids + tokens] * len(members))
+        inputs = prompted_inputs(
+            base.model, seq, torch.ones_like(seq), bank, torch.tensor([e for e, _ in members])
+        )
+        with torch.no_grad():
+            probs = torch.softmax(base.model(**inputs).logits[:, -1].float(), -1)
+        mixed = sum(w * probs[i] for i, (_, w) in enumerate(members))
+        tokens.append(int(mixed.argmax()))
+    return tokens
+
+
+def test_joint_decoding_mixes_member_distributions_every_step(tiny_base, bank):
+    ids = _ids(tiny_base, PROMPTS[2])
+    members = [(0, 0.6), (2, 0.3), (NO_EXPERT, 0.1)]
+    [ours] = committee_generate(tiny_base, bank, [DecodeRequest(ids, members, max_new_tokens=6)], set())
+    assert ours.token_ids == _reference_mixture(tiny_base, bank, ids, members, 6)
+
+
+def test_each_request_of_a_mixed_batch_decodes_as_it_would_alone(tiny_base, bank):
+    requests = [
+        DecodeRequest(_ids(tiny_base, PROMPTS[0]), [(0, 1.0)], max_new_tokens=7),
+        DecodeRequest(_ids(tiny_base, PROMPTS[1]), [(1, 0.5), (2, 0.5)], max_new_tokens=3),
+        DecodeRequest(_ids(tiny_base, PROMPTS[2]), [(NO_EXPERT, 1.0)], max_new_tokens=5),
+        DecodeRequest(_ids(tiny_base, PROMPTS[1]), [(2, 1.0)], max_new_tokens=6, temperature=0.8, seed=11),
+    ]
+    together = committee_generate(tiny_base, bank, requests, set())
+    for request, got in zip(requests, together):
+        [alone] = committee_generate(tiny_base, bank, [request], set())
+        assert got == alone
+        assert len(got.token_ids) == request.max_new_tokens
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_base, bank):
+    ids = _ids(tiny_base, PROMPTS[0])
+
+    def sample(seed):
+        request = DecodeRequest(ids, [(0, 0.5), (1, 0.5)], max_new_tokens=10, temperature=1.5, seed=seed)
+        return committee_generate(tiny_base, bank, [request], set())[0].token_ids
+
+    assert sample(3) == sample(3)
+    assert len({tuple(sample(s)) for s in range(4)}) > 1
+
+
+def test_a_stop_token_ends_a_request_without_being_returned(tiny_base, bank):
+    ids = _ids(tiny_base, PROMPTS[0])
+    [free] = committee_generate(tiny_base, bank, [DecodeRequest(ids, [(0, 1.0)], max_new_tokens=5)], set())
+    stop = free.token_ids[2]
+    [stopped] = committee_generate(
+        tiny_base, bank, [DecodeRequest(ids, [(0, 1.0)], max_new_tokens=5)], {stop}
+    )
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop)]
+
+
+def test_bad_requests_are_refused(tiny_base, bank):
+    with pytest.raises(ValueError, match="empty committee"):
+        committee_generate(tiny_base, bank, [DecodeRequest([1, 2], [], max_new_tokens=2)])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        committee_generate(tiny_base, bank, [DecodeRequest([1, 2], [(0, 1.0)], max_new_tokens=0)])
+
+
+def test_chat_prompt_without_a_template_is_plain_role_lines(tiny_base):
+    text = chat_prompt(tiny_base.tokenizer, [{"role": "user", "content": "Hello"}])
+    assert text == "User: Hello\nAssistant:"
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_committee_opinion_is_the_weighted_mixture_of_member_distributions(tiny_base, bank, per_expert):
+    options = [["Yes", "No"], ["Agree", "Disagree", "Refuse"], ["A lot", "Some", "Not much", "None"]]
+    questions = [encode_question(tiny_base.tokenizer, p, o) for p, o in zip(PROMPTS, options)]
+    committees = [[(0, 1.0)], [(1, 0.25), (2, 0.75)], [(NO_EXPERT, 0.5), (0, 0.5)]]
+    got = committee_distributions(tiny_base, bank, questions, committees, per_expert=per_expert)
+    for question, members, mixed in zip(questions, committees, got):
+        alone = [option_distributions(tiny_base, bank, [question], [e])[0] for e, _ in members]
+        expected = sum(w * d for (_, w), d in zip(members, alone))
+        np.testing.assert_allclose(mixed, expected, atol=1e-5)
+        assert mixed.shape == (question.n_options,) and abs(mixed.sum() - 1) < 1e-9

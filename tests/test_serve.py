@@ -1,0 +1,290 @@
+"""The Serve graph over real HTTP on 127.0.0.1: routing, committees, batching across experts, the contract's
+errors, bearer auth, the OpenAI client, reload of a new expert, and the Serve config/build.
+
+Serve starts once for the module (a local Ray, a tiny random Llama, three experts with random prompts).
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.serving import CULTURES, SIMILARITY, client, local_serve, serve_config, wait_for, write_experts
+
+KEY_ENV, KEY = "SHORES_TEST_API_KEY", "test-key-123"
+QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve")
+    write_experts(out / "experts", tiny_model_dirs["llama"], CULTURES, similarity=SIMILARITY)
+    config = serve_config(
+        tiny_model_dirs["llama"],
+        out,
+        reload_interval_s=1,
+        max_body_bytes=4096,
+        max_new_tokens=32,
+        default_max_new_tokens=6,
+        api_key_env=KEY_ENV,
+    )
+    os.environ[KEY_ENV] = KEY  # before ray.init: the replicas inherit it
+    try:
+        with local_serve(config) as url:
+            yield {"url": url, "out": out, "model": tiny_model_dirs["llama"]}
+    finally:
+        del os.environ[KEY_ENV]
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with client(server["url"], KEY) as c:
+        yield c
+
+
+def opinion(http, **body):
+    response = http.post("/v1/opinion", json=QUESTION | body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_health_models_and_experts(http, server):
+    with client(server["url"]) as anonymous:  # liveness needs no key
+        health = anonymous.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["pool"]["pid"] > 0
+
+    models = {m["id"] for m in http.get("/v1/models").json()["data"]}
+    assert {"shores:auto", "shores:base", "shores:germany", "shores:japan", "shores:kenya"} <= models
+
+    experts = http.get("/v1/experts").json()
+    by_culture = {e["culture"]: e for e in experts["experts"]}
+    assert set(CULTURES) <= set(by_culture)
+    assert all(e["version"].startswith("sha256:") and e["descriptor"] for e in by_culture.values())
+    assert {"Brazil", "Canada"} <= set(experts["committee_cultures"])
+
+
+def test_a_culture_with_an_expert_gets_that_expert(http):
+    answer = opinion(http, culture="germany")  # names fold case
+    assert answer["model"] == "shores:germany"
+    assert [(m["culture"], m["weight"]) for m in answer["committee"]] == [("Germany", 1.0)]
+    assert answer["committee"][0]["version"].startswith("sha256:")
+    assert len(answer["distribution"]) == 3 and abs(sum(answer["distribution"]) - 1) < 1e-6
+
+
+def test_a_culture_without_one_gets_its_nearest_experts_mixed(http):
+    answer = opinion(http, culture="Canada")
+    members = answer["committee"]
+    assert [m["culture"] for m in members] == ["Germany", "Kenya", "Japan"]  # by survey similarity
+    weights = [m["weight"] for m in members]
+    assert weights == sorted(weights, reverse=True) and abs(sum(weights) - 1) < 1e-5
+    alone = {m["culture"]: np.array(opinion(http, culture=m["culture"])["distribution"]) for m in members}
+    mixture = sum(m["weight"] * alone[m["culture"]] for m in members)
+    np.testing.assert_allclose(answer["distribution"], mixture, atol=1e-5)
+
+    two = opinion(http, culture="Brazil", committee_size=2)
+    assert [m["culture"] for m in two["committee"]] == ["Kenya", "Japan"]
+
+
+def test_a_profile_routes_by_sentence_embedding(http):
+    answer = opinion(http, profile="I grew up in Tokyo and work for a Japanese company.")
+    assert answer["model"] == "shores:auto"
+    assert answer["committee"][0]["culture"] == "Japan" and answer["committee"][0]["weight"] > 0.5
+    assert len(answer["committee"]) == 3
+    base = opinion(http, culture="base")
+    assert base["committee"] == [{"culture": "base", "weight": 1.0, "version": "base"}]
+
+
+def test_each_row_of_a_mixed_batch_answers_as_it_would_alone(http):
+    requests = [
+        {"culture": "Germany"},
+        {"culture": "Japan", "question": "How important is religion in your life?"},
+        {"culture": "Kenya", "options": ["Agree", "Disagree"]},
+        {"culture": "Canada"},
+        {"culture": "base"},
+        {"culture": "Japan"},
+    ]
+    alone = [opinion(http, **r) for r in requests]
+    before = http.get("/healthz").json()["pool"]
+    with ThreadPoolExecutor(len(requests)) as threads:
+        together = list(threads.map(lambda r: opinion(http, **r), requests))
+    after = http.get("/healthz").json()["pool"]
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a["distribution"], b["distribution"], atol=1e-5)
+        assert a["committee"] == b["committee"]
+    # The concurrent requests shared forward passes, and a batch held requests for different experts.
+    batches = after["recent"][-(after["batches"] - before["batches"]) :]
+    assert len(batches) < len(requests)
+    assert any(b["requests"] >= 2 and len(b["experts"]) >= 2 for b in batches)
+
+    prompts = [{"prompt": "Answer: A", "culture": c} for c in ("Germany", "Kenya", "Brazil")]
+    prompts.append({"prompt": "How important is religion", "culture": "Japan", "temperature": 0.9, "seed": 4})
+
+    def generate(body: dict) -> dict:
+        return http.post("/v1/generate", json=body).json()
+
+    alone = [generate(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as threads:
+        together = list(threads.map(generate, prompts))
+    assert [a["text"] for a in alone] == [t["text"] for t in together]
+
+
+def test_generate_answers_with_its_committee(http):
+    answer = http.post(
+        "/v1/generate", json={"prompt": "Do you trust", "culture": "Canada", "max_new_tokens": 4}
+    )
+    assert answer.status_code == 200
+    body = answer.json()
+    assert isinstance(body["text"], str) and body["finish_reason"] in ("length", "stop")
+    assert body["model"] == "shores:canada" and len(body["committee"]) == 3
+    seeded = {
+        "prompt": "Do you trust",
+        "culture": "Kenya",
+        "temperature": 1.0,
+        "seed": 7,
+        "max_new_tokens": 8,
+    }
+    assert (
+        http.post("/v1/generate", json=seeded).json()["text"]
+        == http.post("/v1/generate", json=seeded).json()["text"]
+    )
+
+
+BAD = [
+    ("/v1/opinion", b'{"question": ', 400, "malformed JSON"),
+    ("/v1/opinion", b"[1, 2]", 400, "must be a JSON object"),
+    ("/v1/opinion", {"options": ["a", "b"]}, 422, "question: Field required"),
+    ("/v1/opinion", QUESTION | {"contry": "Japan"}, 422, "contry: Extra inputs are not permitted"),
+    ("/v1/opinion", QUESTION | {"culture": "Atlantis"}, 404, "unknown culture 'Atlantis'"),
+    (
+        "/v1/opinion",
+        {"question": "  ", "options": ["a", "b"]},
+        422,
+        "question: Value error, must not be empty",
+    ),
+    ("/v1/opinion", {"question": "q", "options": [str(i) for i in range(27)]}, 422, "too many options: 27"),
+    ("/v1/opinion", {"question": "q" * 5000, "options": ["a", "b"]}, 413, "over the cap of 4096"),
+    ("/v1/opinion", QUESTION | {"committee_size": 0}, 422, "committee_size"),
+    ("/v1/generate", {"prompt": ""}, 422, "prompt: Value error, must not be empty"),
+    ("/v1/generate", {"prompt": "hi", "max_new_tokens": 33}, 422, "max_new_tokens 33 is over the cap of 32"),
+    (
+        "/v1/chat/completions",
+        {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]},
+        404,
+        "unknown model",
+    ),
+    ("/v1/chat/completions", {"model": "shores:auto", "messages": []}, 422, "messages"),
+    (
+        "/v1/chat/completions",
+        {"model": "shores:auto", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        400,
+        "stream",
+    ),
+    ("/v1/nothing", {}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, message", BAD, ids=[b[3] for b in BAD])
+def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(http, path, body, status, message):
+    content = body if isinstance(body, bytes) else None
+    response = http.post(path, content=content, json=None if content else body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    opinion(http, culture="Japan")
+
+
+def test_wrong_method_and_missing_or_wrong_key(server):
+    with client(server["url"]) as anonymous:
+        assert anonymous.get("/v1/opinion").status_code == 405
+        missing = anonymous.post("/v1/opinion", json=QUESTION)
+        assert missing.status_code == 401 and "bearer token" in missing.json()["error"]
+    with client(server["url"], "wrong") as wrong:
+        assert wrong.get("/v1/models").status_code == 401
+
+
+def test_the_openai_client_talks_to_the_server(server):
+    import openai
+
+    ai = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
+    assert "shores:kenya" in {m.id for m in ai.models.list()}
+    reply = ai.chat.completions.create(
+        model="shores:kenya",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Do you trust people?"},
+        ],
+        max_tokens=5,
+        temperature=0,
+    )
+    assert reply.model == "shores:kenya" and reply.choices[0].message.role == "assistant"
+    assert isinstance(reply.choices[0].message.content, str) and reply.usage.completion_tokens <= 5
+    assert reply.model_extra["committee"][0]["culture"] == "Kenya"
+
+    auto = ai.chat.completions.create(
+        model="shores:auto",
+        messages=[{"role": "user", "content": "I am a farmer near Nairobi."}],
+        max_tokens=3,
+        seed=1,
+    )
+    assert auto.model == "shores:auto" and auto.model_extra["committee"][0]["culture"] == "Kenya"
+
+    with pytest.raises(openai.NotFoundError):
+        ai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.UnprocessableEntityError):
+        ai.chat.completions.create(
+            model="shores:japan", messages=[{"role": "user", "content": "hi"}], max_tokens=999
+        )
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["url"] + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_a_new_expert_is_served_without_a_restart(http, server):
+    assert http.post("/v1/opinion", json=QUESTION | {"culture": "Peru"}).status_code == 404
+    version = http.get("/v1/experts").json()["experts_version"]
+    write_experts(server["out"] / "experts", server["model"], ["Peru"], seed=9)
+    answer = wait_for(
+        lambda: (
+            (r := http.post("/v1/opinion", json=QUESTION | {"culture": "Peru"})).status_code == 200
+            and r.json()
+        ),
+        30,
+    )
+    assert answer["committee"][0]["culture"] == "Peru" and answer["committee"][0]["version"].startswith(
+        "sha256:"
+    )
+    assert answer["experts_version"] != version
+    assert wait_for(
+        lambda: http.get("/v1/experts").json()["experts_version"] == answer["experts_version"], 10
+    )
+
+
+def test_serve_build_writes_a_config_for_the_exported_app(server, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.scripts import cli
+
+    config = tmp_path / "serve.yaml"
+    tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    tiny["base_model"]["name"] = str(server["model"])
+    tiny["serve"] = {"autoscaling": {"min_replicas": 1, "max_replicas": 3}, "gpus_per_replica": 0}
+    config.write_text(yaml.safe_dump(tiny))
+    monkeypatch.setenv("SHORES_CONFIG", str(config))
+    out = tmp_path / "built.yaml"
+    result = CliRunner().invoke(cli, ["build", "serve.app:app", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    built = yaml.safe_load(out.read_text())
+    assert built["applications"][0]["import_path"] == "serve.app:app"
+    deployments = {d["name"]: d for d in built["applications"][0]["deployments"]}
+    assert set(deployments) == {"Router", "ExpertPool"}
+    assert (
+        deployments["ExpertPool"]["autoscaling_config"]["max_replicas"] == 3
+    )  # from the config's serve section
+    assert deployments["ExpertPool"]["ray_actor_options"]["num_gpus"] == 0
+
+    shipped = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(shipped)
+    assert shipped["http_options"]["host"] == "127.0.0.1"
+    assert shipped["applications"][0]["import_path"] == "serve.app:app"
