@@ -35,6 +35,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py --out runs/bench/train_throughput.json
+	$(PY) bench/shared_base_memory.py --out runs/bench/shared_base_memory.json
+	$(PY) bench/serve_throughput.py --out runs/bench/serve_throughput.json
 
 clean:
 	rm -rf runs .pytest_cache

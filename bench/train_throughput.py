@@ -10,6 +10,8 @@ and the ratio packed/sequential, for each model and K.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import platform
 import sys
@@ -35,9 +37,12 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "goqa" / "opini
 
 
 class PeakRSS:
-    """Peak resident memory of this process above what it held on entry, sampled every 5 ms."""
+    """Peak resident memory of this process above what it held on entry (after a trim), sampled every 5 ms."""
 
     def __enter__(self):
+        # Hand memory freed by the previous variant back to the OS, so each variant starts level.
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         self.process, self.start, self.peak, self.done = psutil.Process(), 0, 0, False
         self.start = self.peak = self.process.memory_info().rss
         self.thread = threading.Thread(target=self._sample, daemon=True)
