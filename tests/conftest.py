@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "goqa"
 OPINIONS = SHARED_DATA / "opinions.jsonl"
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """n distinct free ports on 127.0.0.1 (held open together so no two are the same)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
 
 CORPUS = [
     "You are a person from Germany. Answer the way most people in Germany would answer.",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +11,7 @@ import httpx
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.experts import SIMILARITY_FILE, slug
-from tests.conftest import OPINIONS
+from tests.conftest import OPINIONS, free_ports
 from workers.base_model import load_frozen_base
 from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text, save_expert
 
@@ -25,12 +24,6 @@ SIMILARITY = {
     "Japan": {"Germany": 0.7, "Kenya": 0.5},
     "Kenya": {"Germany": 0.6, "Japan": 0.5},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_experts(
@@ -80,7 +73,7 @@ def local_serve(config: ExperimentConfig, num_cpus: int = 4):
 
     from serve.app import build_app
 
-    port = free_port()
+    (port,) = free_ports(1)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import OPINIONS, REPO
+from tests.conftest import OPINIONS, REPO, free_ports
 
 CLUSTER_YAML = REPO / "cluster.yaml"
 VENV_BIN = Path(sys.executable).parent  # the venv running the tests: its `ray` and its `shores`
@@ -93,15 +92,6 @@ def test_cluster_installs_shores_like_the_makefile(cluster):
 # `ray job submit` end to end, on a head node of our own
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports on 127.0.0.1 (held open together so no two are the same)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
 def _wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -158,7 +148,7 @@ def ray_head():
     token = temp / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    gcs, dashboard, client, agent = _free_ports(4)
+    gcs, dashboard, client, agent = free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS from outside
     env |= {
         # The job's entrypoint runs with the cluster's environment: `shores` must be this venv's.

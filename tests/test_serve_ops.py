@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from orchestrator.experts import SIMILARITY_FILE
-from tests.conftest import REPO
-from tests.serving import SIMILARITY, client, free_port, register, serve_config, wait_for, write_experts
+from tests.conftest import REPO, free_ports
+from tests.serving import SIMILARITY, client, register, serve_config, wait_for, write_experts
 
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 
@@ -43,7 +43,7 @@ def server(tiny_model_dirs, tmp_path_factory):
         reload_interval_s=1,
         num_replicas=2,
         cpus_per_replica=0.5,
-        port=free_port(),
+        port=free_ports(1)[0],
     )
     (out / "experts").mkdir()
     (out / "experts" / SIMILARITY_FILE).write_text(json.dumps(SIMILARITY))  # where training leaves it

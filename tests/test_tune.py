@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from orchestrator.cli import main as shores_main
 from orchestrator.config import load_config
 from orchestrator.tracking import Store, registered_experts
 from orchestrator.train import train
-from tests.conftest import OPINIONS, REPO
+from tests.conftest import OPINIONS, REPO, free_ports
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -176,14 +175,8 @@ def test_resume_continues_without_retraining_finished_trials(llama_dir, tmp_path
     ]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_outage_loses_nothing_and_register_from_logs_it_later(llama_dir, tmp_path, local_ray):
-    port = _free_port()
+    (port,) = free_ports(1)
     uri = f"http://127.0.0.1:{port}"
     config, _ = tiny_config(
         llama_dir, tmp_path, f"mlflow.tracking_uri={uri}", "data.cultures=[Germany, Japan]"
