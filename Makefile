@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-smoke clean
 
 install: $(STAMP)
 
@@ -26,17 +26,26 @@ demo: $(STAMP)
 	@echo "Review in MLflow:  $(VENV)/bin/shores ui --config configs/demo.yaml   (http://127.0.0.1:5000)"
 	@echo "Serve the experts: $(VENV)/bin/shores serve --config configs/demo.yaml (http://127.0.0.1:8000)"
 
+# The layering (pyproject's [tool.importlinter]) and every benchmark at tiny size are part of the tests.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+	$(MAKE) bench-smoke
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
-	$(PY) bench/train_throughput.py --out runs/bench/train_throughput.json
-	$(PY) bench/shared_base_memory.py --out runs/bench/shared_base_memory.json
-	$(PY) bench/serve_throughput.py --out runs/bench/serve_throughput.json
+	$(PY) -m bench.train_throughput --out runs/bench/train_throughput.json
+	$(PY) -m bench.shared_base_memory --out runs/bench/shared_base_memory.json
+	$(PY) -m bench.serve_throughput --out runs/bench/serve_throughput.json
+
+# Every benchmark end to end on a tiny random model, in a minute or two: they keep working between real runs.
+bench-smoke: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m bench.train_throughput --models tiny --ks 1 2 --steps 1 --out runs/bench-smoke/train_throughput.json
+	HF_HUB_OFFLINE=1 $(PY) -m bench.shared_base_memory --model tiny --out runs/bench-smoke/shared_base_memory.json
+	HF_HUB_OFFLINE=1 $(PY) -m bench.serve_throughput --models tiny --experts 1 2 --requests 8 --concurrency 4 --rounds 1 --out runs/bench-smoke/serve_throughput.json
 
 clean:
 	rm -rf runs .pytest_cache

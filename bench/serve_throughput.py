@@ -10,16 +10,14 @@ size, in three variants, interleaved in one run:
 E experts with random prompts on the same base. Prints JSON (and writes --out): requests/s, p50/p99 latency,
 mean batch size, the ratios mixed/per_expert and mixed/base, and the machine.
 
-    python bench/serve_throughput.py --models tiny smollm2-135m --experts 1 4 16 --out runs/bench/serve.json
+    python -m bench.serve_throughput --models tiny smollm2-135m --experts 1 4 16 --out runs/bench/serve.json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,34 +26,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import DATA, free_port, machine, model_path, write_report
+from orchestrator.config import ExperimentConfig
+from orchestrator.experts import SIMILARITY_FILE, slug
+from orchestrator.survey import load_survey
+from workers.base_model import load_frozen_base
+from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text, save_expert
 
-from orchestrator.config import ExperimentConfig  # noqa: E402
-from orchestrator.experts import SIMILARITY_FILE, slug  # noqa: E402
-from orchestrator.survey import load_survey  # noqa: E402
-from workers.base_model import load_frozen_base  # noqa: E402
-from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text, save_expert  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "goqa" / "opinions.jsonl"
 VARIANTS = ("mixed", "per_expert", "base")
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "")
-    return f"{cpu or platform.processor()}, {psutil.cpu_count()} cores"
-
-
-def model_dir(name: str) -> str:
-    if name != "tiny":
-        return name
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import _save_tiny
-
-    return str(_save_tiny("llama", Path(tempfile.mkdtemp()) / "tiny-llama"))
 
 
 def make_experts(model: str, dtype: str, count: int, directory: Path) -> list[str]:
@@ -125,9 +104,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     from ray import serve
 
     from serve.app import build_app
-    from tests.serving import free_port
 
-    folder = model_dir(name)
+    folder = model_path(name)
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     experts = make_experts(folder, args.dtype, max(args.experts), work / "experts")
     cores = psutil.cpu_count()
@@ -231,11 +209,7 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("models", "out")},
         "models": {name: run_model(name, args) for name in args.models},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -4,31 +4,26 @@ Each trial builds its base (shared: `SharedBase.materialise`, zero-copy; private
 trains a packed epoch on a few survey questions, and samples its own proportional set size (PSS) meanwhile.
 Prints JSON: the sum of the trials' peak PSS for each variant and the ratio private/shared.
 
-    python bench/shared_base_memory.py --model smollm2-135m --dtype float32
+    python -m bench.shared_base_memory --model smollm2-135m --dtype float32
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import ray
 from ray import tune
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.train_throughput import DATA, machine  # noqa: E402
-from orchestrator.experiment import encode  # noqa: E402
-from orchestrator.survey import load_survey, select_cultures  # noqa: E402
-from workers.base_model import load_frozen_base  # noqa: E402
-from workers.prompts import SoftPromptBank  # noqa: E402
-from workers.shared_base import SharedBase  # noqa: E402
-from workers.trainer import PackedTrainer, TrainConfig  # noqa: E402
+from bench.common import DATA, machine, model_path, write_report
+from orchestrator.experiment import encode
+from orchestrator.survey import load_survey, select_cultures
+from workers.base_model import load_frozen_base
+from workers.prompts import SoftPromptBank
+from workers.shared_base import SharedBase
+from workers.trainer import PackedTrainer, TrainConfig
 
 
 def peak_pss_trial(params: dict, shared: SharedBase, records: list) -> None:
@@ -78,7 +73,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     records, _ = load_survey(DATA)
     cultures = select_cultures(records, top=2).trained
-    shared = SharedBase.load(args.model, args.dtype)
+    shared = SharedBase.load(model_path(args.model), args.dtype)
     weights_mb = sum(a.nbytes for a in shared.tensors.values()) / 2**20
     shared_pss = run_variant("shared", shared, records, cultures)
     private_pss = run_variant("private", shared, records, cultures)
@@ -95,11 +90,7 @@ def main() -> None:
         "private_sum_mb": sum(private_pss),
         "ratio_private_over_shared": sum(private_pss) / sum(shared_pss),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    write_report(report, args.out)
     ray.shutdown()
 
 

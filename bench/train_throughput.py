@@ -4,77 +4,26 @@ Both variants see the same examples in the same order with the same per-expert b
 steps carry b rows of each of the K experts. Prints JSON: examples/s, peak memory above the loaded model,
 and the ratio packed/sequential, for each model and K.
 
-    python bench/train_throughput.py --models tiny smollm2-135m --ks 1 4 8 --out runs/bench/train.json
+    python -m bench.train_throughput --models tiny smollm2-135m --ks 1 4 8 --out runs/bench/train.json
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import platform
 import sys
-import tempfile
-import threading
 import time
-from pathlib import Path
 
-import psutil
 import torch
 from peft import PromptTuningConfig, TaskType, get_peft_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from orchestrator.experiment import encode  # noqa: E402
-from orchestrator.survey import load_survey, select_cultures, split_records  # noqa: E402
-from workers.base_model import FrozenBase, load_frozen_base  # noqa: E402
-from workers.prompts import SoftPromptBank  # noqa: E402
-from workers.scoring import left_pad, option_log_probs, option_token_ids  # noqa: E402
-from workers.trainer import PackedTrainer, TrainConfig, culture_seed, kl_to_survey  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "goqa" / "opinions.jsonl"
-
-
-class PeakRSS:
-    """Peak resident memory of this process above what it held on entry (after a trim), sampled every 5 ms."""
-
-    def __enter__(self):
-        # Hand memory freed by the previous variant back to the OS, so each variant starts level.
-        gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        self.process, self.start, self.peak, self.done = psutil.Process(), 0, 0, False
-        self.start = self.peak = self.process.memory_info().rss
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.done:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.done = True
-        self.thread.join()
-        self.mb = (self.peak - self.start) / 2**20
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "")
-    return (
-        f"{cpu or platform.processor()}, {psutil.cpu_count()} cores, torch {torch.get_num_threads()} threads"
-    )
-
-
-def tiny_model_dir() -> str:
-    """A tiny random Llama saved as a folder, the same kind the tests use."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import _save_tiny
-
-    return str(_save_tiny("llama", Path(tempfile.mkdtemp()) / "tiny-llama"))
+from bench.common import DATA, PeakRSS, machine, model_path, write_report
+from orchestrator.experiment import encode
+from orchestrator.survey import load_survey, select_cultures, split_records
+from workers.base_model import FrozenBase, load_frozen_base
+from workers.prompts import SoftPromptBank
+from workers.scoring import left_pad, option_log_probs, option_token_ids
+from workers.trainer import PackedTrainer, TrainConfig, culture_seed, kl_to_survey
 
 
 def packed(base: FrozenBase, examples: dict, b: int, lr: float, seed: int) -> float:
@@ -113,7 +62,7 @@ def sequential_peft(base: FrozenBase, examples: dict, b: int, lr: float, seed: i
 
 
 def run(model: str, ks: list[int], b: int, steps: int, device: str, dtype: str) -> list[dict]:
-    base = load_frozen_base(tiny_model_dir() if model == "tiny" else model, dtype, device)
+    base = load_frozen_base(model_path(model), dtype, device)
     records, _ = load_survey(DATA)
     cultures = select_cultures(records, top=max(ks), min_questions=steps * b).trained
     train = split_records(records)["train"]
@@ -157,11 +106,7 @@ def main() -> None:
         row for m in args.models for row in run(m, args.ks, args.batch, args.steps, args.device, args.dtype)
     ]
     report = {"benchmark": "train_throughput", "machine": machine(), "dtype": args.dtype, "results": results}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
