@@ -248,7 +248,7 @@ class DecodeEngine:
                 for item in items:
                     self._run_isolated([item], run)
             elif isinstance(items[0], Generation):
-                self._fail(items[0], error)
+                self._finish(items[0], "error", error)
             elif not items[0].future.done():
                 items[0].future.set_exception(error)
 
@@ -358,7 +358,8 @@ class DecodeEngine:
         if not finished:
             return
         gone = set(map(id, finished))
-        keep = [r for r, g in enumerate(g for g in self._running for _ in range(g.rows)) if id(g) not in gone]
+        row_owners = [g for g in self._running for _ in range(g.rows)]
+        keep = [r for r, g in enumerate(row_owners) if id(g) not in gone]
         self._running = [g for g in self._running if id(g) not in gone]
         if keep:
             self._cache.reorder_cache(torch.tensor(keep, device=self._mask.device))
@@ -373,9 +374,6 @@ class DecodeEngine:
             self._cache = self._mask = None
         for g in finished:
             self._finish(g, reason, error)
-
-    def _fail(self, g: Generation, error: BaseException) -> None:
-        self._finish(g, "error", error)
 
     def _finish(self, g: Generation, reason: str, error: BaseException | None = None) -> None:
         g.finish_reason, g.error = reason, error

@@ -4,7 +4,8 @@ Every member of every request is a row of one batch, each row prefixed by its ow
 One forward step (with the KV cache) gives every row its next-token distribution; each request mixes its
 members' distributions by weight, picks one token (greedy at temperature 0, else sampled with its own
 seeded generator) and appends that token to all of its rows. Requests for different experts, and
-different requests, share the same forward passes.
+different requests, share the same forward passes. This is static batching (a batch decodes to its longest
+request); `workers.engine.DecodeEngine` is the continuous-batching loop built from the same pieces.
 """
 
 from __future__ import annotations
