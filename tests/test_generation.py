@@ -124,3 +124,27 @@ def test_committee_opinion_is_the_weighted_mixture_of_member_distributions(tiny_
         expected = sum(w * d for (_, w), d in zip(members, alone))
         np.testing.assert_allclose(mixed, expected, atol=1e-5)
         assert mixed.shape == (question.n_options,) and abs(mixed.sum() - 1) < 1e-9
+
+
+def test_static_decoding_with_mixed_prompt_lengths_equals_each_expert_alone(tiny_base):
+    prompts = [
+        torch.randn(n, tiny_base.hidden_size, generator=torch.Generator().manual_seed(n)) for n in (2, 6)
+    ]
+    bank = SoftPromptBank(["Germany", "Japan"], prompts)
+    ids = _ids(tiny_base, PROMPTS[0])
+    together = committee_generate(tiny_base, bank, [DecodeRequest(ids, [(e, 1.0)], 8) for e in (0, 1)], set())
+    for prompt, got in zip(prompts, together):
+        alone = SoftPromptBank(["alone"], [prompt])
+        assert got == committee_generate(tiny_base, alone, [DecodeRequest(ids, [(0, 1.0)], 8)], set())[0]
+
+
+def test_a_temperature_near_zero_decodes_greedily_and_bad_seeds_are_refused(tiny_base, bank):
+    ids = _ids(tiny_base, PROMPTS[1])
+    greedy = committee_generate(tiny_base, bank, [DecodeRequest(ids, [(0, 1.0)], 6)], set())
+    tiny = committee_generate(tiny_base, bank, [DecodeRequest(ids, [(0, 1.0)], 6, temperature=1e-30)], set())
+    assert tiny == greedy
+    for seed in (-1, 2**63):
+        with pytest.raises(ValueError, match="seed must be in"):
+            committee_generate(
+                tiny_base, bank, [DecodeRequest(ids, [(0, 1.0)], 6, temperature=1.0, seed=seed)]
+            )

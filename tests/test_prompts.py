@@ -1,5 +1,6 @@
 """The soft-prompt bank: per-row prompts in one batch, persistence, PEFT export, base-model identity."""
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -19,7 +20,7 @@ from workers.prompts import (
     prompted_inputs,
     save_expert,
 )
-from workers.scoring import left_pad
+from workers.scoring import encode_question, left_pad, option_distributions
 
 TEXTS = ["Do you think people can be trusted?", "Answer: A", "How important is religion in your life? Very"]
 
@@ -122,3 +123,37 @@ def test_peft_adapter_export_gives_the_same_logits(tiny_model_dirs, tmp_path):
         with torch.no_grad():
             theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         torch.testing.assert_close(ours[:, -ids.shape[1] :], theirs[:, -ids.shape[1] :], atol=1e-5, rtol=1e-4)
+
+
+def _expert(base, culture, length, seed):
+    prompt = torch.randn(length, base.hidden_size, generator=torch.Generator().manual_seed(seed)) * 0.5
+    return Expert(prompt, _meta(base, culture, length))
+
+
+def test_experts_of_different_prompt_lengths_share_a_bank_and_score_as_each_alone(tiny_base):
+    experts = [
+        _expert(tiny_base, c, n, s) for s, (c, n) in enumerate([("Germany", 2), ("Japan", 7), ("Kenya", 4)])
+    ]
+    bank = bank_from_experts(experts)
+    assert bank.lengths == [2, 7, 4] and bank.num_virtual_tokens == 7
+    rows = [0, 1, NO_EXPERT, 2, 0]
+    texts = [TEXTS[0], TEXTS[1], TEXTS[2], TEXTS[0], TEXTS[2]]
+    mixed = _last_logits(tiny_base, bank, texts, rows)
+    for row, (text, expert) in enumerate(zip(texts, rows)):
+        alone_bank = bank_from_experts([experts[expert]]) if expert != NO_EXPERT else None
+        alone = _last_logits(tiny_base, alone_bank, [text], [0] if alone_bank else [])[0]
+        torch.testing.assert_close(mixed[row], alone, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="different prompt lengths"):
+        _ = bank.weight
+
+
+def test_option_distributions_with_mixed_prompt_lengths_equal_each_expert_alone(tiny_base):
+    experts = [_expert(tiny_base, c, n, s) for s, (c, n) in enumerate([("Germany", 1), ("Japan", 6)])]
+    bank = bank_from_experts(experts)
+    questions = [encode_question(tiny_base.tokenizer, t, ["Yes", "No", "Maybe"]) for t in TEXTS[:2]]
+    rows = [(q, e) for q in questions for e in (0, 1, NO_EXPERT)]
+    together = option_distributions(tiny_base, bank, [q for q, _ in rows], [e for _, e in rows])
+    for (question, expert), got in zip(rows, together):
+        alone_bank = bank_from_experts([experts[expert]]) if expert != NO_EXPERT else None
+        [alone] = option_distributions(tiny_base, alone_bank, [question], [0 if alone_bank else NO_EXPERT])
+        np.testing.assert_allclose(got, alone, atol=1e-6)

@@ -4,12 +4,14 @@ Every member of every request is a row of one batch, each row prefixed by its ow
 One forward step (with the KV cache) gives every row its next-token distribution; each request mixes its
 members' distributions by weight, picks one token (greedy at temperature 0, else sampled with its own
 seeded generator) and appends that token to all of its rows. Requests for different experts, and
-different requests, share the same forward passes.
+different requests, share the same forward passes. This is static batching (a batch decodes to its longest
+request); `workers.engine.DecodeEngine` is the continuous-batching loop built from the same pieces.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +21,9 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from workers.base_model import FrozenBase
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import left_pad
+
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / ~0 would be inf, then NaN
+SEED_LIMIT = 2**63  # seeds are in [0, 2**63), what torch.Generator.manual_seed takes without wrapping
 
 
 @dataclass
@@ -56,13 +61,55 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str,
     return "\n".join([*lines, "Assistant:"])
 
 
-def _cache_kwarg(model: PreTrainedModel) -> str:
+def cache_kwarg(model: PreTrainedModel) -> str:
     # transformers 5 renames `past_key_values` to `cache` (the old name warns, then goes in 5.40).
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _pick(mixed: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0:
+def check_request(request: DecodeRequest) -> None:
+    """Refuse a request that cannot be decoded, with one clear line (ValueError)."""
+    if not request.members:
+        raise ValueError("empty committee")
+    if not sum(w for _, w in request.members) > 0:
+        raise ValueError("committee weights must sum to a positive number")
+    if request.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if not math.isfinite(request.temperature):
+        raise ValueError(f"temperature must be a finite number, got {request.temperature}")
+    if request.seed is not None and not 0 <= request.seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**63), got {request.seed}")
+
+
+def is_greedy(request: DecodeRequest) -> bool:
+    """Whether a request picks the most likely token (temperature under GREEDY_BELOW) rather than sampling."""
+    return request.temperature < GREEDY_BELOW
+
+
+def sampler(request: DecodeRequest) -> torch.Generator | None:
+    """The request's own seeded generator when it samples (a random seed if it gave none), else None."""
+    if is_greedy(request):
+        return None
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(request.seed if request.seed is not None else int(torch.seed() % SEED_LIMIT))
+    return generator
+
+
+def mixed_distributions(
+    logits: torch.Tensor, owner: torch.Tensor, weight: torch.Tensor, temperature: torch.Tensor, n: int
+) -> torch.Tensor:
+    """n x V next-token distributions (on the CPU): each request's member rows mixed by weight.
+
+    `owner`, `weight` and `temperature` are per row; a greedy row has temperature 0 and mixes its members'
+    plain distributions, a sampled one those at its temperature.
+    """
+    scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    probs = torch.softmax(logits / scale[:, None], dim=-1) * weight[:, None]
+    return torch.zeros(n, probs.shape[1], device=logits.device).index_add_(0, owner, probs).cpu()
+
+
+def pick(mixed: torch.Tensor, generator: torch.Generator | None) -> int:
+    """The next token from one request's mixed distribution: greedy without a generator, else sampled."""
+    if generator is None:
         return int(mixed.argmax())
     return int(torch.multinomial(mixed, 1, generator=generator))
 
@@ -82,10 +129,10 @@ def committee_generate(
     # Row r belongs to request owner[r] and carries expert expert_idx[r] with mixing weight weight[r].
     owner, expert_idx, weight, prompts = [], [], [], []
     for i, request in enumerate(requests):
-        if not request.members:
-            raise ValueError(f"request {i} has an empty committee")
-        if request.max_new_tokens < 1:
-            raise ValueError(f"request {i}: max_new_tokens must be at least 1")
+        try:
+            check_request(request)
+        except ValueError as error:
+            raise ValueError(f"request {i}: {error}") from None
         total = sum(w for _, w in request.members)
         for expert, w in request.members:
             owner.append(i)
@@ -98,31 +145,24 @@ def committee_generate(
     inputs = prompted_inputs(base.model, ids.to(device), mask.to(device), bank, torch.tensor(expert_idx))
     mask = inputs["attention_mask"]
     cache = DynamicCache(config=base.model.config)  # filled in place by every forward step
-    kwarg = _cache_kwarg(base.model)
+    kwarg = cache_kwarg(base.model)
     out = base.model(**inputs, use_cache=True, logits_to_keep=1, **{kwarg: cache})
     logits = out.logits[:, -1].float()
 
-    generators = []
-    for request in requests:
-        generator = None
-        if request.temperature > 0:
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(request.seed if request.seed is not None else int(torch.seed() % 2**63))
-        generators.append(generator)
+    generators = [sampler(request) for request in requests]
     tokens: list[list[int]] = [[] for _ in requests]
     finish: list[str | None] = [None] * len(requests)
     owner_t = torch.tensor(owner, device=device)
     weight_t = torch.tensor(weight, device=device)
-    temperature_t = torch.tensor([max(requests[o].temperature, 0.0) for o in owner], device=device)
+    temperature_t = torch.tensor(
+        [0.0 if is_greedy(requests[o]) else requests[o].temperature for o in owner], device=device
+    )
     live = list(range(len(requests)))  # requests still decoding, in the order of their rows
     while True:
-        # Greedy requests mix the members' plain distributions; sampled ones those at their temperature.
-        scale = torch.where(temperature_t > 0, temperature_t, torch.ones_like(temperature_t))
-        probs = torch.softmax(logits / scale[:, None], dim=-1) * weight_t[:, None]
-        mixed = torch.zeros(len(requests), probs.shape[1], device=device).index_add_(0, owner_t, probs).cpu()
+        mixed = mixed_distributions(logits, owner_t, weight_t, temperature_t, len(requests))
         picked = {}
         for i in live:
-            token = _pick(mixed[i], requests[i].temperature, generators[i])
+            token = pick(mixed[i], generators[i])
             if token in stop_ids:
                 finish[i] = "stop"
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from peft import PromptTuningConfig, TaskType
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from workers.base_model import FrozenBase
@@ -68,39 +70,66 @@ class Expert:
 
 
 class SoftPromptBank(nn.Module):
-    """E experts x L virtual tokens x D, one prompt per culture.
+    """E experts, each L_e virtual tokens x D, one prompt per culture; L_e may differ between experts.
 
     Each expert is its own Parameter so that an expert with no rows in a step gets no gradient
     (None, not zeros) and AdamW leaves it and its moments untouched: packed training of K experts
-    is then exactly K separate trainings. `weight` gives the whole bank as one E x L x D tensor.
+    is then exactly K separate trainings. `weight` gives a bank of one length as one E x L x D tensor.
     """
 
-    def __init__(self, cultures: list[str], prompts: torch.Tensor):
+    def __init__(self, cultures: list[str], prompts: torch.Tensor | Sequence[torch.Tensor]):
         super().__init__()
-        if prompts.dim() != 3 or prompts.shape[0] != len(cultures):
-            raise ValueError(f"prompts must be E x L x D with E={len(cultures)}, got {tuple(prompts.shape)}")
+        if len(prompts) != len(cultures) or any(p.dim() != 2 for p in prompts):
+            shapes = [tuple(p.shape) for p in prompts]
+            raise ValueError(
+                f"prompts must be E x L x D (or E of L_e x D) with E={len(cultures)}, got {shapes}"
+            )
+        if len({p.shape[1] for p in prompts}) > 1:
+            raise ValueError(
+                f"prompts of one bank need one width, got {sorted({p.shape[1] for p in prompts})}"
+            )
         self.cultures = list(cultures)
         self.prompts = nn.ParameterList(nn.Parameter(p.detach().clone().float()) for p in prompts)
 
     @property
     def weight(self) -> torch.Tensor:
+        if len(set(self.lengths)) > 1:
+            raise ValueError(f"experts of different prompt lengths {sorted(set(self.lengths))} do not stack")
         return torch.stack(list(self.prompts))
 
     @property
+    def lengths(self) -> list[int]:
+        """Each expert's number of virtual tokens, in bank order."""
+        return [p.shape[0] for p in self.prompts]
+
+    @property
     def num_virtual_tokens(self) -> int:
-        return self.prompts[0].shape[0]
+        """The prompt slots a row gets: the longest expert's length (every expert's, in a bank of one length)."""
+        return max(self.lengths)
 
     def index(self, culture: str) -> int:
         return self.cultures.index(culture)
 
     def rows(self, expert_idx: torch.Tensor) -> torch.Tensor:
-        """The B x L x D prompts of a batch (zeros where NO_EXPERT), touching only the experts used."""
+        """The B x L x D prompts of a batch, touching only the experts used.
+
+        L is the longest prompt in the bank; a shorter prompt fills the last slots, zeros before it (and
+        zeros throughout where NO_EXPERT); `prompt_mask` says which slots are real.
+        """
+        width, first = self.num_virtual_tokens, self.prompts[0]
         used = [int(e) for e in torch.unique(expert_idx) if e != NO_EXPERT]
-        table = torch.zeros(len(used) + 1, *self.prompts[0].shape, device=self.prompts[0].device)
+        table = first.new_zeros(len(used) + 1, width, first.shape[1])
         if used:
-            table = torch.cat([table[:1], torch.stack([self.prompts[e] for e in used])])
+            padded = [F.pad(self.prompts[e], (0, 0, width - self.prompts[e].shape[0], 0)) for e in used]
+            table = torch.cat([table[:1], torch.stack(padded)])
         slot = {e: i + 1 for i, e in enumerate(used)} | {NO_EXPERT: 0}
         return table[torch.tensor([slot[int(e)] for e in expert_idx], device=table.device)]
+
+    def prompt_mask(self, expert_idx: torch.Tensor) -> torch.Tensor:
+        """B x L: 1 on the slots of `rows` that hold a row's prompt, 0 on padding and NO_EXPERT rows."""
+        lengths = torch.tensor([0 if int(e) == NO_EXPERT else self.lengths[int(e)] for e in expert_idx])
+        slots = torch.arange(self.num_virtual_tokens)
+        return (slots[None, :] >= self.num_virtual_tokens - lengths[:, None]).long()
 
     @classmethod
     def initialise(
@@ -143,8 +172,9 @@ def prompted_inputs(
 ) -> dict[str, torch.Tensor]:
     """Model kwargs in which every row gets its own expert's prompt (or none) before its tokens.
 
-    The prompt occupies the first L slots of every row (masked out for NO_EXPERT rows); positions
-    count only attended slots, so a row's result does not depend on its padding or its neighbours.
+    The prompt occupies the first L slots of every row (the longest prompt's length; a shorter prompt's
+    padding and NO_EXPERT rows are masked out); positions count only attended slots, so a row's result
+    does not depend on its padding, its neighbours or their prompt lengths.
     """
     embeds = model.get_input_embeddings()(input_ids)
     if bank is None or expert_idx is None:
@@ -152,8 +182,11 @@ def prompted_inputs(
         prompt_mask = attention_mask.new_zeros(input_ids.shape[0], 0)
     else:
         prompts = bank.rows(expert_idx.cpu()).to(embeds.device, embeds.dtype)
-        has_prompt = (expert_idx != NO_EXPERT).to(attention_mask.device, attention_mask.dtype)
-        prompt_mask = has_prompt[:, None].expand(-1, prompts.shape[1])
+        if isinstance(bank, SoftPromptBank):
+            prompt_mask = bank.prompt_mask(expert_idx.cpu()).to(attention_mask.device, attention_mask.dtype)
+        else:  # a stand-in (the ZeRO trainer's) whose prompts all have one length
+            has_prompt = (expert_idx != NO_EXPERT).to(attention_mask.device, attention_mask.dtype)
+            prompt_mask = has_prompt[:, None].expand(-1, prompts.shape[1])
     mask = torch.cat([prompt_mask, attention_mask], dim=1)
     return {
         "inputs_embeds": torch.cat([prompts, embeds], dim=1),
@@ -189,10 +222,8 @@ def load_expert(path: Path, base: FrozenBase | None = None) -> Expert:
 
 
 def bank_from_experts(experts: list[Expert], device: torch.device | str = "cpu") -> SoftPromptBank:
-    """One bank holding the given experts, in order."""
-    return SoftPromptBank([e.meta.culture for e in experts], torch.stack([e.prompt for e in experts])).to(
-        device
-    )
+    """One bank holding the given experts, in order (their prompt lengths may differ)."""
+    return SoftPromptBank([e.meta.culture for e in experts], [e.prompt for e in experts]).to(device)
 
 
 def export_peft_adapter(expert: Expert, model: PreTrainedModel, out_dir: Path) -> Path:
