@@ -12,32 +12,26 @@ Both cap the batch at the same number of rows. Prints JSON (and writes --out): g
 time to first token and end-to-end latency (from each request's arrival), the ratios continuous/static, the
 share of requests whose tokens agree (greedy: they should all agree), and the machine.
 
-    python bench/serve_generate.py --tiny --requests 16 --rates 8 --max-new-tokens 8 32   # a smoke test
-    python bench/serve_generate.py --requests 64 --rates 0.5 1 2 --out runs/bench/generate.json
+    python -m bench.serve_generate --tiny --requests 16 --rates 8 --max-new-tokens 8 32   # a smoke test
+    python -m bench.serve_generate --requests 64 --rates 0.5 1 2 --out runs/bench/generate.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from workers.base_model import FrozenBase, load_frozen_base  # noqa: E402
-from workers.engine import DecodeEngine  # noqa: E402
-from workers.generation import DecodeRequest, chat_prompt, committee_generate  # noqa: E402
-from workers.prompts import SoftPromptBank  # noqa: E402
+from bench.common import machine, model_path, write_report
+from workers.base_model import FrozenBase, load_frozen_base
+from workers.engine import DecodeEngine
+from workers.generation import DecodeRequest, chat_prompt, committee_generate
+from workers.prompts import SoftPromptBank
 
 EXPERTS = 16
 PROMPT_LENGTHS = (4, 8, 16, 32)
@@ -55,21 +49,6 @@ TEXTS = [
 class Arrival:
     at: float  # seconds after the start
     request: DecodeRequest
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "")
-    return f"{cpu or platform.processor()}, {psutil.cpu_count()} cores"
-
-
-def tiny_model() -> str:
-    """A tiny random Llama with a tokenizer trained here, saved to a temporary folder."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import _save_tiny
-
-    return str(_save_tiny("llama", Path(tempfile.mkdtemp()) / "tiny-llama"))
 
 
 def expert_bank(base: FrozenBase, seed: int) -> SoftPromptBank:
@@ -197,7 +176,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    name = tiny_model() if args.tiny else args.model
+    name = model_path("tiny" if args.tiny else args.model)
     base = load_frozen_base(name, args.dtype, device=args.device)
     bank = expert_bank(base, args.seed)
     warm = workload(base, 4, 1000.0, args.seed + 1)
@@ -241,11 +220,7 @@ def main() -> None:
         "static_first_token": "static batching returns a request's tokens when its batch is done",
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
