@@ -33,9 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.config import ExperimentConfig  # noqa: E402
-from orchestrator.experts import SIMILARITY_FILE, slug  # noqa: E402
 from orchestrator.survey import load_survey  # noqa: E402
 from workers.base_model import load_frozen_base  # noqa: E402
+from workers.cultures import slug  # noqa: E402
+from workers.expert_store import SIMILARITY_FILE  # noqa: E402
 from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text, save_expert  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "goqa" / "opinions.jsonl"

@@ -86,9 +86,9 @@ def _experts(args: argparse.Namespace) -> int:
     import json
 
     from orchestrator.config import load_config
-    from orchestrator.tracking import Store, registered_experts
+    from workers.expert_store import registered_experts
 
-    rows = registered_experts(Store.from_config(load_config(args.config, args.set)))
+    rows = registered_experts(registry(load_config(args.config, args.set)))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -148,9 +148,9 @@ def _eval(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.evaluate import evaluate, format_table, write_report
     from orchestrator.experiment import prepare_data
-    from orchestrator.experts import SIMILARITY_FILE, load_experts
     from workers.base_model import load_frozen_base
-    from workers.committees import culture_committees, load_similarity
+    from workers.committees import culture_committees
+    from workers.expert_store import SIMILARITY_FILE, load_experts, load_similarity
 
     config = load_config(args.config, args.set)
     data = prepare_data(config.data, args.data)
@@ -195,10 +195,18 @@ def resolve_experts(config, choice: str | None) -> Path:
         return config.experts_dir
     if Path(choice).is_dir():
         return Path(choice)
-    from orchestrator.tracking import Store, download_champions
+    from workers.expert_store import download_champions
 
-    return download_champions(
-        Store.from_config(config), Path(config.output_dir) / "registry" / choice, choice
+    return download_champions(registry(config), Path(config.output_dir) / "registry" / choice, choice)
+
+
+def registry(config):
+    """The config's MLflow registry, where the experts are registered (read through workers.expert_store)."""
+    from workers.expert_store import Registry
+
+    section = config.mlflow
+    return Registry.of_experiment(
+        config.output_dir, section.tracking_uri, section.registry_prefix, section.retries
     )
 
 
