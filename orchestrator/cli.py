@@ -86,9 +86,10 @@ def _experts(args: argparse.Namespace) -> int:
     import json
 
     from orchestrator.config import load_config
-    from workers.expert_store import registered_experts
+    from workers.expert_store import Registry, registered_experts
 
-    rows = registered_experts(registry(load_config(args.config, args.set)))
+    config = load_config(args.config, args.set)
+    rows = registered_experts(Registry.of_experiment(config.output_dir, config.mlflow))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -195,19 +196,10 @@ def resolve_experts(config, choice: str | None) -> Path:
         return config.experts_dir
     if Path(choice).is_dir():
         return Path(choice)
-    from workers.expert_store import download_champions
+    from workers.expert_store import Registry, download_champions
 
-    return download_champions(registry(config), Path(config.output_dir) / "registry" / choice, choice)
-
-
-def registry(config):
-    """The config's MLflow registry, where the experts are registered (read through workers.expert_store)."""
-    from workers.expert_store import Registry
-
-    section = config.mlflow
-    return Registry.of_experiment(
-        config.output_dir, section.tracking_uri, section.registry_prefix, section.retries
-    )
+    registry = Registry.of_experiment(config.output_dir, config.mlflow)
+    return download_champions(registry, Path(config.output_dir) / "registry" / choice, choice)
 
 
 COMMANDS = {

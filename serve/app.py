@@ -67,14 +67,6 @@ def gpus_per_replica(config: ExperimentConfig) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
-def registry(config: ExperimentConfig) -> Registry:
-    """The config's MLflow registry, where the experts are registered."""
-    section = config.mlflow
-    return Registry.of_experiment(
-        config.output_dir, section.tracking_uri, section.registry_prefix, section.retries
-    )
-
-
 def experts_dir(config: ExperimentConfig) -> Path:
     """Where the directory source reads experts, and where training leaves survey similarity."""
     return Path(config.serve.experts_dir or config.experts_dir)
@@ -84,7 +76,7 @@ def expert_source(config: ExperimentConfig) -> DirectorySource | RegistrySource:
     """Where this config's experts come from."""
     if config.serve.experts_source == "registry":
         return RegistrySource(
-            registry(config),
+            Registry.of_experiment(config.output_dir, config.mlflow),
             config.serve.registry_alias,
             downloads=Path(config.output_dir) / "registry" / "serve",
             similarity_path=experts_dir(config) / SIMILARITY_FILE,
@@ -145,7 +137,7 @@ def preflight(config: ExperimentConfig) -> None:
     if config.serve.experts_source == "directory":
         load_experts(experts_dir(config))
         return
-    rows = registered_experts(registry(config))
+    rows = registered_experts(Registry.of_experiment(config.output_dir, config.mlflow))
     if not any(config.serve.registry_alias in r["aliases"] for r in rows):
         raise ExpertsNotFoundError(
             f"no experts registered under the alias {config.serve.registry_alias!r}; train some first"

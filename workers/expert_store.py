@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from workers.base_model import FrozenBase
 from workers.cultures import slug
@@ -67,6 +67,14 @@ def load_similarity(path: Path) -> Similarity:
 # --------------------------------------------------------------------------------------------------------
 
 
+class MlflowSettings(Protocol):
+    """The MLflow settings of an experiment config (its `mlflow` section) that reading the registry needs."""
+
+    tracking_uri: str | None
+    registry_prefix: str
+    retries: int
+
+
 @dataclass(frozen=True)
 class Registry:
     """An MLflow model registry holding one registered model a culture, named `<registry_prefix>-<slug>`."""
@@ -76,12 +84,10 @@ class Registry:
     retries: int = 3
 
     @classmethod
-    def of_experiment(
-        cls, output_dir: str | Path, tracking_uri: str | None, registry_prefix: str, retries: int
-    ) -> Registry:
-        """An experiment's registry: `tracking_uri`, else the sqlite store training writes in its output_dir."""
-        uri = tracking_uri or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
-        return cls(uri, registry_prefix, retries)
+    def of_experiment(cls, output_dir: str | Path, mlflow: MlflowSettings) -> Registry:
+        """An experiment's registry: the config's tracking URI, else the sqlite store training writes there."""
+        uri = mlflow.tracking_uri or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+        return cls(uri, mlflow.registry_prefix, mlflow.retries)
 
     def client(self):  # -> mlflow.MlflowClient; mlflow is imported only where a registry is read
         """A client on this registry, with HTTP retries short enough that ours say what failed."""
