@@ -125,8 +125,11 @@ class Router:
                 logger.warning("catalogue refresh failed: %s", err.message)
 
     async def _ask(self, method: str, *args):
-        """Call the pool, retrying a replica that died (Serve replaces it); 503 if none answers, 409 if a reload
-        raced the request (the catalogue is refreshed so that a retry routes to the experts now loaded)."""
+        """Call the pool, retrying a replica that died (Serve replaces it); 503 if none answers.
+
+        A committee naming experts that the replica has not loaded (a reload raced the request) is a 409, after
+        a catalogue refresh, so that the client's retry is routed to the experts loaded now.
+        """
         for attempt in range(POOL_RETRIES):
             try:
                 result = await getattr(self.pool, method).remote(*args)
