@@ -29,9 +29,10 @@ import psutil
 
 from bench.common import DATA, free_port, machine, model_path, write_report
 from orchestrator.config import ExperimentConfig
-from orchestrator.experts import SIMILARITY_FILE, slug
 from orchestrator.survey import load_survey
 from workers.base_model import load_frozen_base
+from workers.cultures import slug
+from workers.expert_store import SIMILARITY_FILE
 from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text, save_expert
 
 VARIANTS = ("mixed", "per_expert", "base")

@@ -86,9 +86,10 @@ def _experts(args: argparse.Namespace) -> int:
     import json
 
     from orchestrator.config import load_config
-    from orchestrator.tracking import Store, registered_experts
+    from workers.expert_store import Registry, registered_experts
 
-    rows = registered_experts(Store.from_config(load_config(args.config, args.set)))
+    config = load_config(args.config, args.set)
+    rows = registered_experts(Registry.of_experiment(config.output_dir, config.mlflow))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -148,9 +149,9 @@ def _eval(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.evaluate import evaluate, format_table, write_report
     from orchestrator.experiment import prepare_data
-    from orchestrator.experts import SIMILARITY_FILE, load_experts
     from workers.base_model import load_frozen_base
-    from workers.committees import culture_committees, load_similarity
+    from workers.committees import culture_committees
+    from workers.expert_store import SIMILARITY_FILE, load_experts, load_similarity
 
     config = load_config(args.config, args.set)
     data = prepare_data(config.data, args.data)
@@ -195,11 +196,10 @@ def resolve_experts(config, choice: str | None) -> Path:
         return config.experts_dir
     if Path(choice).is_dir():
         return Path(choice)
-    from orchestrator.tracking import Store, download_champions
+    from workers.expert_store import Registry, download_champions
 
-    return download_champions(
-        Store.from_config(config), Path(config.output_dir) / "registry" / choice, choice
-    )
+    registry = Registry.of_experiment(config.output_dir, config.mlflow)
+    return download_champions(registry, Path(config.output_dir) / "registry" / choice, choice)
 
 
 COMMANDS = {

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.experts import slug
+from workers.cultures import slug
 
 T = TypeVar("T")
 CHAMPION = "champion"
@@ -176,50 +176,6 @@ def champion(store: Store, culture: str):
             return None
 
     return store.call("read champion", get)
-
-
-def registered_experts(store: Store) -> list[dict]:
-    """Every registered expert version: culture, version, aliases, alignment."""
-    client = store.client()
-    prefix = f"{store.registry_prefix}-"
-    models = store.call("list models", lambda: client.search_registered_models(f"name LIKE '{prefix}%'"))
-    rows = []
-    for model in models:
-        versions = store.call(
-            "list versions", lambda m=model: client.search_model_versions(f"name = '{m.name}'")
-        )
-        aliases = {}
-        for alias, version in (model.aliases or {}).items():
-            aliases.setdefault(str(version), []).append(alias)
-        for v in sorted(versions, key=lambda v: int(v.version)):
-            rows.append(
-                {
-                    "culture": v.tags.get("culture", model.name),
-                    "model": model.name,
-                    "version": int(v.version),
-                    "aliases": aliases.get(str(v.version), []),
-                    "val_alignment": float(v.tags.get("val_alignment", "nan")),
-                    "base_fingerprint": v.tags.get("base_fingerprint", ""),
-                    "run_id": v.run_id,
-                }
-            )
-    return rows
-
-
-def download_champions(store: Store, directory: Path, alias: str = CHAMPION) -> Path:
-    """Download every culture's expert under `alias` into one local experts directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    names = sorted({row["model"] for row in registered_experts(store) if alias in row["aliases"]})
-    mlflow.set_tracking_uri(store.tracking_uri)
-    mlflow.set_registry_uri(store.tracking_uri)
-    for name in names:
-        store.call(
-            f"download {name}@{alias}",
-            lambda n=name: mlflow.artifacts.download_artifacts(
-                f"models:/{n}@{alias}", dst_path=str(directory)
-            ),
-        )
-    return directory
 
 
 def _params(flat: dict) -> list:

@@ -17,9 +17,10 @@ from orchestrator import tracking
 from orchestrator.config import ExperimentConfig, load_config
 from orchestrator.deepspeed_trial import validate_deepspeed
 from orchestrator.experiment import ExperimentData, prepare_data
-from orchestrator.experts import slug, write_similarity
+from orchestrator.experts import write_similarity
 from orchestrator.tracking import Store, TrackingError
 from orchestrator.tune import expected_trials, restore, storage_path, trial_function, tuner
+from workers.cultures import slug
 from workers.prompts import load_expert
 from workers.shared_base import SharedBase
 

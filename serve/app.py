@@ -17,9 +17,17 @@ from ray import serve
 from ray.serve import Application
 
 from orchestrator.config import ConfigError, ExperimentConfig, load_config
-from orchestrator.experts import ExpertsNotFoundError, load_experts
-from serve.pool import ExpertPool
+from serve.pool import ExpertPool, PoolSettings
 from serve.router import Router
+from workers.expert_store import (
+    SIMILARITY_FILE,
+    DirectorySource,
+    ExpertsNotFoundError,
+    Registry,
+    RegistrySource,
+    load_experts,
+    registered_experts,
+)
 
 CONFIG_ENV = "SHORES_CONFIG"
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -59,6 +67,39 @@ def gpus_per_replica(config: ExperimentConfig) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
+def experts_dir(config: ExperimentConfig) -> Path:
+    """Where the directory source reads experts, and where training leaves survey similarity."""
+    return Path(config.serve.experts_dir or config.experts_dir)
+
+
+def expert_source(config: ExperimentConfig) -> DirectorySource | RegistrySource:
+    """Where this config's experts come from."""
+    if config.serve.experts_source == "registry":
+        return RegistrySource(
+            Registry.of_experiment(config.output_dir, config.mlflow),
+            config.serve.registry_alias,
+            downloads=Path(config.output_dir) / "registry" / "serve",
+            similarity_path=experts_dir(config) / SIMILARITY_FILE,
+        )
+    return DirectorySource(experts_dir(config))
+
+
+def pool_settings(config: ExperimentConfig) -> PoolSettings:
+    """What an ExpertPool replica uses from the config."""
+    section = config.serve
+    return PoolSettings(
+        base_model=config.base_model.name,
+        dtype=config.base_model.dtype,
+        device=config.base_model.device,
+        source=expert_source(config),
+        max_length=config.data.max_length,
+        max_batch_size=section.max_batch_size,
+        batch_wait_timeout_s=section.batch_wait_timeout_s,
+        per_expert=section.batching == "per_expert",
+        reload_interval_s=section.reload_interval_s,
+    )
+
+
 def build_app(config: ExperimentConfig) -> Application:
     """The graph: Router -> ExpertPool, with replicas, batching and resources from `config.serve`."""
     section = config.serve
@@ -70,8 +111,8 @@ def build_app(config: ExperimentConfig) -> Application:
         # Both batch queues must be able to fill: twice a batch in flight per replica, at least.
         max_ongoing_requests=max(64, 4 * section.max_batch_size),
         ray_actor_options={"num_cpus": section.cpus_per_replica, "num_gpus": gpus_per_replica(config)},
-    ).bind(config)
-    return Router.options(ray_actor_options={"num_cpus": ROUTER_CPUS}).bind(pool, config)
+    ).bind(pool_settings(config))
+    return Router.options(ray_actor_options={"num_cpus": ROUTER_CPUS}).bind(pool, section)
 
 
 def config_from_env() -> ExperimentConfig:
@@ -94,11 +135,9 @@ def preflight(config: ExperimentConfig) -> None:
     if key and not os.environ.get(key):
         raise ConfigError(f"serve.api_key_env names {key}, which is not set in this environment")
     if config.serve.experts_source == "directory":
-        load_experts(Path(config.serve.experts_dir or config.experts_dir))
+        load_experts(experts_dir(config))
         return
-    from orchestrator.tracking import Store, registered_experts
-
-    rows = registered_experts(Store.from_config(config))
+    rows = registered_experts(Registry.of_experiment(config.output_dir, config.mlflow))
     if not any(config.serve.registry_alias in r["aliases"] for r in rows):
         raise ExpertsNotFoundError(
             f"no experts registered under the alias {config.serve.registry_alias!r}; train some first"

@@ -9,22 +9,18 @@ from a directory or the MLflow registry and are reloaded, without a restart, whe
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TypeVar
 
 from ray import serve
 
-from orchestrator.config import ExperimentConfig
-from orchestrator.experts import SIMILARITY_FILE, load_experts, slug
-from workers.base_model import FrozenBase, load_frozen_base
-from workers.committees import BASE, Committee, Similarity, committee_distributions, load_similarity
+from workers.base_model import load_frozen_base
+from workers.committees import BASE, Committee, committee_distributions
+from workers.expert_store import DirectorySource, ExpertSnapshot, RegistrySource, Similarity
 from workers.generation import DecodeRequest, chat_prompt, committee_generate, stop_token_ids
 from workers.prompts import NO_EXPERT, Expert, SoftPromptBank, bank_from_experts
 from workers.scoring import encode_question
@@ -64,112 +60,96 @@ class ExpertSet:
     bank: SoftPromptBank | None = None
     index: dict[str, int] = field(default_factory=dict)
 
-    def catalogue(self) -> dict:
-        """What the router needs to build committees, and what GET /v1/experts shows."""
-        return {
-            "version": self.version,
-            "experts": [
-                {
-                    "culture": e.meta.culture,
-                    "iso": e.meta.iso,
-                    "version": self.versions[e.meta.culture],
-                    "descriptor": e.meta.descriptor,
-                    "val_alignment": e.meta.training.get("val_alignment"),
-                    "base_model": e.meta.base_model,
-                }
-                for e in self.experts
-            ],
-            "similarity": self.similarity,
-        }
+
+# ---- the pool's replies: what the router reads, and what it turns into JSON ----
 
 
-def _digest(parts: list[str]) -> str:
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+class ExpertsNotLoadedError(RuntimeError):
+    """A committee names experts that this replica has not loaded (a reload raced the request): retry."""
+
+    def __init__(self, missing: list[str]):
+        super().__init__(missing)
+        # Read by the router: raised through Ray, str() of the error also carries Ray's traceback header.
+        self.message = f"experts {missing} are not loaded here (reloading?); retry"
+
+    def __str__(self) -> str:
+        return self.message
 
 
-class DirectorySource:
-    """Experts in a directory (`shores train` writes <output_dir>/experts); the version is a cheap stat."""
+@dataclass
+class ExpertCard:
+    """One served expert, as GET /v1/experts shows it."""
 
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-
-    def version(self) -> str:
-        files = sorted(self.directory.rglob("*.safetensors")) + [self.directory / SIMILARITY_FILE]
-        stats = [(p, p.stat()) for p in files if p.exists()]
-        return _digest([f"{p.relative_to(self.directory)} {s.st_size} {s.st_mtime_ns}" for p, s in stats])
-
-    def load(self, base: FrozenBase) -> ExpertSet:
-        version = self.version()
-        experts = load_experts(self.directory, base)
-        # An expert's version is its content, so the same prompt answers under the same name everywhere.
-        versions = {}
-        for path in self.directory.rglob("*.safetensors"):
-            if path.name != "adapter_model.safetensors":
-                versions[path.stem] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        return ExpertSet(
-            version,
-            experts,
-            {e.meta.culture: versions.get(slug(e.meta.culture), "?") for e in experts},
-            load_similarity(self.directory / SIMILARITY_FILE),
-        )
+    culture: str
+    iso: str
+    version: str
+    descriptor: str
+    val_alignment: float | None
+    base_model: str
 
 
-class RegistrySource:
-    """Each culture's expert under a registry alias (`champion`), downloaded from MLflow when it moves."""
+@dataclass
+class Catalogue:
+    """What the router needs to build committees: the experts, their versions and survey similarity."""
 
-    def __init__(self, config: ExperimentConfig):
-        from orchestrator.tracking import Store
-
-        self.store = Store.from_config(config)
-        self.alias = config.serve.registry_alias
-        self.downloads = Path(config.output_dir) / "registry" / "serve"
-        # Training writes survey similarity beside its experts, not into the registry.
-        self.similarity_path = Path(config.serve.experts_dir or config.experts_dir) / SIMILARITY_FILE
-
-    def _champions(self) -> dict[str, tuple[str, int]]:
-        from orchestrator.tracking import registered_experts
-
-        rows = registered_experts(self.store)
-        return {r["culture"]: (r["model"], r["version"]) for r in rows if self.alias in r["aliases"]}
-
-    def version(self) -> str:
-        return self._version(self._champions())
-
-    @staticmethod
-    def _version(champions: dict[str, tuple[str, int]]) -> str:
-        return _digest([f"{c} {m} {v}" for c, (m, v) in sorted(champions.items())])
-
-    def load(self, base: FrozenBase) -> ExpertSet:
-        from orchestrator.experts import ExpertsNotFoundError
-        from orchestrator.tracking import download_champions
-
-        self.downloads.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # the alias may move during a download: take a set that did not change under us
-            before = self._champions()
-            if not before:
-                raise ExpertsNotFoundError(f"no registered experts under the alias {self.alias!r}")
-            folder = Path(tempfile.mkdtemp(prefix="experts-", dir=self.downloads))
-            try:
-                download_champions(self.store, folder, self.alias)
-                experts = load_experts(folder, base)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)  # the prompts are in memory now
-            if self._champions() == before:
-                break
-        versions = {c: f"{m} v{v}" for c, (m, v) in before.items()}
-        missing = [e.meta.culture for e in experts if e.meta.culture not in versions]
-        if missing:
-            raise ExpertsNotFoundError(
-                f"downloaded experts {missing} are not registered under {self.alias!r}"
-            )
-        return ExpertSet(self._version(before), experts, versions, load_similarity(self.similarity_path))
+    version: str
+    experts: list[ExpertCard]
+    similarity: Similarity
+    base_model: str
+    fingerprint: str
 
 
-def expert_source(config: ExperimentConfig) -> DirectorySource | RegistrySource:
-    """Where this config's experts come from."""
-    if config.serve.experts_source == "registry":
-        return RegistrySource(config)
-    return DirectorySource(Path(config.serve.experts_dir or config.experts_dir))
+@dataclass
+class OpinionAnswer:
+    """A committee's option distribution, and which version of each member answered."""
+
+    distribution: list[float]
+    versions: dict[str, str]
+    experts_version: str
+
+
+@dataclass
+class GenerateAnswer:
+    """A committee's continuation, and which version of each member answered."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    versions: dict[str, str]
+    experts_version: str
+
+
+@dataclass
+class PoolHealth:
+    """A replica's identity and batching counters (GET /healthz)."""
+
+    replica: str
+    pid: int
+    experts_version: str
+    uptime_s: float
+    batches: int
+    requests: int
+    rows: int
+    largest_batch: int
+    most_experts_in_a_batch: int
+    reloads: int
+    recent: list[dict]
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """What a replica uses from the experiment config (serve/app.py builds it): model, experts, batching."""
+
+    base_model: str
+    dtype: str
+    device: str
+    source: DirectorySource | RegistrySource
+    max_length: int  # prompt tokens kept (a long prompt keeps its end)
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    per_expert: bool  # one forward pass per expert instead of mixed batches (benchmarks)
+    reload_interval_s: float  # 0: never look for new experts
 
 
 class PoolStats:
@@ -199,24 +179,20 @@ class PoolStats:
 class ExpertPool:
     """One replica: the frozen base, every expert in one prompt bank, batched opinions and generation."""
 
-    def __init__(self, config: ExperimentConfig):
-        section = config.serve
-        self.config = config
+    def __init__(self, settings: PoolSettings):
+        self.settings = settings
         self.started = time.time()
-        self.base = load_frozen_base(
-            config.base_model.name, config.base_model.dtype, config.base_model.device
-        )
+        self.base = load_frozen_base(settings.base_model, settings.dtype, settings.device)
         self.stop_ids = stop_token_ids(self.base)
-        self.source = expert_source(config)
+        self.source = settings.source
         self.experts = self._index(self.source.load(self.base))
         self.stats = PoolStats()
-        self.per_expert = section.batching == "per_expert"
         for handler in (self._opinion_batch, self._generate_batch):
-            handler.set_max_batch_size(section.max_batch_size)
-            handler.set_batch_wait_timeout_s(section.batch_wait_timeout_s)
+            handler.set_max_batch_size(settings.max_batch_size)
+            handler.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.watcher = None
-        if section.reload_interval_s > 0:
-            self.watcher = asyncio.get_running_loop().create_task(self._watch(section.reload_interval_s))
+        if settings.reload_interval_s > 0:
+            self.watcher = asyncio.get_running_loop().create_task(self._watch(settings.reload_interval_s))
         logger.info(
             "ExpertPool ready: %s with %d experts on %s",
             self.base.name,
@@ -224,10 +200,10 @@ class ExpertPool:
             self.base.device,
         )
 
-    def _index(self, loaded: ExpertSet) -> ExpertSet:
-        loaded.bank = bank_from_experts(loaded.experts, self.base.device) if loaded.experts else None
-        loaded.index = {e.meta.culture: i for i, e in enumerate(loaded.experts)}
-        return loaded
+    def _index(self, loaded: ExpertSnapshot) -> ExpertSet:
+        bank = bank_from_experts(loaded.experts, self.base.device) if loaded.experts else None
+        index = {e.meta.culture: i for i, e in enumerate(loaded.experts)}
+        return ExpertSet(loaded.version, loaded.experts, loaded.versions, loaded.similarity, bank, index)
 
     async def _watch(self, interval: float) -> None:
         """Look for a new version of the experts every `interval` seconds; keep serving the old ones meanwhile."""
@@ -248,60 +224,68 @@ class ExpertPool:
                 failed = version  # not retried until the source changes again
                 logger.warning("keeping experts %s: reload failed: %s", self.experts.version, err)
 
-    async def catalogue(self) -> dict:
+    async def catalogue(self) -> Catalogue:
         """The experts this replica serves, their versions, and the survey similarity table."""
-        return self.experts.catalogue() | {"base_model": self.base.name, "fingerprint": self.base.fingerprint}
+        experts = self.experts
+        cards = [
+            ExpertCard(
+                culture=e.meta.culture,
+                iso=e.meta.iso,
+                version=experts.versions[e.meta.culture],
+                descriptor=e.meta.descriptor,
+                val_alignment=e.meta.training.get("val_alignment"),
+                base_model=e.meta.base_model,
+            )
+            for e in experts.experts
+        ]
+        return Catalogue(experts.version, cards, experts.similarity, self.base.name, self.base.fingerprint)
 
-    async def health(self) -> dict:
+    async def health(self) -> PoolHealth:
         """This replica's identity and batching counters."""
         context = serve.get_replica_context()
-        return {
-            "replica": context.replica_id.unique_id,
-            "pid": os.getpid(),
-            "experts_version": self.experts.version,
-            "uptime_s": round(time.time() - self.started, 1),
-            **vars(self.stats),
-            "recent": list(self.stats.recent),
-        }
+        return PoolHealth(
+            replica=context.replica_id.unique_id,
+            pid=os.getpid(),
+            experts_version=self.experts.version,
+            uptime_s=round(time.time() - self.started, 1),
+            **(vars(self.stats) | {"recent": list(self.stats.recent)}),
+        )
 
-    async def opinion(self, job: OpinionJob) -> dict:
+    async def opinion(self, job: OpinionJob) -> OpinionAnswer:
         """A committee's option distribution for one question (batched with concurrent requests)."""
-        return await self._opinion_batch(job)
+        return _raised(await self._opinion_batch(job))
 
-    async def generate(self, job: GenerateJob) -> dict:
+    async def generate(self, job: GenerateJob) -> GenerateAnswer:
         """A committee's joint continuation of one prompt (batched with concurrent requests)."""
-        return await self._generate_batch(job)
+        return _raised(await self._generate_batch(job))
 
     def _resolve(
         self, experts: ExpertSet, jobs: list
-    ) -> tuple[list[int], list[list[tuple[int, float]]], dict]:
-        """The jobs whose experts are all loaded, as bank indices; the others answer 409 (a reload raced)."""
-        ok, members, errors = [], [], {}
+    ) -> tuple[list[int], list[list[tuple[int, float]]], dict[int, ExpertsNotLoadedError]]:
+        """The jobs whose experts are all loaded, as bank indices; the others fail alone (a reload raced)."""
+        ok, members, refused = [], [], {}
         for i, job in enumerate(jobs):
             missing = [c for c in job.committee.cultures if c != BASE and c not in experts.index]
             if missing:
-                errors[i] = {
-                    "error": f"experts {missing} are not loaded here (reloading?); retry",
-                    "status": 409,
-                }
+                refused[i] = ExpertsNotLoadedError(
+                    f"experts {missing} are not loaded here (reloading?); retry"
+                )
                 continue
             ok.append(i)
             members.append(
                 [(NO_EXPERT if c == BASE else experts.index[c], w) for c, w in job.committee.members]
             )
-        return ok, members, errors
+        return ok, members, refused
 
-    def _answer(self, experts: ExpertSet, committee: Committee) -> dict:
-        return {
-            "versions": {c: experts.versions.get(c, "base") for c in committee.cultures},
-            "experts_version": experts.version,
-        }
+    @staticmethod
+    def _versions(experts: ExpertSet, committee: Committee) -> dict[str, str]:
+        return {c: experts.versions.get(c, "base") for c in committee.cultures}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _opinion_batch(self, jobs: list[OpinionJob]) -> list[dict]:
+    async def _opinion_batch(self, jobs: list[OpinionJob]) -> list[OpinionAnswer | ExpertsNotLoadedError]:
         experts = self.experts  # one version for the whole batch
         ok, members, results = self._resolve(experts, jobs)
-        max_length = self.config.data.max_length
+        max_length = self.settings.max_length
 
         questions = [
             encode_question(self.base.tokenizer, jobs[i].question, jobs[i].options, max_length=max_length)
@@ -311,20 +295,22 @@ class ExpertPool:
         # Serve 2.60 forms the next batch while one runs, so with the model in a worker thread the loop
         # would cut many small batches meanwhile; blocked, it lets arrivals queue up into one full batch.
         distributions = (
-            committee_distributions(self.base, experts.bank, questions, members, self.per_expert)
+            committee_distributions(self.base, experts.bank, questions, members, self.settings.per_expert)
             if ok
             else []
         )
         self.stats.record([jobs[i] for i in ok], [jobs[i].committee for i in ok])
         for i, dist in zip(ok, distributions):
-            results[i] = {"distribution": [float(p) for p in dist]} | self._answer(experts, jobs[i].committee)
+            results[i] = OpinionAnswer(
+                [float(p) for p in dist], self._versions(experts, jobs[i].committee), experts.version
+            )
         return [results[i] for i in range(len(jobs))]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, jobs: list[GenerateJob]) -> list[dict]:
+    async def _generate_batch(self, jobs: list[GenerateJob]) -> list[GenerateAnswer | ExpertsNotLoadedError]:
         experts = self.experts
         ok, members, results = self._resolve(experts, jobs)
-        tokenizer, max_length = self.base.tokenizer, self.config.data.max_length
+        tokenizer, max_length = self.base.tokenizer, self.settings.max_length
         requests = []
         for i, m in zip(ok, members):
             job = jobs[i]
@@ -337,10 +323,22 @@ class ExpertPool:
         )  # on the loop: see above
         self.stats.record([jobs[i] for i in ok], [jobs[i].committee for i in ok])
         for i, request, out in zip(ok, requests, decoded):
-            results[i] = {
-                "text": tokenizer.decode(out.token_ids, skip_special_tokens=True),
-                "finish_reason": out.finish_reason,
-                "prompt_tokens": len(request.prompt_ids),
-                "completion_tokens": len(out.token_ids),
-            } | self._answer(experts, jobs[i].committee)
+            results[i] = GenerateAnswer(
+                text=tokenizer.decode(out.token_ids, skip_special_tokens=True),
+                finish_reason=out.finish_reason,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=len(out.token_ids),
+                versions=self._versions(experts, jobs[i].committee),
+                experts_version=experts.version,
+            )
         return [results[i] for i in range(len(jobs))]
+
+
+Answer = TypeVar("Answer")
+
+
+def _raised(result: Answer | ExpertsNotLoadedError) -> Answer:
+    # A batch answers each job alone; a refused one is raised to its own caller only.
+    if isinstance(result, ExpertsNotLoadedError):
+        raise result
+    return result

@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -24,19 +25,18 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.config import ExperimentConfig
-from orchestrator.experts import slug
-from serve.pool import GenerateJob, OpinionJob
-from serve.schemas import ChatRequest, GenerateRequest, OpinionRequest
-from workers.committees import (
-    BASE,
-    Committee,
-    TextRouter,
-    UnknownCultureError,
-    culture_committee,
-    culture_key,
-    find_culture,
+from orchestrator.config import ServeSection
+from serve.pool import (
+    Catalogue,
+    ExpertsNotLoadedError,
+    GenerateAnswer,
+    GenerateJob,
+    OpinionAnswer,
+    OpinionJob,
 )
+from serve.schemas import ChatRequest, GenerateRequest, OpinionRequest
+from workers.committees import BASE, Committee, TextRouter, culture_committee
+from workers.cultures import UnknownCultureError, culture_key, find_culture, slug
 
 logger = logging.getLogger("ray.serve")
 Body = TypeVar("Body", bound=BaseModel)
@@ -87,9 +87,9 @@ def _first_error(err: ValidationError) -> str:
 class Router:
     """Validates, routes to a committee, calls the pool, and answers in the contract's shapes."""
 
-    def __init__(self, pool: DeploymentHandle, config: ExperimentConfig):
+    def __init__(self, pool: DeploymentHandle, section: ServeSection):
         self.pool = pool
-        self.section = config.serve
+        self.section = section
         self.started = int(time.time())
         self.api_key = None
         if self.section.api_key_env:
@@ -99,7 +99,7 @@ class Router:
         self.text_router = TextRouter(self.section.router_model)
         # Fast tokenizers are not safe to call from two threads at once: one thread embeds.
         self.embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self.catalogue: dict | None = None
+        self.catalogue: Catalogue | None = None
         self.catalogue_lock = asyncio.Lock()
         self.refresher = None
         self.pending: set[asyncio.Task] = set()
@@ -110,7 +110,7 @@ class Router:
 
     # ---- the pool and its catalogue ----
 
-    async def _catalogue(self, refresh: bool = False) -> dict:
+    async def _catalogue(self, refresh: bool = False) -> Catalogue:
         async with self.catalogue_lock:
             if self.catalogue is None or refresh:
                 self.catalogue = await self._ask("catalogue")
@@ -124,8 +124,12 @@ class Router:
             except ApiError as err:  # the pool may be restarting; the next request or tick tries again
                 logger.warning("catalogue refresh failed: %s", err.message)
 
-    async def _ask(self, method: str, *args) -> dict:
-        """Call the pool, retrying a replica that died (Serve replaces it); 503 if none answers."""
+    async def _ask(self, method: str, *args):
+        """Call the pool, retrying a replica that died (Serve replaces it); 503 if none answers.
+
+        A committee naming experts that the replica has not loaded (a reload raced the request) is a 409, after
+        a catalogue refresh, so that the client's retry is routed to the experts loaded now.
+        """
         for attempt in range(POOL_RETRIES):
             try:
                 result = await getattr(self.pool, method).remote(*args)
@@ -135,12 +139,11 @@ class Router:
                 )
                 await asyncio.sleep(0.25 * 2**attempt)
                 continue
-            if "error" in result:
-                if result.get("status") == 409:
-                    await self._catalogue(refresh=True)
-                raise ApiError(result.get("status", 500), result["error"])
-            version = result.get("experts_version")
-            if version and self.catalogue and version != self.catalogue["version"]:
+            except ExpertsNotLoadedError as err:
+                await self._catalogue(refresh=True)
+                raise ApiError(409, err.message) from None
+            version = getattr(result, "experts_version", None)
+            if version and self.catalogue and version != self.catalogue.version:
                 task = asyncio.get_running_loop().create_task(
                     self._catalogue(refresh=True)
                 )  # a replica reloaded
@@ -207,16 +210,16 @@ class Router:
             ):  # a culture unknown here may have been registered since the last look
                 if refresh:
                     catalogue = await self._catalogue(refresh=True)
-                experts = [e["culture"] for e in catalogue["experts"]]
+                experts = [e.culture for e in catalogue.experts]
                 try:
-                    committee = culture_committee(culture, experts, catalogue["similarity"], k, temperature)
+                    committee = culture_committee(culture, experts, catalogue.similarity, k, temperature)
                 except UnknownCultureError as err:
                     error = err
                     continue
-                name = find_culture(culture, experts + list(catalogue["similarity"]))
+                name = find_culture(culture, experts + list(catalogue.similarity))
                 return committee, MODEL_PREFIX + slug(name)
             raise ApiError(404, str(error))
-        descriptors = {e["culture"]: e["descriptor"] or e["culture"] for e in catalogue["experts"]}
+        descriptors = {e.culture: e.descriptor or e.culture for e in catalogue.experts}
         try:
             committee = await asyncio.get_running_loop().run_in_executor(
                 self.embed_thread, self.text_router.committee, text, descriptors, k, temperature
@@ -233,9 +236,9 @@ class Router:
         return None if name == AUTO else name
 
     @staticmethod
-    def _members(committee: Committee, answer: dict) -> list[dict]:
+    def _members(committee: Committee, answer: OpinionAnswer | GenerateAnswer) -> list[dict]:
         return [
-            {"culture": c, "weight": round(w, 6), "version": answer["versions"].get(c)}
+            {"culture": c, "weight": round(w, 6), "version": answer.versions.get(c)}
             for c, w in committee.members
         ]
 
@@ -245,19 +248,19 @@ class Router:
     async def healthz(self) -> dict:
         """Liveness: the router answers and a pool replica reports its experts and batching counters."""
         pool = await self._ask("health")
-        return {"status": "ok", "pool": pool}
+        return {"status": "ok", "pool": asdict(pool)}
 
     @api.get("/v1/experts")
     async def experts(self, request: Request) -> dict:
         """The experts served (culture, version, descriptor) and the cultures answered by committees."""
         self._authorise(request)
         catalogue = await self._catalogue()
-        own = {e["culture"] for e in catalogue["experts"]}
+        own = {e.culture for e in catalogue.experts}
         return {
-            "experts": catalogue["experts"],
-            "committee_cultures": sorted(c for c in catalogue["similarity"] if c not in own),
-            "base_model": catalogue["base_model"],
-            "experts_version": catalogue["version"],
+            "experts": [asdict(e) for e in catalogue.experts],
+            "committee_cultures": sorted(c for c in catalogue.similarity if c not in own),
+            "base_model": catalogue.base_model,
+            "experts_version": catalogue.version,
         }
 
     @api.get("/v1/models")
@@ -265,7 +268,7 @@ class Router:
         """OpenAI model list: shores:auto, shores:base and one shores:<culture> per expert."""
         self._authorise(request)
         catalogue = await self._catalogue()
-        ids = [AUTO, BASE] + [slug(e["culture"]) for e in catalogue["experts"]]
+        ids = [AUTO, BASE] + [slug(e.culture) for e in catalogue.experts]
         cards = [
             {"id": MODEL_PREFIX + i, "object": "model", "created": self.started, "owned_by": "shores"}
             for i in ids
@@ -281,12 +284,12 @@ class Router:
         committee, model = await self._committee(
             body.culture, body.profile or body.question, body.committee_size
         )
-        answer = await self._ask("opinion", OpinionJob(body.question, body.options, committee))
+        answer: OpinionAnswer = await self._ask("opinion", OpinionJob(body.question, body.options, committee))
         return {
-            "distribution": answer["distribution"],
+            "distribution": answer.distribution,
             "committee": self._members(committee, answer),
             "model": model,
-            "experts_version": answer["experts_version"],
+            "experts_version": answer.experts_version,
         }
 
     @api.post("/v1/generate", openapi_extra=_body_schema(GenerateRequest))
@@ -300,13 +303,13 @@ class Router:
         job = GenerateJob(
             committee, max_new_tokens, prompt=body.prompt, temperature=body.temperature, seed=body.seed
         )
-        answer = await self._ask("generate", job)
+        answer: GenerateAnswer = await self._ask("generate", job)
         return {
-            "text": answer["text"],
-            "finish_reason": answer["finish_reason"],
+            "text": answer.text,
+            "finish_reason": answer.finish_reason,
             "committee": self._members(committee, answer),
             "model": model,
-            "experts_version": answer["experts_version"],
+            "experts_version": answer.experts_version,
         }
 
     @api.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
@@ -330,7 +333,7 @@ class Router:
         job = GenerateJob(
             committee, max_new_tokens, messages=messages, temperature=temperature, seed=body.seed
         )
-        answer = await self._ask("generate", job)
+        answer: GenerateAnswer = await self._ask("generate", job)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -339,15 +342,15 @@ class Router:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": answer["text"]},
-                    "finish_reason": answer["finish_reason"],
+                    "message": {"role": "assistant", "content": answer.text},
+                    "finish_reason": answer.finish_reason,
                 }
             ],
             "usage": {
-                "prompt_tokens": answer["prompt_tokens"],
-                "completion_tokens": answer["completion_tokens"],
-                "total_tokens": answer["prompt_tokens"] + answer["completion_tokens"],
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": answer.completion_tokens,
+                "total_tokens": answer.prompt_tokens + answer.completion_tokens,
             },
             "committee": self._members(committee, answer),
-            "experts_version": answer["experts_version"],
+            "experts_version": answer.experts_version,
         }

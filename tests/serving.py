@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.experts import SIMILARITY_FILE, slug
 from tests.conftest import OPINIONS, free_ports
 from workers.base_model import load_frozen_base
+from workers.cultures import slug
+from workers.expert_store import SIMILARITY_FILE
 from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text, save_expert
 
 CULTURES = ["Germany", "Japan", "Kenya"]

@@ -11,23 +11,17 @@ from orchestrator.experiment import prepare_data
 from orchestrator.experts import write_similarity
 from tests.conftest import OPINIONS, REPO
 from workers.base_model import load_frozen_base
-from workers.committees import (
-    Committee,
-    TextRouter,
-    UnknownCultureError,
-    culture_committee,
-    culture_committees,
-    find_culture,
-    softmax_weights,
-)
+from workers.committees import Committee, TextRouter, culture_committee, culture_committees, softmax_weights
+from workers.cultures import UnknownCultureError, find_culture
 from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text
 
 EXPERTS = ["Germany", "Japan", "Kenya", "United Kingdom"]
 SIMILARITY = {"Canada": {"United Kingdom": 0.9, "Germany": 0.8, "Japan": 0.6, "Kenya": 0.5, "Peru": 0.95}}
 
 
-def test_a_culture_with_an_expert_is_answered_by_it_alone():
-    committee = culture_committee("united-kingdom", EXPERTS, SIMILARITY, k=3, temperature=0.05)
+@pytest.mark.parametrize("spelling", ["united-kingdom", "UK", "GBR", "Britain"])
+def test_a_culture_with_an_expert_is_answered_by_it_alone(spelling):
+    committee = culture_committee(spelling, EXPERTS, SIMILARITY, k=3, temperature=0.05)
     assert committee.members == [("United Kingdom", 1.0)]
 
 
@@ -38,6 +32,7 @@ def test_a_culture_without_one_gets_its_k_nearest_experts_softmax_weighted():
     weights = [w for _, w in committee.members]
     assert weights == pytest.approx(softmax_weights([0.9, 0.8, 0.6], 0.05))
     assert sum(weights) == pytest.approx(1) and weights[0] > weights[1] > weights[2]
+    assert culture_committee("CAN", EXPERTS, SIMILARITY, k=3, temperature=0.05) == committee
     flat = culture_committee("Canada", EXPERTS, SIMILARITY, k=2, temperature=100)
     assert [w for _, w in flat.members] == pytest.approx([0.5, 0.5], abs=1e-3)
 

@@ -288,3 +288,39 @@ def test_serve_build_writes_a_config_for_the_exported_app(server, tmp_path, monk
     ServeDeploySchema.model_validate(shipped)
     assert shipped["http_options"]["host"] == "127.0.0.1"
     assert shipped["applications"][0]["import_path"] == "serve.app:app"
+
+
+def test_a_batch_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_model_dirs, tmp_path):
+    """A reload can race the router: a committee naming an expert the replica has not loaded gets the typed
+    error that the router answers with 409, and its neighbour in the batch is answered as usual."""
+    import asyncio
+
+    from serve.pool import ExpertPool, ExpertsNotLoadedError, OpinionAnswer, OpinionJob, PoolSettings
+    from workers.committees import Committee
+    from workers.expert_store import DirectorySource
+
+    write_experts(tmp_path, tiny_model_dirs["llama"], ["Japan"])
+    settings = PoolSettings(
+        base_model=str(tiny_model_dirs["llama"]),
+        dtype="float32",
+        device="cpu",
+        source=DirectorySource(tmp_path),
+        max_length=128,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.05,
+        per_expert=False,
+        reload_interval_s=0,
+    )
+    jobs = [
+        OpinionJob(QUESTION["question"], QUESTION["options"], Committee([(culture, 1.0)]))
+        for culture in ("Japan", "Peru")
+    ]
+
+    async def one_batch() -> list:
+        pool = ExpertPool.func_or_class(settings)  # the replica's class, outside Serve
+        return await pool._opinion_batch.__wrapped__(pool, jobs)  # the batch body, without Serve's queue
+
+    japan, peru = asyncio.run(one_batch())
+    assert isinstance(japan, OpinionAnswer) and sum(japan.distribution) == pytest.approx(1)
+    assert japan.versions["Japan"].startswith("sha256:")
+    assert isinstance(peru, ExpertsNotLoadedError) and "['Peru'] are not loaded" in peru.message

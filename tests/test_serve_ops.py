@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.experts import SIMILARITY_FILE
 from tests.conftest import REPO, free_ports
 from tests.serving import SIMILARITY, client, register, serve_config, wait_for, write_experts
+from workers.expert_store import SIMILARITY_FILE
 
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 

@@ -1,4 +1,4 @@
-"""Tests for orchestrator.survey: loading, country names, splits, culture selection and similarity."""
+"""Tests for orchestrator.survey: loading, splits, culture selection and similarity (names: test_cultures.py)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ from orchestrator.survey import (
     LoadReport,
     SurveyDataError,
     SurveyRecord,
-    canonical_country,
     culture_similarity,
     load_survey,
-    lookup_culture,
     nearest_cultures,
     normalise_question,
     question_split,
     select_cultures,
+    similarity_table,
     split_records,
 )
+from workers.cultures import UnknownCultureError
 
 GOQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "goqa"
 OPINIONS = GOQA / "opinions.jsonl"
@@ -268,100 +268,6 @@ def test_hub_offline_gives_clear_error(monkeypatch, tmp_path, source):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Country names
-# ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("spelling", "expected"),
-    [
-        ("Britain", ("United Kingdom", "GB")),
-        ("Great Britain", ("United Kingdom", "GB")),
-        ("S. Korea", ("South Korea", "KR")),
-        ("South Korea", ("South Korea", "KR")),
-        ("S. Africa", ("South Africa", "ZA")),
-        ("S. Africa (Non-national sample)", ("South Africa", "ZA")),
-        ("Czech Rep.", ("Czechia", "CZ")),
-        ("Palest. ter.", ("Palestine", "PS")),
-        ("Ivory Coast (Non-national sample)", ("Côte d'Ivoire", "CI")),
-        ("Russia", ("Russia", "RU")),
-        ("Russian Federation", ("Russia", "RU")),
-        ("Vietnam", ("Vietnam", "VN")),
-        ("Iran", ("Iran", "IR")),
-        ("Bolivia (Non-national sample)", ("Bolivia", "BO")),
-        ("Venezuela", ("Venezuela", "VE")),
-        ("Taiwan ROC", ("Taiwan", "TW")),
-        ("Tanzania", ("Tanzania", "TZ")),
-        ("Syria", ("Syria", "SY")),
-        ("Moldova", ("Moldova", "MD")),
-        ("Macedonia", ("North Macedonia", "MK")),
-        ("North Macedonia", ("North Macedonia", "MK")),
-        ("Kosovo", ("Kosovo", "XK")),
-        ("Turkey", ("Turkey", "TR")),
-        ("Bosnia Herzegovina", ("Bosnia and Herzegovina", "BA")),
-        ("Hong Kong SAR", ("Hong Kong", "HK")),
-        ("Macau SAR", ("Macao", "MO")),
-        ("Northern Ireland", ("Northern Ireland", "XI")),
-        ("India (Current national sample)", ("India", "IN")),
-        ("India (Old national sample)", ("India", "IN")),
-        ("United States", ("United States", "US")),
-        ("germany", ("Germany", "DE")),
-    ],
-)
-def test_canonical_country(spelling, expected):
-    assert canonical_country(spelling) == expected
-
-
-@pytest.mark.parametrize("spelling", ["Atlantis", "", "   ", "Korea", "(Non-national sample)"])
-def test_canonical_country_unknown(spelling):
-    assert canonical_country(spelling) is None
-
-
-@needs_data
-def test_every_spelling_in_shared_data_resolves():
-    spellings = {json.loads(line)["country"] for line in OPINIONS.read_text(encoding="utf-8").splitlines()}
-    assert [s for s in sorted(spellings) if canonical_country(s) is None] == []
-
-
-KNOWN = ["Germany", "United Kingdom", "United States", "South Korea", "Russia", "Côte d'Ivoire"]
-
-
-@pytest.mark.parametrize(
-    ("spelling", "expected"),
-    [
-        ("de", "Germany"),
-        ("DE", "Germany"),
-        ("DEU", "Germany"),
-        ("germany", "Germany"),
-        (" Germany ", "Germany"),
-        ("Britain", "United Kingdom"),
-        ("UK", "United Kingdom"),
-        ("gb", "United Kingdom"),
-        ("USA", "United States"),
-        ("S. Korea", "South Korea"),
-        ("kor", "South Korea"),
-        ("Russian Federation", "Russia"),
-        ("ivory coast", "Côte d'Ivoire"),
-    ],
-)
-def test_lookup_culture(spelling, expected):
-    assert lookup_culture(spelling, KNOWN) == expected
-
-
-def test_lookup_culture_matches_other_spellings_in_known():
-    assert lookup_culture("United Kingdom", ["Britain", "Japan"]) == "Britain"
-
-
-@pytest.mark.parametrize("spelling", ["Narnia", "France", ""])
-def test_lookup_culture_unknown(spelling):
-    with pytest.raises(SurveyDataError) as err:
-        lookup_culture(spelling, KNOWN)
-    message = str(err.value)
-    assert message.startswith(f"unknown culture '{spelling}'; known: ")
-    assert message.endswith(", ".join(sorted(KNOWN)))
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Splits
 # ---------------------------------------------------------------------------------------------------------
 
@@ -463,7 +369,7 @@ def test_named_cultures_any_spelling():
     ],
 )
 def test_selection_errors(kwargs, expected):
-    with pytest.raises(SurveyDataError) as err:
+    with pytest.raises((SurveyDataError, UnknownCultureError)) as err:
         select_cultures(SELECTION, **kwargs)
     assert expected in str(err.value) and "\n" not in str(err.value)
 
@@ -522,3 +428,16 @@ def test_nearest_cultures_ordering():
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0)
     assert nearest_cultures(SIMILAR, "Germany", ["Japan", "FR", "Peru", "Germany"], 1) == [ranked[1]]
     assert nearest_cultures(SIMILAR, "Germany", None, 0) == []
+
+
+def test_similarity_table_rows_are_each_cultures_nearest():
+    experts = ["Germany", "FR", "Japan"]
+    table = similarity_table(SIMILAR, None, experts)
+    assert set(table) == {"Germany", "Austria", "France", "Japan", "Peru", "Chile"}
+    for culture, row in table.items():
+        ranked = sorted(row.items(), key=lambda item: (-item[1], item[0]))
+        assert ranked == nearest_cultures(SIMILAR, culture, experts, len(experts))
+    assert "Germany" not in table["Germany"] and table["Peru"] == {} and table["Chile"] == {}
+    # One score a pair, whichever way round it is read.
+    assert table["Germany"]["France"] == table["France"]["Germany"]
+    assert similarity_table(SIMILAR, ["de"], ["fra"]) == {"Germany": {"France": table["Germany"]["France"]}}

@@ -14,9 +14,10 @@ import ray
 
 from orchestrator.cli import main as shores_main
 from orchestrator.config import load_config
-from orchestrator.tracking import Store, registered_experts
+from orchestrator.tracking import Store
 from orchestrator.train import train
 from tests.conftest import OPINIONS, REPO, free_ports
+from workers.expert_store import registered_experts
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -208,7 +209,7 @@ def test_mlflow_outage_loses_nothing_and_register_from_logs_it_later(llama_dir, 
         rows = registered_experts(Store.from_config(config))
         assert {r["culture"] for r in rows if "champion" in r["aliases"]} == {"Germany", "Japan"}
         downloaded = tmp_path / "downloaded"
-        from orchestrator.tracking import download_champions
+        from workers.expert_store import download_champions
 
         download_champions(Store.from_config(config), downloaded)
         assert (

@@ -8,27 +8,21 @@ of the text against each expert's descriptor). Both ranked cases take the top k 
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from workers.base_model import FrozenBase
+from workers.cultures import UnknownCultureError, find_culture
+from workers.expert_store import Similarity
 from workers.prompts import NO_EXPERT, SoftPromptBank
 from workers.scoring import EncodedQuestion, batch_log_probs, option_token_ids
 
 BASE = "base"  # the member that is the plain base model, with no prompt
 DEFAULT_ROUTER_MODEL = "all-MiniLM-L6-v2"
-Similarity = dict[str, dict[str, float]]  # culture -> {expert culture: survey similarity}
-
-
-class UnknownCultureError(ValueError):
-    """A culture that has no expert and no survey similarity to any expert."""
 
 
 @dataclass
@@ -46,23 +40,6 @@ class Committee:
     @property
     def cultures(self) -> list[str]:
         return [c for c, _ in self.members]
-
-
-def load_similarity(path: Path) -> Similarity:
-    """The survey similarity table written beside the experts at training ({} where there is none)."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def culture_key(name: str) -> str:
-    """A culture name folded so that `United Kingdom`, `united-kingdom` and `UNITED_KINGDOM` are one."""
-    return re.sub(r"[^a-z0-9]+", "", name.lower())
-
-
-def find_culture(name: str, known: Sequence[str]) -> str | None:
-    """The known culture `name` refers to (case, spaces and dashes aside), or None."""
-    wanted = culture_key(name)
-    return next((c for c in known if culture_key(c) == wanted), None)
 
 
 def softmax_weights(scores: Sequence[float], temperature: float) -> list[float]:

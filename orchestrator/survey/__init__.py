@@ -1,0 +1,35 @@
+"""Survey data: loading and cleaning records, splits by question, culture selection and survey similarity.
+
+Country names are resolved by `workers.cultures` (shared with serving); the names it exports that survey
+code used to hold are re-exported here so `from orchestrator.survey import ...` keeps working.
+"""
+
+from orchestrator.survey.loading import HF_DATASET, HF_FILENAME, SKIP_REASONS, LoadReport, load_survey
+from orchestrator.survey.records import SurveyDataError, SurveyRecord, normalise_question
+from orchestrator.survey.selection import CultureSelection, select_cultures
+from orchestrator.survey.similarity import culture_similarity, nearest_cultures, similarity_table
+from orchestrator.survey.splits import SPLITS, Split, question_split, split_records
+from workers.cultures import UnknownCultureError, canonical_country, resolve_culture
+
+__all__ = [
+    "HF_DATASET",
+    "HF_FILENAME",
+    "SKIP_REASONS",
+    "SPLITS",
+    "CultureSelection",
+    "LoadReport",
+    "Split",
+    "SurveyDataError",
+    "SurveyRecord",
+    "UnknownCultureError",
+    "canonical_country",
+    "culture_similarity",
+    "load_survey",
+    "nearest_cultures",
+    "normalise_question",
+    "question_split",
+    "resolve_culture",
+    "select_cultures",
+    "similarity_table",
+    "split_records",
+]

@@ -1,0 +1,68 @@
+"""Which cultures to train on (named, or the top N by distinct questions) and which to hold out."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from orchestrator.survey.records import SurveyDataError, SurveyRecord, normalise_question
+from workers.cultures import resolve_culture
+
+
+@dataclass
+class CultureSelection:
+    """Cultures chosen for training, cultures held out, and distinct-question counts for every culture."""
+
+    trained: list[str]
+    held_out: list[str]
+    counts: dict[str, int]
+
+
+def _question_counts(records: Iterable[SurveyRecord]) -> dict[str, int]:
+    questions: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        questions[record.culture].add(normalise_question(record.question))
+    return {c: len(q) for c, q in sorted(questions.items(), key=lambda item: (-len(item[1]), item[0]))}
+
+
+def select_cultures(
+    records: Iterable[SurveyRecord],
+    cultures: list[str] | None = None,
+    top: int | None = None,
+    min_questions: int = 0,
+    held_out: Sequence[str] = (),
+) -> CultureSelection:
+    """Choose the cultures to train on (named, or the `top` N by distinct questions) and those held out."""
+    counts = _question_counts(records)
+    if (cultures is None) == (top is None):
+        raise SurveyDataError("give exactly one of cultures or top to choose the cultures to train on")
+    known = list(counts)
+    held = list(dict.fromkeys(resolve_culture(name, known) for name in held_out))
+
+    if cultures is not None:
+        trained = list(dict.fromkeys(resolve_culture(name, known) for name in cultures))
+        if not trained:
+            raise SurveyDataError("cultures is empty; name at least one culture to train on")
+        clash = [c for c in trained if c in held]
+        if clash:
+            raise SurveyDataError(f"culture {clash[0]!r} is both trained and held out")
+        thin = [c for c in trained if counts[c] < min_questions]
+        if thin:
+            c = thin[0]
+            raise SurveyDataError(
+                f"culture {c!r} has {counts[c]} questions, fewer than min_questions {min_questions}"
+            )
+        return CultureSelection(trained=trained, held_out=held, counts=counts)
+
+    assert top is not None
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise SurveyDataError(f"top must be a positive integer, got {top!r}")
+    # `counts` is already ordered by (-count, name), which is exactly the ranking and tie-break wanted.
+    eligible = [c for c, n in counts.items() if n >= min_questions and c not in held]
+    if len(eligible) < top:
+        raise SurveyDataError(
+            f"only {len(eligible)} cultures have at least {min_questions} questions"
+            f"{' (not counting held-out ones)' if held else ''}, fewer than top {top}"
+        )
+    return CultureSelection(trained=eligible[:top], held_out=held, counts=counts)

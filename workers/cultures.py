@@ -1,0 +1,258 @@
+"""Culture names: one key that folds spellings, one file-name slug, one resolver, and country canonicalisation.
+
+Training names cultures by their canonical country name ("United Kingdom"); users, configs, model ids and
+file names spell them in other ways ("uk", "GBR", "Britain", "united-kingdom"). Everything that compares or
+resolves a culture name goes through this module, so every edge (config, CLI, HTTP) accepts the same
+spellings.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+
+import pycountry
+
+__all__ = [
+    "UnknownCultureError",
+    "canonical_country",
+    "culture_key",
+    "find_culture",
+    "resolve_culture",
+    "sample_rank",
+    "slug",
+]
+
+
+class UnknownCultureError(ValueError):
+    """A culture name that matches none of the known cultures (or has no expert to answer for it)."""
+
+
+def slug(culture: str) -> str:
+    """A file-name-safe form of a culture name ("Côte d'Ivoire" -> "c-te-d-ivoire"): files, models, model ids."""
+    return re.sub(r"[^a-z0-9]+", "-", culture.lower()).strip("-")
+
+
+def culture_key(name: str) -> str:
+    """A culture name folded so that `United Kingdom`, `united-kingdom` and `UNITED_KINGDOM` are one.
+
+    It is the slug without its dashes, so a slug (a file name, a `shores:<slug>` model id) always has the key
+    of the name it was made from.
+    """
+    return slug(name).replace("-", "")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Countries
+# --------------------------------------------------------------------------------------------------------
+
+# Friendly short names, by alpha-2, that win over pycountry's names ("Russia", not "Russian Federation").
+# XK (Kosovo) and XI (Northern Ireland) are user-assigned codes in common use; pycountry has neither.
+_FRIENDLY: dict[str, str] = {
+    "BA": "Bosnia and Herzegovina",
+    "BN": "Brunei",
+    "BO": "Bolivia",
+    "CD": "DR Congo",
+    "CI": "Côte d'Ivoire",
+    "CV": "Cape Verde",
+    "CZ": "Czechia",
+    "FM": "Micronesia",
+    "GB": "United Kingdom",
+    "HK": "Hong Kong",
+    "IR": "Iran",
+    "KP": "North Korea",
+    "KR": "South Korea",
+    "LA": "Laos",
+    "MD": "Moldova",
+    "MK": "North Macedonia",
+    "MO": "Macao",
+    "PS": "Palestine",
+    "RU": "Russia",
+    "SY": "Syria",
+    "TR": "Turkey",
+    "TW": "Taiwan",
+    "TZ": "Tanzania",
+    "US": "United States",
+    "VA": "Vatican City",
+    "VE": "Venezuela",
+    "VN": "Vietnam",
+    "XI": "Northern Ireland",
+    "XK": "Kosovo",
+}
+
+# Survey and everyday spellings pycountry does not resolve (or resolves wrongly); matched by culture_key,
+# so case, spaces and punctuation aside ("S. Korea" is "s korea", "U.K." is "uk").
+_ALIASES: dict[str, str] = {
+    "britain": "GB",
+    "great britain": "GB",
+    "uk": "GB",
+    "united kingdom": "GB",
+    # Northern Ireland is surveyed separately (EVS) from Great Britain, so it stays its own culture rather
+    # than folding into GB, where pycountry's fuzzy search would otherwise put it.
+    "northern ireland": "XI",
+    "s. korea": "KR",
+    "south korea": "KR",
+    "korea, south": "KR",
+    "republic of korea": "KR",
+    "n. korea": "KP",
+    "north korea": "KP",
+    "s. africa": "ZA",
+    "czech rep.": "CZ",
+    "czech republic": "CZ",
+    "palest. ter.": "PS",
+    "palestinian territories": "PS",
+    "palestinian territory": "PS",
+    "palestine": "PS",
+    "ivory coast": "CI",
+    "cote d'ivoire": "CI",
+    "russia": "RU",
+    "vietnam": "VN",
+    "viet nam": "VN",
+    "iran": "IR",
+    "bolivia": "BO",
+    "venezuela": "VE",
+    "taiwan": "TW",
+    "taiwan roc": "TW",
+    "tanzania": "TZ",
+    "syria": "SY",
+    "macedonia": "MK",
+    "north macedonia": "MK",
+    "fyrom": "MK",
+    "kosovo": "XK",
+    "xk": "XK",
+    "xi": "XI",
+    "moldova": "MD",
+    "laos": "LA",
+    "turkey": "TR",
+    "turkiye": "TR",
+    "bosnia herzegovina": "BA",
+    "bosnia": "BA",
+    "hong kong sar": "HK",
+    "macau": "MO",
+    "macau sar": "MO",
+    "macao sar": "MO",
+    "usa": "US",
+    "u.s.": "US",
+    "america": "US",
+    "united states of america": "US",
+    "holland": "NL",
+    "burma": "MM",
+    "swaziland": "SZ",
+    "cape verde": "CV",
+    "east timor": "TL",
+    "brunei": "BN",
+    "micronesia": "FM",
+    "vatican": "VA",
+    "drc": "CD",
+    "dr congo": "CD",
+}
+_ALIAS_ISO: dict[str, str] = {culture_key(spelling): iso for spelling, iso in _ALIASES.items()}
+
+# Survey sample labels; the rank orders which sample wins when several map to one (culture, question).
+_SAMPLE_SUFFIX = re.compile(
+    r"\s*\(\s*(current national|old national|non-national|national)\s+sample\s*\)\s*$", re.I
+)
+_SAMPLE_RANK = {"": 0, "national": 0, "current national": 0, "old national": 1, "non-national": 2}
+
+
+def _split_sample(name: str) -> tuple[str, int]:
+    """Strip a survey-sample suffix from a country name and return (bare name, preference rank)."""
+    match = _SAMPLE_SUFFIX.search(name)
+    if not match:
+        return name.strip(), 0
+    return name[: match.start()].strip(), _SAMPLE_RANK[match.group(1).lower()]
+
+
+def sample_rank(name: str) -> int:
+    """How much a country spelling's survey sample is preferred: 0 national, 1 old national, 2 non-national."""
+    return _split_sample(name)[1]
+
+
+def _friendly(iso: str) -> str:
+    if iso in _FRIENDLY:
+        return _FRIENDLY[iso]
+    country = pycountry.countries.get(alpha_2=iso)
+    if country is None:  # pragma: no cover - only reachable through a bad alias entry
+        raise KeyError(iso)
+    return getattr(country, "common_name", None) or country.name
+
+
+def _words(text: str) -> str:
+    # Whole-word matching of a name inside a country's names, so spaces are kept (unlike culture_key).
+    return " ".join(text.replace("’", "'").lower().split())
+
+
+def _fuzzy_iso(name: str) -> str | None:
+    """Return the alpha-2 of the one country whose own names contain `name` as whole words, else None."""
+    try:
+        hits = pycountry.countries.search_fuzzy(name)
+    except LookupError:
+        return None
+    # search_fuzzy also matches subdivisions ("Hong Kong SAR" -> China, "Bavaria" -> Germany) and word
+    # fragments ("Mars" -> Marshall Islands); only whole words of the country's own names are trusted, and
+    # only when exactly one country qualifies ("Korea" names two).
+    word = re.compile(rf"(?<!\w){re.escape(_words(name))}(?!\w)")
+    own = []
+    for country in hits:
+        names = [getattr(country, a, None) for a in ("name", "common_name", "official_name")]
+        if any(n and word.search(_words(n)) for n in names):
+            own.append(country.alpha_2)
+    return own[0] if len(set(own)) == 1 else None
+
+
+@lru_cache(maxsize=4096)
+def canonical_country(name: str) -> tuple[str, str] | None:
+    """Return (canonical short name, ISO 3166-1 alpha-2) for a country spelling, or None if unrecognised."""
+    if not isinstance(name, str):
+        return None
+    bare, _ = _split_sample(name)
+    if not bare:
+        return None
+    iso = _ALIAS_ISO.get(culture_key(bare))
+    if iso is None:
+        try:
+            iso = pycountry.countries.lookup(bare).alpha_2
+        except LookupError:
+            iso = _fuzzy_iso(bare)
+    if iso is None:
+        return None
+    return _friendly(iso), iso
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resolving a user's spelling to a known culture
+# --------------------------------------------------------------------------------------------------------
+
+
+def find_culture(name: str, known: Iterable[str]) -> str | None:
+    """The culture in `known` that `name` means ("germany", "DE", "DEU", "Britain", "united-kingdom"), or None.
+
+    The same key wins first; otherwise the same country, matched on its canonical name or, where `known`
+    holds other spellings than ours (a config written by hand), on its ISO code.
+    """
+    known_list = list(dict.fromkeys(known))
+    wanted = culture_key(str(name))
+    if wanted:  # a name with no ASCII letters or digits has an empty key, which must not match another
+        for culture in known_list:
+            if culture_key(culture) == wanted:
+                return culture
+    resolved = canonical_country(str(name))
+    if resolved is None:
+        return None
+    if resolved[0] in known_list:
+        return resolved[0]
+    for culture in known_list:
+        other = canonical_country(culture)
+        if other is not None and other[1] == resolved[1]:
+            return culture
+    return None
+
+
+def resolve_culture(name: str, known: Iterable[str]) -> str:
+    """The culture in `known` that `name` means, as find_culture; UnknownCultureError naming the known ones."""
+    known_list = list(dict.fromkeys(known))
+    found = find_culture(name, known_list)
+    if found is None:
+        raise UnknownCultureError(f"unknown culture {str(name)!r}; known: {', '.join(sorted(known_list))}")
+    return found

@@ -1,0 +1,278 @@
+"""The expert store's read side: trained experts from a directory or an MLflow registry, and survey similarity.
+
+Training writes one `<slug>.safetensors` a culture (plus a PEFT adapter) and `similarity.json` into a
+directory, and registers each culture's best expert as a version of the model `<prefix>-<slug>`, with the
+alias `champion` on the best. Evaluation and serving read them back through this module (serving without
+importing the driver). The write side stays with the driver (`orchestrator/experts.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from workers.base_model import FrozenBase
+from workers.cultures import slug
+from workers.prompts import Expert, load_expert
+
+T = TypeVar("T")
+SIMILARITY_FILE = "similarity.json"
+CHAMPION = "champion"
+PEFT_WEIGHTS = "adapter_model.safetensors"  # inside a PEFT adapter folder; not an expert file
+Similarity = dict[str, dict[str, float]]  # culture -> {expert culture: survey similarity}
+
+
+class ExpertsNotFoundError(ValueError):
+    """No usable experts where some were expected."""
+
+
+class RegistryError(RuntimeError):
+    """The MLflow registry could not be read after every retry."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# A directory of experts
+# --------------------------------------------------------------------------------------------------------
+
+
+def expert_files(directory: Path) -> list[Path]:
+    """Every expert file under a directory, sorted (registry downloads nest one folder a culture)."""
+    return sorted(p for p in Path(directory).rglob("*.safetensors") if p.name != PEFT_WEIGHTS)
+
+
+def load_experts(directory: Path, base: FrozenBase | None = None) -> list[Expert]:
+    """Every expert in a directory, sorted by culture; each checked against the base model."""
+    paths = expert_files(directory)
+    if not paths:
+        raise ExpertsNotFoundError(f"no experts (*.safetensors) in {directory}; train some first")
+    return sorted((load_expert(p, base) for p in paths), key=lambda e: e.meta.culture)
+
+
+def load_similarity(path: Path) -> Similarity:
+    """The survey similarity table written beside the experts at training ({} where there is none)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The MLflow registry
+# --------------------------------------------------------------------------------------------------------
+
+
+class MlflowSettings(Protocol):
+    """The MLflow settings of an experiment config (its `mlflow` section) that reading the registry needs."""
+
+    tracking_uri: str | None
+    registry_prefix: str
+    retries: int
+
+
+@dataclass(frozen=True)
+class Registry:
+    """An MLflow model registry holding one registered model a culture, named `<registry_prefix>-<slug>`."""
+
+    tracking_uri: str
+    registry_prefix: str = "shores"
+    retries: int = 3
+
+    @classmethod
+    def of_experiment(cls, output_dir: str | Path, mlflow: MlflowSettings) -> Registry:
+        """An experiment's registry: the config's tracking URI, else the sqlite store training writes there."""
+        uri = mlflow.tracking_uri or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+        return cls(uri, mlflow.registry_prefix, mlflow.retries)
+
+    def client(self):  # -> mlflow.MlflowClient; mlflow is imported only where a registry is read
+        """A client on this registry, with HTTP retries short enough that ours say what failed."""
+        from mlflow import MlflowClient
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one MLflow call, retrying with backoff; raise RegistryError naming `what` if it never works."""
+        from mlflow.exceptions import MlflowException
+
+        delay = 0.5
+        for attempt in range(1, self.retries + 1):
+            try:
+                return fn()
+            except (MlflowException, OSError, ConnectionError) as err:
+                if attempt == self.retries:
+                    raise RegistryError(f"MLflow at {self.tracking_uri} failed to {what}: {err}") from err
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def model_name(self, culture: str) -> str:
+        """The registered model that holds a culture's experts."""
+        return f"{self.registry_prefix}-{slug(culture)}"
+
+
+def _every_page(registry: Registry, what: str, search: Callable[[str | None], list]) -> list:
+    # MLflow's searches return one page (100 registered models by default) and a token for the next.
+    items, token = [], None
+    while True:
+        page = registry.call(what, lambda t=token: search(t))
+        items.extend(page)
+        token = page.token
+        if not token:
+            return items
+
+
+def registered_experts(registry: Registry, page_size: int = 100) -> list[dict]:
+    """Every registered expert version: culture, model, version, aliases, alignment, fingerprint, run id."""
+    client = registry.client()
+    models = _every_page(
+        registry,
+        "list models",
+        lambda token: client.search_registered_models(
+            f"name LIKE '{registry.registry_prefix}-%'", max_results=page_size, page_token=token
+        ),
+    )
+    rows = []
+    for model in models:
+        versions = _every_page(
+            registry,
+            "list versions",
+            lambda token, m=model: client.search_model_versions(
+                f"name = '{m.name}'", max_results=page_size, page_token=token
+            ),
+        )
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for v in sorted(versions, key=lambda v: int(v.version)):
+            rows.append(
+                {
+                    "culture": v.tags.get("culture", model.name),
+                    "model": model.name,
+                    "version": int(v.version),
+                    "aliases": aliases.get(str(v.version), []),
+                    "val_alignment": float(v.tags.get("val_alignment", "nan")),
+                    "base_fingerprint": v.tags.get("base_fingerprint", ""),
+                    "run_id": v.run_id,
+                }
+            )
+    return rows
+
+
+def download_champions(registry: Registry, directory: Path, alias: str = CHAMPION) -> Path:
+    """Download every culture's expert under `alias` into one local experts directory."""
+    import mlflow
+
+    directory.mkdir(parents=True, exist_ok=True)
+    names = sorted({row["model"] for row in registered_experts(registry) if alias in row["aliases"]})
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    mlflow.set_registry_uri(registry.tracking_uri)
+    for name in names:
+        registry.call(
+            f"download {name}@{alias}",
+            lambda n=name: mlflow.artifacts.download_artifacts(
+                f"models:/{n}@{alias}", dst_path=str(directory)
+            ),
+        )
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sources: where a server's experts come from, and which version of them is current
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExpertSnapshot:
+    """One loaded version of the experts, with the version of each and the similarity table beside them."""
+
+    version: str
+    experts: list[Expert]
+    versions: dict[str, str]  # culture -> the version of its expert
+    similarity: Similarity
+
+
+def _digest(parts: list[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class DirectorySource:
+    """Experts in a directory (`shores train` writes <output_dir>/experts); the version is a cheap stat."""
+
+    directory: Path
+
+    def version(self) -> str:
+        """A digest of the expert and similarity files' names, sizes and modification times."""
+        files = sorted(Path(self.directory).rglob("*.safetensors")) + [self.directory / SIMILARITY_FILE]
+        stats = [(p, p.stat()) for p in files if p.exists()]
+        return _digest([f"{p.relative_to(self.directory)} {s.st_size} {s.st_mtime_ns}" for p, s in stats])
+
+    def load(self, base: FrozenBase) -> ExpertSnapshot:
+        """The experts now in the directory, checked against the base model."""
+        version = self.version()
+        experts = load_experts(self.directory, base)
+        # An expert's version is its content, so the same prompt answers under the same name everywhere.
+        versions = {
+            path.stem: "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            for path in expert_files(self.directory)
+        }
+        return ExpertSnapshot(
+            version,
+            experts,
+            {e.meta.culture: versions.get(slug(e.meta.culture), "?") for e in experts},
+            load_similarity(self.directory / SIMILARITY_FILE),
+        )
+
+
+@dataclass(frozen=True)
+class RegistrySource:
+    """Each culture's expert under a registry alias (`champion`), downloaded from MLflow when it moves."""
+
+    registry: Registry
+    alias: str
+    downloads: Path  # scratch space for downloads; the prompts live in memory once loaded
+    similarity_path: Path  # training writes survey similarity beside its experts, not into the registry
+
+    def champions(self) -> dict[str, tuple[str, int]]:
+        """Culture -> (registered model, version) of every expert under the alias."""
+        rows = registered_experts(self.registry)
+        return {r["culture"]: (r["model"], r["version"]) for r in rows if self.alias in r["aliases"]}
+
+    def version(self) -> str:
+        """A digest of which version of which model holds the alias, for every culture."""
+        return self._version(self.champions())
+
+    @staticmethod
+    def _version(champions: dict[str, tuple[str, int]]) -> str:
+        return _digest([f"{c} {m} {v}" for c, (m, v) in sorted(champions.items())])
+
+    def load(self, base: FrozenBase) -> ExpertSnapshot:
+        """Download and load the experts under the alias, as one consistent set."""
+        self.downloads.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # the alias may move during a download: take a set that did not change under us
+            before = self.champions()
+            if not before:
+                raise ExpertsNotFoundError(f"no registered experts under the alias {self.alias!r}")
+            folder = Path(tempfile.mkdtemp(prefix="experts-", dir=self.downloads))
+            try:
+                download_champions(self.registry, folder, self.alias)
+                experts = load_experts(folder, base)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)  # the prompts are in memory now
+            if self.champions() == before:
+                break
+        versions = {c: f"{m} v{v}" for c, (m, v) in before.items()}
+        missing = [e.meta.culture for e in experts if e.meta.culture not in versions]
+        if missing:
+            raise ExpertsNotFoundError(
+                f"downloaded experts {missing} are not registered under {self.alias!r}"
+            )
+        return ExpertSnapshot(self._version(before), experts, versions, load_similarity(self.similarity_path))
