@@ -391,11 +391,16 @@ class ExperimentTracker:
 class _LiveMetrics(tune.Callback):
     """Hands each trial's epochs to the tracker as Tune receives them."""
 
-    def __init__(self, tracker: ExperimentTracker):
+    def __init__(self, tracker: ExperimentTracker | None):
         self.tracker = tracker
 
+    def __reduce__(self):
+        # Tune saves its callbacks with the experiment (tuner.pkl): the tracker, credentials and all, stays out.
+        return (_LiveMetrics, (None,))
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.tracker.trial_reported(trial.trial_id, result)
+        if self.tracker is not None:
+            self.tracker.trial_reported(trial.trial_id, result)
 
 
 def plot_history(history: list[dict], path: Path) -> Path:

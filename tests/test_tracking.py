@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.experiment import prepare_data
@@ -261,7 +262,7 @@ def test_a_store_with_credentials_down_during_training_gets_everything_later_onc
         assert shores_main(["register", "--from", str(tmp_path)]) == 2  # the saved config has no secret
         assert "pass the original config with --config" in capfd.readouterr().err
         original = tmp_path.parent / f"{tmp_path.name}-original.yaml"
-        original.write_text(f"data: {{path: {OPINIONS}}}\nmlflow: {{tracking_uri: '{uri}'}}\n")
+        original.write_text(yaml.safe_dump(config.model_dump(mode="json")))  # what the user started with
         for _ in range(2):
             assert shores_main(["register", "--from", str(tmp_path), "--config", str(original)]) == 0
         store = Store.from_config(config)
