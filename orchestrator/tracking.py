@@ -186,6 +186,7 @@ class ExperimentTracker:
         # Called with (point, model name) at the steps of a champion promotion, so that tests can
         # make a competing promotion happen exactly there.
         self.hook = hook or (lambda point, model: None)
+        self.parent: str | None = None  # the parent run's id, once opened
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.live = True  # False once the store failed during training: the rest is logged at the end
 
@@ -325,11 +326,13 @@ class ExperimentTracker:
 
     def _parent_run(self) -> str:
         """The experiment's parent run, created once, its config logged once (credentials left out)."""
-        run_id = self._run(EXPERIMENT_TAG, self.name, self.name, None)
-        client = self.store.client()
-        if "config" not in self.store.call("get run", lambda: client.get_run(run_id)).data.params:
-            self._log_params(run_id, {"config": self.config.model_dump(mode="json")})
-        return run_id
+        if self.parent is None:
+            run_id = self._run(EXPERIMENT_TAG, self.name, self.name, None)
+            client = self.store.client()
+            if "config" not in self.store.call("get run", lambda: client.get_run(run_id)).data.params:
+                self._log_params(run_id, {"config": self.config.model_dump(mode="json")})
+            self.parent = run_id
+        return self.parent
 
     def _trial_run(self, trial_id: str) -> str:
         """A trial's run, a child of the parent run, created once."""
