@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
 
     register = commands.add_parser("register", help="log and register an experiment from its checkpoints")
     register.add_argument("--from", dest="source", required=True, help="the experiment's output_dir")
+    register.add_argument(
+        "--config",
+        help="the config the experiment was started with, when its MLflow URI holds credentials "
+        "(<output_dir>/config.yaml keeps none; or set MLFLOW_TRACKING_URI)",
+    )
 
     ev = with_config("eval", "score base, persona, expert, committee, uniform and agnostic on survey records")
     ev.add_argument("--data", help="survey file to evaluate on (default: the config's)")
@@ -139,9 +144,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
     from orchestrator.train import register_from
 
-    outcome = register_from(Path(args.source))
+    original = load_config(args.config) if args.config else None
+    outcome = register_from(Path(args.source), original)
     return 0 if outcome["registered"] else 1
 
 

@@ -1,14 +1,18 @@
-"""MLflow: a parent run per experiment, a run per trial, and one registered model per culture.
+"""MLflow: one tracker owns the experiment's records, from the parent run to the registry's champions.
 
 Only the driver talks to MLflow (the store can be a sqlite file on the head node); trials write
-checkpoints, and everything logged here can be logged again later from those checkpoints. Every call is
-retried; a store that stays down costs the log, never the experts.
+checkpoints, and everything logged here can be logged again later from those checkpoints
+(`shores register --from`), without duplicates. Every call is retried; a store that stays down costs the
+log, never the experts. Credentials in the tracking URI never reach a message, a log, a file or a param.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,60 +20,76 @@ from pathlib import Path
 from typing import TypeVar
 
 import mlflow
-from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from ray import tune
 
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import ConfigError, ExperimentConfig
+from orchestrator.results import FinishedTrial, Winner, tracked_metrics
 from workers.cultures import slug
+from workers.expert_store import CHAMPION, REDACTED, Registry, RegistryError, redact
+from workers.prompts import load_expert
 
 T = TypeVar("T")
-CHAMPION = "champion"
+EXPERIMENT_TAG = "shores.experiment"
+TRIAL_TAG = "shores.trial_id"
+# Tags a champion and its challenger must share to be compared: the same base and the same prompt shape.
+COMPATIBILITY_TAGS = ("base_fingerprint", "num_virtual_tokens", "hidden_size")
+PROMOTION_ATTEMPTS = 5
 
 
-class TrackingError(RuntimeError):
-    """MLflow could not be reached after every retry."""
+class TrackingError(RegistryError):
+    """MLflow could not be reached after every retry (while recording an experiment)."""
 
 
-@dataclass
-class Store:
-    """Where an experiment's MLflow data lives."""
+def public_config(config: ExperimentConfig) -> ExperimentConfig:
+    """The config as it may be written, logged and handed to trials: no credentials in the tracking URI."""
+    uri = config.mlflow.tracking_uri
+    if not uri or redact(uri) == uri:
+        return config
+    mlflow_section = config.mlflow.model_copy(update={"tracking_uri": redact(uri)})
+    return config.model_copy(update={"mlflow": mlflow_section})
 
-    tracking_uri: str
+
+def restore_credentials(
+    saved: ExperimentConfig, original: ExperimentConfig | None = None
+) -> ExperimentConfig:
+    """A config read back from <output_dir>/config.yaml, its tracking URI's credentials taken from
+    `original` (the config the experiment was started with) or the MLFLOW_TRACKING_URI variable."""
+    uri = saved.mlflow.tracking_uri
+    if not uri or REDACTED not in uri:
+        return saved
+    candidates = [("--config", original.mlflow.tracking_uri if original else None)]
+    candidates.append(("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")))
+    for _, candidate in candidates:
+        if candidate and redact(candidate) == uri:
+            return saved.model_copy(
+                update={"mlflow": saved.mlflow.model_copy(update={"tracking_uri": candidate})}
+            )
+    raise ConfigError(
+        f"the saved config's MLflow store {uri} had credentials, which are never saved: pass the original "
+        "config with --config, or set MLFLOW_TRACKING_URI to the full URI"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Store(Registry):
+    """Where an experiment's MLflow data lives: its registry, artifact root and experiment."""
+
     artifact_root: str
     experiment: str
-    registry_prefix: str
-    retries: int = 3
+    error = TrackingError
 
     @classmethod
     def from_config(cls, config: ExperimentConfig) -> Store:
         out = Path(config.output_dir).resolve()
         return cls(
-            tracking_uri=config.mlflow.tracking_uri or f"sqlite:///{out / 'mlflow.db'}",
+            tracking_uri=Registry.of_experiment(out, config.mlflow).tracking_uri,
             artifact_root=config.mlflow.artifact_root or (out / "mlartifacts").as_uri(),
             experiment=config.mlflow.experiment or config.name,
             registry_prefix=config.mlflow.registry_prefix,
             retries=config.mlflow.retries,
         )
-
-    def client(self) -> MlflowClient:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        # MLflow's own HTTP retries back off for minutes; ours are shorter and say what failed.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-
-    def call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run one MLflow call, retrying with backoff; raise TrackingError naming `what` if it never works."""
-        delay = 0.5
-        for attempt in range(1, self.retries + 1):
-            try:
-                return fn()
-            except (MlflowException, OSError, ConnectionError) as err:
-                if attempt == self.retries:
-                    raise TrackingError(f"MLflow at {self.tracking_uri} failed to {what}: {err}") from err
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
 
     def experiment_id(self) -> str:
         client = self.client()
@@ -84,103 +104,286 @@ class Store:
 
         return self.call("open the experiment", get_or_create)
 
-    def model_name(self, culture: str) -> str:
-        return f"{self.registry_prefix}-{slug(culture)}"
+
+@dataclass
+class Registration:
+    """A winner as a registered model version, and whether it is the culture's champion now."""
+
+    culture: str
+    model: str
+    version: int
+    champion: bool
+    val_alignment: float
+    note: str = ""  # why it is not the champion, when that is not simply a lower score
 
 
-def start_run(store: Store, name: str, parent_id: str | None = None, tags: dict | None = None) -> str:
-    """Create a run (a child of `parent_id` if given) and return its id."""
-    client = store.client()
-    tags = dict(tags or {}) | {"mlflow.runName": name}
-    if parent_id:
-        tags["mlflow.parentRunId"] = parent_id
-    experiment_id = store.experiment_id()
-    return store.call(f"start run {name}", lambda: client.create_run(experiment_id, tags=tags).info.run_id)
+class ExperimentTracker:
+    """The experiment's MLflow records: the driver says what happened, the tracker logs and registers it.
 
+    Events, in order: `experiment_started`, `trial_reported` (live, through `live_metrics()`, a Tune
+    callback), `trial_finished` for every trial, `winners_chosen`, `experiment_finished`; `record` sends
+    the last three at once. Each may be sent again (after an outage): runs, metrics and model versions
+    are found before they are created.
+    """
 
-def find_run(store: Store, tag: str, value: str) -> str | None:
-    """The id of the run carrying tag=value in this experiment, if any."""
-    client, experiment_id = store.client(), store.experiment_id()
-    runs = store.call("search runs", lambda: client.search_runs([experiment_id], f"tags.`{tag}` = '{value}'"))
-    return runs[0].info.run_id if runs else None
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        store: Store | None = None,
+        hook: Callable[[str, str], None] | None = None,
+    ):
+        self.config = public_config(config)  # what gets logged
+        self.store = store or Store.from_config(config)
+        self.name = config.name
+        # Called with (point, model name) at the steps of a champion promotion, so that tests can
+        # make a competing promotion happen exactly there.
+        self.hook = hook or (lambda point, model: None)
+        self.parent: str | None = None  # the parent run's id, once opened
+        self.runs: dict[str, str] = {}  # trial id -> run id
+        self.live = True  # False once the store failed during training: the rest is logged at the end
 
+    # --- events ---------------------------------------------------------------------------------
 
-def log_params(store: Store, run_id: str, params: dict) -> None:
-    client = store.client()
-    flat = {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in params.items()}
-    store.call("log params", lambda: client.log_batch(run_id, params=_params(flat)))
-
-
-def log_metrics(store: Store, run_id: str, metrics: dict[str, float], step: int) -> None:
-    client = store.client()
-    now = int(time.time() * 1000)
-    batch = [
-        mlflow.entities.Metric(k.replace("/", "."), float(v), now, step)
-        for k, v in metrics.items()
-        if _num(v)
-    ]
-    store.call("log metrics", lambda: client.log_batch(run_id, metrics=batch))
-
-
-def log_artifacts(store: Store, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
-    client = store.client()
-    store.call("log artifacts", lambda: client.log_artifacts(run_id, str(local_dir), artifact_path))
-
-
-def end_run(store: Store, run_id: str, status: str = "FINISHED") -> None:
-    client = store.client()
-    store.call("end run", lambda: client.set_terminated(run_id, status))
-
-
-def register_expert(
-    store: Store, culture: str, iso: str, run_id: str, artifact_path: str, tags: dict
-) -> dict:
-    """Add an expert as a new version of its culture's model; move `champion` to it only if it is better."""
-    client = store.client()
-    name = store.model_name(culture)
-
-    def ensure_model() -> None:
+    def experiment_started(self) -> None:
+        """Open the experiment's parent run; a store that is down now is only warned about."""
         try:
-            client.get_registered_model(name)
-        except MlflowException:
-            client.create_registered_model(name, tags={"culture": culture, "iso": iso})
+            self._parent_run()
+        except TrackingError as err:
+            self._live_failed(err)
 
-    store.call(f"create registered model {name}", ensure_model)
-    source = f"{store.call('get run', lambda: client.get_run(run_id)).info.artifact_uri}/{artifact_path}"
-    tags = {k: str(v) for k, v in tags.items()}
-    version = store.call(
-        f"register {name}", lambda: client.create_model_version(name, source, run_id=run_id, tags=tags)
-    ).version
-    new = float(tags["val_alignment"])
-    current = champion(store, culture)
-    promoted = current is None or new > float(current.tags.get("val_alignment", "-inf"))
-    if promoted:
-        store.call("set alias", lambda: client.set_registered_model_alias(name, CHAMPION, version))
-    return {
-        "culture": culture,
-        "model": name,
-        "version": int(version),
-        "champion": promoted,
-        "val_alignment": new,
-    }
+    def live_metrics(self) -> tune.Callback:
+        """A Tune callback that reports each trial's epochs to the tracker as they arrive."""
+        return _LiveMetrics(self)
 
-
-def champion(store: Store, culture: str):
-    """The culture's current champion model version, or None."""
-    client = store.client()
-
-    def get():
+    def trial_reported(self, trial_id: str, result: dict) -> None:
+        """Log one epoch of a running trial; an unreachable store only costs the live view."""
+        if not self.live:
+            return
         try:
-            return client.get_model_version_by_alias(store.model_name(culture), CHAMPION)
-        except MlflowException:
-            return None
+            self._log_metrics(self._trial_run(trial_id), tracked_metrics(result), int(result["epoch"]))
+        except TrackingError as err:
+            self._live_failed(err)
 
-    return store.call("read champion", get)
+    def trial_finished(self, trial: FinishedTrial) -> str:
+        """Log a trial's settings, the epochs not logged yet, its experts, table and curve; end its run."""
+        run_id = self._trial_run(trial.trial_id)
+        client = self.store.client()
+        self._log_params(run_id, trial.params)
+        logged = self.store.call("read metrics", lambda: client.get_metric_history(run_id, "val_gain"))
+        done = {m.step for m in logged}
+        for row in trial.history:
+            if int(row["epoch"]) not in done:
+                self._log_metrics(run_id, tracked_metrics(row), int(row["epoch"]))
+        if trial.experts is not None:
+            self._log_trial_artifacts(run_id, trial)
+        status = "FAILED" if trial.failed else "FINISHED"
+        self.store.call("end run", lambda: client.set_terminated(run_id, status))
+        return run_id
+
+    def winners_chosen(self, winners: dict[str, Winner]) -> list[Registration]:
+        """Register each culture's winner (once per trial and culture) and promote it if it is better."""
+        return [self.register(winner) for _, winner in sorted(winners.items())]
+
+    def experiment_finished(self) -> None:
+        """End the experiment's parent run."""
+        parent, client = self._parent_run(), self.store.client()
+        self.store.call("end run", lambda: client.set_terminated(parent, "FINISHED"))
+
+    def record(self, trials: list[FinishedTrial], winners: dict[str, Winner]) -> list[Registration]:
+        """Everything at the end of an experiment: every trial, the winners, the parent run's end."""
+        self._parent_run()
+        for trial in trials:
+            self.trial_finished(trial)
+        registered = self.winners_chosen(winners)
+        self.experiment_finished()
+        return registered
+
+    # --- the registry ---------------------------------------------------------------------------
+
+    def register(self, winner: Winner) -> Registration:
+        """Make a winner a version of its culture's model (unless it is one already); promote it if better."""
+        client, name = self.store.client(), self.store.model_name(winner.culture)
+        meta = load_expert(winner.expert_file).meta
+
+        def ensure_model() -> None:
+            try:
+                client.get_registered_model(name)
+            except MlflowException:
+                client.create_registered_model(name, tags={"culture": meta.culture, "iso": meta.iso})
+
+        self.store.call(f"create registered model {name}", ensure_model)
+        run_id = self._trial_run(winner.trial_id)
+        source = f"{self.store.call('get run', lambda: client.get_run(run_id)).info.artifact_uri}/experts/"
+        source += slug(winner.culture)
+        tags = {
+            "culture": meta.culture,
+            "iso": meta.iso,
+            "base_model": meta.base_model,
+            "base_fingerprint": meta.base_fingerprint,
+            "num_virtual_tokens": meta.num_virtual_tokens,
+            "hidden_size": meta.hidden_size,
+            "val_alignment": winner.val_alignment,
+            EXPERIMENT_TAG: self.name,
+            TRIAL_TAG: winner.trial_id,
+        }
+        tags = {k: str(v) for k, v in tags.items()}
+
+        def find_or_create() -> ModelVersion:
+            # Idempotent per experiment, trial and culture: `register --from` twice adds nothing.
+            for version in client.search_model_versions(f"name = '{name}'"):
+                if all(version.tags.get(k) == tags[k] for k in (EXPERIMENT_TAG, TRIAL_TAG, "culture")):
+                    return version
+            return client.create_model_version(name, source, run_id=run_id, tags=tags)
+
+        version = self.store.call(f"register {name}", find_or_create)
+        champion, note = self._promote(name, version)
+        return Registration(winner.culture, name, int(version.version), champion, winner.val_alignment, note)
+
+    def _promote(self, name: str, challenger: ModelVersion) -> tuple[bool, str]:
+        """Compare-and-set `champion`: move it to the challenger only if it beats the champion it read."""
+        client = self.store.client()
+        for _ in range(PROMOTION_ATTEMPTS):
+            current = self._champion(name)
+            if _version_of(current) == _version_of(challenger):
+                return True, ""
+            if current is not None:
+                if any(current.tags.get(k) != challenger.tags.get(k) for k in COMPATIBILITY_TAGS):
+                    return False, (
+                        f"not compared: champion v{current.version} was trained on another base or prompt shape"
+                    )
+                if not _score(challenger) > _score(current):
+                    return False, ""
+            self.hook("champion-read", name)
+            if _version_of(self._champion(name)) != _version_of(current):
+                continue  # someone else promoted meanwhile: compare with theirs
+            self.store.call(
+                "set alias", lambda: client.set_registered_model_alias(name, CHAMPION, challenger.version)
+            )
+            self.hook("champion-set", name)
+            if _version_of(self._champion(name)) == _version_of(challenger):
+                return True, ""
+            # Someone else moved it after our write: compare with theirs.
+        raise TrackingError(f"the champion of {name} kept moving; run `shores register --from` again")
+
+    def _champion(self, name: str) -> ModelVersion | None:
+        client = self.store.client()
+
+        def get() -> ModelVersion | None:
+            version = client.get_registered_model(name).aliases.get(CHAMPION)
+            return None if version is None else client.get_model_version(name, str(version))
+
+        return self.store.call("read champion", get)
+
+    # --- runs -----------------------------------------------------------------------------------
+
+    def _parent_run(self) -> str:
+        """The experiment's parent run, created once, its config logged once (credentials left out)."""
+        if self.parent is None:
+            run_id = self._run(EXPERIMENT_TAG, self.name, self.name, None)
+            client = self.store.client()
+            if "config" not in self.store.call("get run", lambda: client.get_run(run_id)).data.params:
+                self._log_params(run_id, {"config": self.config.model_dump(mode="json")})
+            self.parent = run_id
+        return self.parent
+
+    def _trial_run(self, trial_id: str) -> str:
+        """A trial's run, a child of the parent run, created once."""
+        if trial_id not in self.runs:
+            self.runs[trial_id] = self._run(TRIAL_TAG, trial_id, f"trial-{trial_id}", self._parent_run())
+        return self.runs[trial_id]
+
+    def _run(self, tag: str, value: str, name: str, parent_id: str | None) -> str:
+        client, experiment_id = self.store.client(), self.store.experiment_id()
+        tags = {tag: value, "mlflow.runName": name}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+
+        def find_or_create() -> str:
+            found = client.search_runs([experiment_id], f"tags.`{tag}` = '{value}'")
+            return found[0].info.run_id if found else client.create_run(experiment_id, tags=tags).info.run_id
+
+        return self.store.call(f"open run {name}", find_or_create)
+
+    def _log_params(self, run_id: str, params: dict) -> None:
+        client = self.store.client()
+        flat = {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in params.items()}
+        batch = [mlflow.entities.Param(k, redact(str(v))[:6000]) for k, v in flat.items()]
+        self.store.call("log params", lambda: client.log_batch(run_id, params=batch))
+
+    def _log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
+        client, now = self.store.client(), int(time.time() * 1000)
+        batch = [
+            mlflow.entities.Metric(k.replace("/", "."), float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and v == v  # not NaN
+        ]
+        self.store.call("log metrics", lambda: client.log_batch(run_id, metrics=batch))
+
+    def _log_trial_artifacts(self, run_id: str, trial: FinishedTrial) -> None:
+        """A trial's experts (one folder a culture: safetensors + PEFT adapter), its table and its curve."""
+        client = self.store.client()
+        with tempfile.TemporaryDirectory() as tmp:
+            staging = Path(tmp)
+            table = {}
+            for meta in trial.expert_metas():
+                target = staging / "experts" / slug(meta.culture)
+                target.mkdir(parents=True)
+                shutil.copy2(trial.experts / f"{slug(meta.culture)}.safetensors", target)
+                adapter = trial.experts / "peft" / slug(meta.culture)
+                if adapter.is_dir():
+                    shutil.copytree(adapter, target / "peft")
+                table[meta.culture] = meta.training
+            (staging / "alignment.json").write_text(json.dumps(table, indent=2))
+            if trial.history:
+                plot_history(trial.history, staging / "val_alignment.png")
+            self.store.call("log artifacts", lambda: client.log_artifacts(run_id, str(staging)))
+
+    def _live_failed(self, err: TrackingError) -> None:
+        self.live = False
+        print(f"warning: {err}; metrics will be logged from the checkpoints at the end", file=sys.stderr)
 
 
-def _params(flat: dict) -> list:
-    return [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flat.items()]
+class _LiveMetrics(tune.Callback):
+    """Hands each trial's epochs to the tracker as Tune receives them."""
+
+    def __init__(self, tracker: ExperimentTracker | None):
+        self.tracker = tracker
+
+    def __reduce__(self):
+        # Tune saves its callbacks with the experiment (tuner.pkl): the tracker, credentials and all, stays out.
+        return (_LiveMetrics, (None,))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.tracker is not None:
+            self.tracker.trial_reported(trial.trial_id, result)
 
 
-def _num(value) -> bool:
-    return isinstance(value, int | float) and value == value  # not NaN
+def plot_history(history: list[dict], path: Path) -> Path:
+    """Validation alignment per culture by epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    columns = sorted({k for row in history for k in row if k.startswith("val_alignment/")})
+    for column in columns:
+        rows = [r for r in history if column in r and r[column] == r[column]]  # NaN: not reported
+        ax.plot(
+            [r["epoch"] for r in rows], [r[column] for r in rows], marker="o", label=column.split("/", 1)[1]
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation alignment")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _score(version: ModelVersion) -> float:
+    return float(version.tags.get("val_alignment", "-inf"))
+
+
+def _version_of(version: ModelVersion | None) -> str | None:
+    return None if version is None else str(version.version)

@@ -103,26 +103,19 @@ def client(url: str, key: str | None = None) -> httpx.Client:
 
 
 def register(config: ExperimentConfig, expert_file: Path, val_alignment: float) -> dict:
-    """Log one expert file as a run's artifact and register it, as training does (champion if better)."""
+    """Log one expert file as a trial's and register it, as training does (champion if better)."""
     import shutil
     import tempfile
+    from dataclasses import asdict
 
-    from orchestrator import tracking
-    from orchestrator.tracking import Store
+    from orchestrator.results import FinishedTrial, Winner
+    from orchestrator.tracking import ExperimentTracker
     from workers.prompts import load_expert
 
-    store = Store.from_config(config)
-    meta = load_expert(expert_file).meta
-    run_id = tracking.start_run(store, f"trial-{slug(meta.culture)}-{val_alignment}")
+    culture = load_expert(expert_file).meta.culture
+    trial_id = f"{slug(culture)}-{val_alignment}"
+    tracker = ExperimentTracker(config)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "experts" / slug(meta.culture)
-        folder.mkdir(parents=True)
-        shutil.copy2(expert_file, folder)
-        tracking.log_artifacts(store, run_id, Path(tmp))
-    tags = {"culture": meta.culture, "iso": meta.iso, "base_fingerprint": meta.base_fingerprint}
-    tags |= {"base_model": meta.base_model, "val_alignment": val_alignment}
-    row = tracking.register_expert(
-        store, meta.culture, meta.iso, run_id, f"experts/{slug(meta.culture)}", tags
-    )
-    tracking.end_run(store, run_id)
-    return row
+        shutil.copy2(expert_file, tmp)
+        tracker.trial_finished(FinishedTrial(trial_id, Path(tmp)))
+        return asdict(tracker.register(Winner(culture, trial_id, Path(tmp), val_alignment)))

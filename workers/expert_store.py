@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -75,13 +76,34 @@ class MlflowSettings(Protocol):
     retries: int
 
 
+REDACTED = "***"
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*)(?::[^/@\s]*)?@")
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URI in it (the whole user part if no password) replaced by ***."""
+
+    def hide(m: re.Match) -> str:
+        has_password = m.group(0).count(":") > 1
+        user = f"{m['user']}:{REDACTED}" if has_password and m["user"] else REDACTED
+        return f"{m['scheme']}{user}@"
+
+    return _USERINFO.sub(hide, text)
+
+
 @dataclass(frozen=True)
 class Registry:
     """An MLflow model registry holding one registered model a culture, named `<registry_prefix>-<slug>`."""
 
-    tracking_uri: str
+    tracking_uri: str = field(repr=False)  # may hold credentials: print `uri` instead
     registry_prefix: str = "shores"
     retries: int = 3
+    error = RegistryError  # what `call` raises when MLflow stays unreachable
+
+    @property
+    def uri(self) -> str:
+        """The tracking URI without its credentials, to print."""
+        return redact(self.tracking_uri)
 
     @classmethod
     def of_experiment(cls, output_dir: str | Path, mlflow: MlflowSettings) -> Registry:
@@ -108,7 +130,10 @@ class Registry:
                 return fn()
             except (MlflowException, OSError, ConnectionError) as err:
                 if attempt == self.retries:
-                    raise RegistryError(f"MLflow at {self.tracking_uri} failed to {what}: {err}") from err
+                    # MLflow's messages repeat the request URL, credentials included.
+                    raise self.error(
+                        redact(f"MLflow at {self.tracking_uri} failed to {what}: {err}")
+                    ) from None
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")

@@ -1,0 +1,83 @@
+"""What an experiment produced: its finished trials, and each culture's best expert among them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray import tune
+
+from workers.cultures import slug
+from workers.prompts import ExpertMeta, load_expert
+
+# Metrics a trial's MLflow run keeps (the rest of a Tune result is bookkeeping: pid, device, ...).
+TRACKED_METRICS = ("val_gain", "train_loss")
+
+
+def tracked_metrics(row: dict) -> dict:
+    """The alignment, gain and loss figures of one reported epoch."""
+    return {k: v for k, v in row.items() if "alignment" in k or k in TRACKED_METRICS}
+
+
+@dataclass
+class FinishedTrial:
+    """One trial at the end of the experiment: its id, last checkpoint's experts, settings and history."""
+
+    trial_id: str
+    experts: Path | None  # the checkpoint's experts folder; None if it never checkpointed
+    params: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # one row of metrics an epoch
+    failed: bool = False
+
+    @classmethod
+    def from_result(cls, result: tune.Result) -> FinishedTrial:
+        frame = result.metrics_dataframe
+        return cls(
+            trial_id=result.metrics.get("trial_id") or Path(result.path).name,
+            experts=Path(result.checkpoint.path) / "experts" if result.checkpoint is not None else None,
+            params=dict(result.config or {}),
+            history=frame.to_dict("records") if frame is not None else [],
+            failed=result.error is not None,
+        )
+
+    def expert_metas(self) -> list[ExpertMeta]:
+        """The metadata of every expert in the trial's checkpoint, by file name."""
+        if self.experts is None:
+            return []
+        return [load_expert(p).meta for p in sorted(self.experts.glob("*.safetensors"))]
+
+
+@dataclass(frozen=True)
+class Winner:
+    """A culture's best expert: the trial that trained it, where it lies, and its validation alignment."""
+
+    culture: str
+    trial_id: str
+    folder: Path  # holds <slug>.safetensors and, from training, peft/<slug>/
+    val_alignment: float
+
+    @property
+    def expert_file(self) -> Path:
+        return self.folder / f"{slug(self.culture)}.safetensors"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.folder / "peft" / slug(self.culture)
+
+
+def finished_trials(results: tune.ResultGrid) -> list[FinishedTrial]:
+    """Every trial of a result grid, in the grid's order."""
+    return [FinishedTrial.from_result(r) for r in results]
+
+
+def best_experts(results: tune.ResultGrid | list[FinishedTrial]) -> dict[str, Winner]:
+    """Per culture, the checkpointed trial with its best validation alignment."""
+    trials = [t if isinstance(t, FinishedTrial) else FinishedTrial.from_result(t) for t in results]
+    best: dict[str, Winner] = {}
+    for trial in trials:
+        for meta in trial.expert_metas():
+            score = meta.training.get("val_alignment")
+            score = float("-inf") if score is None or score != score else float(score)
+            if meta.culture not in best or score > best[meta.culture].val_alignment:
+                best[meta.culture] = Winner(meta.culture, trial.trial_id, trial.experts, score)
+    return best
