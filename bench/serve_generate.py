@@ -19,6 +19,7 @@ share of requests whose tokens agree (greedy: they should all agree), and the ma
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -187,7 +188,9 @@ def main() -> None:
     for rate in args.rates:
         arrivals = workload(base, args.requests, rate, args.seed, tuple(args.max_new_tokens))
         static = run_static(base, bank, arrivals, args.max_rows)
+        print(f"rate {rate}/s static: {summary(arrivals, static)}", file=sys.stderr, flush=True)
         continuous = run_continuous(base, bank, arrivals, args.max_rows, args.max_tokens_per_step)
+        print(f"rate {rate}/s continuous: {summary(arrivals, continuous)}", file=sys.stderr, flush=True)
         s, c = summary(arrivals, static), summary(arrivals, continuous)
         same = sum(static["tokens"][i] == continuous["tokens"][i] for i in range(len(arrivals)))
         results.append(
