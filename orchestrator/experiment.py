@@ -67,6 +67,13 @@ def encode(
     ]
 
 
+def encoded(
+    base: FrozenBase, data: ExperimentData, split: str, cultures: list[str], max_length: int
+) -> dict[str, list[EncodedQuestion]]:
+    """Per culture, its records in a split as model-ready questions: what a trainer trains or selects on."""
+    return {c: encode(base, r, max_length) for c, r in data.records_of(split, cultures).items()}
+
+
 def print_epoch(report: EpochReport, trainer: PackedTrainer) -> None:
     """One line per culture and epoch: training loss, validation alignment, best so far."""
     for culture in report.train_loss:
@@ -84,19 +91,14 @@ def train_local(config: ExperimentConfig) -> list[Path]:
     print(f"data: {data.report.summary()}", flush=True)
     cultures = data.selection.trained
     base = load_frozen_base(config.base_model.name, config.base_model.dtype, config.base_model.device)
-    train = {
-        c: encode(base, r, config.data.max_length) for c, r in data.records_of("train", cultures).items()
-    }
-    val = {c: encode(base, r, config.data.max_length) for c, r in data.records_of("val", cultures).items()}
+    train, val = (encoded(base, data, split, cultures, config.data.max_length) for split in ("train", "val"))
     print(
         f"training {len(cultures)} experts on {base.name} ({sum(map(len, train.values()))} train, "
         f"{sum(map(len, val.values()))} val questions)",
         flush=True,
     )
     bank = SoftPromptBank.initialise(base, cultures, config.prompt.num_virtual_tokens, config.prompt.init)
-    result = PackedTrainer(base, bank, train, val, config.train.trainer_config(), progress=True).fit(
-        print_epoch
-    )
+    result = PackedTrainer(base, bank, train, val, config.train, progress=True).fit(print_epoch)
     return save_experts(config.experts_dir, bank, base, data, training_summary(result, config))
 
 

@@ -15,11 +15,11 @@ from ray import tune
 
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig, load_config
-from orchestrator.deepspeed_trial import validate_deepspeed
 from orchestrator.experiment import ExperimentData, prepare_data
 from orchestrator.experts import slug, write_similarity
 from orchestrator.tracking import Store, TrackingError
-from orchestrator.tune import expected_trials, restore, storage_path, trial_function, tuner
+from orchestrator.trial import run_trial, validate_deepspeed
+from orchestrator.tune import expected_trials, restore, storage_path, tuner
 from workers.prompts import load_expert
 from workers.shared_base import SharedBase
 
@@ -212,5 +212,5 @@ def register_from(output_dir: Path) -> dict:
     if not tune.Tuner.can_restore(str(path)):
         raise FileNotFoundError(f"no Tune experiment at {path}")
 
-    results = tune.Tuner.restore(str(path), trial_function(config)).get_results()
+    results = tune.Tuner.restore(str(path), run_trial).get_results()
     return finish(config, data, results, Store.from_config(config))
