@@ -108,6 +108,19 @@ def test_the_config_loads_without_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_a_fault_fires_once_and_a_bad_one_is_one_clear_line(tmp_path):
+    from orchestrator.config import ConfigError
+    from orchestrator.faults import Fault
+
+    fault = Fault.parse("kill-after-checkpoint:1:3", tmp_path)
+    assert (fault.group, fault.epoch) == (1, 3)
+    assert fault.fire_once() and not fault.fire_once()  # the retried trial finds the marker
+    assert not Fault.parse("kill-after-checkpoint:1:3", tmp_path).fire_once()
+    with pytest.raises(ConfigError, match=r"^SHORES_FAULT='kill-after-checkpoint:0': expected") as caught:
+        Fault.parse("kill-after-checkpoint:0", tmp_path)
+    assert "\n" not in str(caught.value)
+
+
 def trial_folder(experiment: Path, group: int) -> Path:
     """The Tune folder of the trial that trained culture group `group`."""
     return next(
