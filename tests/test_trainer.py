@@ -109,7 +109,7 @@ def test_resume_from_state_dict_continues_exactly(tiny_base, tmp_path):
     PackedTrainer(tiny_base, straight, train, val, config).fit()
 
     def crash_after_first_epoch(report, trainer):
-        torch.save(trainer.state_dict(), tmp_path / "trainer.pt")
+        torch.save(trainer.state_dict(), tmp_path / "state.pt")
         raise KeyboardInterrupt  # the process dies right after its epoch-1 checkpoint
 
     crashed = SoftPromptBank(start.cultures, start.weight.detach())
@@ -118,6 +118,6 @@ def test_resume_from_state_dict_continues_exactly(tiny_base, tmp_path):
     resumed_bank = SoftPromptBank(start.cultures, start.weight.detach())
     resumed = PackedTrainer(tiny_base, resumed_bank, train, val, config)
     # Plain tensors, numbers and strings: it loads without unpickling arbitrary objects.
-    resumed.load_state_dict(torch.load(tmp_path / "trainer.pt", weights_only=True))
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert resumed.fit().epochs_run == 3
     torch.testing.assert_close(resumed_bank.weight, straight.weight)
