@@ -155,7 +155,7 @@ def _register(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.evaluate import evaluate, format_table, write_report
-    from orchestrator.experiment import prepare_data
+    from orchestrator.survey import prepare_data
     from workers.base_model import load_frozen_base
     from workers.committees import culture_committees
     from workers.expert_store import SIMILARITY_FILE, load_experts, load_similarity

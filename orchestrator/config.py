@@ -8,7 +8,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from workers.trainer import TrainConfig
+from workers.settings import (
+    CHAMPION,
+    EVAL_BATCH_SIZE,
+    MAX_LENGTH,
+    ROUTER_MODEL,
+    SPLIT_FRACTIONS,
+    TrainConfig,
+)
 
 
 class ConfigError(ValueError):
@@ -31,8 +38,8 @@ class DataSection(Strict):
     top: int | None = Field(default=None, ge=1)
     min_questions: int = Field(default=0, ge=0)
     held_out: list[str] = []
-    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    max_length: int = Field(default=320, ge=8)
+    split: tuple[float, float, float] = SPLIT_FRACTIONS
+    max_length: int = Field(default=MAX_LENGTH, ge=8)
 
     @model_validator(mode="after")
     def _one_selection(self) -> DataSection:
@@ -44,20 +51,6 @@ class DataSection(Strict):
 class PromptSection(Strict):
     num_virtual_tokens: int = Field(default=8, ge=1, le=512)
     init: Literal["persona", "random"] = "persona"
-
-
-class TrainSection(Strict):
-    epochs: int = Field(default=4, ge=1)
-    batch_size: int = Field(default=4, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
-    lr: float = Field(default=3e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    patience: int = Field(default=2, ge=1)
-    seed: int = 0
-    eval_batch_size: int = Field(default=16, ge=1)
-
-    def trainer_config(self) -> TrainConfig:
-        return TrainConfig(**self.model_dump())
 
 
 class TuneSection(Strict):
@@ -87,7 +80,7 @@ class MlflowSection(Strict):
 
 
 class EvalSection(Strict):
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=EVAL_BATCH_SIZE, ge=1)
     bootstrap: int = Field(default=1000, ge=10)
 
 
@@ -104,7 +97,7 @@ class ServeSection(Strict):
         "directory"  # registry: each culture's `registry_alias`
     )
     experts_dir: str | None = None  # the directory source; default <output_dir>/experts
-    registry_alias: str = "champion"
+    registry_alias: str = CHAMPION
     num_replicas: int = Field(default=1, ge=1)  # ExpertPool replicas when autoscaling is not set
     autoscaling: AutoscalingSection | None = None
     cpus_per_replica: float = Field(default=1.0, gt=0)
@@ -118,7 +111,7 @@ class ServeSection(Strict):
     max_options: int = Field(default=26, ge=2, le=26)  # option letters A-Z
     committee_size: int = Field(default=3, ge=1)  # k of similarity and text committees, unless asked
     routing_temperature: float = Field(default=0.05, gt=0)  # softmax temperature of committee weights
-    router_model: str = "all-MiniLM-L6-v2"  # sentence embeddings: the embedded name, a folder or a hub id
+    router_model: str = ROUTER_MODEL
     reload_interval_s: float = Field(default=30.0, ge=0)  # how often replicas look for new experts; 0: never
     api_key_env: str | None = None  # the env var holding the bearer token; None: no auth
 
@@ -137,7 +130,7 @@ class ExperimentConfig(Strict):
     base_model: BaseModelSection = BaseModelSection()
     data: DataSection
     prompt: PromptSection = PromptSection()
-    train: TrainSection = TrainSection()
+    train: TrainConfig = TrainConfig()  # the trainer's own settings, validated as a section
     eval: EvalSection = EvalSection()
     tune: TuneSection = TuneSection()
     strategy: Literal["packed", "deepspeed"] = "packed"  # deepspeed: a base too large for one GPU

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.experiment import ExperimentData, encode
-from orchestrator.survey import SurveyRecord, normalise_question
+from orchestrator.experiment import encode
+from orchestrator.survey import ExperimentData, SurveyRecord, normalise_question
 from workers.base_model import FrozenBase
 from workers.committees import Committee
 from workers.prompts import NO_EXPERT, Expert, bank_from_experts
 from workers.scoring import alignment, bootstrap_ci, option_distributions
+from workers.settings import EVAL_BATCH_SIZE, MAX_LENGTH
 
 METHODS = ("base", "persona", "expert", "committee", "uniform", "agnostic")
 
@@ -32,8 +33,8 @@ def evaluate(
     split: str,
     cultures: list[str],
     committees: dict[str, Committee] | None = None,
-    batch_size: int = 16,
-    max_length: int = 320,
+    batch_size: int = EVAL_BATCH_SIZE,
+    max_length: int = MAX_LENGTH,
     n_bootstrap: int = 1000,
 ) -> dict:
     """Score base, persona, expert, committee, uniform and agnostic on each culture's records in a split."""

@@ -1,53 +1,16 @@
-"""One experiment's data and the plain (Ray-free) training path: records -> splits -> encoded examples -> experts."""
+"""The plain (Ray-free) training path, and the encoding every path shares: records -> encoded examples -> experts."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.config import DataSection, ExperimentConfig
+from orchestrator.config import ExperimentConfig
 from orchestrator.experts import save_experts
-from orchestrator.survey import (
-    CultureSelection,
-    LoadReport,
-    SurveyRecord,
-    load_survey,
-    select_cultures,
-    split_records,
-)
+from orchestrator.survey import ExperimentData, SurveyRecord, prepare_data
 from workers.base_model import FrozenBase, load_frozen_base
 from workers.prompts import SoftPromptBank, persona_text
 from workers.scoring import EncodedQuestion, encode_question
 from workers.trainer import EpochReport, PackedTrainer, TrainResult
-
-
-@dataclass
-class ExperimentData:
-    """The usable survey records, the chosen cultures, and every record's split."""
-
-    records: list[SurveyRecord]
-    report: LoadReport
-    selection: CultureSelection
-    splits: dict[str, list[SurveyRecord]]
-
-    def records_of(self, split: str, cultures: list[str]) -> dict[str, list[SurveyRecord]]:
-        """Per culture, its records in a split (`all` for every split)."""
-        pool = self.records if split == "all" else self.splits[split]
-        wanted, out = set(cultures), defaultdict(list)
-        for record in pool:
-            if record.culture in wanted:
-                out[record.culture].append(record)
-        return {c: out[c] for c in cultures}
-
-
-def prepare_data(section: DataSection, path: str | None = None) -> ExperimentData:
-    """Load, clean and split the survey, and choose the cultures."""
-    records, report = load_survey(path or section.path)
-    selection = select_cultures(
-        records, section.cultures, section.top, section.min_questions, section.held_out
-    )
-    return ExperimentData(records, report, selection, split_records(records, section.split))
 
 
 def encode(
@@ -67,6 +30,13 @@ def encode(
     ]
 
 
+def encoded(
+    base: FrozenBase, data: ExperimentData, split: str, cultures: list[str], max_length: int
+) -> dict[str, list[EncodedQuestion]]:
+    """Per culture, its records in a split as model-ready questions: what a trainer trains or selects on."""
+    return {c: encode(base, r, max_length) for c, r in data.records_of(split, cultures).items()}
+
+
 def print_epoch(report: EpochReport, trainer: PackedTrainer) -> None:
     """One line per culture and epoch: training loss, validation alignment, best so far."""
     for culture in report.train_loss:
@@ -84,19 +54,14 @@ def train_local(config: ExperimentConfig) -> list[Path]:
     print(f"data: {data.report.summary()}", flush=True)
     cultures = data.selection.trained
     base = load_frozen_base(config.base_model.name, config.base_model.dtype, config.base_model.device)
-    train = {
-        c: encode(base, r, config.data.max_length) for c, r in data.records_of("train", cultures).items()
-    }
-    val = {c: encode(base, r, config.data.max_length) for c, r in data.records_of("val", cultures).items()}
+    train, val = (encoded(base, data, split, cultures, config.data.max_length) for split in ("train", "val"))
     print(
         f"training {len(cultures)} experts on {base.name} ({sum(map(len, train.values()))} train, "
         f"{sum(map(len, val.values()))} val questions)",
         flush=True,
     )
     bank = SoftPromptBank.initialise(base, cultures, config.prompt.num_virtual_tokens, config.prompt.init)
-    result = PackedTrainer(base, bank, train, val, config.train.trainer_config(), progress=True).fit(
-        print_epoch
-    )
+    result = PackedTrainer(base, bank, train, val, config.train, progress=True).fit(print_epoch)
     return save_experts(config.experts_dir, bank, base, data, training_summary(result, config))
 
 

@@ -17,7 +17,7 @@ from workers.expert_store import SIMILARITY_FILE
 from workers.prompts import Expert, ExpertMeta, SoftPromptBank, export_peft_adapter, persona_text, save_expert
 
 if TYPE_CHECKING:
-    from orchestrator.experiment import ExperimentData
+    from orchestrator.survey import ExperimentData
 
 
 def save_experts(

@@ -19,7 +19,7 @@ from orchestrator.results import Winner
 from workers.cultures import slug
 
 if TYPE_CHECKING:
-    from orchestrator.experiment import ExperimentData
+    from orchestrator.survey import ExperimentData
 
 
 def publish_experts(directory: Path, winners: dict[str, Winner], data: ExperimentData) -> Path | None:

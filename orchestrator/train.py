@@ -11,10 +11,9 @@ import yaml
 from ray import tune
 
 from orchestrator.config import ExperimentConfig, load_config
-from orchestrator.deepspeed_trial import validate_deepspeed
-from orchestrator.experiment import ExperimentData, prepare_data
 from orchestrator.publish import publish_experts
 from orchestrator.results import best_experts, finished_trials
+from orchestrator.survey import ExperimentData, prepare_data
 from orchestrator.tracking import (
     ExperimentTracker,
     Registration,
@@ -22,10 +21,9 @@ from orchestrator.tracking import (
     public_config,
     restore_credentials,
 )
-from orchestrator.tune import expected_trials, restore, storage_path, trial_function, tuner
+from orchestrator.trial import run_trial, validate_deepspeed
+from orchestrator.tune import expected_trials, restore, storage_path, tuner
 from workers.shared_base import SharedBase
-
-__all__ = ["best_experts", "connect", "finish", "register_from", "train"]  # best_experts: for older imports
 
 
 def connect() -> None:
@@ -104,7 +102,7 @@ def register_from(output_dir: Path, original: ExperimentConfig | None = None) ->
     path = storage_path(config) / config.name
     if not tune.Tuner.can_restore(str(path)):
         raise FileNotFoundError(f"no Tune experiment at {path}")
-    results = tune.Tuner.restore(str(path), trial_function(config)).get_results()
+    results = tune.Tuner.restore(str(path), run_trial).get_results()
     trials = finished_trials(results)
     winners = best_experts(trials)
     if not winners:

@@ -7,8 +7,8 @@ import pytest
 
 from orchestrator.config import load_config
 from orchestrator.evaluate import evaluate, format_table
-from orchestrator.experiment import prepare_data
 from orchestrator.experts import write_similarity
+from orchestrator.survey import prepare_data
 from tests.conftest import OPINIONS, REPO
 from workers.base_model import load_frozen_base
 from workers.committees import Committee, TextRouter, culture_committee, culture_committees, softmax_weights

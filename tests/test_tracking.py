@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.experiment import prepare_data
 from orchestrator.publish import publish_experts
 from orchestrator.results import FinishedTrial, Winner
+from orchestrator.survey import prepare_data
 from orchestrator.tracking import ExperimentTracker, Store, TrackingError, public_config, restore_credentials
 from tests.conftest import OPINIONS, REPO, free_ports
 from workers.cultures import slug

@@ -100,7 +100,7 @@ def test_early_stopping_keeps_the_best_prompt(tiny_base):
     assert trainer.validate(["Germany"])["Germany"] == pytest.approx(result.best_val_alignment["Germany"])
 
 
-def test_resume_from_state_dict_continues_exactly(tiny_base):
+def test_resume_from_state_dict_continues_exactly(tiny_base, tmp_path):
     train, val = _data(tiny_base.tokenizer, {"Germany": 5, "Japan": 4})
     config = TrainConfig(epochs=3, batch_size=2, lr=0.05, patience=10)
     start = SoftPromptBank.initialise(tiny_base, ["Germany", "Japan"], 3, init="random")
@@ -108,10 +108,8 @@ def test_resume_from_state_dict_continues_exactly(tiny_base):
     straight = SoftPromptBank(start.cultures, start.weight.detach())
     PackedTrainer(tiny_base, straight, train, val, config).fit()
 
-    saved = {}
-
     def crash_after_first_epoch(report, trainer):
-        saved["state"] = trainer.state_dict()
+        torch.save(trainer.state_dict(), tmp_path / "state.pt")
         raise KeyboardInterrupt  # the process dies right after its epoch-1 checkpoint
 
     crashed = SoftPromptBank(start.cultures, start.weight.detach())
@@ -119,6 +117,7 @@ def test_resume_from_state_dict_continues_exactly(tiny_base):
         PackedTrainer(tiny_base, crashed, train, val, config).fit(crash_after_first_epoch)
     resumed_bank = SoftPromptBank(start.cultures, start.weight.detach())
     resumed = PackedTrainer(tiny_base, resumed_bank, train, val, config)
-    resumed.load_state_dict(saved["state"])
+    # Plain tensors, numbers and strings: it loads without unpickling arbitrary objects.
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert resumed.fit().epochs_run == 3
     torch.testing.assert_close(resumed_bank.weight, straight.weight)

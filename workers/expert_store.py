@@ -23,10 +23,10 @@ from typing import Protocol, TypeVar
 from workers.base_model import FrozenBase
 from workers.cultures import slug
 from workers.prompts import Expert, load_expert
+from workers.settings import CHAMPION
 
 T = TypeVar("T")
 SIMILARITY_FILE = "similarity.json"
-CHAMPION = "champion"
 PEFT_WEIGHTS = "adapter_model.safetensors"  # inside a PEFT adapter folder; not an expert file
 Similarity = dict[str, dict[str, float]]  # culture -> {expert culture: survey similarity}
 

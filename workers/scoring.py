@@ -12,7 +12,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from workers.base_model import FrozenBase
-from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
+from workers.prompt_rows import PromptRows
+from workers.prompts import NO_EXPERT, prompted_inputs
+from workers.settings import EVAL_BATCH_SIZE
 
 LETTERS = string.ascii_uppercase
 ANSWER_PREFIX = "Answer:"
@@ -122,7 +124,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 
 def batch_log_probs(
     base: FrozenBase,
-    bank: SoftPromptBank | None,
+    bank: PromptRows | None,
     questions: Sequence[EncodedQuestion],
     expert_idx: Sequence[int],
     letter_ids: torch.Tensor,
@@ -140,10 +142,10 @@ def batch_log_probs(
 @torch.no_grad()
 def option_distributions(
     base: FrozenBase,
-    bank: SoftPromptBank | None,
+    bank: PromptRows | None,
     questions: Sequence[EncodedQuestion],
     expert_idx: Sequence[int] | None = None,
-    batch_size: int = 16,
+    batch_size: int = EVAL_BATCH_SIZE,
     progress: str | None = None,
 ) -> list[np.ndarray]:
     """The model's distribution over each question's options, batched (rows sorted by length)."""

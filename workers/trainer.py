@@ -20,20 +20,7 @@ from workers.scoring import (
     option_distributions,
     option_token_ids,
 )
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings of one packed training run."""
-
-    epochs: int = 4
-    batch_size: int = 4  # rows of each expert in one micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    patience: int = 2  # epochs without a better validation alignment before an expert stops
-    seed: int = 0
-    eval_batch_size: int = 16
+from workers.settings import TrainConfig  # also imported from here: the trainer's settings
 
 
 @dataclass
@@ -69,6 +56,12 @@ class TrainResult:
 
 
 Callback = Callable[[EpochReport, "PackedTrainer"], None]
+OptimizerFactory = Callable[[SoftPromptBank, TrainConfig], torch.optim.Optimizer]
+
+
+def adamw(bank: SoftPromptBank, config: TrainConfig) -> torch.optim.Optimizer:
+    """The packed trainer's optimizer: one AdamW over every expert's prompt."""
+    return torch.optim.AdamW(bank.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
 def culture_seed(seed: int, culture: str) -> int:
@@ -84,6 +77,8 @@ class PackedTrainer:
     micro-batch, so each expert's gradient is exactly what training it alone would give.
     """
 
+    rank, world = 0, 1  # this process among the data-parallel workers training the bank: here, alone
+
     def __init__(
         self,
         base: FrozenBase,
@@ -92,13 +87,14 @@ class PackedTrainer:
         val: dict[str, list[EncodedQuestion]],
         config: TrainConfig,
         progress: bool = False,
+        optimizer: OptimizerFactory = adamw,
     ):
         missing = [c for c in bank.cultures if not train.get(c)]
         if missing:
             raise ValueError(f"no training examples for {missing}")
         self.base, self.bank, self.train, self.val, self.config = base, bank, train, val, config
         self.progress = progress
-        self.optimizer = torch.optim.AdamW(bank.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = optimizer(bank, config)
         self.letter_ids = option_token_ids(base.tokenizer)
         self.generators = {
             c: torch.Generator().manual_seed(culture_seed(config.seed, c)) for c in bank.cultures
@@ -112,6 +108,11 @@ class PackedTrainer:
         self.stale = {c: 0 for c in bank.cultures}
         self.history: list[EpochReport] = []
         self.grad_norms: list[float] = []  # the current epoch's, one per optimizer step
+
+    @property
+    def device(self) -> torch.device:
+        """Where the forward passes run."""
+        return self.base.device
 
     def validate(self, cultures: list[str]) -> dict[str, float]:
         """Mean validation alignment per culture with the bank's current prompts."""

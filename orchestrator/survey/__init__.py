@@ -1,9 +1,11 @@
-"""Survey data: loading and cleaning records, splits by question, culture selection and survey similarity.
+"""Survey data: loading and cleaning records, splits by question, culture selection, survey similarity, and
+one experiment's prepared data.
 
 Country names are resolved by `workers.cultures` (shared with serving); the names it exports that survey
 code used to hold are re-exported here so `from orchestrator.survey import ...` keeps working.
 """
 
+from orchestrator.survey.experiment_data import ExperimentData, prepare_data
 from orchestrator.survey.loading import HF_DATASET, HF_FILENAME, SKIP_REASONS, LoadReport, load_survey
 from orchestrator.survey.records import SurveyDataError, SurveyRecord, normalise_question
 from orchestrator.survey.selection import CultureSelection, select_cultures
@@ -17,6 +19,7 @@ __all__ = [
     "SKIP_REASONS",
     "SPLITS",
     "CultureSelection",
+    "ExperimentData",
     "LoadReport",
     "Split",
     "SurveyDataError",
@@ -26,6 +29,7 @@ __all__ = [
     "culture_similarity",
     "load_survey",
     "nearest_cultures",
+    "prepare_data",
     "normalise_question",
     "question_split",
     "resolve_culture",

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from orchestrator.survey.records import SurveyDataError, SurveyRecord, normalise_question
+from workers.settings import SPLIT_FRACTIONS
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -24,7 +25,7 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
 
 
 def question_split(
-    question: str, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), salt: str = ""
+    question: str, fractions: tuple[float, float, float] = SPLIT_FRACTIONS, salt: str = ""
 ) -> Split:
     """Assign a question to train/val/test from a sha256 of salt + its normalised text (stable everywhere)."""
     train, val, _ = _check_fractions(fractions)
@@ -39,7 +40,7 @@ def question_split(
 
 
 def split_records(
-    records: Iterable[SurveyRecord], fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), salt: str = ""
+    records: Iterable[SurveyRecord], fractions: tuple[float, float, float] = SPLIT_FRACTIONS, salt: str = ""
 ) -> dict[str, list[SurveyRecord]]:
     """Split records by question so that every culture's answers to one question land in the same split."""
     _check_fractions(fractions)

@@ -1,0 +1,29 @@
+"""The engine's settings and defaults, torch-free: the orchestrator's config imports them without the model stack."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EVAL_BATCH_SIZE = 16  # questions in one scoring forward pass (validation, evaluation)
+MAX_LENGTH = 320  # tokens of an encoded question; longer ones keep their end (the options and the answer)
+# Sentence embeddings of the text router: the embedded name, a folder or a hub id.
+ROUTER_MODEL = "all-MiniLM-L6-v2"
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test shares of the questions
+CHAMPION = "champion"  # the registry alias of each culture's best expert
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings of one packed training run: the `train` section of an experiment config."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    epochs: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=4, ge=1)  # rows of each expert in one micro-batch
+    grad_accum: int = Field(default=1, ge=1)  # micro-batches per optimizer step
+    lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    patience: int = Field(
+        default=2, ge=1
+    )  # epochs with no better validation alignment before an expert stops
+    seed: int = 0
+    eval_batch_size: int = Field(default=EVAL_BATCH_SIZE, ge=1)
