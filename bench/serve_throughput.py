@@ -112,7 +112,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     cores = psutil.cpu_count()
     port = free_port()
     # Both pools get every core (torch threads follow a replica's CPUs); only one of them works at a time.
-    ray.init(num_cpus=4 * cores, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4 * cores, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     apps = {}
     for variant in ("mixed", "per_expert"):

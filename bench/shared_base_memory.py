@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     records, _ = load_survey(DATA)
     cultures = select_cultures(records, top=2).trained
     shared = SharedBase.load(model_path(args.model), args.dtype)

@@ -75,7 +75,7 @@ def local_serve(config: ExperimentConfig, num_cpus: int = 4):
     from serve.app import build_app
 
     (port,) = free_ports(1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name="shores", route_prefix="/")

@@ -209,7 +209,7 @@ def base_max_change(trainer, reference: dict[str, np.ndarray]) -> float:
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -218,7 +218,7 @@ def test_a_store_with_credentials_down_during_training_gets_everything_later_onc
     (port,) = free_ports(1)
     uri = f"http://user:{SECRET}@127.0.0.1:{port}"
     config = config_in(tmp_path, f"base_model.name={llama_dir}", f"mlflow.tracking_uri={uri}")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     try:
         outcome = train(config)  # no server is listening yet
         session = Path(ray._private.worker._global_node.get_session_dir_path())

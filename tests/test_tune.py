@@ -29,7 +29,7 @@ def tiny_config(model_dir, out, *overrides):
 
 @pytest.fixture
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -84,7 +84,7 @@ def test_train_registers_every_culture_and_moves_champion_only_when_better(
 
 
 def test_trials_are_pinned_to_their_own_gpu_and_fall_back_to_cpu(llama_dir, tmp_path):
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         config, _ = tiny_config(llama_dir, tmp_path, "data.cultures=[Germany, Japan]", "train.epochs=4")
         from orchestrator.survey import prepare_data
