@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workers.settings import (
     CHAMPION,
@@ -53,16 +53,60 @@ class PromptSection(Strict):
     init: Literal["persona", "random"] = "persona"
 
 
+SearchKey = Literal["lr", "num_virtual_tokens", "weight_decay", "batch_size"]
+INT_SEARCH_KEYS = ("num_virtual_tokens", "batch_size")
+
+
+class Sampler(Strict):
+    """One hyperparameter's search, in Tune's forms: exactly one of grid, choice, uniform, loguniform."""
+
+    grid: list[float] | None = None  # every value, crossed with the other grids
+    choice: list[float] | None = None  # one value drawn per sample
+    uniform: tuple[float, float] | None = None  # low, high
+    loguniform: tuple[float, float] | None = None  # low, high; both above 0
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Sampler:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of grid, choice, uniform, loguniform")
+        values = getattr(self, given[0])
+        if not values:
+            raise ValueError(f"{given[0]} is empty")
+        if given[0] in ("uniform", "loguniform") and not values[0] < values[1]:
+            raise ValueError(f"{given[0]}: low must be below high")
+        if given[0] == "loguniform" and values[0] <= 0:
+            raise ValueError("loguniform: low must be above 0")
+        return self
+
+    @property
+    def form(self) -> str:
+        return next(name for name in type(self).model_fields if getattr(self, name) is not None)
+
+
 class TuneSection(Strict):
     experts_per_trial: int = Field(default=1, ge=1)  # cultures trained packed in one trial
-    num_samples: int = Field(default=1, ge=1)  # draws of the search space per culture group
-    search_space: dict[Literal["lr", "num_virtual_tokens", "weight_decay", "batch_size"], list[float]] = {}
+    num_samples: int = Field(default=1, ge=1)  # draws of the search space per culture group, seeds seed+i
+    # A list is a grid; {grid|choice|uniform|loguniform: ...} the Tune sampling form of that name.
+    search_space: dict[SearchKey, Sampler] = {}
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(default=1, ge=1)  # epochs before ASHA may stop a trial
     max_failures: int = Field(default=2, ge=0)  # retries of a trial whose worker died, from its checkpoint
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float | Literal["auto"] = "auto"  # auto: one GPU where the cluster has GPUs, else none
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _lists_are_grids(cls, space):
+        if isinstance(space, dict):
+            return {k: {"grid": v} if isinstance(v, list) else v for k, v in space.items()}
+        return space
+
+    def grid(self, key: str) -> list[float] | None:
+        """The values of a key searched as a grid, or None."""
+        sampler = self.search_space.get(key)
+        return sampler.grid if sampler is not None else None
 
 
 class DeepSpeedSection(Strict):

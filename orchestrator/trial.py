@@ -69,9 +69,10 @@ def culture_groups(cultures: list[str], experts_per_trial: int) -> list[list[str
 
 def trial_config(config: ExperimentConfig, params: dict) -> ExperimentConfig:
     """The experiment config with one trial's sampled hyperparameters applied."""
-    train = config.train.model_copy(
-        update={k: v for k, v in params.items() if k in type(config.train).model_fields}
-    )
+    sampled = {k: v for k, v in params.items() if k in type(config.train).model_fields}
+    # Each sample of the search trains with its own seed, so repeated samples are not repeated runs.
+    sampled["seed"] = config.train.seed + int(params.get("sample", 0))
+    train = config.train.model_copy(update=sampled)
     prompt = config.prompt.model_copy(
         update={k: int(v) for k, v in params.items() if k == "num_virtual_tokens"}
     )
@@ -118,12 +119,16 @@ def load_trainer_state(folder: Path) -> dict:
 
 def epoch_metrics(epoch: EpochReport, trainer: PackedTrainer, spec: TrialSpec) -> dict:
     """A trial's metrics for one epoch, the same keys for both strategies."""
-    metrics = epoch.metrics()
-    metrics |= {f"best_val_alignment/{c}": v for c, v in epoch.best_val_alignment.items()}
+    flat = epoch.metrics()
     gains = [
         v - trainer.initial_val[c] for c, v in epoch.best_val_alignment.items() if c in trainer.initial_val
     ]
+    # Tune's progress table shows a trial's first four metrics: the group's mean and best validation
+    # alignment and its gain (what ASHA decides on) come first, the per-culture values after them.
+    first = ("epoch", "val_alignment", "best_val_alignment")
+    metrics = {k: flat.pop(k) for k in first if k in flat}
     metrics["val_gain"] = float(np.mean(gains)) if gains else 0.0
+    metrics |= flat | {f"best_val_alignment/{c}": v for c, v in epoch.best_val_alignment.items()}
     metrics["grad_norm"] = float(np.mean(trainer.grad_norms)) if trainer.grad_norms else float("nan")
     gpu_ids = ray.get_gpu_ids()
     # Tune's own `pid` is the trial process's; `worker_pid` is the process that trained (rank 0's).
@@ -240,7 +245,14 @@ def validate_deepspeed(config: ExperimentConfig) -> None:
     """
     if config.strategy != "deepspeed":
         return
-    batch_sizes = config.tune.search_space.get("batch_size") or [config.train.batch_size]
+    sampler = config.tune.search_space.get("batch_size")
+    if sampler is None:
+        batch_sizes = [config.train.batch_size]
+    elif sampler.form in ("grid", "choice"):
+        batch_sizes = getattr(sampler, sampler.form)
+    else:  # every batch size the distribution can draw
+        low, high = getattr(sampler, sampler.form)
+        batch_sizes = range(int(low), int(high) + 1)
     try:
         for batch_size in batch_sizes:
             train = config.train.model_copy(update={"batch_size": int(batch_size)})

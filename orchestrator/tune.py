@@ -6,30 +6,46 @@ from pathlib import Path
 
 import ray
 from ray import tune
+from ray.tune.search import BasicVariantGenerator
 
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import INT_SEARCH_KEYS, ExperimentConfig, Sampler
 from orchestrator.faults import Fault, driver_callbacks
 from orchestrator.survey import ExperimentData
 from orchestrator.trial import culture_groups, run_trial, trial_resources
 from workers.shared_base import SharedBase
 
-# Search-space keys that are integers in the config.
-INT_KEYS = {"num_virtual_tokens", "batch_size"}
+
+def domain(key: str, sampler: Sampler):
+    """One search-space entry as Tune's domain: a grid, or a distribution drawn once per trial."""
+    cast = int if key in INT_SEARCH_KEYS else float
+    if sampler.form in ("grid", "choice"):
+        values = [cast(v) for v in getattr(sampler, sampler.form)]
+        return tune.grid_search(values) if sampler.form == "grid" else tune.choice(values)
+    low, high = getattr(sampler, sampler.form)
+    if key in INT_SEARCH_KEYS:  # Tune's integer domains exclude the upper bound; the config includes it
+        sample = tune.randint if sampler.form == "uniform" else tune.lograndint
+        return sample(int(low), int(high) + 1)
+    return (tune.uniform if sampler.form == "uniform" else tune.loguniform)(low, high)
 
 
 def param_space(config: ExperimentConfig, n_groups: int) -> dict:
-    """Every culture group, crossed with the configured search space (each key a grid)."""
-    space: dict = {"group": tune.grid_search(list(range(n_groups)))}
-    for key, values in config.tune.search_space.items():
-        space[key] = tune.grid_search([int(v) if key in INT_KEYS else float(v) for v in values])
-    return space
+    """Every culture group and sample index (a grid), crossed with the configured search space.
+
+    The sample index is a grid rather than Tune's num_samples so that each sample trains with its own seed
+    (train.seed + sample); distributions are drawn once per trial from the searcher's seeded generator.
+    """
+    space: dict = {
+        "group": tune.grid_search(list(range(n_groups))),
+        "sample": tune.grid_search(list(range(config.tune.num_samples))),
+    }
+    return space | {key: domain(key, sampler) for key, sampler in config.tune.search_space.items()}
 
 
 def expected_trials(config: ExperimentConfig, n_cultures: int) -> int:
     """How many trials the experiment holds when it has run to the end."""
     n = -(-n_cultures // config.tune.experts_per_trial) * config.tune.num_samples
-    for values in config.tune.search_space.values():
-        n *= len(values)
+    for sampler in config.tune.search_space.values():
+        n *= len(sampler.grid or [None])
     return n
 
 
@@ -61,12 +77,13 @@ def tuner(
         make_trainable(config, data, shared, fault),
         param_space=param_space(config, n_groups),
         tune_config=tune.TuneConfig(
-            # Gain over the persona initialisation, not raw alignment: groups of different cultures
-            # start from different levels, and ASHA compares trials across groups.
+            # The group's mean gain over its own validation alignment before training, not raw alignment:
+            # groups of different cultures start from different levels, and ASHA compares trials across
+            # groups. Winners are chosen per culture afterwards, on each culture's own validation alignment.
             metric="val_gain",
             mode="max",
             scheduler=scheduler,
-            num_samples=config.tune.num_samples,
+            search_alg=BasicVariantGenerator(random_state=config.train.seed),
             max_concurrent_trials=config.tune.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(

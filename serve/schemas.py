@@ -1,4 +1,4 @@
-"""The HTTP request bodies, validated before anything reaches a model (design.md, "Contracts")."""
+"""The HTTP request bodies, validated before anything reaches a model (the contracts: README, docs/serving.md)."""
 
 from __future__ import annotations
 

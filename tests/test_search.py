@@ -1,0 +1,90 @@
+"""The search space in Tune's forms, a seed per sample, and each culture's winner across the whole search."""
+
+import pytest
+import ray
+from ray import tune
+
+from orchestrator.config import ConfigError, load_config
+from orchestrator.train import train
+from orchestrator.trial import trial_config
+from orchestrator.tune import expected_trials, param_space
+from tests.conftest import OPINIONS, REPO
+from workers.expert_store import load_experts
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def config_with(*sets):
+    return load_config(TINY, ["base_model.name=unused", f"data.path={OPINIONS}", *sets])
+
+
+def test_every_tune_form_becomes_its_tune_domain():
+    config = config_with(
+        "tune.num_samples=3",
+        "tune.search_space={lr: {loguniform: [0.001, 0.1]}, weight_decay: {uniform: [0, 0.1]}, "
+        "num_virtual_tokens: {choice: [4, 8]}, batch_size: [2, 4]}",
+    )
+    space = param_space(config, n_groups=2)
+    assert space["group"] == tune.grid_search([0, 1]) and space["sample"] == tune.grid_search([0, 1, 2])
+    assert space["batch_size"] == tune.grid_search([2, 4])  # a plain list is a grid
+    assert isinstance(space["lr"], tune.search.sample.Float) and space["lr"].lower == 0.001
+    assert isinstance(space["weight_decay"], tune.search.sample.Float)
+    assert space["num_virtual_tokens"].categories == [4, 8]  # integers, as the config says
+    # Groups x samples x grid values; distributions add no trials of their own.
+    assert expected_trials(config, n_cultures=3) == 3 * 3 * 2  # tiny.yaml: one culture a trial
+
+
+def test_each_sample_trains_with_its_own_seed():
+    config = config_with("train.seed=7", "tune.num_samples=2")
+    seeds = [trial_config(config, {"group": 0, "sample": i}).train.seed for i in range(2)]
+    assert seeds == [7, 8]
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        (
+            "{lr: {uniform: [0.1, 0.01]}}",
+            "tune.search_space.lr: Value error, uniform: low must be below high",
+        ),
+        ("{lr: {loguniform: [0, 1]}}", "loguniform: low must be above 0"),
+        ("{lr: {grid: [0.1], choice: [0.2]}}", "give exactly one of grid, choice, uniform, loguniform"),
+        ("{lr: {normal: [0, 1]}}", "tune.search_space.lr.normal: Extra inputs are not permitted"),
+        ("{momentum: [0.9]}", "tune.search_space.momentum"),
+    ],
+)
+def test_a_bad_search_space_is_one_line_naming_the_key(space, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        config_with(f"tune.search_space={space}")
+
+
+def test_the_better_learning_rate_wins_for_every_culture(llama_dir, tmp_path):
+    # One group of two cultures, two learning rates: one that learns and one that cannot move the prompt.
+    config = load_config(
+        TINY,
+        [
+            f"base_model.name={llama_dir}",
+            f"output_dir={tmp_path}",
+            f"data.path={OPINIONS}",
+            "data.cultures=[Germany, Japan]",
+            "tune.experts_per_trial=2",
+            "tune.scheduler=fifo",
+            "tune.search_space={lr: {grid: [1e-9, 0.05]}}",
+            "train.epochs=3",
+        ],
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        outcome = train(config)
+    finally:
+        ray.shutdown()
+    assert outcome["experts"] == ["Germany", "Japan"]
+    published = {e.meta.culture: e.meta.training for e in load_experts(config.experts_dir)}
+    for culture, training in published.items():
+        assert training["lr"] == 0.05, culture
+        # The winner validates above where it started: the learning rate that learns is the better one.
+        assert training["val_alignment"] > training["initial_val_alignment"], culture
+    registered = {r.culture: r for r in outcome["registered"]}
+    assert {c: round(r.val_alignment, 6) for c, r in registered.items()} == {
+        c: round(t["val_alignment"], 6) for c, t in published.items()
+    }
