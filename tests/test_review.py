@@ -16,9 +16,10 @@ import pytest
 import ray
 
 from orchestrator.cli import main as shores_main
-from orchestrator.tracking import CULTURES_TAG, KIND, KIND_TAG, NOTE_TAG, TRIAL_TAG, ExperimentTracker
+from orchestrator.config import load_config
+from orchestrator.tracking import CULTURES_TAG, KIND, KIND_TAG, NOTE_TAG, TRIAL_TAG, ExperimentTracker, Store
 from tests import browser
-from tests.conftest import REPO, free_ports
+from tests.conftest import OPINIONS, REPO, free_ports
 from tests.test_tune import TINY, tiny_config
 from workers.expert_store import CHAMPION, registered_experts
 
@@ -173,3 +174,11 @@ def test_the_mlflow_ui_shows_the_champions_and_the_evaluation_chart(reviewed, tm
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=60)
+
+
+def test_an_experiment_made_before_is_marked_model_training_when_opened_again(tmp_path):
+    store = Store.from_config(load_config(TINY, [f"output_dir={tmp_path}", f"data.path={OPINIONS}"]))
+    made = store.client().create_experiment(store.experiment, store.artifact_root)  # as older shores did
+    assert KIND_TAG not in store.client().get_experiment(made).tags
+    assert store.experiment_id() == made
+    assert store.client().get_experiment(made).tags[KIND_TAG] == KIND
