@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from ray import tune
 
 from orchestrator.config import ConfigError, ExperimentConfig
+from orchestrator.evaluate import METHODS, format_table
 from orchestrator.results import FinishedTrial, Winner, tracked_metrics
 from workers.cultures import slug
 from workers.expert_store import CHAMPION, REDACTED, Registry, RegistryError, redact
@@ -33,6 +34,15 @@ from workers.prompts import load_expert
 T = TypeVar("T")
 EXPERIMENT_TAG = "shores.experiment"
 TRIAL_TAG = "shores.trial_id"
+CULTURES_TAG = "shores.cultures"  # on a trial's run: the cultures it trained, comma-separated
+SPLIT_TAG = "shores.eval_split"  # on an evaluation's run: the split it scored
+# MLflow 3's UI opens an experiment on its GenAI traces unless this tag says it trains models (the values
+# are the UI's ExperimentKind enum: "custom_model_development" is its "Machine learning").
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17's UI decides its view by a global "GenAI | Model training" switch (default GenAI) and ignores
+# the tag; a link that carries this query opens the model-training view (runs, metrics, model registry).
+UI_VIEW = "workflowType=machine_learning"
+NOTE_TAG = "mlflow.note.content"  # what the UI shows as a run's description (markdown)
 # Tags a champion and its challenger must share to be compared: the same base and the same prompt shape.
 COMPATIBILITY_TAGS = ("base_fingerprint", "num_virtual_tokens", "hidden_size")
 PROMOTION_ATTEMPTS = 5
@@ -97,10 +107,13 @@ class Store(Registry):
         def get_or_create() -> str:
             found = client.get_experiment_by_name(self.experiment)
             if found is not None:
+                if found.tags.get(KIND_TAG) != KIND:  # made by an older shores, or by hand
+                    client.set_experiment_tag(found.experiment_id, KIND_TAG, KIND)
                 return found.experiment_id
             # A server manages its own artifact root; a direct sqlite store needs one named.
             http = self.tracking_uri.startswith("http")
-            return client.create_experiment(self.experiment, None if http else self.artifact_root)
+            root = None if http else self.artifact_root
+            return client.create_experiment(self.experiment, root, tags={KIND_TAG: KIND})
 
         return self.call("open the experiment", get_or_create)
 
@@ -140,6 +153,8 @@ class ExperimentTracker:
         self.hook = hook or (lambda point, model: None)
         self.parent: str | None = None  # the parent run's id, once opened
         self.runs: dict[str, str] = {}  # trial id -> run id
+        self.trials: dict[str, tuple[list[str], str]] = {}  # trial id -> (cultures, status), once finished
+        self.registered: list[Registration] = []
         self.live = True  # False once the store failed during training: the rest is logged at the end
 
     # --- events ---------------------------------------------------------------------------------
@@ -169,6 +184,10 @@ class ExperimentTracker:
         run_id = self._trial_run(trial.trial_id)
         client = self.store.client()
         self._log_params(run_id, trial.params)
+        cultures = trial_cultures(trial)
+        self.store.call(
+            "tag run", lambda: client.set_tag(run_id, CULTURES_TAG, ", ".join(cultures) or "(none)")
+        )
         logged = self.store.call("read metrics", lambda: client.get_metric_history(run_id, "val_gain"))
         done = {m.step for m in logged}
         for row in trial.history:
@@ -178,16 +197,69 @@ class ExperimentTracker:
             self._log_trial_artifacts(run_id, trial)
         status = "FAILED" if trial.failed else "FINISHED"
         self.store.call("end run", lambda: client.set_terminated(run_id, status))
+        self.trials[trial.trial_id] = (cultures, status)
         return run_id
 
     def winners_chosen(self, winners: dict[str, Winner]) -> list[Registration]:
         """Register each culture's winner (once per trial and culture) and promote it if it is better."""
-        return [self.register(winner) for _, winner in sorted(winners.items())]
+        self.registered = [self.register(winner) for _, winner in sorted(winners.items())]
+        return self.registered
 
     def experiment_finished(self) -> None:
-        """End the experiment's parent run."""
+        """Describe the parent run (its trials and winners, linked) and end it."""
         parent, client = self._parent_run(), self.store.client()
+        note = self._parent_note(self.store.experiment_id())
+        self.store.call("describe run", lambda: client.set_tag(parent, NOTE_TAG, note))
         self.store.call("end run", lambda: client.set_terminated(parent, "FINISHED"))
+
+    def evaluation_finished(
+        self, report: dict, files: list[Path], champions: dict[str, tuple[str, int]] | None = None
+    ) -> str:
+        """Log an evaluation as a run `eval-<split>` (metrics with intervals, table, files); tag champions.
+
+        `champions` maps each evaluated culture to its registered (model, version), when the experts came
+        from the registry: each such version gets a `<split>_alignment` tag. Returns the run's id.
+        """
+        client, experiment_id, split = self.store.client(), self.store.experiment_id(), report["split"]
+        table = format_table(report)
+        tags = {
+            "mlflow.runName": f"eval-{split}",
+            SPLIT_TAG: split,
+            NOTE_TAG: f"Alignment on the {split} split (1 - JS distance, 95% bootstrap intervals "
+            f"in the metrics `*.ci95_low` / `*.ci95_high`):\n\n```\n{table}\n```",
+        }
+        # A new run each evaluation: the champions evaluated may differ from one to the next.
+        run_id = self.store.call(
+            f"open run eval-{split}", lambda: client.create_run(experiment_id, tags=tags).info.run_id
+        )
+        self._log_params(run_id, {"split": split, "experts": sorted(report.get("experts", {}))})
+        self._log_metrics(run_id, report_metrics(report), 0)
+        with tempfile.TemporaryDirectory() as tmp:
+            staging = Path(tmp)
+            (staging / "alignment_table.txt").write_text(table + "\n")
+            for path in files:
+                shutil.copy2(path, staging / path.name)
+            self.store.call("log artifacts", lambda: client.log_artifacts(run_id, str(staging)))
+        for culture, (model, version) in sorted((champions or {}).items()):
+            score = report["cultures"].get(culture, {}).get("expert")
+            if score is not None:
+                self.store.call(
+                    f"tag {model} v{version}",
+                    lambda m=model, v=version, s=score: client.set_model_version_tag(
+                        m, str(v), f"{split}_alignment", f"{s:.4f}"
+                    ),
+                )
+        self.store.call("end run", lambda: client.set_terminated(run_id, "FINISHED"))
+        return run_id
+
+    def experiment_url(self) -> str:
+        """Where the experiment opens in the MLflow UI (on its runs), relative to the UI's address."""
+        return f"#/experiments/{self.store.experiment_id()}?{UI_VIEW}"
+
+    def run_url(self, run_id: str, tab: str = "") -> str:
+        """Where a run opens in the MLflow UI (on a tab such as `artifacts/report.png`), relative to the UI."""
+        path = f"#/experiments/{self.store.experiment_id()}/runs/{run_id}"
+        return f"{path}/{tab}?{UI_VIEW}" if tab else f"{path}?{UI_VIEW}"
 
     def record(self, trials: list[FinishedTrial], winners: dict[str, Winner]) -> list[Registration]:
         """Everything at the end of an experiment: every trial, the winners, the parent run's end."""
@@ -273,6 +345,23 @@ class ExperimentTracker:
             return None if version is None else client.get_model_version(name, str(version))
 
         return self.store.call("read champion", get)
+
+    def _parent_note(self, experiment_id: str) -> str:
+        """Markdown for the parent run: every trial (linked, with its cultures) and every registered winner."""
+        link = f"#/experiments/{experiment_id}/runs/"
+        lines = [f"Experiment **{self.name}**.", "", "| trial | cultures | status |", "|---|---|---|"]
+        for trial_id, (cultures, status) in sorted(self.trials.items()):
+            run = self.runs.get(trial_id, "")
+            lines.append(f"| [trial-{trial_id}]({link}{run}) | {', '.join(cultures)} | {status} |")
+        if self.registered:
+            lines += ["", "| culture | registered | val alignment | champion |", "|---|---|---|---|"]
+            for row in self.registered:
+                champion = "yes" if row.champion else row.note or "no"
+                lines.append(
+                    f"| {row.culture} | [{row.model} v{row.version}](#/models/{row.model}/versions/"
+                    f"{row.version}) | {row.val_alignment:.4f} | {champion} |"
+                )
+        return "\n".join(lines)
 
     # --- runs -----------------------------------------------------------------------------------
 
@@ -379,6 +468,29 @@ def plot_history(history: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def trial_cultures(trial: FinishedTrial) -> list[str]:
+    """The cultures a trial trained: its experts' or, without a checkpoint, those its epochs reported."""
+    cultures = {meta.culture for meta in trial.expert_metas()}
+    cultures |= {k.split("/", 1)[1] for row in trial.history for k in row if k.startswith("val_alignment/")}
+    return sorted(cultures)
+
+
+def report_metrics(report: dict) -> dict[str, float]:
+    """An evaluation report as flat metrics: `<method>.<culture>` and its `.ci95_low` / `.ci95_high`."""
+    rows = dict(report["cultures"]) | {"overall": report["overall"]}
+    if "held_out" in report:
+        rows["held_out"] = report["held_out"]
+    metrics: dict[str, float] = {}
+    for name, row in rows.items():
+        metrics[f"n.{name}"] = row["n"]
+        for method in METHODS:
+            if row.get(method) is not None:
+                metrics[f"{method}.{name}"] = row[method]
+        for method, (low, high) in row.get("ci95", {}).items():
+            metrics[f"{method}.{name}.ci95_low"], metrics[f"{method}.{name}.ci95_high"] = low, high
+    return metrics
 
 
 def _score(version: ModelVersion) -> float:
