@@ -73,7 +73,7 @@ def test_the_better_learning_rate_wins_for_every_culture(llama_dir, tmp_path):
             "train.epochs=3",
         ],
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         outcome = train(config)
     finally:
