@@ -29,6 +29,38 @@ def free_ports(n: int = 1) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
+@contextlib.contextmanager
+def mlflow_server(port: int, folder: Path):
+    """A real `mlflow server` on 127.0.0.1:port with its store in `folder`, ready when entered."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
+        + ["--artifacts-destination", str(folder / "server-artifacts"), "--workers", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # waits for a server to start, not for a timing window
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """Folders of a tiny random GPT-2 and Llama, loadable by path like any hub model."""
@@ -47,3 +79,18 @@ def tiny_base(request, tiny_model_dirs):
 @pytest.fixture(scope="session")
 def llama_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["llama"]
+
+
+# Prompts and a bank of three random experts for the decoding tests (static and continuous alike).
+PROMPTS = ["Do you think people can be trusted?", "Answer: A", "How important is religion in your life? Very"]
+
+
+@pytest.fixture
+def bank(tiny_base):
+    from workers.prompts import SoftPromptBank
+
+    return SoftPromptBank.initialise(tiny_base, ["Germany", "Japan", "Kenya"], 4, init="random", seed=5)
+
+
+def token_ids(base, text: str) -> list[int]:
+    return base.tokenizer.encode(text, add_special_tokens=False)

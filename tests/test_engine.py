@@ -7,31 +7,21 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import PROMPTS, token_ids
 from workers.committees import committee_distributions
 from workers.engine import DecodeEngine
 from workers.generation import DecodeRequest, committee_generate
-from workers.prompts import NO_EXPERT, Expert, ExpertMeta, SoftPromptBank, bank_from_experts
+from workers.prompts import NO_EXPERT, Expert, ExpertMeta, bank_from_experts
 from workers.scoring import encode_question
-
-PROMPTS = ["Do you think people can be trusted?", "Answer: A", "How important is religion in your life? Very"]
-
-
-@pytest.fixture
-def bank(tiny_base):
-    return SoftPromptBank.initialise(tiny_base, ["Germany", "Japan", "Kenya"], 4, init="random", seed=5)
-
-
-def _ids(base, text):
-    return base.tokenizer.encode(text, add_special_tokens=False)
 
 
 def _requests(base):
     """Greedy requests of every shape: one expert, a committee, the plain base model, long and short."""
     return [
-        DecodeRequest(_ids(base, PROMPTS[0]), [(0, 1.0)], max_new_tokens=14),
-        DecodeRequest(_ids(base, PROMPTS[1]), [(1, 0.5), (2, 0.5)], max_new_tokens=3),
-        DecodeRequest(_ids(base, PROMPTS[2]), [(NO_EXPERT, 1.0)], max_new_tokens=7),
-        DecodeRequest(_ids(base, PROMPTS[2]), [(2, 0.7), (NO_EXPERT, 0.3)], max_new_tokens=10),
+        DecodeRequest(token_ids(base, PROMPTS[0]), [(0, 1.0)], max_new_tokens=14),
+        DecodeRequest(token_ids(base, PROMPTS[1]), [(1, 0.5), (2, 0.5)], max_new_tokens=3),
+        DecodeRequest(token_ids(base, PROMPTS[2]), [(NO_EXPERT, 1.0)], max_new_tokens=7),
+        DecodeRequest(token_ids(base, PROMPTS[2]), [(2, 0.7), (NO_EXPERT, 0.3)], max_new_tokens=10),
     ]
 
 
@@ -52,7 +42,9 @@ def test_continuous_batching_gives_the_tokens_of_static_batching(tiny_base, bank
 @pytest.mark.parametrize("join_at", [0, 1, 4, 9])
 def test_an_answer_does_not_depend_on_the_batch_or_when_it_joined(tiny_base, bank, join_at):
     requests = _requests(tiny_base)
-    sampled = DecodeRequest(_ids(tiny_base, PROMPTS[1]), [(0, 0.4), (1, 0.6)], 8, temperature=0.9, seed=7)
+    sampled = DecodeRequest(
+        token_ids(tiny_base, PROMPTS[1]), [(0, 0.4), (1, 0.6)], 8, temperature=0.9, seed=7
+    )
     engine = DecodeEngine(tiny_base, bank, set())
     others = [engine.submit(r) for r in requests]
     for _ in range(join_at):
@@ -136,7 +128,7 @@ def test_a_poison_request_fails_alone(tiny_base, bank, phase):
 
 def test_bad_requests_are_refused_at_submit_and_change_nothing(tiny_base, bank):
     engine = DecodeEngine(tiny_base, bank, set())
-    ids = _ids(tiny_base, PROMPTS[0])
+    ids = token_ids(tiny_base, PROMPTS[0])
     for seed in (-1, 2**63):
         with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
             engine.submit(DecodeRequest(ids, [(0, 1.0)], 4, temperature=1.0, seed=seed))
@@ -200,7 +192,7 @@ def test_experts_of_different_prompt_lengths_decode_as_each_alone(tiny_base):
         _expert(tiny_base, c, n, s) for s, (c, n) in enumerate([("Germany", 2), ("Japan", 7), ("Kenya", 4)])
     ]
     mixed = bank_from_experts(experts)
-    ids = _ids(tiny_base, PROMPTS[0])
+    ids = token_ids(tiny_base, PROMPTS[0])
     engine = DecodeEngine(tiny_base, mixed, set())
     together = [engine.submit(DecodeRequest(ids, [(e, 1.0)], 8)) for e in range(3)]
     committee = engine.submit(DecodeRequest(ids, [(0, 0.5), (1, 0.3), (NO_EXPERT, 0.2)], 8))

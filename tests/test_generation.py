@@ -4,25 +4,15 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import PROMPTS, token_ids
 from workers.committees import committee_distributions
 from workers.generation import DecodeRequest, chat_prompt, committee_generate
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import encode_question, option_distributions
 
-PROMPTS = ["Do you think people can be trusted?", "Answer: A", "How important is religion in your life? Very"]
-
-
-@pytest.fixture
-def bank(tiny_base):
-    return SoftPromptBank.initialise(tiny_base, ["Germany", "Japan", "Kenya"], 4, init="random", seed=5)
-
-
-def _ids(base, text):
-    return base.tokenizer.encode(text, add_special_tokens=False)
-
 
 def test_committee_of_one_is_plain_greedy_generation_with_that_prompt(tiny_base, bank):
-    ids = _ids(tiny_base, PROMPTS[0])
+    ids = token_ids(tiny_base, PROMPTS[0])
     [ours] = committee_generate(tiny_base, bank, [DecodeRequest(ids, [(1, 1.0)], max_new_tokens=12)], set())
     inputs = prompted_inputs(
         tiny_base.model,
@@ -59,7 +49,7 @@ def _reference_mixture(base, bank, ids, members, steps):
 
 
 def test_joint_decoding_mixes_member_distributions_every_step(tiny_base, bank):
-    ids = _ids(tiny_base, PROMPTS[2])
+    ids = token_ids(tiny_base, PROMPTS[2])
     members = [(0, 0.6), (2, 0.3), (NO_EXPERT, 0.1)]
     [ours] = committee_generate(tiny_base, bank, [DecodeRequest(ids, members, max_new_tokens=6)], set())
     assert ours.token_ids == _reference_mixture(tiny_base, bank, ids, members, 6)
@@ -67,10 +57,12 @@ def test_joint_decoding_mixes_member_distributions_every_step(tiny_base, bank):
 
 def test_each_request_of_a_mixed_batch_decodes_as_it_would_alone(tiny_base, bank):
     requests = [
-        DecodeRequest(_ids(tiny_base, PROMPTS[0]), [(0, 1.0)], max_new_tokens=7),
-        DecodeRequest(_ids(tiny_base, PROMPTS[1]), [(1, 0.5), (2, 0.5)], max_new_tokens=3),
-        DecodeRequest(_ids(tiny_base, PROMPTS[2]), [(NO_EXPERT, 1.0)], max_new_tokens=5),
-        DecodeRequest(_ids(tiny_base, PROMPTS[1]), [(2, 1.0)], max_new_tokens=6, temperature=0.8, seed=11),
+        DecodeRequest(token_ids(tiny_base, PROMPTS[0]), [(0, 1.0)], max_new_tokens=7),
+        DecodeRequest(token_ids(tiny_base, PROMPTS[1]), [(1, 0.5), (2, 0.5)], max_new_tokens=3),
+        DecodeRequest(token_ids(tiny_base, PROMPTS[2]), [(NO_EXPERT, 1.0)], max_new_tokens=5),
+        DecodeRequest(
+            token_ids(tiny_base, PROMPTS[1]), [(2, 1.0)], max_new_tokens=6, temperature=0.8, seed=11
+        ),
     ]
     together = committee_generate(tiny_base, bank, requests, set())
     for request, got in zip(requests, together):
@@ -80,7 +72,7 @@ def test_each_request_of_a_mixed_batch_decodes_as_it_would_alone(tiny_base, bank
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_base, bank):
-    ids = _ids(tiny_base, PROMPTS[0])
+    ids = token_ids(tiny_base, PROMPTS[0])
 
     def sample(seed):
         request = DecodeRequest(ids, [(0, 0.5), (1, 0.5)], max_new_tokens=10, temperature=1.5, seed=seed)
@@ -91,7 +83,7 @@ def test_sampling_is_reproducible_with_a_seed(tiny_base, bank):
 
 
 def test_a_stop_token_ends_a_request_without_being_returned(tiny_base, bank):
-    ids = _ids(tiny_base, PROMPTS[0])
+    ids = token_ids(tiny_base, PROMPTS[0])
     [free] = committee_generate(tiny_base, bank, [DecodeRequest(ids, [(0, 1.0)], max_new_tokens=5)], set())
     stop = free.token_ids[2]
     [stopped] = committee_generate(
@@ -131,7 +123,7 @@ def test_static_decoding_with_mixed_prompt_lengths_equals_each_expert_alone(tiny
         torch.randn(n, tiny_base.hidden_size, generator=torch.Generator().manual_seed(n)) for n in (2, 6)
     ]
     bank = SoftPromptBank(["Germany", "Japan"], prompts)
-    ids = _ids(tiny_base, PROMPTS[0])
+    ids = token_ids(tiny_base, PROMPTS[0])
     together = committee_generate(tiny_base, bank, [DecodeRequest(ids, [(e, 1.0)], 8) for e in (0, 1)], set())
     for prompt, got in zip(prompts, together):
         alone = SoftPromptBank(["alone"], [prompt])
@@ -139,7 +131,7 @@ def test_static_decoding_with_mixed_prompt_lengths_equals_each_expert_alone(tiny
 
 
 def test_a_temperature_near_zero_decodes_greedily_and_bad_seeds_are_refused(tiny_base, bank):
-    ids = _ids(tiny_base, PROMPTS[1])
+    ids = token_ids(tiny_base, PROMPTS[1])
     greedy = committee_generate(tiny_base, bank, [DecodeRequest(ids, [(0, 1.0)], 6)], set())
     tiny = committee_generate(tiny_base, bank, [DecodeRequest(ids, [(0, 1.0)], 6, temperature=1e-30)], set())
     assert tiny == greedy

@@ -1,9 +1,6 @@
 """The experiment tracker on a real sqlite MLflow store, safe publishing of experts, and credentials kept out."""
 
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from orchestrator.publish import publish_experts
 from orchestrator.results import FinishedTrial, Winner
 from orchestrator.survey import prepare_data
 from orchestrator.tracking import ExperimentTracker, Store, TrackingError, public_config, restore_credentials
-from tests.conftest import OPINIONS, REPO, free_ports
+from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
 from workers.cultures import slug
 from workers.expert_store import CHAMPION, load_experts, redact, registered_experts
 from workers.prompts import Expert, ExpertMeta, save_expert
@@ -232,25 +229,7 @@ def test_a_store_with_credentials_down_during_training_gets_everything_later_onc
     )
     assert leaked.stdout == b"", leaked.stdout.decode()
 
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
-        + ["--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        import httpx
-
-        deadline = time.time() + 60
-        while time.time() < deadline:  # waits for a server to start, not for a timing window
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with mlflow_server(port, tmp_path):
         assert shores_main(["register", "--from", str(tmp_path)]) == 2  # the saved config has no secret
         assert "pass the original config with --config" in capfd.readouterr().err
         original = tmp_path.parent / f"{tmp_path.name}-original.yaml"
@@ -269,6 +248,3 @@ def test_a_store_with_credentials_down_during_training_gets_everything_later_onc
             "user:***@127.0.0.1" in parent.data.params["config"]
             and SECRET not in parent.data.params["config"]
         )
-    finally:
-        server.terminate()
-        server.wait(30)

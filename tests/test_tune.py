@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from orchestrator.config import load_config
 from orchestrator.tracking import Store
 from orchestrator.train import train
 from orchestrator.trial import run_trial
-from tests.conftest import OPINIONS, REPO, free_ports
+from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
 from workers.expert_store import registered_experts
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -192,25 +191,7 @@ def test_mlflow_outage_loses_nothing_and_register_from_logs_it_later(llama_dir, 
     assert outcome["experts"] == ["Germany", "Japan"] and outcome["registered"] == []
     assert len(list((tmp_path / "experts").glob("*.safetensors"))) == 2
 
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
-        + ["--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        import httpx
-
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{uri}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with mlflow_server(port, tmp_path):
         assert shores_main(["register", "--from", str(tmp_path)]) == 0
         rows = registered_experts(Store.from_config(config))
         assert {r["culture"] for r in rows if "champion" in r["aliases"]} == {"Germany", "Japan"}
@@ -221,6 +202,3 @@ def test_mlflow_outage_loses_nothing_and_register_from_logs_it_later(llama_dir, 
         assert (
             len([p for p in downloaded.rglob("*.safetensors") if p.name != "adapter_model.safetensors"]) == 2
         )
-    finally:
-        server.terminate()
-        server.wait(30)
