@@ -95,6 +95,9 @@ class TuneSection(Strict):
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float | Literal["auto"] = "auto"  # auto: one GPU where the cluster has GPUs, else none
+    # Where Tune keeps checkpoints: a path or a URI (file:///abs, s3://bucket/prefix, gs://...) that every
+    # node reaches; default <output_dir>/tune.
+    storage: str | None = None
 
     @field_validator("search_space", mode="before")
     @classmethod

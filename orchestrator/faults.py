@@ -1,10 +1,14 @@
-"""Deterministic fault injection: `SHORES_FAULT=<kind>:<group>[:<epoch>]` makes an exact failure happen once.
+"""Deterministic fault injection: `SHORES_FAULT=<kind>:<numbers>` makes an exact failure happen once.
 
 Kinds (see docs/cluster.md, "Fault injection"):
 - `kill-after-checkpoint:<group>:<epoch>`: the trial of culture group <group> SIGKILLs its own process
   right after Tune has taken its epoch-<epoch> checkpoint (what a lost node or an OOM kill does).
 - `interrupt-after-trial:<group>`: the driver sends itself SIGINT (Ctrl-C) as soon as the trial of
   culture group <group> has finished.
+- `await-node-loss:<epoch>`: the first trial running on a node other than the head, right after Tune has
+  taken its epoch-<epoch> checkpoint, writes that epoch's report (JSON) to the marker file and waits for
+  its node to be removed (the marker is the signal to remove it). It names no group: the scheduler, not
+  the config, picks which group lands on which node.
 
 The driver reads the variable when it builds the experiment and hands the fault to every trial, so it
 reaches trial processes on any cluster. A marker file under <output_dir>/faults is created atomically
@@ -13,17 +17,27 @@ when the fault fires: the retried trial, or the resumed experiment, does not fir
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 from ray import tune
 
 from orchestrator.config import ConfigError
 
 ENV = "SHORES_FAULT"
-KINDS = {"kill-after-checkpoint": 2, "interrupt-after-trial": 1}  # kind -> how many numbers follow it
+# kind -> the numbers that follow it
+KINDS = {
+    "kill-after-checkpoint": ("group", "epoch"),
+    "interrupt-after-trial": ("group",),
+    "await-node-loss": ("epoch",),
+}
+HEAD_RESOURCE = "node:__internal_head__"  # a resource only Ray's head node has
+NODE_LOSS_WAIT_S = 600  # a trial awaiting its node's removal gives up (and fails) after this long
 
 
 class FaultError(ConfigError):
@@ -32,24 +46,24 @@ class FaultError(ConfigError):
 
 @dataclass(frozen=True)
 class Fault:
-    """One fault to inject: its kind, the culture group it hits, the epoch (for a kill), its marker file."""
+    """One fault to inject: its kind, the group and epoch it hits (where it names them), its marker."""
 
     kind: str
-    group: int
+    group: int | None
     epoch: int | None
     marker: Path
 
     @classmethod
     def parse(cls, spec: str, output_dir: str | Path) -> Fault:
-        """A fault from its `kind:group[:epoch]` spelling; its marker lives under `output_dir`/faults."""
+        """A fault from its `kind:numbers` spelling; its marker lives under `output_dir`/faults."""
         kind, *numbers = spec.strip().split(":")
-        if kind not in KINDS or len(numbers) != KINDS[kind] or not all(n.isdigit() for n in numbers):
-            raise FaultError(
-                f"{ENV}={spec!r}: expected kill-after-checkpoint:<group>:<epoch> or interrupt-after-trial:<group>"
-            )
-        group, epoch = int(numbers[0]), (int(numbers[1]) if len(numbers) > 1 else None)
+        if kind not in KINDS or len(numbers) != len(KINDS[kind]) or not all(n.isdigit() for n in numbers):
+            spellings = " or ".join(":".join([k, *(f"<{n}>" for n in names)]) for k, names in KINDS.items())
+            raise FaultError(f"{ENV}={spec!r}: expected {spellings}")
+        values = dict(zip(KINDS[kind], map(int, numbers)))
         name = "-".join([kind, *numbers])
-        return cls(kind, group, epoch, Path(output_dir).resolve() / "faults" / name)
+        marker = Path(output_dir).resolve() / "faults" / name
+        return cls(kind, values.get("group"), values.get("epoch"), marker)
 
     @classmethod
     def from_env(cls, output_dir: str | Path) -> Fault | None:
@@ -57,23 +71,38 @@ class Fault:
         spec = os.environ.get(ENV, "").strip()
         return cls.parse(spec, output_dir) if spec else None
 
-    def fire_once(self) -> bool:
-        """Claim the fault: True the first time only, across processes and retries."""
+    def fire_once(self, note: dict | None = None) -> bool:
+        """Claim the fault: True the first time only, across processes, retries; `note` goes in the marker."""
         self.marker.parent.mkdir(parents=True, exist_ok=True)
         try:
             descriptor = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return False
+        if note is not None:
+            os.write(descriptor, json.dumps(note, default=str).encode())
         os.fsync(descriptor)  # on disk before the process dies
         os.close(descriptor)
         return True
 
 
-def after_checkpoint(fault: Fault | None, group: int, epoch: int) -> None:
-    """Called by a trial once Tune has its epoch checkpoint: SIGKILL this process if the fault says so."""
+def after_checkpoint(fault: Fault | None, group: int, epoch: int, report: dict | None = None) -> None:
+    """Called by a trial once Tune has its epoch checkpoint (and `report`): SIGKILL this process, or await
+    the loss of its node, if the fault says so."""
     if fault and fault.kind == "kill-after-checkpoint" and (fault.group, fault.epoch) == (group, epoch):
         if fault.fire_once():
             os.kill(os.getpid(), signal.SIGKILL)
+    if fault and fault.kind == "await-node-loss" and fault.epoch == epoch and not on_head_node():
+        if fault.fire_once(note=report):
+            # Removing the node ends this process. The marker, holding the report (its node id, the
+            # shared base it mapped), tells whoever removes the node that it may, and which one.
+            threading.Event().wait(NODE_LOSS_WAIT_S)
+            raise RuntimeError(f"{ENV}=await-node-loss: the node was not removed in {NODE_LOSS_WAIT_S} s")
+
+
+def on_head_node() -> bool:
+    """Whether this process runs on the Ray cluster's head node."""
+    here = ray.get_runtime_context().get_node_id()
+    return any(node["NodeID"] == here and HEAD_RESOURCE in node["Resources"] for node in ray.nodes())
 
 
 class InterruptAfterTrial(tune.Callback):

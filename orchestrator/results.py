@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.fs
 from ray import tune
 
 from workers.cultures import slug
@@ -30,11 +32,14 @@ class FinishedTrial:
     failed: bool = False
 
     @classmethod
-    def from_result(cls, result: tune.Result) -> FinishedTrial:
+    def from_result(cls, result: tune.Result, downloads: Path | None = None) -> FinishedTrial:
+        """The trial of one Tune result; a checkpoint in remote storage is downloaded under `downloads`."""
         frame = result.metrics_dataframe
+        trial_id = result.metrics.get("trial_id") or Path(result.path).name
+        checkpoint = result.checkpoint
         return cls(
-            trial_id=result.metrics.get("trial_id") or Path(result.path).name,
-            experts=Path(result.checkpoint.path) / "experts" if result.checkpoint is not None else None,
+            trial_id=trial_id,
+            experts=local_checkpoint(checkpoint, downloads, trial_id) / "experts" if checkpoint else None,
             params=dict(result.config or {}),
             history=frame.to_dict("records") if frame is not None else [],
             failed=result.error is not None,
@@ -65,9 +70,20 @@ class Winner:
         return self.folder / "peft" / slug(self.culture)
 
 
-def finished_trials(results: tune.ResultGrid) -> list[FinishedTrial]:
-    """Every trial of a result grid, in the grid's order."""
-    return [FinishedTrial.from_result(r) for r in results]
+def local_checkpoint(checkpoint: tune.Checkpoint, downloads: Path | None, trial_id: str) -> Path:
+    """A folder on this machine holding the checkpoint: its own where it is local, else a download of it.
+
+    Tune's storage may be a URI (s3://, gs://): a checkpoint's `path` is then a key in that filesystem.
+    """
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    root = downloads or Path(tempfile.mkdtemp(prefix="shores-checkpoints-"))
+    return Path(checkpoint.to_directory(root / trial_id / Path(checkpoint.path).name))
+
+
+def finished_trials(results: tune.ResultGrid, downloads: Path | None = None) -> list[FinishedTrial]:
+    """Every trial of a result grid, in order; remote checkpoints are downloaded under `downloads`."""
+    return [FinishedTrial.from_result(r, downloads) for r in results]
 
 
 def best_experts(results: tune.ResultGrid | list[FinishedTrial]) -> dict[str, Winner]:

@@ -22,7 +22,7 @@ from orchestrator.tracking import (
     restore_credentials,
 )
 from orchestrator.trial import run_trial, validate_deepspeed
-from orchestrator.tune import expected_trials, restore, storage_path, tuner
+from orchestrator.tune import expected_trials, experiment_path, restore, tuner
 from workers.shared_base import SharedBase
 
 
@@ -63,13 +63,18 @@ def finish(
     config: ExperimentConfig, data: ExperimentData, results: tune.ResultGrid, tracker: ExperimentTracker
 ) -> dict:
     """Publish each culture's best expert to <output_dir>/experts, then log and register everything."""
-    trials = finished_trials(results)
+    trials = finished_trials(results, downloads=checkpoint_downloads(config))
     winners = best_experts(trials)
     missing = [c for c in data.selection.trained if c not in winners]
     if missing:
         print(f"warning: no finished trial holds an expert for {missing}", file=sys.stderr)
     publish_experts(config.experts_dir, winners, data)
     return {"experts": sorted(winners), "registered": record(config, tracker, trials, winners)}
+
+
+def checkpoint_downloads(config: ExperimentConfig) -> Path:
+    """Where the driver downloads the trials' checkpoints when Tune's storage is remote (s3://, gs://)."""
+    return Path(config.output_dir) / "checkpoints"
 
 
 def record(
@@ -99,11 +104,11 @@ def register_from(output_dir: Path, original: ExperimentConfig | None = None) ->
     or the MLFLOW_TRACKING_URI variable, as the saved config.yaml keeps none.
     """
     config = restore_credentials(load_config(output_dir / "config.yaml"), original)
-    path = storage_path(config) / config.name
-    if not tune.Tuner.can_restore(str(path)):
+    path = experiment_path(config)
+    if not tune.Tuner.can_restore(path):
         raise FileNotFoundError(f"no Tune experiment at {path}")
-    results = tune.Tuner.restore(str(path), run_trial).get_results()
-    trials = finished_trials(results)
+    results = tune.Tuner.restore(path, run_trial).get_results()
+    trials = finished_trials(results, downloads=checkpoint_downloads(config))
     winners = best_experts(trials)
     if not winners:
         print(f"warning: no finished trial of {path} holds an expert", file=sys.stderr)

@@ -62,6 +62,14 @@ class TrialSpec:
     started: float
 
 
+@dataclass(frozen=True)
+class SharedBaseRef:
+    """The shared base's ObjectRef as trials get it: `tune.with_parameters` would resolve a bare ref to the
+    object, and a trial could then neither hand the ref on (deepspeed) nor say which object it mapped."""
+
+    ref: ray.ObjectRef
+
+
 def culture_groups(cultures: list[str], experts_per_trial: int) -> list[list[str]]:
     """Cultures in trial-sized groups, in order."""
     return [cultures[i : i + experts_per_trial] for i in range(0, len(cultures), experts_per_trial)]
@@ -131,11 +139,13 @@ def epoch_metrics(epoch: EpochReport, trainer: PackedTrainer, spec: TrialSpec) -
     metrics |= flat | {f"best_val_alignment/{c}": v for c, v in epoch.best_val_alignment.items()}
     metrics["grad_norm"] = float(np.mean(trainer.grad_norms)) if trainer.grad_norms else float("nan")
     gpu_ids = ray.get_gpu_ids()
-    # Tune's own `pid` is the trial process's; `worker_pid` is the process that trained (rank 0's).
+    # Tune's own `pid` is the trial process's; `worker_pid` is the process that trained (rank 0's), and
+    # `node_id` the Ray node it ran on.
     return metrics | {
         "strategy": spec.config.strategy,
         "num_workers": trainer.world,
         "worker_pid": os.getpid(),
+        "node_id": ray.get_runtime_context().get_node_id(),
         "started": spec.started,
         "gpu_id": float(gpu_ids[0]) if gpu_ids else -1.0,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
@@ -184,25 +194,31 @@ def train_group(spec: TrialSpec, shared: SharedBase, report: Report, ds: dict | 
 def report_to_tune(spec: TrialSpec, fault: Fault | None, metrics: dict, checkpoint: tune.Checkpoint) -> None:
     """Hand one epoch to Tune; once Tune has its checkpoint, an injected fault may kill this trial."""
     tune.report(metrics, checkpoint=checkpoint)
-    after_checkpoint(fault, spec.group, int(metrics["epoch"]))
+    after_checkpoint(fault, spec.group, int(metrics["epoch"]), metrics)
 
 
 def run_trial(
-    params: dict, config: ExperimentConfig, data: ExperimentData, shared, fault: Fault | None = None
+    params: dict,
+    config: ExperimentConfig,
+    data: ExperimentData,
+    shared: SharedBaseRef,
+    fault: Fault | None = None,
 ) -> None:
     """The Tune trial function of both strategies: train one culture group, reporting every epoch.
 
-    `shared` is the SharedBase, or (deepspeed) an ObjectRef to it, which the workers map zero-copy.
+    The base is mapped zero-copy from this node's object store (by the Train workers, for deepspeed); a
+    packed trial reports the object's id as `shared_base`.
     """
     spec = trial_spec(params, config, data)
     if spec.config.strategy == "deepspeed":
-        _run_on_train_workers(spec, shared, fault)
+        _run_on_train_workers(spec, shared.ref, fault)
         return
+    mapped = {"shared_base": shared.ref.hex()}
 
     def report(metrics: dict, folder: Path | None) -> None:
-        report_to_tune(spec, fault, metrics, tune.Checkpoint.from_directory(folder))
+        report_to_tune(spec, fault, metrics | mapped, tune.Checkpoint.from_directory(folder))
 
-    train_group(spec, shared, report)
+    train_group(spec, ray.get(shared.ref), report)
 
 
 def gpus_per_trial(config: ExperimentConfig) -> float:
@@ -261,7 +277,7 @@ def validate_deepspeed(config: ExperimentConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def _run_on_train_workers(spec: TrialSpec, shared, fault: Fault | None) -> None:
+def _run_on_train_workers(spec: TrialSpec, shared: ray.ObjectRef, fault: Fault | None) -> None:
     """Fit a TorchTrainer whose workers run `train_group` under ZeRO, relaying each epoch to Tune."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -269,7 +285,6 @@ def _run_on_train_workers(spec: TrialSpec, shared, fault: Fault | None) -> None:
 
     config = spec.config
     ds = trial_ds_config(config, len(spec.cultures))  # bad settings fail here, before any worker starts
-    shared_ref = shared if isinstance(shared, ray.ObjectRef) else ray.put(shared)
     use_gpu = gpus_per_trial(config) > 0
     # Ray Train's own storage for this trial, outside Tune's folders (Tune copies each checkpoint it is
     # handed); on a cluster, output_dir must be shared, as Tune's storage must.
@@ -281,7 +296,7 @@ def _run_on_train_workers(spec: TrialSpec, shared, fault: Fault | None) -> None:
     relay = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"spec": spec, "shared": shared_ref, "ds": ds, "relay": relay},
+        train_loop_config={"spec": spec, "shared": shared, "ds": ds, "relay": relay},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=config.deepspeed.num_workers,

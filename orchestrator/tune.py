@@ -11,7 +11,7 @@ from ray.tune.search import BasicVariantGenerator
 from orchestrator.config import INT_SEARCH_KEYS, ExperimentConfig, Sampler
 from orchestrator.faults import Fault, driver_callbacks
 from orchestrator.survey import ExperimentData
-from orchestrator.trial import culture_groups, run_trial, trial_resources
+from orchestrator.trial import SharedBaseRef, culture_groups, run_trial, trial_resources
 from workers.shared_base import SharedBase
 
 
@@ -53,8 +53,9 @@ def make_trainable(
     config: ExperimentConfig, data: ExperimentData, shared: SharedBase, fault: Fault | None = None
 ):
     """The trial function with its resources; the shared checkpoint and data go into the object store once."""
-    # A deepspeed trial hands the base on to its Train workers: as a ref, they map it zero-copy.
-    base = ray.put(shared) if config.strategy == "deepspeed" else shared
+    # One copy in the object store; each trial maps its node's copy zero-copy, or (deepspeed) hands the
+    # ref on to its Train workers, which do.
+    base = SharedBaseRef(ray.put(shared))
     trainable = tune.with_parameters(run_trial, config=config, data=data, shared=base, fault=fault)
     return tune.with_resources(trainable, trial_resources(config))
 
@@ -88,7 +89,7 @@ def tuner(
         ),
         run_config=tune.RunConfig(
             name=config.name,
-            storage_path=str(storage_path(config)),
+            storage_path=storage_path(config),
             failure_config=tune.FailureConfig(max_failures=config.tune.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[*(callbacks or []), *driver_callbacks(fault)],
@@ -96,16 +97,25 @@ def tuner(
     )
 
 
-def storage_path(config: ExperimentConfig) -> Path:
-    return Path(config.output_dir).resolve() / "tune"
+def storage_path(config: ExperimentConfig) -> str:
+    """Where Tune keeps experiments: `tune.storage` (a path or URI), by default <output_dir>/tune."""
+    storage = config.tune.storage
+    if storage and "://" in storage:
+        return storage.rstrip("/")
+    return str(Path(storage or Path(config.output_dir) / "tune").resolve())
+
+
+def experiment_path(config: ExperimentConfig) -> str:
+    """The experiment's folder in Tune's storage (a path or a URI), which `restore` continues from."""
+    return f"{storage_path(config)}/{config.name}"
 
 
 def restore(config: ExperimentConfig, data: ExperimentData, shared: SharedBase | None) -> tune.Tuner:
     """The interrupted experiment, to continue: finished trials stay finished, errored ones resume."""
-    path = storage_path(config) / config.name
-    if not tune.Tuner.can_restore(str(path)):
+    path = experiment_path(config)
+    if not tune.Tuner.can_restore(path):
         raise FileNotFoundError(f"no experiment to resume at {path}")
     trainable = (
         make_trainable(config, data, shared, Fault.from_env(config.output_dir)) if shared else run_trial
     )
-    return tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    return tune.Tuner.restore(path, trainable, resume_errored=True)
