@@ -84,8 +84,10 @@ def tuner(
             metric="val_gain",
             mode="max",
             scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=config.train.seed),
-            max_concurrent_trials=config.tune.max_concurrent_trials,
+            # Tune ignores max_concurrent_trials beside a search algorithm of this kind: it is set here.
+            search_alg=BasicVariantGenerator(
+                max_concurrent=config.tune.max_concurrent_trials or 0, random_state=config.train.seed
+            ),
         ),
         run_config=tune.RunConfig(
             name=config.name,
