@@ -28,9 +28,8 @@ from workers.prompts import NO_EXPERT, Expert, SoftPromptBank, bank_from_experts
 from workers.scoring import encode_question
 
 logger = logging.getLogger("ray.serve")
-GATE_ENV = (
-    "SHORES_BATCH_GATE"  # names an actor every batch waits at before it runs (tests hold the pool busy)
-)
+# Names an actor that each request waits at before it is batched: tests hold the pool busy at that point.
+GATE_ENV = "SHORES_POOL_GATE"
 GATE_NAMESPACE = "shores"
 WHOLE = 1 << 30  # encode the whole prompt: its length is checked against the context window, not cut
 
@@ -303,10 +302,12 @@ class ExpertPool:
 
     async def opinion(self, job: OpinionJob) -> OpinionAnswer:
         """A committee's option distribution for one question (batched with concurrent requests)."""
+        await self._pass_gate()
         return _raised(await self._opinion_batch(job))
 
     async def generate(self, job: GenerateJob) -> GenerateAnswer:
         """A committee's joint continuation of one prompt (batched with concurrent requests)."""
+        await self._pass_gate()
         return _raised(await self._generate_batch(job))
 
     def _resolve(
@@ -328,14 +329,19 @@ class ExpertPool:
         return ok, members, refused
 
     async def _pass_gate(self) -> None:
-        """Wait at the gate actor named by $SHORES_BATCH_GATE while it exists (tests: the pool held busy)."""
+        """Wait at the gate actor named by $SHORES_POOL_GATE while it exists (tests: the pool held busy)."""
         if not self.gate:
             return
         try:
             gate = ray.get_actor(self.gate, namespace=GATE_NAMESPACE)
         except ValueError:  # no gate up: batches run
             return
-        await gate.passage.remote()
+        passage = gate.passage.remote()
+        try:
+            await passage
+        except asyncio.CancelledError:  # the router gave up on this request: leave the gate too
+            ray.cancel(passage)
+            raise
 
     def _check_fits(self, prompt_tokens: int, experts: ExpertSet, max_new_tokens: int) -> None:
         """A BadRequestError (422) when the prompt, soft prompt and new tokens overrun the context window."""
@@ -355,7 +361,6 @@ class ExpertPool:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _opinion_batch(self, jobs: list[OpinionJob]) -> list[OpinionAnswer | ExpertsNotLoadedError]:
-        await self._pass_gate()
         experts = self.experts  # one version for the whole batch
         resolved, resolved_members, results = self._resolve(experts, jobs)
         ok, members, questions = [], [], []
@@ -388,7 +393,6 @@ class ExpertPool:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, jobs: list[GenerateJob]) -> list[GenerateAnswer | ExpertsNotLoadedError]:
-        await self._pass_gate()
         experts = self.experts
         resolved, members, results = self._resolve(experts, jobs)
         tokenizer = self.base.tokenizer
