@@ -180,7 +180,7 @@ class PoolStats:
         self.reloads = 0
         self.recent: deque[dict] = deque(maxlen=16)  # the last batches: how many requests, which experts
 
-    def record(self, kind: str, jobs: list, committees: list[Committee]) -> None:
+    def record(self, jobs: list, committees: list[Committee]) -> None:
         self.batches += 1
         self.requests += len(jobs)
         self.rows += sum(len(c.members) for c in committees)
@@ -188,9 +188,6 @@ class PoolStats:
         distinct = {culture for c in committees for culture in c.cultures}
         self.most_experts_in_a_batch = max(self.most_experts_in_a_batch, len(distinct))
         self.recent.append({"requests": len(jobs), "experts": sorted(distinct)})
-        if jobs:
-            METRICS.batch_rows.observe(sum(len(c.members) for c in committees), tags={"kind": kind})
-            METRICS.batch_experts.observe(len(distinct), tags={"kind": kind})
 
 
 class PoolMetrics:
@@ -206,19 +203,11 @@ class PoolMetrics:
         )
         self.tokens = Counter("shores_generated_tokens", "Tokens generated, by expert", tag_keys=("expert",))
 
-
-class _Lazy:
-    # Metrics are made in the replica on first use, so importing this module registers nothing.
-    def __init__(self, make):
-        self.make, self.made = make, None
-
-    def __getattr__(self, name: str):
-        if self.made is None:
-            self.made = self.make()
-        return getattr(self.made, name)
-
-
-METRICS = _Lazy(PoolMetrics)
+    def batch(self, kind: str, committees: list[Committee]) -> None:
+        if committees:
+            experts = {culture for c in committees for culture in c.cultures}
+            self.batch_rows.observe(sum(len(c.members) for c in committees), tags={"kind": kind})
+            self.batch_experts.observe(len(experts), tags={"kind": kind})
 
 
 # A replica that cannot load its experts fails the same way every time: three tries, not Serve's twenty.
@@ -236,6 +225,7 @@ class ExpertPool:
         self.source = settings.source
         self.experts = self._index(self.source.load(self.base))
         self.stats = PoolStats()
+        self.metrics = PoolMetrics()
         for handler in (self._opinion_batch, self._generate_batch):
             handler.set_max_batch_size(settings.max_batch_size)
             handler.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -384,7 +374,8 @@ class ExpertPool:
             if ok
             else []
         )
-        self.stats.record("opinion", [jobs[i] for i in ok], [jobs[i].committee for i in ok])
+        self.stats.record([jobs[i] for i in ok], [jobs[i].committee for i in ok])
+        self.metrics.batch("opinion", [jobs[i].committee for i in ok])
         for i, dist in zip(ok, distributions):
             results[i] = OpinionAnswer(
                 [float(p) for p in dist], self._versions(experts, jobs[i].committee), experts.version
@@ -411,10 +402,11 @@ class ExpertPool:
         decoded = (
             committee_generate(self.base, experts.bank, requests, self.stop_ids) if requests else []
         )  # on the loop: see above
-        self.stats.record("generate", [jobs[i] for i in ok], [jobs[i].committee for i in ok])
+        self.stats.record([jobs[i] for i in ok], [jobs[i].committee for i in ok])
+        self.metrics.batch("generate", [jobs[i].committee for i in ok])
         for i, request, out in zip(ok, requests, decoded):
             for culture in jobs[i].committee.cultures:
-                METRICS.tokens.inc(len(out.token_ids), tags={"expert": culture})
+                self.metrics.tokens.inc(len(out.token_ids), tags={"expert": culture})
             results[i] = GenerateAnswer(
                 text=tokenizer.decode(out.token_ids, skip_special_tokens=True),
                 finish_reason=out.finish_reason,

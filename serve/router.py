@@ -183,7 +183,7 @@ class Router:
         retry = {"Retry-After": str(self.section.retry_after_s)}
         response = getattr(self.pool, method).remote(*args)
         try:
-            result = await asyncio.wait_for(asyncio.shield(response), self.section.request_timeout_s)
+            result = await asyncio.wait_for(response, self.section.request_timeout_s)
         except TimeoutError:
             response.cancel()  # the replica stops working on it
             raise ApiError(
