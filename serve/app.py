@@ -37,6 +37,7 @@ DEFAULT_CONFIG = "configs/demo.yaml"
 REPO = Path(__file__).resolve().parents[1]
 APP_NAME = "shores"
 ROUTER_CPUS = 0.5
+ROUTER_ONGOING = 256  # requests the router relays at once: it waits on the pool, which does the work
 SERVE_LOGS = "/tmp/ray/session_latest/logs/serve"  # the router embeds short texts and relays JSON; the pool replicas do the model work
 
 
@@ -119,7 +120,10 @@ def build_app(config: ExperimentConfig) -> Application:
         ray_actor_options={"num_cpus": section.cpus_per_replica, "num_gpus": gpus_per_replica(config)},
     ).bind(pool_settings(config))
     return Router.options(
-        max_queued_requests=section.max_queued_requests,
+        max_ongoing_requests=ROUTER_ONGOING,
+        # Serve counts a request as queued until it is assigned a replica, so a queue bound under the router's
+        # free slots would refuse simultaneous arrivals that it has room for: the pool's queue is the real bound.
+        max_queued_requests=max(section.max_queued_requests, ROUTER_ONGOING),
         backpressure_config=backpressure,
         ray_actor_options={"num_cpus": ROUTER_CPUS},
     ).bind(pool, section)

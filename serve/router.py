@@ -127,7 +127,7 @@ def _first_error(err: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-@serve.deployment(max_ongoing_requests=256, max_constructor_retry_count=3)
+@serve.deployment(max_constructor_retry_count=3)
 @serve.ingress(api)
 class Router:
     """Validates, routes to a committee, calls the pool, and answers in the contract's shapes."""

@@ -34,7 +34,8 @@ from tests.serving import (
 
 GATE = "test-gate"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
-ONGOING, QUEUED, TIMEOUT_S = 4, 1, 8
+# Serve counts a request as queued until a replica takes it: a queue of 4 lets 4 simultaneous arrivals in.
+ONGOING, QUEUED, TIMEOUT_S = 4, 4, 8
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def server(tiny_model_dirs, tmp_path_factory):
         tiny_model_dirs["llama"],
         out,
         reload_interval_s=0,  # no background calls to a pool the tests keep full
+        max_batch_size=ONGOING,
         batch_wait_timeout_s=0.25,  # requests let through the gate together form one batch
         max_ongoing_requests=ONGOING,
         max_queued_requests=QUEUED,
@@ -62,6 +64,11 @@ def server(tiny_model_dirs, tmp_path_factory):
                 yield {"url": url, "http": http, "metrics": metrics_port, "model": tiny_model_dirs["llama"]}
     finally:
         del os.environ[GATE_ENV]
+
+
+def until(ref):
+    """The value of a gate call; bounded, so that a test fails instead of hanging."""
+    return ray.get(ref, timeout=120)
 
 
 def post_all(url: str, bodies: list[tuple[str, dict]]) -> list:
@@ -85,8 +92,8 @@ def test_a_poison_request_fails_alone_in_a_batch_of_good_ones(server):
     too_long = ("/v1/generate", {"prompt": "yes " * 600, "culture": "Japan", "max_new_tokens": 4})
     with closed_gate(GATE) as gate:
         futures = post_all(server["url"], [*good, too_long])
-        ray.get(gate.until_waiting.remote(len(futures)))  # all four in the pool, about to batch together
-        ray.get(gate.open.remote())
+        until(gate.until_waiting.remote(len(futures)))  # all four in the pool, about to batch together
+        until(gate.open.remote())
         responses = [f.result() for f in futures]
     for response, text in zip(responses[:-1], alone):
         assert response.status_code == 200, response.text
@@ -110,13 +117,13 @@ def test_a_flood_gets_503_with_retry_after(server):
     url, opinion = server["url"], ("/v1/opinion", QUESTION | {"culture": "Japan"})
     with closed_gate(GATE) as gate:
         held = post_all(url, [opinion] * ONGOING)
-        ray.get(gate.until_waiting.remote(ONGOING))  # the replica is full
-        flood = post_all(url, [opinion] * (QUEUED + 2))  # one may queue; the rest cannot
-        refused, pending = [], set(flood)
-        while len(refused) < 2:  # nothing else can answer while the gate is shut
-            done, pending = wait(pending, timeout=TIMEOUT_S, return_when=FIRST_COMPLETED)
+        until(gate.until_waiting.remote(ONGOING))  # the replica is full
+        flood = post_all(url, [opinion] * (QUEUED + 2))  # QUEUED may queue; the rest cannot
+        refused, pending, done = [], set(flood), True
+        while len(refused) < 2 and done:  # nothing else can answer while the gate is shut
+            done, pending = wait(pending, timeout=120, return_when=FIRST_COMPLETED)
             refused += [f.result() for f in done]
-        ray.get(gate.open.remote())
+        until(gate.open.remote())
         rest = [f.result() for f in [*held, *pending]]
     for response in refused:
         assert response.status_code == 503, response.text
@@ -127,11 +134,11 @@ def test_a_flood_gets_503_with_retry_after(server):
 def test_a_stalled_pool_gets_504_and_the_request_is_cancelled(server):
     with closed_gate(GATE) as gate:
         future = post_all(server["url"], [("/v1/opinion", QUESTION | {"culture": "Kenya"})])[0]
-        ray.get(gate.until_waiting.remote(1))
+        until(gate.until_waiting.remote(1))
         response = future.result()  # the gate never opens: the router's deadline answers
         assert response.status_code == 504
         assert f"did not answer within {float(TIMEOUT_S)} s" in response.json()["error"]
-        assert ray.get(gate.until_fewer.remote(1)) == 0  # the router cancelled the pool's work
+        assert until(gate.until_fewer.remote(1)) == 0  # the router cancelled the pool's work
     assert server["http"].post("/v1/opinion", json=QUESTION).status_code == 200
 
 
