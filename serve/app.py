@@ -222,10 +222,12 @@ def run(config: ExperimentConfig) -> int:
 
     config = absolute_paths(config, Path.cwd())
     preflight(config)
-    # SIGTERM (a service manager, `kill`, a shell's background job) stops it the way Ctrl-C does.
+    # SIGTERM (a service manager, `kill`, a shell's background job) stops it the way Ctrl-C does; set again
+    # once Ray is up, since ray.init installs its own SIGTERM handler (which aborts the process).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         start(config)
+        signal.signal(signal.SIGTERM, _interrupt)
         print(f"serving on http://{config.serve.host}:{config.serve.port} (Ctrl-C to stop)", flush=True)
         print(f"replica logs: {SERVE_LOGS} on the head node", flush=True)
         while True:
