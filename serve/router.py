@@ -99,7 +99,8 @@ async def _observe(request: Request, call_next):
     except RecursionError:  # a body nested too deeply for any parser on the way: the client's fault
         response, status = JSONResponse({"error": "the body is nested too deeply"}, status_code=400), 400
     _metrics = _metrics or RouterMetrics()
-    endpoint = request.url.path
+    # The matched route's path, not the URL: unknown paths must not make a new series each.
+    endpoint = getattr(request.scope.get("route"), "path", "unmatched")
     expert = getattr(request.state, "expert", "none")  # the model id routing chose (shores:<culture>)
     tags = {"endpoint": endpoint, "expert": expert, "status": str(status)}
     _metrics.requests.inc(tags=tags)
