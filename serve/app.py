@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -191,6 +192,8 @@ def start(config: ExperimentConfig) -> None:
             dashboard_host="127.0.0.1",
             log_to_driver=False,
         )
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)  # again: ray.init installs its own, which aborts
         if context.dashboard_url:
             print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
     section = config.serve
@@ -222,12 +225,10 @@ def run(config: ExperimentConfig) -> int:
 
     config = absolute_paths(config, Path.cwd())
     preflight(config)
-    # SIGTERM (a service manager, `kill`, a shell's background job) stops it the way Ctrl-C does; set again
-    # once Ray is up, since ray.init installs its own SIGTERM handler (which aborts the process).
+    # SIGTERM (a service manager, `kill`, a shell's background job) stops it the way Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         start(config)
-        signal.signal(signal.SIGTERM, _interrupt)
         print(f"serving on http://{config.serve.host}:{config.serve.port} (Ctrl-C to stop)", flush=True)
         print(f"replica logs: {SERVE_LOGS} on the head node", flush=True)
         while True:

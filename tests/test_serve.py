@@ -324,7 +324,6 @@ def test_a_batch_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_mod
         dtype="float32",
         device="cpu",
         source=DirectorySource(tmp_path),
-        max_length=128,
         max_batch_size=8,
         batch_wait_timeout_s=0.05,
         per_expert=False,

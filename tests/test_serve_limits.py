@@ -198,7 +198,7 @@ def test_sigterm_shuts_the_server_down_cleanly(server, tmp_path):
     def up() -> bool:
         assert process.poll() is None, log.read_text()[-3000:]
         try:
-            return httpx.get(url + "/healthz", timeout=5).status_code == 200
+            return httpx.get(url + "/v1/status", timeout=5).status_code == 200  # the pool is up too
         except httpx.HTTPError:
             return False
 

@@ -65,7 +65,7 @@ def server(tiny_model_dirs, tmp_path_factory):
         if process.poll() is not None:
             raise AssertionError(f"shores serve exited: {(out / 'serve.log').read_text()[-3000:]}")
         try:
-            return httpx.get(url + "/healthz", timeout=5).status_code == 200
+            return httpx.get(url + "/v1/status", timeout=5).status_code == 200  # the pool is up too
         except httpx.HTTPError:
             return False
 
