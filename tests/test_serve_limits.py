@@ -195,8 +195,10 @@ def test_sigterm_shuts_the_server_down_cleanly(server, tmp_path):
     process, log = _shores_serve(tmp_path, server["model"], port=port, reload_interval_s=0)
     url = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
+    def up() -> bool:  # started, as `shores serve` says once the whole graph is up
         assert process.poll() is None, log.read_text()[-3000:]
+        if f"serving on {url}" not in log.read_text():
+            return False
         try:
             return httpx.get(url + "/v1/status", timeout=5).status_code == 200  # the pool is up too
         except httpx.HTTPError:
