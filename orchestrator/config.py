@@ -161,11 +161,20 @@ class ServeSection(Strict):
     router_model: str = ROUTER_MODEL
     reload_interval_s: float = Field(default=30.0, ge=0)  # how often replicas look for new experts; 0: never
     api_key_env: str | None = None  # the env var holding the bearer token; None: no auth
+    allow_unauthenticated: bool = False  # serve a non-loopback host without an API key
+    docs: bool = False  # /docs and /openapi.json
+    max_committee_size: int = Field(default=8, ge=1)  # the cap on a request's committee_size
+    max_ongoing_requests: int | None = Field(default=None, ge=1)  # a pool replica's; None: 4 batches, >= 64
+    max_queued_requests: int = Field(default=1024, ge=1)  # waiting for a replica; over it: 503 + Retry-After
+    retry_after_s: int = Field(default=1, ge=0)  # the Retry-After of a 503
+    request_timeout_s: float = Field(default=120.0, gt=0)  # the router's deadline on the pool: 504 after it
 
     @model_validator(mode="after")
     def _default_under_cap(self) -> ServeSection:
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("serve.default_max_new_tokens is over serve.max_new_tokens")
+        if self.committee_size > self.max_committee_size:
+            raise ValueError("serve.committee_size is over serve.max_committee_size")
         return self
 
 

@@ -7,14 +7,18 @@ in serve/serve_config.yaml; it is built on first access from the config named by
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from orchestrator.config import ConfigError, ExperimentConfig, load_config
 from serve.pool import ExpertPool, PoolSettings
@@ -34,6 +38,7 @@ DEFAULT_CONFIG = "configs/demo.yaml"
 REPO = Path(__file__).resolve().parents[1]
 APP_NAME = "shores"
 ROUTER_CPUS = 0.5
+ROUTER_ONGOING = 256  # requests the router relays at once: it waits on the pool, which does the work
 SERVE_LOGS = "/tmp/ray/session_latest/logs/serve"  # the router embeds short texts and relays JSON; the pool replicas do the model work
 
 
@@ -92,7 +97,6 @@ def pool_settings(config: ExperimentConfig) -> PoolSettings:
         dtype=config.base_model.dtype,
         device=config.base_model.device,
         source=expert_source(config),
-        max_length=config.data.max_length,
         max_batch_size=section.max_batch_size,
         batch_wait_timeout_s=section.batch_wait_timeout_s,
         per_expert=section.batching == "per_expert",
@@ -106,13 +110,24 @@ def build_app(config: ExperimentConfig) -> Application:
     scaling = {"num_replicas": section.num_replicas}
     if section.autoscaling is not None:
         scaling = {"autoscaling_config": section.autoscaling.model_dump()}
+    # Over `max_queued_requests` waiting for a replica, a request is refused at once: 503 with Retry-After.
+    backpressure = BackpressureConfig(status_code=503, retry_after_s=section.retry_after_s)
     pool = ExpertPool.options(
         **scaling,
         # Both batch queues must be able to fill: twice a batch in flight per replica, at least.
-        max_ongoing_requests=max(64, 4 * section.max_batch_size),
+        max_ongoing_requests=section.max_ongoing_requests or max(64, 4 * section.max_batch_size),
+        max_queued_requests=section.max_queued_requests,
+        backpressure_config=backpressure,
         ray_actor_options={"num_cpus": section.cpus_per_replica, "num_gpus": gpus_per_replica(config)},
     ).bind(pool_settings(config))
-    return Router.options(ray_actor_options={"num_cpus": ROUTER_CPUS}).bind(pool, section)
+    return Router.options(
+        max_ongoing_requests=ROUTER_ONGOING,
+        # Serve counts a request as queued until it is assigned a replica, so a queue bound under the router's
+        # free slots would refuse simultaneous arrivals that it has room for: the pool's queue is the real bound.
+        max_queued_requests=max(section.max_queued_requests, ROUTER_ONGOING),
+        backpressure_config=backpressure,
+        ray_actor_options={"num_cpus": ROUTER_CPUS},
+    ).bind(pool, section)
 
 
 def config_from_env() -> ExperimentConfig:
@@ -131,9 +146,15 @@ def __getattr__(name: str) -> Application:
 
 def preflight(config: ExperimentConfig) -> None:
     """Fail early, in one line, when there is nothing to serve or no key (before Ray and replicas start)."""
-    key = config.serve.api_key_env
+    section = config.serve
+    key = section.api_key_env
     if key and not os.environ.get(key):
         raise ConfigError(f"serve.api_key_env names {key}, which is not set in this environment")
+    if not key and not is_loopback(section.host) and not section.allow_unauthenticated:
+        raise ConfigError(
+            f"serve.host {section.host} is reachable from other machines and serve.api_key_env is not set: "
+            "set an API key, or serve.allow_unauthenticated: true"
+        )
     if config.serve.experts_source == "directory":
         load_experts(experts_dir(config))
         return
@@ -142,6 +163,16 @@ def preflight(config: ExperimentConfig) -> None:
         raise ExpertsNotFoundError(
             f"no experts registered under the alias {config.serve.registry_alias!r}; train some first"
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume reachable from outside
+        return False
 
 
 class ServeStartError(RuntimeError):
@@ -154,13 +185,27 @@ def start(config: ExperimentConfig) -> None:
 
     if not ray.is_initialized():
         # Replica logs stay in Ray's log folder: the terminal keeps one line a state and the one-line errors.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        # The dashboard (and Prometheus metrics) listen on loopback only.
+        context = ray.init(
+            address=os.environ.get("RAY_ADDRESS"),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+        )
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)  # again: ray.init installs its own, which aborts
+        if context.dashboard_url:
+            print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
     section = config.serve
     serve.start(http_options={"host": section.host, "port": section.port})
     try:
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     except RuntimeError as err:
         raise ServeStartError(_why(err)) from None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _why(err: RuntimeError) -> str:
@@ -180,6 +225,8 @@ def run(config: ExperimentConfig) -> int:
 
     config = absolute_paths(config, Path.cwd())
     preflight(config)
+    # SIGTERM (a service manager, `kill`, a shell's background job) stops it the way Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         start(config)
         print(f"serving on http://{config.serve.host}:{config.serve.port} (Ctrl-C to stop)", flush=True)

@@ -16,7 +16,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import ray
 from ray import serve
+from ray.serve.metrics import Counter, Histogram
 
 from workers.base_model import load_frozen_base
 from workers.committees import BASE, Committee, committee_distributions
@@ -26,6 +28,10 @@ from workers.prompts import NO_EXPERT, Expert, SoftPromptBank, bank_from_experts
 from workers.scoring import encode_question
 
 logger = logging.getLogger("ray.serve")
+# Names an actor that each request waits at before it is batched: tests hold the pool busy at that point.
+GATE_ENV = "SHORES_POOL_GATE"
+GATE_NAMESPACE = "shores"
+WHOLE = 1 << 30  # encode the whole prompt: its length is checked against the context window, not cut
 
 
 @dataclass
@@ -71,6 +77,17 @@ class ExpertsNotLoadedError(RuntimeError):
         super().__init__(missing)
         # Read by the router: raised through Ray, str() of the error also carries Ray's traceback header.
         self.message = f"experts {missing} are not loaded here (reloading?); retry"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BadRequestError(ValueError):
+    """A request that cannot be answered as asked (too long a prompt): the client's fault, answered as a 422."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message  # read by the router: str() through Ray also carries a traceback header
 
     def __str__(self) -> str:
         return self.message
@@ -145,7 +162,6 @@ class PoolSettings:
     dtype: str
     device: str
     source: DirectorySource | RegistrySource
-    max_length: int  # prompt tokens kept (a long prompt keeps its end)
     max_batch_size: int
     batch_wait_timeout_s: float
     per_expert: bool  # one forward pass per expert instead of mixed batches (benchmarks)
@@ -174,6 +190,26 @@ class PoolStats:
         self.recent.append({"requests": len(jobs), "experts": sorted(distinct)})
 
 
+class PoolMetrics:
+    """The pool's series on Ray's Prometheus endpoint: rows and experts a batch, tokens generated an expert."""
+
+    def __init__(self) -> None:
+        sizes = [1, 2, 4, 8, 16, 32, 64, 128]
+        self.batch_rows = Histogram(
+            "shores_batch_rows", "Rows (committee members) in one batch", sizes, tag_keys=("kind",)
+        )
+        self.batch_experts = Histogram(
+            "shores_batch_experts", "Distinct experts in one batch", sizes, tag_keys=("kind",)
+        )
+        self.tokens = Counter("shores_generated_tokens", "Tokens generated, by expert", tag_keys=("expert",))
+
+    def batch(self, kind: str, committees: list[Committee]) -> None:
+        if committees:
+            experts = {culture for c in committees for culture in c.cultures}
+            self.batch_rows.observe(sum(len(c.members) for c in committees), tags={"kind": kind})
+            self.batch_experts.observe(len(experts), tags={"kind": kind})
+
+
 # A replica that cannot load its experts fails the same way every time: three tries, not Serve's twenty.
 @serve.deployment(max_ongoing_requests=64, max_constructor_retry_count=3)
 class ExpertPool:
@@ -184,9 +220,12 @@ class ExpertPool:
         self.started = time.time()
         self.base = load_frozen_base(settings.base_model, settings.dtype, settings.device)
         self.stop_ids = stop_token_ids(self.base)
+        self.context_window = getattr(self.base.model.config, "max_position_embeddings", None)
+        self.gate = os.environ.get(GATE_ENV)
         self.source = settings.source
         self.experts = self._index(self.source.load(self.base))
         self.stats = PoolStats()
+        self.metrics = PoolMetrics()
         for handler in (self._opinion_batch, self._generate_batch):
             handler.set_max_batch_size(settings.max_batch_size)
             handler.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -253,10 +292,12 @@ class ExpertPool:
 
     async def opinion(self, job: OpinionJob) -> OpinionAnswer:
         """A committee's option distribution for one question (batched with concurrent requests)."""
+        await self._pass_gate()
         return _raised(await self._opinion_batch(job))
 
     async def generate(self, job: GenerateJob) -> GenerateAnswer:
         """A committee's joint continuation of one prompt (batched with concurrent requests)."""
+        await self._pass_gate()
         return _raised(await self._generate_batch(job))
 
     def _resolve(
@@ -277,6 +318,33 @@ class ExpertPool:
             )
         return ok, members, refused
 
+    async def _pass_gate(self) -> None:
+        """Wait at the gate actor named by $SHORES_POOL_GATE while it exists (tests: the pool held busy)."""
+        if not self.gate:
+            return
+        try:
+            gate = ray.get_actor(self.gate, namespace=GATE_NAMESPACE)
+        except ValueError:  # no gate up: batches run
+            return
+        passage = gate.passage.remote()
+        try:
+            await passage
+        except asyncio.CancelledError:  # the router gave up on this request: leave the gate too
+            ray.cancel(passage)
+            raise
+
+    def _check_fits(self, prompt_tokens: int, experts: ExpertSet, max_new_tokens: int) -> None:
+        """A BadRequestError (422) when the prompt, soft prompt and new tokens overrun the context window."""
+        if self.context_window is None:
+            return
+        virtual = experts.bank.num_virtual_tokens if experts.bank is not None else 0
+        limit = self.context_window - virtual - max_new_tokens
+        if prompt_tokens > limit:
+            raise BadRequestError(
+                f"the prompt is {prompt_tokens} tokens, over the limit of {limit}: the context window of "
+                f"{self.context_window} less {virtual} soft-prompt tokens and {max_new_tokens} new tokens"
+            )
+
     @staticmethod
     def _versions(experts: ExpertSet, committee: Committee) -> dict[str, str]:
         return {c: experts.versions.get(c, "base") for c in committee.cultures}
@@ -284,13 +352,20 @@ class ExpertPool:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _opinion_batch(self, jobs: list[OpinionJob]) -> list[OpinionAnswer | ExpertsNotLoadedError]:
         experts = self.experts  # one version for the whole batch
-        ok, members, results = self._resolve(experts, jobs)
-        max_length = self.settings.max_length
-
-        questions = [
-            encode_question(self.base.tokenizer, jobs[i].question, jobs[i].options, max_length=max_length)
-            for i in ok
-        ]
+        resolved, resolved_members, results = self._resolve(experts, jobs)
+        ok, members, questions = [], [], []
+        for i, m in zip(resolved, resolved_members):
+            try:  # each request is prepared alone: a bad one fails by itself, never its neighbours
+                question = encode_question(
+                    self.base.tokenizer, jobs[i].question, jobs[i].options, max_length=WHOLE
+                )
+                self._check_fits(len(question.input_ids), experts, 0)
+                questions.append(question)
+            except Exception as err:
+                results[i] = _failed(err)
+                continue
+            ok.append(i)
+            members.append(m)
         # The model runs on the event loop, as in Serve's batching guide, and that is what fills batches:
         # Serve 2.60 forms the next batch while one runs, so with the model in a worker thread the loop
         # would cut many small batches meanwhile; blocked, it lets arrivals queue up into one full batch.
@@ -300,6 +375,7 @@ class ExpertPool:
             else []
         )
         self.stats.record([jobs[i] for i in ok], [jobs[i].committee for i in ok])
+        self.metrics.batch("opinion", [jobs[i].committee for i in ok])
         for i, dist in zip(ok, distributions):
             results[i] = OpinionAnswer(
                 [float(p) for p in dist], self._versions(experts, jobs[i].committee), experts.version
@@ -309,20 +385,28 @@ class ExpertPool:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, jobs: list[GenerateJob]) -> list[GenerateAnswer | ExpertsNotLoadedError]:
         experts = self.experts
-        ok, members, results = self._resolve(experts, jobs)
-        tokenizer, max_length = self.base.tokenizer, self.settings.max_length
-        requests = []
-        for i, m in zip(ok, members):
+        resolved, members, results = self._resolve(experts, jobs)
+        tokenizer = self.base.tokenizer
+        ok, requests = [], []
+        for i, m in zip(resolved, members):
             job = jobs[i]
-            text = chat_prompt(tokenizer, job.messages) if job.messages is not None else job.prompt
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids = ids[-max_length:]  # a long prompt keeps its end
-            requests.append(DecodeRequest(ids, m, job.max_new_tokens, job.temperature, job.seed))
-        decoded = committee_generate(
-            self.base, experts.bank, requests, self.stop_ids
+            try:  # each request is prepared alone: a bad one fails by itself, never its neighbours
+                text = chat_prompt(tokenizer, job.messages) if job.messages is not None else job.prompt
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                self._check_fits(len(ids), experts, job.max_new_tokens)
+                requests.append(DecodeRequest(ids, m, job.max_new_tokens, job.temperature, job.seed))
+            except Exception as err:
+                results[i] = _failed(err)
+                continue
+            ok.append(i)
+        decoded = (
+            committee_generate(self.base, experts.bank, requests, self.stop_ids) if requests else []
         )  # on the loop: see above
         self.stats.record([jobs[i] for i in ok], [jobs[i].committee for i in ok])
+        self.metrics.batch("generate", [jobs[i].committee for i in ok])
         for i, request, out in zip(ok, requests, decoded):
+            for culture in jobs[i].committee.cultures:
+                self.metrics.tokens.inc(len(out.token_ids), tags={"expert": culture})
             results[i] = GenerateAnswer(
                 text=tokenizer.decode(out.token_ids, skip_special_tokens=True),
                 finish_reason=out.finish_reason,
@@ -337,8 +421,17 @@ class ExpertPool:
 Answer = TypeVar("Answer")
 
 
-def _raised(result: Answer | ExpertsNotLoadedError) -> Answer:
-    # A batch answers each job alone; a refused one is raised to its own caller only.
-    if isinstance(result, ExpertsNotLoadedError):
+def _raised(result: Answer | Exception) -> Answer:
+    # A batch answers each job alone; a failed one is raised to its own caller only.
+    if isinstance(result, Exception):
         raise result
     return result
+
+
+def _failed(err: Exception) -> Exception:
+    # The client's fault (BadRequestError, or a value workers refuse) is a 422; anything else stays an internal error.
+    if isinstance(err, ValueError) and not isinstance(err, BadRequestError):
+        return BadRequestError(str(err))
+    if not isinstance(err, BadRequestError):
+        logger.exception("a request failed while being prepared")
+    return err

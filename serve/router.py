@@ -21,12 +21,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.config import ServeSection
 from serve.pool import (
+    BadRequestError,
     Catalogue,
     ExpertsNotLoadedError,
     GenerateAnswer,
@@ -42,26 +45,69 @@ logger = logging.getLogger("ray.serve")
 Body = TypeVar("Body", bound=BaseModel)
 MODEL_PREFIX = "shores:"
 AUTO = "auto"
-POOL_RETRIES = 4  # a replica that dies mid-request is retried on another (or its replacement)
 
 
 class ApiError(Exception):
     """An error the client caused (or may retry), answered as `{"error": message}` with its status."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
+# /docs and /openapi.json are off unless `serve.docs` turns them on (Router.__init__).
 api = FastAPI(
-    title="shores", description="Cultural experts as soft prompts on one frozen LM, behind a router."
+    title="shores",
+    description="Cultural experts as soft prompts on one frozen LM, behind a router.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
 
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else err.headers
     return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+
+
+class RouterMetrics:
+    """The router's series on Ray's Prometheus endpoint: requests and errors, and latency, by endpoint."""
+
+    def __init__(self) -> None:
+        tags = ("endpoint", "expert", "status")
+        self.requests = Counter("shores_requests", "HTTP requests answered", tag_keys=tags)
+        self.errors = Counter("shores_request_errors", "HTTP requests answered with an error", tag_keys=tags)
+        self.latency = Histogram(
+            "shores_request_latency_s",
+            "Seconds from a request's arrival to its answer",
+            [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
+            tag_keys=("endpoint", "expert"),
+        )
+
+
+_metrics: RouterMetrics | None = None  # made in the replica on first use, not when the module is imported
+
+
+@api.middleware("http")
+async def _observe(request: Request, call_next):
+    global _metrics
+    start = time.perf_counter()
+    try:
+        response = await call_next(request)
+        status = response.status_code
+    except RecursionError:  # a body nested too deeply for any parser on the way: the client's fault
+        response, status = JSONResponse({"error": "the body is nested too deeply"}, status_code=400), 400
+    _metrics = _metrics or RouterMetrics()
+    # The matched route's path, not the URL: unknown paths must not make a new series each.
+    endpoint = getattr(request.scope.get("route"), "path", "unmatched")
+    expert = getattr(request.state, "expert", "none")  # the model id routing chose (shores:<culture>)
+    tags = {"endpoint": endpoint, "expert": expert, "status": str(status)}
+    _metrics.requests.inc(tags=tags)
+    if status >= 400:
+        _metrics.errors.inc(tags=tags)
+    _metrics.latency.observe(time.perf_counter() - start, tags={"endpoint": endpoint, "expert": expert})
+    return response
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -82,7 +128,7 @@ def _first_error(err: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-@serve.deployment(max_ongoing_requests=256, max_constructor_retry_count=3)
+@serve.deployment(max_constructor_retry_count=3)
 @serve.ingress(api)
 class Router:
     """Validates, routes to a committee, calls the pool, and answers in the contract's shapes."""
@@ -91,6 +137,9 @@ class Router:
         self.pool = pool
         self.section = section
         self.started = int(time.time())
+        if section.docs and api.openapi_url is None:
+            api.openapi_url, api.docs_url = "/openapi.json", "/docs"
+            api.setup()  # adds the OpenAPI and docs routes, now that they have paths
         self.api_key = None
         if self.section.api_key_env:
             self.api_key = os.environ.get(self.section.api_key_env)
@@ -125,32 +174,41 @@ class Router:
                 logger.warning("catalogue refresh failed: %s", err.message)
 
     async def _ask(self, method: str, *args):
-        """Call the pool, retrying a replica that died (Serve replaces it); 503 if none answers.
+        """Call the pool once, within the request deadline; every failure is one JSON error, never a replay.
 
+        A replica that dies while running a request is not retried (the request may have had effects, and a
+        poison request would kill replica after replica): 503. Over the deadline the call is cancelled: 504.
         A committee naming experts that the replica has not loaded (a reload raced the request) is a 409, after
         a catalogue refresh, so that the client's retry is routed to the experts loaded now.
         """
-        for attempt in range(POOL_RETRIES):
-            try:
-                result = await getattr(self.pool, method).remote(*args)
-            except (RayActorError, ActorUnavailableError) as err:
-                logger.warning(
-                    "pool call %s failed (attempt %d): %s", method, attempt + 1, type(err).__name__
-                )
-                await asyncio.sleep(0.25 * 2**attempt)
-                continue
-            except ExpertsNotLoadedError as err:
-                await self._catalogue(refresh=True)
-                raise ApiError(409, err.message) from None
-            version = getattr(result, "experts_version", None)
-            if version and self.catalogue and version != self.catalogue.version:
-                task = asyncio.get_running_loop().create_task(
-                    self._catalogue(refresh=True)
-                )  # a replica reloaded
-                self.pending.add(task)  # held until done: the loop keeps only weak references to tasks
-                task.add_done_callback(self.pending.discard)
-            return result
-        raise ApiError(503, "the expert pool is unavailable; retry shortly")
+        retry = {"Retry-After": str(self.section.retry_after_s)}
+        response = getattr(self.pool, method).remote(*args)
+        try:
+            result = await asyncio.wait_for(response, self.section.request_timeout_s)
+        except TimeoutError:
+            response.cancel()  # the replica stops working on it
+            raise ApiError(
+                504, f"the expert pool did not answer within {self.section.request_timeout_s} s"
+            ) from None
+        except BackPressureError:
+            raise ApiError(503, "the server is overloaded; retry shortly", retry) from None
+        except (RayActorError, ActorUnavailableError, DeploymentUnavailableError) as err:
+            logger.warning("pool call %s failed, not retried: %s", method, type(err).__name__)
+            raise ApiError(503, "the expert replica answering this request stopped; retry", retry) from None
+        except ExpertsNotLoadedError as err:
+            await self._catalogue(refresh=True)
+            raise ApiError(409, err.message) from None
+        except BadRequestError as err:
+            raise ApiError(422, err.message) from None
+        except RayTaskError as err:
+            logger.error("pool call %s failed: %s", method, err)
+            raise ApiError(500, f"internal error while answering ({type(err.cause).__name__})") from None
+        version = getattr(result, "experts_version", None)
+        if version and self.catalogue and version != self.catalogue.version:
+            task = asyncio.get_running_loop().create_task(self._catalogue(refresh=True))  # a replica reloaded
+            self.pending.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(self.pending.discard)
+        return result
 
     # ---- request checks ----
 
@@ -181,12 +239,20 @@ class Router:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as err:
             raise ApiError(400, f"malformed JSON: {err}") from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
         try:
-            return schema.model_validate(data)
+            body = schema.model_validate(data)
         except ValidationError as err:
             raise ApiError(422, _first_error(err)) from None
+        except RecursionError:
+            raise ApiError(400, "the body is nested too deeply") from None
+        asked, cap = getattr(body, "committee_size", None), self.section.max_committee_size
+        if asked is not None and asked > cap:
+            raise ApiError(422, f"committee_size {asked} is over the cap of {cap}")
+        return body
 
     def _new_tokens(self, asked: int | None) -> int:
         cap = self.section.max_new_tokens
@@ -246,7 +312,13 @@ class Router:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        """Liveness: the router answers and a pool replica reports its experts and batching counters."""
+        """Liveness only: the router answers (no key needed, nothing disclosed)."""
+        return {"status": "ok"}
+
+    @api.get("/v1/status")
+    async def status(self, request: Request) -> dict:
+        """A pool replica's identity, experts version and batching counters (needs the key)."""
+        self._authorise(request)
         pool = await self._ask("health")
         return {"status": "ok", "pool": asdict(pool)}
 
@@ -284,6 +356,7 @@ class Router:
         committee, model = await self._committee(
             body.culture, body.profile or body.question, body.committee_size
         )
+        request.state.expert = model  # the metrics' expert tag
         answer: OpinionAnswer = await self._ask("opinion", OpinionJob(body.question, body.options, committee))
         return {
             "distribution": answer.distribution,
@@ -300,6 +373,7 @@ class Router:
         committee, model = await self._committee(
             body.culture, body.profile or body.prompt, body.committee_size
         )
+        request.state.expert = model  # the metrics' expert tag
         job = GenerateJob(
             committee, max_new_tokens, prompt=body.prompt, temperature=body.temperature, seed=body.seed
         )
@@ -329,6 +403,7 @@ class Router:
             raise ApiError(422, "messages: every message is empty")
         context = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
         committee, model = await self._committee(culture, context, body.committee_size)
+        request.state.expert = model  # the metrics' expert tag
         temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
         job = GenerateJob(
             committee, max_new_tokens, messages=messages, temperature=temperature, seed=body.seed

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from workers.generation import SEED_LIMIT
 
 
 class Strict(BaseModel):
@@ -45,22 +47,37 @@ class GenerateRequest(Routing):
     prompt: str
     max_new_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0, le=5)  # 0: greedy
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
 
     _check_prompt = field_validator("prompt")(_not_blank)
+
+
+class ContentPart(BaseModel):
+    """One typed part of an OpenAI message's content; only text parts are read, and their text is a string."""
+
+    model_config = ConfigDict(extra="allow")  # image or audio parts carry their own keys
+
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs a string `text`")
+        return self
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI messages carry optional keys such as `name`
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict]
+    content: str | list[ContentPart]
 
     def text(self) -> str:
         """The message's text (OpenAI content may be a list of typed parts; text parts are joined)."""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return "\n".join(p.text or "" for p in self.content if p.type == "text")
 
 
 class ChatRequest(BaseModel):
@@ -73,7 +90,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     n: int = Field(default=1, ge=1, le=1)  # one choice: a committee decodes one text
     stream: bool | None = False
     committee_size: int | None = Field(default=None, ge=1)

@@ -67,15 +67,19 @@ def serve_config(model_dir: Path, out: Path, **serve) -> ExperimentConfig:
 
 
 @contextmanager
-def local_serve(config: ExperimentConfig, num_cpus: int = 4):
-    """Ray and Serve on 127.0.0.1 with the graph deployed; yields the base URL; shuts everything down."""
+def local_serve(config: ExperimentConfig, num_cpus: int = 4, metrics_port: int | None = None):
+    """Ray and Serve on 127.0.0.1 with the graph deployed; yields the base URL; shuts everything down.
+
+    With `metrics_port`, Ray's Prometheus endpoint listens there (http://127.0.0.1:<port>/metrics).
+    """
     import ray
     from ray import serve
 
     from serve.app import build_app
 
     (port,) = free_ports(1)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **extra)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name="shores", route_prefix="/")
@@ -83,6 +87,59 @@ def local_serve(config: ExperimentConfig, num_cpus: int = 4):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+class Gate:
+    """A Ray actor that pool requests wait at (the pool's $SHORES_POOL_GATE hook) until the test opens it."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.opened = asyncio.Event()
+        self.waiting = 0
+        self.changed = asyncio.Condition()
+
+    async def passage(self) -> None:
+        async with self.changed:
+            self.waiting += 1
+            self.changed.notify_all()
+        try:
+            await self.opened.wait()
+        finally:
+            async with self.changed:
+                self.waiting -= 1
+                self.changed.notify_all()
+
+    async def until_waiting(self, count: int) -> int:
+        """Return once `count` requests wait at the gate (an event, not a poll)."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.waiting >= count)
+        return self.waiting
+
+    async def until_fewer(self, count: int) -> int:
+        """Return once fewer than `count` requests wait (a waiting one was cancelled)."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.waiting < count)
+        return self.waiting
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+@contextmanager
+def closed_gate(name: str):
+    """A gate named `name` that pool requests wait at until `.open`; removed on exit (requests then pass)."""
+    import ray
+
+    from serve.pool import GATE_NAMESPACE
+
+    gate = ray.remote(num_cpus=0)(Gate).options(name=name, namespace=GATE_NAMESPACE).remote()
+    ray.get(gate.until_waiting.remote(0))  # up before any request looks for it
+    try:
+        yield gate
+    finally:
+        ray.get(gate.open.remote())
+        ray.kill(gate)
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.5):

@@ -52,10 +52,13 @@ def opinion(http, **body):
 
 
 def test_health_models_and_experts(http, server):
-    with client(server["url"]) as anonymous:  # liveness needs no key
+    with client(server["url"]) as anonymous:  # liveness needs no key, and tells nothing more
         health = anonymous.get("/healthz")
-    assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert health.json()["pool"]["pid"] > 0
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        assert anonymous.get("/v1/status").status_code == 401
+        assert anonymous.get("/docs").status_code == 404  # off unless serve.docs
+        assert anonymous.get("/openapi.json").status_code == 404
+    assert http.get("/v1/status").json()["pool"]["pid"] > 0
 
     models = {m["id"] for m in http.get("/v1/models").json()["data"]}
     assert {"shores:auto", "shores:base", "shores:germany", "shores:japan", "shores:kenya"} <= models
@@ -108,10 +111,10 @@ def test_each_row_of_a_mixed_batch_answers_as_it_would_alone(http):
         {"culture": "Japan"},
     ]
     alone = [opinion(http, **r) for r in requests]
-    before = http.get("/healthz").json()["pool"]
+    before = http.get("/v1/status").json()["pool"]
     with ThreadPoolExecutor(len(requests)) as threads:
         together = list(threads.map(lambda r: opinion(http, **r), requests))
-    after = http.get("/healthz").json()["pool"]
+    after = http.get("/v1/status").json()["pool"]
     for a, b in zip(alone, together):
         np.testing.assert_allclose(a["distribution"], b["distribution"], atol=1e-5)
         assert a["committee"] == b["committee"]
@@ -168,6 +171,10 @@ BAD = [
     ("/v1/opinion", {"question": "q", "options": [str(i) for i in range(27)]}, 422, "too many options: 27"),
     ("/v1/opinion", {"question": "q" * 5000, "options": ["a", "b"]}, 413, "over the cap of 4096"),
     ("/v1/opinion", QUESTION | {"committee_size": 0}, 422, "committee_size"),
+    ("/v1/opinion", QUESTION | {"committee_size": 9}, 422, "committee_size 9 is over the cap of 8"),
+    ("/v1/opinion", b"[" * 4000, 400, "nested too deeply"),
+    ("/v1/generate", {"prompt": "hi", "seed": 2**63}, 422, "seed: Input should be less than"),
+    ("/v1/generate", {"prompt": "hi", "seed": -1}, 422, "seed: Input should be greater than"),
     ("/v1/generate", {"prompt": ""}, 422, "prompt: Value error, must not be empty"),
     ("/v1/generate", {"prompt": "hi", "max_new_tokens": 33}, 422, "max_new_tokens 33 is over the cap of 32"),
     (
@@ -177,6 +184,18 @@ BAD = [
         "unknown model",
     ),
     ("/v1/chat/completions", {"model": "shores:auto", "messages": []}, 422, "messages"),
+    (
+        "/v1/chat/completions",
+        {"model": "shores:auto", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+        422,
+        "messages.0.content",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": "shores:auto", "messages": [{"role": "user", "content": "hi"}], "seed": 2**64},
+        422,
+        "seed",
+    ),
     (
         "/v1/chat/completions",
         {"model": "shores:auto", "messages": [{"role": "user", "content": "hi"}], "stream": True},
@@ -305,7 +324,6 @@ def test_a_batch_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_mod
         dtype="float32",
         device="cpu",
         source=DirectorySource(tmp_path),
-        max_length=128,
         max_batch_size=8,
         batch_wait_timeout_s=0.05,
         per_expert=False,

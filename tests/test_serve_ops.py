@@ -57,7 +57,7 @@ def server(tiny_model_dirs, tmp_path_factory):
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        env=os.environ | {"HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"},  # its own Ray, never a neighbour's
     )
     url = f"http://127.0.0.1:{config.serve.port}"
 
@@ -65,7 +65,7 @@ def server(tiny_model_dirs, tmp_path_factory):
         if process.poll() is not None:
             raise AssertionError(f"shores serve exited: {(out / 'serve.log').read_text()[-3000:]}")
         try:
-            return httpx.get(url + "/healthz", timeout=5).status_code == 200
+            return httpx.get(url + "/v1/status", timeout=5).status_code == 200  # the pool is up too
         except httpx.HTTPError:
             return False
 
@@ -181,18 +181,21 @@ def test_a_replica_killed_under_load_is_replaced(server):
     http = server["http"]
     pids = set()
     wait_for(
-        lambda: pids.add(http.get("/healthz").json()["pool"]["pid"]) or len(pids) == 2,
+        lambda: pids.add(http.get("/v1/status").json()["pool"]["pid"]) or len(pids) == 2,
         timeout=30,
         interval=0.1,
     )
     victim = min(pids)
-    stop, outcomes = threading.Event(), []  # (time, ok)
+    stop, outcomes = threading.Event(), []  # (time, status, JSON error or None)
 
     def load() -> None:
         with client(server["url"]) as h:
             while not stop.is_set():
                 response = h.post("/v1/opinion", json=QUESTION | {"culture": "Japan"})
-                outcomes.append((time.time(), response.status_code == 200))
+                error = response.json().get("error") if response.status_code != 200 else None
+                outcomes.append(
+                    (time.time(), response.status_code, error, response.headers.get("retry-after"))
+                )
 
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
@@ -202,7 +205,7 @@ def test_a_replica_killed_under_load_is_replaced(server):
     os.kill(victim, signal.SIGKILL)
     try:
         replacement = wait_for(
-            lambda: ({http.get("/healthz").json()["pool"]["pid"] for _ in range(6)} - pids) or None,
+            lambda: ({http.get("/v1/status").json()["pool"]["pid"] for _ in range(6)} - pids) or None,
             timeout=120,
             interval=1,
         )
@@ -213,13 +216,12 @@ def test_a_replica_killed_under_load_is_replaced(server):
         for t in threads:
             t.join()
     assert replacement and victim not in replacement
-    after = [ok for t, ok in outcomes if t > replaced_at]
-    assert after and all(after), "requests fail after the replacement came up"
-    during = [ok for t, ok in outcomes if killed_at <= t <= replaced_at]
-    print(
-        f"replaced in {replaced_at - killed_at:.1f} s; {during.count(False)} of {len(during)} failed meanwhile"
-    )
-    assert during.count(False) == 0  # the router retries what the dead replica dropped on the live one
+    after = [status for t, status, _, _ in outcomes if t > replaced_at]
+    assert after and all(s == 200 for s in after), "requests fail after the replacement came up"
+    failed = [(status, error, retry) for _, status, error, retry in outcomes if status != 200]
+    print(f"replaced in {replaced_at - killed_at:.1f} s; {len(failed)} of {len(outcomes)} failed meanwhile")
+    # What the dead replica was running is answered, not replayed on another: a 503 JSON the client may retry.
+    assert all(status == 503 and "stopped" in error and retry for status, error, retry in failed), failed
 
 
 def test_ctrl_c_shuts_the_server_down_cleanly(server):
