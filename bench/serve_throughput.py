@@ -96,7 +96,7 @@ async def stream(url: str, bodies: list[dict], concurrency: int) -> dict:
 
 
 def pool_counters(url: str) -> tuple[int, int]:
-    pool = httpx.get(url + "/healthz", timeout=60).json()["pool"]
+    pool = httpx.get(url + "/v1/status", timeout=60).json()["pool"]
     return pool["requests"], pool["batches"]
 
 
