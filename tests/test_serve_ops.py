@@ -200,7 +200,7 @@ def test_a_replica_killed_under_load_is_replaced(server):
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1)
+    wait_for(lambda: len(outcomes) >= 4, timeout=120, interval=0.1)  # the load is on
     killed_at = time.time()
     os.kill(victim, signal.SIGKILL)
     try:
@@ -210,7 +210,8 @@ def test_a_replica_killed_under_load_is_replaced(server):
             interval=1,
         )
         replaced_at = time.time()
-        time.sleep(2)
+        # Requests sent after the replacement came up: wait for some to be answered.
+        wait_for(lambda: sum(t > replaced_at for t, *_ in outcomes) >= 8, timeout=120, interval=0.1)
     finally:
         stop.set()
         for t in threads:

@@ -97,8 +97,6 @@ def test_trials_are_pinned_to_their_own_gpu_and_fall_back_to_cpu(llama_dir, tmp_
     assert sorted(r["gpu_id"] for r in rows) == [0.0, 1.0]
     assert all(r["cuda_visible_devices"] == str(int(r["gpu_id"])) for r in rows)
     assert all(r["device"] == "cpu" for r in rows)  # no CUDA here: the model ran on the CPU
-    spans = [(r["started"], r["timestamp"]) for r in rows]
-    assert max(s for s, _ in spans) < min(e for _, e in spans)  # the two trials ran at the same time
 
 
 def test_the_config_loads_without_torch():
