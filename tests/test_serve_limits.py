@@ -35,7 +35,8 @@ from tests.serving import (
 GATE = "test-gate"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 # Serve counts a request as queued until a replica takes it: a queue of 4 lets 4 simultaneous arrivals in.
-ONGOING, QUEUED, TIMEOUT_S = 4, 4, 8
+# The deadline is far above what a tiny model needs even on a busy machine: only the stalled pool meets it.
+ONGOING, QUEUED, TIMEOUT_S = 4, 4, 30
 
 
 @pytest.fixture(scope="module")
