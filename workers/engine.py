@@ -34,9 +34,10 @@ from workers.generation import (
     DecodeRequest,
     cache_kwarg,
     check_request,
+    decode_cache,
     is_greedy,
     mixed_distributions,
-    pick,
+    pick_tokens,
     sampler,
     stop_token_ids,
 )
@@ -309,7 +310,7 @@ class DecodeEngine:
         inputs = prompted_inputs(
             self.base.model, ids.to(device), mask.to(device), bank, torch.tensor(experts)
         )
-        cache = DynamicCache(config=self.base.model.config)
+        cache = decode_cache(self.base.model)
         out = self.base.model(
             **inputs, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.base.model): cache}
         )
@@ -328,15 +329,19 @@ class DecodeEngine:
             device=device,
         )
         mixed = mixed_distributions(logits, owner, weight, temperature, len(self._running))
+        # One check and one pick for the whole batch (not a tensor op per request); a request whose
+        # distribution is not finite draws nothing, and fails below.
+        finite = torch.isfinite(mixed).all(-1).tolist()
+        tokens = pick_tokens(mixed, [g.generator if ok else None for g, ok in zip(self._running, finite)])
         done: dict[str, list[Generation]] = {"stop": [], "length": []}
         failed: list[tuple[Generation, BaseException]] = []
         for i, g in enumerate(self._running):
             try:
                 if self.fault_hook is not None:
                     self.fault_hook(g, "decode")
-                if not bool(torch.isfinite(mixed[i]).all()):
+                if not finite[i]:
                     raise FloatingPointError("the next-token distribution is not finite")
-                token = pick(mixed[i], g.generator)
+                token = tokens[i]
                 if token in self.stop_ids:
                     done["stop"].append(g)
                     continue
