@@ -101,7 +101,9 @@ def test_a_profile_routes_by_sentence_embedding(http):
     assert base["committee"] == [{"culture": "base", "weight": 1.0, "version": "base"}]
 
 
-def test_each_row_of_a_mixed_batch_answers_as_it_would_alone(http):
+def test_each_request_answers_as_it_would_alone_beside_others(http):
+    """Concurrent requests for different experts share the engine's forward passes (that they do is tested
+    with the gate in test_serve_limits.py, where arrivals are not left to timing) and answer as alone."""
     requests = [
         {"culture": "Germany"},
         {"culture": "Japan", "question": "How important is religion in your life?"},
@@ -111,17 +113,11 @@ def test_each_row_of_a_mixed_batch_answers_as_it_would_alone(http):
         {"culture": "Japan"},
     ]
     alone = [opinion(http, **r) for r in requests]
-    before = http.get("/v1/status").json()["pool"]
     with ThreadPoolExecutor(len(requests)) as threads:
         together = list(threads.map(lambda r: opinion(http, **r), requests))
-    after = http.get("/v1/status").json()["pool"]
     for a, b in zip(alone, together):
         np.testing.assert_allclose(a["distribution"], b["distribution"], atol=1e-5)
         assert a["committee"] == b["committee"]
-    # The concurrent requests shared forward passes, and a batch held requests for different experts.
-    batches = after["recent"][-(after["batches"] - before["batches"]) :]
-    assert len(batches) < len(requests)
-    assert any(b["requests"] >= 2 and len(b["experts"]) >= 2 for b in batches)
 
     prompts = [{"prompt": "Answer: A", "culture": c} for c in ("Germany", "Kenya", "Brazil")]
     prompts.append({"prompt": "How important is religion", "culture": "Japan", "temperature": 0.9, "seed": 4})
@@ -275,6 +271,8 @@ def test_a_new_expert_is_served_without_a_restart(http, server):
         "sha256:"
     )
     assert answer["experts_version"] != version
+    generated = http.post("/v1/generate", json={"prompt": "Do you trust", "culture": "Peru"})  # the new bank
+    assert generated.status_code == 200 and generated.json()["committee"][0]["culture"] == "Peru"
     assert wait_for(
         lambda: http.get("/v1/experts").json()["experts_version"] == answer["experts_version"], 10
     )
@@ -309,12 +307,20 @@ def test_serve_build_writes_a_config_for_the_exported_app(server, tmp_path, monk
     assert shipped["applications"][0]["import_path"] == "serve.app:app"
 
 
-def test_a_batch_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_model_dirs, tmp_path):
+def test_the_engine_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_model_dirs, tmp_path):
     """A reload can race the router: a committee naming an expert the replica has not loaded gets the typed
-    error that the router answers with 409, and its neighbour in the batch is answered as usual."""
+    error that the router answers with 409, and its neighbours are answered as usual."""
     import asyncio
 
-    from serve.pool import ExpertPool, ExpertsNotLoadedError, OpinionAnswer, OpinionJob, PoolSettings
+    from serve.pool import (
+        ExpertPool,
+        ExpertsNotLoadedError,
+        GenerateAnswer,
+        GenerateJob,
+        OpinionAnswer,
+        OpinionJob,
+        PoolSettings,
+    )
     from workers.committees import Committee
     from workers.expert_store import DirectorySource
 
@@ -324,21 +330,32 @@ def test_a_batch_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_mod
         dtype="float32",
         device="cpu",
         source=DirectorySource(tmp_path),
-        max_batch_size=8,
-        batch_wait_timeout_s=0.05,
+        max_rows=8,
         per_expert=False,
         reload_interval_s=0,
     )
-    jobs = [
+    opinions = [
         OpinionJob(QUESTION["question"], QUESTION["options"], Committee([(culture, 1.0)]))
         for culture in ("Japan", "Peru")
     ]
+    generation = GenerateJob(Committee([("Peru", 0.5), ("Japan", 0.5)]), 4, prompt="Do you trust")
 
-    async def one_batch() -> list:
-        pool = ExpertPool.func_or_class(settings)  # the replica's class, outside Serve
-        return await pool._opinion_batch.__wrapped__(pool, jobs)  # the batch body, without Serve's queue
+    async def together() -> list:
+        pool = ExpertPool.func_or_class(settings)  # the replica's class, outside Serve: its engine runs
+        try:
+            jobs = [pool.opinion(j) for j in opinions] + [pool.generate(generation)]
+            jobs.append(pool.generate(GenerateJob(Committee([("Japan", 1.0)]), 4, prompt="Do you trust")))
+            return await asyncio.gather(*jobs, return_exceptions=True)
+        finally:
+            pool.__del__()  # as Serve does on shutdown: the engine stops
 
-    japan, peru = asyncio.run(one_batch())
+    japan, peru, mixed, alone = asyncio.run(together())
     assert isinstance(japan, OpinionAnswer) and sum(japan.distribution) == pytest.approx(1)
     assert japan.versions["Japan"].startswith("sha256:")
-    assert isinstance(peru, ExpertsNotLoadedError) and "['Peru'] are not loaded" in peru.message
+    assert isinstance(peru, ExpertsNotLoadedError) and peru.message.startswith(
+        "experts ['Peru'] are not loaded"
+    )
+    assert isinstance(mixed, ExpertsNotLoadedError)
+    assert (
+        isinstance(alone, GenerateAnswer) and alone.completion_tokens == 4 and alone.finish_reason == "length"
+    )
