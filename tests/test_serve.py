@@ -4,6 +4,7 @@ errors, bearer auth, the OpenAI client, reload of a new expert, and the Serve co
 Serve starts once for the module (a local Ray, a tiny random Llama, three experts with random prompts).
 """
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -192,11 +193,13 @@ BAD = [
         422,
         "seed",
     ),
+    ("/v1/generate", {"prompt": "hi", "stream": True, "max_new_tokens": 33}, 422, "max_new_tokens 33"),
+    ("/v1/generate", {"prompt": "yes " * 600, "stream": True}, 422, "over the limit of"),  # from the pool
     (
         "/v1/chat/completions",
-        {"model": "shores:auto", "messages": [{"role": "user", "content": "hi"}], "stream": True},
-        400,
-        "stream",
+        {"model": "shores:atlantis", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        404,
+        "unknown culture",
     ),
     ("/v1/nothing", {}, 404, "Not Found"),
 ]
@@ -254,6 +257,59 @@ def test_the_openai_client_talks_to_the_server(server):
         )
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server["url"] + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def _events(response) -> list:
+    """The JSON objects of a server-sent event stream, and "[DONE]" for its end marker."""
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+        else:
+            assert line == "", line  # events are `data:` lines, each followed by a blank line
+    return events
+
+
+def test_the_openai_client_streams_what_it_gets_whole(server):
+    import openai
+
+    ai = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
+    for model, messages in [
+        ("shores:japan", [{"role": "user", "content": "Do you trust people?"}]),
+        ("shores:canada", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]),
+    ]:
+        ask = {"model": model, "messages": messages, "max_tokens": 24, "temperature": 0}
+        whole = ai.chat.completions.create(**ask)
+        chunks = list(ai.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[0].model_extra["committee"] == whole.model_extra["committee"]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content  # greedy: the same tokens, the same text
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish == [whole.choices[0].finish_reason]
+        assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage  # asked for: the last chunk
+        assert all(c.usage is None for c in chunks[:-1])
+        assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+
+    plain = list(ai.chat.completions.create(**ask, stream=True))  # no usage unless asked
+    assert all(c.choices and c.usage is None for c in plain)
+
+
+def test_generate_streams_one_event_a_token(http):
+    body = {"prompt": "How important is religion", "culture": "Kenya", "max_new_tokens": 12}
+    whole = http.post("/v1/generate", json=body).json()
+    with http.stream("POST", "/v1/generate", json=body | {"stream": True}) as response:
+        events = _events(response)
+    assert events[-1] == "[DONE]"
+    *tokens, last = events[:-1]
+    assert all(set(e) == {"token", "text"} for e in tokens)
+    assert last["completion_tokens"] == len(tokens) and last["finish_reason"] == whole["finish_reason"]
+    assert "".join(e["text"] for e in [*tokens, last]) == whole["text"]
+    assert {k: last[k] for k in ("committee", "model", "experts_version")} == {
+        k: whole[k] for k in ("committee", "model", "experts_version")
+    }
 
 
 def test_a_new_expert_is_served_without_a_restart(http, server):
