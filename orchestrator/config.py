@@ -149,8 +149,8 @@ class ServeSection(Strict):
     autoscaling: AutoscalingSection | None = None
     cpus_per_replica: float = Field(default=1.0, gt=0)
     gpus_per_replica: float | Literal["auto"] = "auto"  # auto: one GPU a replica where the cluster has GPUs
-    max_batch_size: int = Field(default=16, ge=1)  # requests in one forward pass, across experts
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    max_batch_size: int = Field(default=16, ge=1)  # rows (committee members) in a pool's running batch
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)  # unused: the pool batches continuously
     batching: Literal["mixed", "per_expert"] = "mixed"  # per_expert: one forward per expert (benchmarks)
     max_body_bytes: int = Field(default=65536, ge=1024)
     max_new_tokens: int = Field(default=256, ge=1)  # the cap on a request's max_new_tokens

@@ -130,15 +130,17 @@ def committee_distributions(
     questions: Sequence[EncodedQuestion],
     committees: Sequence[Sequence[tuple[int, float]]],
     per_expert: bool = False,
+    letter_ids: torch.Tensor | None = None,
 ) -> list[np.ndarray]:
     """Each question's option distribution as its committee's weighted mixture, members as rows.
 
     All rows of all questions go through one forward pass, each row with its own expert's prompt. With
     `per_expert` the rows are grouped by expert instead and each group is its own forward pass: what
-    batching by model id does; kept to measure what mixing saves.
+    batching by model id does; kept to measure what mixing saves. `letter_ids` (`option_token_ids`) may be
+    given by a caller that runs this off the thread that uses the tokenizer.
     """
     rows = [(q, expert, w) for q, members in enumerate(committees) for expert, w in members]
-    letter_ids = option_token_ids(base.tokenizer)
+    letter_ids = option_token_ids(base.tokenizer) if letter_ids is None else letter_ids
     groups = [list(range(len(rows)))]
     if per_expert:
         by_expert: dict[int, list[int]] = {}
