@@ -13,6 +13,7 @@ from workers.settings import (
     EVAL_BATCH_SIZE,
     MAX_LENGTH,
     ROUTER_MODEL,
+    SHARED,
     SPLIT_FRACTIONS,
     TrainConfig,
 )
@@ -46,6 +47,14 @@ class DataSection(Strict):
         if (self.cultures is None) == (self.top is None):
             raise ValueError("give exactly one of data.cultures or data.top")
         return self
+
+
+class SharedSection(Strict):
+    """The shared survey prior: one culture-blind expert named `shared`, trained on every country's answers."""
+
+    enabled: bool = False
+    # Training questions of the prior (each one's answers pooled over its countries); null: all of them.
+    max_questions: int | None = Field(default=None, ge=1)
 
 
 class PromptSection(Strict):
@@ -186,6 +195,7 @@ class ExperimentConfig(Strict):
     base_model: BaseModelSection = BaseModelSection()
     data: DataSection
     prompt: PromptSection = PromptSection()
+    shared: SharedSection = SharedSection()
     train: TrainConfig = TrainConfig()  # the trainer's own settings, validated as a section
     eval: EvalSection = EvalSection()
     tune: TuneSection = TuneSection()
@@ -193,6 +203,13 @@ class ExperimentConfig(Strict):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     mlflow: MlflowSection = MlflowSection()
     serve: ServeSection = ServeSection()
+
+    @model_validator(mode="after")
+    def _shared_is_reserved(self) -> ExperimentConfig:
+        named = [c for c in (self.data.cultures or []) + self.data.held_out if c.strip().lower() == SHARED]
+        if named:
+            raise ValueError(f"{SHARED!r} is the shared prior's reserved name, not a culture (data)")
+        return self
 
     @property
     def experts_dir(self) -> Path:

@@ -50,9 +50,9 @@ def print_epoch(report: EpochReport, trainer: PackedTrainer) -> None:
 
 def train_local(config: ExperimentConfig) -> list[Path]:
     """Train every selected culture's expert in one packed run in this process; return the saved experts."""
-    data = prepare_data(config.data)
+    data = prepare_data(config.data, shared=config.shared)
     print(f"data: {data.report.summary()}", flush=True)
-    cultures = data.selection.trained
+    cultures = data.experts
     base = load_frozen_base(config.base_model.name, config.base_model.dtype, config.base_model.device)
     train, val = (encoded(base, data, split, cultures, config.data.max_length) for split in ("train", "val"))
     print(

@@ -14,6 +14,7 @@ from orchestrator.survey import similarity_table
 from workers.base_model import FrozenBase
 from workers.cultures import slug
 from workers.expert_store import SIMILARITY_FILE
+from workers.settings import SHARED
 from workers.prompts import Expert, ExpertMeta, SoftPromptBank, export_peft_adapter, persona_text, save_expert
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def save_experts(
     """Write every expert of a bank (safetensors + PEFT adapter) and, optionally, survey similarity."""
     paths = []
     for i, culture in enumerate(bank.cultures):
-        iso = next(r.iso for r in data.records if r.culture == culture)
+        iso = next((r.iso for r in data.records if r.culture == culture), "")  # the prior has none
         meta = ExpertMeta(
             culture=culture,
             iso=iso,
@@ -52,7 +53,8 @@ def save_experts(
 
 def write_similarity(directory: Path, data: ExperimentData, experts: list[str]) -> Path:
     """For every culture in the data, its survey similarity to each expert's culture (for committees)."""
-    table = similarity_table(data.records, data.selection.counts, experts)
+    # The prior is no culture: committees of similar cultures never draw it.
+    table = similarity_table(data.records, data.selection.counts, [e for e in experts if e != SHARED])
     path = directory / SIMILARITY_FILE
     path.write_text(json.dumps(table, indent=1, sort_keys=True))
     return path

@@ -35,7 +35,7 @@ def connect() -> None:
 def train(config: ExperimentConfig, resume: bool = False) -> dict:
     """Run (or resume) the experiment, then pick, publish, log and register every culture's best expert."""
     validate_deepspeed(config)  # bad DeepSpeed settings fail here, before any worker starts
-    data = prepare_data(config.data)
+    data = prepare_data(config.data, shared=config.shared)
     print(f"data: {data.report.summary()}; cultures: {', '.join(data.selection.trained)}", flush=True)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
     else:
         experiment = tuner(public, data, shared, callbacks=[tracker.live_metrics()])
     results = experiment.fit()
-    if results.num_terminated + results.num_errors < expected_trials(config, len(data.selection.trained)):
+    if results.num_terminated + results.num_errors < expected_trials(config, data):
         # Ctrl-C: Tune saved its state; finished trials stay finished when the experiment resumes.
         print(f"interrupted: continue with `shores train --resume --config ...` ({config.output_dir})")
         return {"experts": [], "registered": [], "interrupted": True}
@@ -65,7 +65,7 @@ def finish(
     """Publish each culture's best expert to <output_dir>/experts, then log and register everything."""
     trials = finished_trials(results, downloads=checkpoint_downloads(config))
     winners = best_experts(trials)
-    missing = [c for c in data.selection.trained if c not in winners]
+    missing = [c for c in data.experts if c not in winners]
     if missing:
         print(f"warning: no finished trial holds an expert for {missing}", file=sys.stderr)
     publish_experts(config.experts_dir, winners, data)

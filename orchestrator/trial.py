@@ -37,6 +37,7 @@ from orchestrator.survey import ExperimentData
 from workers.base_model import FrozenBase
 from workers.deepspeed_config import ds_config, ensure_extensions_dir
 from workers.prompts import SoftPromptBank
+from workers.settings import SHARED
 from workers.shared_base import SharedBase
 from workers.trainer import EpochReport, PackedTrainer
 from workers.zero import ZeroTrainer
@@ -75,6 +76,13 @@ def culture_groups(cultures: list[str], experts_per_trial: int) -> list[list[str
     return [cultures[i : i + experts_per_trial] for i in range(0, len(cultures), experts_per_trial)]
 
 
+def expert_groups(data: ExperimentData, experts_per_trial: int) -> list[list[str]]:
+    """Every trial's experts: the shared prior alone first (it has the most rows: it runs longest), then
+    the cultures in trial-sized groups."""
+    prior = [[SHARED]] if SHARED in data.experts else []
+    return prior + culture_groups(data.selection.trained, experts_per_trial)
+
+
 def trial_config(config: ExperimentConfig, params: dict) -> ExperimentConfig:
     """The experiment config with one trial's sampled hyperparameters applied."""
     sampled = {k: v for k, v in params.items() if k in type(config.train).model_fields}
@@ -94,13 +102,14 @@ def group_data(data: ExperimentData, cultures: list[str]) -> ExperimentData:
         data,
         records=[r for r in data.records if r.culture in wanted],
         splits={s: [r for r in records if r.culture in wanted] for s, records in data.splits.items()},
+        pooled=data.pooled if SHARED in wanted else {},
     )
 
 
 def trial_spec(params: dict, config: ExperimentConfig, data: ExperimentData) -> TrialSpec:
     """The trial Tune is running now: its culture group, and the state to continue from if it has one."""
     config = trial_config(config, params)
-    cultures = culture_groups(data.selection.trained, config.tune.experts_per_trial)[params["group"]]
+    cultures = expert_groups(data, config.tune.experts_per_trial)[params["group"]]
     checkpoint = tune.get_checkpoint()
     resume = None
     if checkpoint:

@@ -11,7 +11,7 @@ from ray.tune.search import BasicVariantGenerator
 from orchestrator.config import INT_SEARCH_KEYS, ExperimentConfig, Sampler
 from orchestrator.faults import Fault, driver_callbacks
 from orchestrator.survey import ExperimentData
-from orchestrator.trial import SharedBaseRef, culture_groups, run_trial, trial_resources
+from orchestrator.trial import SharedBaseRef, expert_groups, run_trial, trial_resources
 from workers.shared_base import SharedBase
 
 
@@ -41,9 +41,9 @@ def param_space(config: ExperimentConfig, n_groups: int) -> dict:
     return space | {key: domain(key, sampler) for key, sampler in config.tune.search_space.items()}
 
 
-def expected_trials(config: ExperimentConfig, n_cultures: int) -> int:
+def expected_trials(config: ExperimentConfig, data: ExperimentData) -> int:
     """How many trials the experiment holds when it has run to the end."""
-    n = -(-n_cultures // config.tune.experts_per_trial) * config.tune.num_samples
+    n = len(expert_groups(data, config.tune.experts_per_trial)) * config.tune.num_samples
     for sampler in config.tune.search_space.values():
         n *= len(sampler.grid or [None])
     return n
@@ -68,7 +68,7 @@ def tuner(
     A fault named by SHORES_FAULT (orchestrator.faults) is handed to every trial and the driver.
     """
     fault = Fault.from_env(config.output_dir)
-    n_groups = len(culture_groups(data.selection.trained, config.tune.experts_per_trial))
+    n_groups = len(expert_groups(data, config.tune.experts_per_trial))
     scheduler = None
     if config.tune.scheduler == "asha":
         scheduler = tune.schedulers.ASHAScheduler(

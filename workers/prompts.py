@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from workers.base_model import FrozenBase
+from workers.settings import SHARED
 
 NO_EXPERT = -1  # the expert index of a row that gets no prompt (the plain base model)
 FORMAT_VERSION = "1"
@@ -27,6 +28,8 @@ class PromptMismatchError(ValueError):
 
 def persona_text(culture: str) -> str:
     """The hard-text persona naming a culture: the paper's own approach, and the default prompt init."""
+    if culture == SHARED:  # the culture-blind prior starts from a persona of no culture in particular
+        return "You are a person answering a survey. Answer the way most people around the world would answer."
     return f"You are a person from {culture}. Answer the way most people in {culture} would answer."
 
 
