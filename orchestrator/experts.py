@@ -14,8 +14,8 @@ from orchestrator.survey import similarity_table
 from workers.base_model import FrozenBase
 from workers.cultures import slug
 from workers.expert_store import SIMILARITY_FILE
-from workers.settings import SHARED
 from workers.prompts import Expert, ExpertMeta, SoftPromptBank, export_peft_adapter, persona_text, save_expert
+from workers.settings import SHARED
 
 if TYPE_CHECKING:
     from orchestrator.survey import ExperimentData
