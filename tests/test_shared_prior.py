@@ -44,7 +44,9 @@ def test_the_prior_learns_from_countries_outside_the_selection_and_never_from_te
     # ...and its splits are the survey's: no test question of any culture is a training question of the prior.
     test = {normalise_question(r.question) for r in data.splits["test"]}
     assert not test & {normalise_question(r.question) for r in prior}
-    assert len(prior) == len({(normalise_question(r.question), r.options) for r in prior})  # one row a question
+    assert len(prior) == len(
+        {(normalise_question(r.question), r.options) for r in prior}
+    )  # one row a question
 
 
 def test_max_questions_picks_the_same_questions_every_time():
@@ -63,7 +65,14 @@ def test_shared_is_no_culture_name(key):
 def test_tune_trains_registers_and_publishes_the_prior_beside_the_experts(llama_dir, tmp_path):
     sets = [f"base_model.name={llama_dir}", f"output_dir={tmp_path}", f"data.path={OPINIONS}"]
     config = load_config(
-        TINY, [*sets, "data.cultures=[Germany]", "shared.enabled=true", "shared.max_questions=16", "train.epochs=1"]
+        TINY,
+        [
+            *sets,
+            "data.cultures=[Germany]",
+            "shared.enabled=true",
+            "shared.max_questions=16",
+            "train.epochs=1",
+        ],
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

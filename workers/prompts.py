@@ -29,7 +29,9 @@ class PromptMismatchError(ValueError):
 def persona_text(culture: str) -> str:
     """The hard-text persona naming a culture: the paper's own approach, and the default prompt init."""
     if culture == SHARED:  # the culture-blind prior starts from a persona of no culture in particular
-        return "You are a person answering a survey. Answer the way most people around the world would answer."
+        return (
+            "You are a person answering a survey. Answer the way most people around the world would answer."
+        )
     return f"You are a person from {culture}. Answer the way most people in {culture} would answer."
 
 

@@ -37,7 +37,9 @@ def sample_questions(records: list[SurveyRecord], limit: int | None) -> list[Sur
         return records
 
     def rank(record: SurveyRecord) -> bytes:
-        return hashlib.sha256(normalise_question(record.question).encode() + repr(record.options).encode()).digest()
+        return hashlib.sha256(
+            normalise_question(record.question).encode() + repr(record.options).encode()
+        ).digest()
 
     keep = set(map(id, sorted(records, key=rank)[:limit]))
     return [r for r in records if id(r) in keep]
