@@ -59,7 +59,8 @@ class SharedSection(Strict):
 
 class PromptSection(Strict):
     num_virtual_tokens: int = Field(default=8, ge=1, le=512)
-    init: Literal["persona", "random"] = "persona"
+    # shared: every culture's expert starts from the shared prior, trained first (needs shared.enabled)
+    init: Literal["persona", "random", "shared"] = "persona"
 
 
 SearchKey = Literal["lr", "num_virtual_tokens", "weight_decay", "batch_size"]
@@ -209,6 +210,8 @@ class ExperimentConfig(Strict):
         named = [c for c in (self.data.cultures or []) + self.data.held_out if c.strip().lower() == SHARED]
         if named:
             raise ValueError(f"{SHARED!r} is the shared prior's reserved name, not a culture (data)")
+        if self.prompt.init == SHARED and not self.shared.enabled:
+            raise ValueError("prompt.init: shared needs the shared prior (shared.enabled: true)")
         return self
 
     @property

@@ -61,6 +61,7 @@ class TrialSpec:
     data: ExperimentData  # cut down to the group's cultures
     resume: dict | None  # the trainer state of the last checkpoint, for a retried or resumed trial
     started: float
+    prior: torch.Tensor | None = None  # the shared prior's prompt, where every expert starts (init: shared)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,9 @@ def group_data(data: ExperimentData, cultures: list[str]) -> ExperimentData:
     )
 
 
-def trial_spec(params: dict, config: ExperimentConfig, data: ExperimentData) -> TrialSpec:
+def trial_spec(
+    params: dict, config: ExperimentConfig, data: ExperimentData, prior: torch.Tensor | None = None
+) -> TrialSpec:
     """The trial Tune is running now: its culture group, and the state to continue from if it has one."""
     config = trial_config(config, params)
     cultures = expert_groups(data, config.tune.experts_per_trial)[params["group"]]
@@ -115,7 +118,13 @@ def trial_spec(params: dict, config: ExperimentConfig, data: ExperimentData) -> 
     if checkpoint:
         with checkpoint.as_directory() as folder:
             resume = load_trainer_state(Path(folder))
-    return TrialSpec(config, params["group"], cultures, group_data(data, cultures), resume, time.time())
+    data = group_data(data, cultures)
+    return TrialSpec(config, params["group"], cultures, data, resume, time.time(), prior)
+
+
+def fit_length(prompt: torch.Tensor, length: int) -> torch.Tensor:
+    """A prompt cut or cycled to `length` virtual tokens (a search over lengths starts each from one prior)."""
+    return prompt[torch.arange(length) % prompt.shape[0]]
 
 
 def save_checkpoint(
@@ -179,7 +188,13 @@ def train_group(spec: TrialSpec, shared: SharedBase, report: Report, ds: dict | 
         described = FrozenBase(base.name, _skeleton(shared), base.tokenizer, base.fingerprint)
     length = config.data.max_length
     train, val = (encoded(base, spec.data, split, cultures, length) for split in ("train", "val"))
-    bank = SoftPromptBank.initialise(base, cultures, config.prompt.num_virtual_tokens, config.prompt.init)
+    if spec.prior is None:
+        bank = SoftPromptBank.initialise(base, cultures, config.prompt.num_virtual_tokens, config.prompt.init)
+    else:
+        bank = SoftPromptBank(
+            cultures, [fit_length(spec.prior, config.prompt.num_virtual_tokens)] * len(cultures)
+        )
+        bank = bank.to(base.device)
     if ds is None:
         trainer = PackedTrainer(base, bank, train, val, config.train)
     else:
@@ -212,13 +227,14 @@ def run_trial(
     data: ExperimentData,
     shared: SharedBaseRef,
     fault: Fault | None = None,
+    prior: torch.Tensor | None = None,
 ) -> None:
     """The Tune trial function of both strategies: train one culture group, reporting every epoch.
 
     The base is mapped zero-copy from this node's object store (by the Train workers, for deepspeed); a
     packed trial reports the object's id as `shared_base`.
     """
-    spec = trial_spec(params, config, data)
+    spec = trial_spec(params, config, data, prior)
     if spec.config.strategy == "deepspeed":
         _run_on_train_workers(spec, shared.ref, fault)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import ray
+import torch
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
@@ -50,18 +51,28 @@ def expected_trials(config: ExperimentConfig, data: ExperimentData) -> int:
 
 
 def make_trainable(
-    config: ExperimentConfig, data: ExperimentData, shared: SharedBase, fault: Fault | None = None
+    config: ExperimentConfig,
+    data: ExperimentData,
+    shared: SharedBase,
+    fault: Fault | None = None,
+    prior: torch.Tensor | None = None,
 ):
     """The trial function with its resources; the shared checkpoint and data go into the object store once."""
     # One copy in the object store; each trial maps its node's copy zero-copy, or (deepspeed) hands the
     # ref on to its Train workers, which do.
     base = SharedBaseRef(ray.put(shared))
-    trainable = tune.with_parameters(run_trial, config=config, data=data, shared=base, fault=fault)
+    trainable = tune.with_parameters(
+        run_trial, config=config, data=data, shared=base, fault=fault, prior=prior
+    )
     return tune.with_resources(trainable, trial_resources(config))
 
 
 def tuner(
-    config: ExperimentConfig, data: ExperimentData, shared: SharedBase, callbacks: list | None = None
+    config: ExperimentConfig,
+    data: ExperimentData,
+    shared: SharedBase,
+    callbacks: list | None = None,
+    prior: torch.Tensor | None = None,
 ) -> tune.Tuner:
     """A Tuner for the experiment: ASHA (or FIFO) on validation gain, retries from checkpoints.
 
@@ -75,7 +86,7 @@ def tuner(
             time_attr="epoch", max_t=config.train.epochs, grace_period=config.tune.grace_period
         )
     return tune.Tuner(
-        make_trainable(config, data, shared, fault),
+        make_trainable(config, data, shared, fault, prior),
         param_space=param_space(config, n_groups),
         tune_config=tune.TuneConfig(
             # The group's mean gain over its own validation alignment before training, not raw alignment:
@@ -112,12 +123,16 @@ def experiment_path(config: ExperimentConfig) -> str:
     return f"{storage_path(config)}/{config.name}"
 
 
-def restore(config: ExperimentConfig, data: ExperimentData, shared: SharedBase | None) -> tune.Tuner:
+def restore(
+    config: ExperimentConfig,
+    data: ExperimentData,
+    shared: SharedBase | None,
+    prior: torch.Tensor | None = None,
+) -> tune.Tuner:
     """The interrupted experiment, to continue: finished trials stay finished, errored ones resume."""
     path = experiment_path(config)
     if not tune.Tuner.can_restore(path):
         raise FileNotFoundError(f"no experiment to resume at {path}")
-    trainable = (
-        make_trainable(config, data, shared, Fault.from_env(config.output_dir)) if shared else run_trial
-    )
+    fault = Fault.from_env(config.output_dir)
+    trainable = make_trainable(config, data, shared, fault, prior) if shared else run_trial
     return tune.Tuner.restore(path, trainable, resume_errored=True)

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import ray
 
 from orchestrator.config import ConfigError, load_config
@@ -87,3 +88,34 @@ def test_tune_trains_registers_and_publishes_the_prior_beside_the_experts(llama_
     assert all(SHARED not in row for row in similarity.values())  # committees never draw the prior
     registered = {r["culture"] for r in registered_experts(Store.from_config(config))}
     assert registered == {"Germany", SHARED}
+
+
+def test_init_shared_trains_the_prior_first_and_starts_every_expert_from_it(llama_dir, tmp_path):
+    sets = [f"base_model.name={llama_dir}", f"output_dir={tmp_path}", f"data.path={OPINIONS}"]
+    config = load_config(
+        TINY,
+        [
+            *sets,
+            "data.cultures=[Germany, Japan]",
+            "shared.enabled=true",
+            "shared.max_questions=16",
+            "prompt.init=shared",
+            "train.epochs=1",
+            "train.lr=1e-9",  # no step moves a prompt: each expert is exactly where it started
+        ],
+    )
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        outcome = train(config)
+    finally:
+        ray.shutdown()
+    assert outcome["experts"] == ["Germany", "Japan", SHARED]
+    assert (tmp_path / "tune" / f"tiny-{SHARED}").is_dir()  # the prior's own stage, resumable on its own
+    experts = {e.meta.culture: e.prompt for e in load_experts(tmp_path / "experts")}
+    for culture in ("Germany", "Japan"):
+        assert torch.allclose(experts[culture], experts[SHARED], atol=1e-6)
+
+
+def test_init_shared_needs_the_prior():
+    with pytest.raises(ConfigError, match="shared.enabled"):
+        config_with("prompt.init=shared")
