@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import ray
+import torch
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.survey import load_survey, normalise_question, prepare_data
