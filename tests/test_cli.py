@@ -68,7 +68,7 @@ def test_eval_writes_the_report_contract_table_and_chart(trained):
     [
         ("train.lrr=0.1", "train.lrr: Extra inputs are not permitted"),
         ("train.lr=-1", "train.lr: Input should be greater than 0"),
-        ("data.top=3", "give exactly one of data.cultures or data.top"),
+        ("data.top=3", "give at most one of data.cultures or data.top"),
         ("base_model.dtype=int4", "base_model.dtype"),
     ],
 )

@@ -355,8 +355,8 @@ def test_named_cultures_any_spelling():
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({}, "exactly one of cultures or top"),
-        ({"cultures": ["Germany"], "top": 2}, "exactly one of cultures or top"),
+        ({"min_questions": 500}, "no culture has at least 500 questions"),
+        ({"cultures": ["Germany"], "top": 2}, "at most one of cultures or top"),
         ({"cultures": ["Narnia"]}, "unknown culture 'Narnia'"),
         ({"top": 2, "held_out": ["Narnia"]}, "unknown culture 'Narnia'"),
         ({"top": 2, "held_out": ["Spain"]}, "unknown culture 'Spain'"),
@@ -441,3 +441,10 @@ def test_similarity_table_rows_are_each_cultures_nearest():
     # One score a pair, whichever way round it is read.
     assert table["Germany"]["France"] == table["France"]["Germany"]
     assert similarity_table(SIMILAR, ["de"], ["fra"]) == {"Germany": {"France": table["Germany"]["France"]}}
+
+
+def test_without_cultures_or_top_every_culture_with_enough_questions_gets_an_expert():
+    chosen = select_cultures(SELECTION, min_questions=8, held_out=["Kenya"])
+    assert chosen.trained == ["Germany", "France", "Japan"]  # Kenya is held out; Peru and Chile are thin
+    records, _ = load_survey(OPINIONS)
+    assert len(select_cultures(records, min_questions=30).trained) == 52  # the config's default: a few dozen

@@ -33,10 +33,14 @@ def select_cultures(
     min_questions: int = 0,
     held_out: Sequence[str] = (),
 ) -> CultureSelection:
-    """Choose the cultures to train on (named, or the `top` N by distinct questions) and those held out."""
+    """Choose the cultures to train on and those held out.
+
+    Named cultures, or the `top` N by distinct questions, or (neither given) every culture with at least
+    `min_questions` questions.
+    """
     counts = _question_counts(records)
-    if (cultures is None) == (top is None):
-        raise SurveyDataError("give exactly one of cultures or top to choose the cultures to train on")
+    if cultures is not None and top is not None:
+        raise SurveyDataError("give at most one of cultures or top to choose the cultures to train on")
     known = list(counts)
     held = list(dict.fromkeys(resolve_culture(name, known) for name in held_out))
 
@@ -55,7 +59,11 @@ def select_cultures(
             )
         return CultureSelection(trained=trained, held_out=held, counts=counts)
 
-    assert top is not None
+    if top is None:
+        eligible = [c for c, n in counts.items() if n >= min_questions and c not in held]
+        if not eligible:
+            raise SurveyDataError(f"no culture has at least {min_questions} questions (data.min_questions)")
+        return CultureSelection(trained=eligible, held_out=held, counts=counts)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise SurveyDataError(f"top must be a positive integer, got {top!r}")
     # `counts` is already ordered by (-count, name), which is exactly the ranking and tie-break wanted.
