@@ -133,7 +133,12 @@ class PackedTrainer:
         """
         size = self.config.batch_size
         orders = {
-            c: torch.randperm(len(self.train[c]), generator=self.generators[c]).tolist() for c in self.active
+            c: length_bucketed(
+                torch.randperm(len(self.train[c]), generator=self.generators[c]).tolist(),
+                [len(q.input_ids) for q in self.train[c]],
+                size * self.config.length_buckets,
+            )
+            for c in self.active
         }
         steps = max(math.ceil(len(order) / size) for order in orders.values())
         batches = []
@@ -275,6 +280,13 @@ class PackedTrainer:
             state["initial_val"],
             state["stale"],
         )
+
+
+def length_bucketed(order: list[int], lengths: list[int], bucket: int) -> list[int]:
+    """A shuffled order whose every run of `bucket` rows is sorted by length: batches cut from it pad little,
+    and every expert's batches go from short to long in step, so packed steps pad little too."""
+    runs = [order[i : i + bucket] for i in range(0, len(order), bucket)]
+    return [i for run in runs for i in sorted(run, key=lambda i: lengths[i])]
 
 
 def kl_to_survey(log_probs: torch.Tensor, question: EncodedQuestion) -> torch.Tensor:
