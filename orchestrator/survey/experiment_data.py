@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from orchestrator.config import DataSection
 from orchestrator.survey.loading import LoadReport, load_survey
 from orchestrator.survey.records import SurveyRecord
-from orchestrator.survey.selection import CultureSelection, select_cultures
+from orchestrator.survey.selection import CultureSelection, present_cultures, select_cultures
 from orchestrator.survey.splits import split_records
 
 
@@ -38,3 +38,12 @@ def prepare_data(section: DataSection, path: str | None = None) -> ExperimentDat
         records, section.cultures, section.top, section.min_questions, section.held_out
     )
     return ExperimentData(records, report, selection, split_records(records, section.split))
+
+
+def foreign_data(
+    section: DataSection, records: list[SurveyRecord], report: LoadReport, experts: list[str]
+) -> tuple[ExperimentData, list[str]]:
+    """Another survey file's records for experts trained elsewhere: their cultures and the config's
+    held-out ones that it holds (notes say what it lacks), split as training splits its own file."""
+    selection, notes = present_cultures(records, experts, section.held_out, report.path)
+    return ExperimentData(records, report, selection, split_records(records, section.split)), notes
