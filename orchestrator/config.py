@@ -8,6 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workers.cultures import is_shared
 from workers.settings import (
     CHAMPION,
     EVAL_BATCH_SIZE,
@@ -209,7 +210,7 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _shared_is_reserved(self) -> ExperimentConfig:
-        named = [c for c in (self.data.cultures or []) + self.data.held_out if c.strip().lower() == SHARED]
+        named = [c for c in (self.data.cultures or []) + self.data.held_out if is_shared(c)]
         if named:
             raise ValueError(f"{SHARED!r} is the shared prior's reserved name, not a culture (data)")
         if self.prompt.init == SHARED and not self.shared.enabled:

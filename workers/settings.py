@@ -10,7 +10,8 @@ MAX_LENGTH = 320  # tokens of an encoded question; longer ones keep their end (t
 ROUTER_MODEL = "all-MiniLM-L6-v2"
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test shares of the questions
 CHAMPION = "champion"  # the registry alias of each culture's best expert
-SHARED = "shared"  # the culture-blind expert: a prompt trained on every country's answers at once
+# The reserved culture name of the culture-blind shared survey prior: an expert, never a culture of the data.
+SHARED = "shared"
 
 
 class TrainConfig(BaseModel):

@@ -9,7 +9,7 @@ from orchestrator.config import DataSection, SharedSection
 from orchestrator.survey.loading import LoadReport, load_survey
 from orchestrator.survey.pooling import pooled_records, sample_questions
 from orchestrator.survey.records import SurveyRecord
-from orchestrator.survey.selection import CultureSelection, select_cultures
+from orchestrator.survey.selection import CultureSelection, present_cultures, select_cultures
 from orchestrator.survey.splits import split_records
 from workers.settings import SHARED
 
@@ -61,3 +61,12 @@ def prepare_data(
         pooled = split_records(pooled_records(records), section.split)
         pooled["train"] = sample_questions(pooled["train"], shared.max_questions)
     return ExperimentData(records, report, selection, split_records(records, section.split), pooled)
+
+
+def foreign_data(
+    section: DataSection, records: list[SurveyRecord], report: LoadReport, experts: list[str]
+) -> tuple[ExperimentData, list[str]]:
+    """Another survey file's records for experts trained elsewhere: their cultures and the config's
+    held-out ones that it holds (notes say what it lacks), split as training splits its own file."""
+    selection, notes = present_cultures(records, experts, section.held_out, report.path)
+    return ExperimentData(records, report, selection, split_records(records, section.split)), notes
