@@ -32,6 +32,7 @@ from workers.committees import committee_distributions
 from workers.generation import (
     Decoded,
     DecodeRequest,
+    cache_kwarg,
     check_request,
     is_greedy,
     mixed_distributions,
@@ -39,7 +40,7 @@ from workers.generation import (
     sampler,
     stop_token_ids,
 )
-from workers.prefix import cache_kwarg, start_cache
+from workers.prefix import start_cache
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import EncodedQuestion, left_pad
 
