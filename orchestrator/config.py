@@ -61,6 +61,9 @@ class SharedSection(Strict):
 
 
 class PromptSection(Strict):
+    # input: L soft tokens before the text (prompt tuning); deep: L virtual keys and values at every layer
+    # (prefix tuning). num_virtual_tokens is L of the kind chosen.
+    kind: Literal["input", "deep"] = "input"
     num_virtual_tokens: int = Field(default=8, ge=1, le=512)
     # shared: every culture's expert starts from the shared prior, trained first (needs shared.enabled)
     init: Literal["persona", "random", "shared"] = "persona"
