@@ -2,7 +2,8 @@
 
 For every prompt kind and length: the shared prior (culture-blind, trained on every country's pooled
 answers), then the cultures' experts built (a) alone from their persona, (b) from a copy of the prior,
-(c) as the prior (frozen) followed by the culture's own tokens. Each is trained packed, its best epoch chosen
+(c) as the prior followed by the culture's own input tokens (the prior frozen, or, for deep prompts, also
+trained jointly by all the cultures). Each is trained packed, its best epoch chosen
 by validation alignment; the table gives mean validation (what the choice is made on) and test alignment.
 
     python -m orchestrator.ablation --config configs/demo.yaml --out runs/ablation.json
@@ -39,8 +40,8 @@ def alignments(
 
 
 def frozen_head(bank: SoftPromptBank, length: int) -> None:
-    """Keep each expert's first `length` virtual tokens (the prior) fixed: their gradient is zero, so
-    AdamW (no weight decay) never moves them."""
+    """Keep each expert's first `length` input tokens (the prior) fixed: their gradient is zero, so AdamW
+    (no weight decay) never moves them."""
     for prompt in bank.prompts:
         prompt.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:length]), grad[length:]]))
 
@@ -50,6 +51,32 @@ def fit(base: FrozenBase, bank: SoftPromptBank, train: dict, val: dict, config: 
     start = time.perf_counter()
     PackedTrainer(base, bank, train, val, config).fit()
     return time.perf_counter() - start
+
+
+def variants(base: FrozenBase, kind: str, prior: SoftPromptBank, cultures: list[str], own_tokens: int):
+    """(name, bank) of each way to build the cultures' experts, given the trained prior of one kind."""
+    width = base.hidden_size
+    none = [torch.zeros(0, width)] * len(cultures)
+    yield "persona", SoftPromptBank.initialise(base, cultures, prior_length(prior), "persona", kind=kind)
+    if kind == "input":
+        learned = prior.prompts[0].detach()
+        yield "from_shared", SoftPromptBank(cultures, [learned] * len(cultures)).to(base.device)
+        mine = SoftPromptBank.initialise(base, cultures, own_tokens, "persona")
+        composed = SoftPromptBank(cultures, [torch.cat([learned, p.detach()]) for p in mine.prompts])
+        frozen_head(composed, learned.shape[0])
+        yield "shared+own", composed.to(base.device)
+        return
+    learned = prior.prefix(0).detach()
+    yield "from_shared", SoftPromptBank(cultures, none, [learned] * len(cultures)).to(base.device)
+    for tied in (False, True):
+        # The prior's prefix under each culture's own input tokens: frozen, or trained on by all of them.
+        bank = SoftPromptBank.initialise(base, cultures, own_tokens, "persona", shared_prefix=learned)
+        bank.shared_prefix.requires_grad_(tied)
+        yield ("shared+own joint" if tied else "shared+own"), bank
+
+
+def prior_length(prior: SoftPromptBank) -> int:
+    return max(prior.lengths + prior.prefix_lengths)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -66,41 +93,27 @@ def run(args: argparse.Namespace) -> list[dict]:
     expert_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr, patience=9)
     rows = []
 
-    def score(bank: SoftPromptBank, name: str, variant: str, num_tokens: int, seconds: float) -> None:
-        row = {
-            "kind": "input",
-            "num_virtual_tokens": num_tokens,
-            "variant": variant,
-            "train_s": round(seconds, 1),
-        }
+    def score(bank: SoftPromptBank, kind: str, tokens: int, variant: str, seconds: float) -> None:
+        row = {"kind": kind, "num_virtual_tokens": tokens, "variant": variant, "train_s": round(seconds, 1)}
         for split in ("val", "test"):
+            name = SHARED if variant == SHARED else None
             per = {c: alignments(base, bank, name or c, own[split][c]) for c in cultures}
             row[split] = float(np.mean([a for values in per.values() for a in values]))  # pooled over records
             row[f"{split}_by_culture"] = {c: float(np.mean(values)) for c, values in per.items()}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_by_culture")}), flush=True)
-
-    for num_tokens in args.lengths:
-        prior = SoftPromptBank.initialise(base, [SHARED], num_tokens, "persona")
-        seconds = fit(
-            base, prior, {SHARED: splits["train"][SHARED]}, {SHARED: splits["val"][SHARED]}, prior_cfg
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # after every row: a cut-off run keeps its rows
+        args.out.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
         )
-        score(prior, SHARED, "shared", num_tokens, seconds)
-        learned = prior.prompts[0].detach()
 
-        persona = SoftPromptBank.initialise(base, cultures, num_tokens, "persona")
-        score(persona, "", "persona", num_tokens, fit(base, persona, own["train"], own["val"], expert_cfg))
-
-        copies = SoftPromptBank(cultures, [learned] * len(cultures)).to(base.device)
-        score(copies, "", "from_shared", num_tokens, fit(base, copies, own["train"], own["val"], expert_cfg))
-
-        mine = SoftPromptBank.initialise(base, cultures, args.own_tokens, "persona")
-        composed = SoftPromptBank(cultures, [torch.cat([learned, p.detach()]) for p in mine.prompts]).to(
-            base.device
-        )
-        frozen_head(composed, num_tokens)
-        seconds = fit(base, composed, own["train"], own["val"], expert_cfg)
-        score(composed, "", "shared+own", num_tokens + args.own_tokens, seconds)
+    for kind in args.kinds:
+        for tokens in args.lengths:
+            prior = SoftPromptBank.initialise(base, [SHARED], tokens, "persona", kind=kind)
+            pooled = ({SHARED: splits["train"][SHARED]}, {SHARED: splits["val"][SHARED]})
+            score(prior, kind, tokens, SHARED, fit(base, prior, *pooled, prior_cfg))
+            for variant, bank in variants(base, kind, prior, cultures, args.own_tokens):
+                score(bank, kind, tokens, variant, fit(base, bank, own["train"], own["val"], expert_cfg))
     return rows
 
 
@@ -108,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--set", action="append", default=[], help="config overrides, key=value")
+    parser.add_argument("--kinds", nargs="+", default=["input", "deep"], choices=["input", "deep"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument(
         "--own-tokens", type=int, default=8, help="a culture's own tokens after the prior (c)"
