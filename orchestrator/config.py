@@ -197,6 +197,12 @@ class ExperimentConfig(Strict):
     mlflow: MlflowSection = MlflowSection()
     serve: ServeSection = ServeSection()
 
+    @model_validator(mode="after")
+    def _deep_prompts_train_packed(self) -> ExperimentConfig:
+        if self.prompt.kind == "deep" and self.strategy == "deepspeed":
+            raise ValueError("prompt.kind deep trains with strategy packed (ZeRO trains input prompts only)")
+        return self
+
     @property
     def experts_dir(self) -> Path:
         return Path(self.output_dir) / "experts"
