@@ -212,12 +212,14 @@ class ExperimentConfig(Strict):
     serve: ServeSection = ServeSection()
 
     @model_validator(mode="after")
-    def _shared_is_reserved(self) -> ExperimentConfig:
+    def _consistent(self) -> ExperimentConfig:
         named = [c for c in (self.data.cultures or []) + self.data.held_out if is_shared(c)]
         if named:
             raise ValueError(f"{SHARED!r} is the shared prior's reserved name, not a culture (data)")
         if self.prompt.init == SHARED and not self.shared.enabled:
             raise ValueError("prompt.init: shared needs the shared prior (shared.enabled: true)")
+        if self.prompt.kind == "deep" and self.strategy == "deepspeed":
+            raise ValueError("prompt.kind deep trains with strategy packed (ZeRO trains input prompts only)")
         return self
 
     @property

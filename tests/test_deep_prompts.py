@@ -365,3 +365,5 @@ def test_the_config_chooses_the_prompt_kind():
     assert (deep.kind, deep.num_virtual_tokens) == ("deep", 16)
     with pytest.raises(ConfigError, match=r"prompt\.kind"):
         load_config("configs/tiny.yaml", ["prompt.kind=prefix"])
+    with pytest.raises(ConfigError, match="ZeRO trains input prompts only"):
+        load_config("configs/tiny.yaml", ["prompt.kind=deep", "strategy=deepspeed"])
