@@ -58,6 +58,8 @@ class SharedSection(Strict):
     enabled: bool = False
     # Training questions of the prior (each one's answers pooled over its countries); null: all of them.
     max_questions: int | None = Field(default=None, ge=1)
+    # The prior's trial trains alone when it comes first (prompt.init: shared): it may take every CPU.
+    cpus_per_trial: float | None = Field(default=None, gt=0)  # null: tune.cpus_per_trial
 
 
 class PromptSection(Strict):

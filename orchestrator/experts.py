@@ -14,7 +14,14 @@ from orchestrator.survey import similarity_table
 from workers.base_model import FrozenBase
 from workers.cultures import slug
 from workers.expert_store import SIMILARITY_FILE
-from workers.prompts import Expert, ExpertMeta, SoftPromptBank, export_peft_adapter, persona_text, save_expert
+from workers.prompts import (
+    ExpertMeta,
+    PeftExportError,
+    SoftPromptBank,
+    export_peft_adapter,
+    persona_text,
+    save_expert,
+)
 from workers.settings import SHARED
 
 if TYPE_CHECKING:
@@ -43,9 +50,12 @@ def save_experts(
             training=summaries.get(culture, {}),
             descriptor=persona_text(culture),
         )
-        expert = Expert(bank.prompts[i].detach().cpu(), meta)
+        expert = bank.expert(i, meta)  # its parts, and their shapes in the metadata
         paths.append(save_expert(directory / f"{slug(culture)}.safetensors", expert))
-        export_peft_adapter(expert, base.model, directory / "peft" / slug(culture))
+        try:
+            export_peft_adapter(expert, base.model, directory / "peft" / slug(culture))
+        except PeftExportError:
+            pass  # a composed expert (prefix + input tokens) has no single PEFT form; its safetensors stand
     if similarity:
         write_similarity(directory, data, bank.cultures)
     return paths

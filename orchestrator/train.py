@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import ray
-import torch
 import yaml
 from ray import tune
 
@@ -25,7 +24,7 @@ from orchestrator.tracking import (
 )
 from orchestrator.trial import run_trial, validate_deepspeed
 from orchestrator.tune import expected_trials, experiment_path, restore, tuner
-from workers.prompts import load_expert
+from workers.prompts import Expert, load_expert
 from workers.settings import SHARED
 from workers.shared_base import SharedBase
 
@@ -64,7 +63,7 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
             return {"experts": [], "registered": [], "interrupted": True}
         trials += finished_trials(results, downloads=checkpoint_downloads(config))
         if stage is not public:
-            prior = prior_prompt(trials)
+            prior = prior_expert(trials)
     return finish(config, data, trials, tracker)
 
 
@@ -78,7 +77,11 @@ def stages(config: ExperimentConfig, data: ExperimentData) -> list[tuple[Experim
     prior_only = replace(data, selection=replace(data.selection, trained=[]))
     # The prior itself starts from its culture-blind persona.
     persona = config.prompt.model_copy(update={"init": "persona"})
-    prior_stage = config.model_copy(update={"name": prior_stage_name(config), "prompt": persona})
+    cpus = config.shared.cpus_per_trial or config.tune.cpus_per_trial
+    alone = config.tune.model_copy(update={"cpus_per_trial": cpus})
+    prior_stage = config.model_copy(
+        update={"name": prior_stage_name(config), "prompt": persona, "tune": alone}
+    )
     return [(prior_stage, prior_only), (config, replace(data, pooled={}))]
 
 
@@ -86,12 +89,12 @@ def prior_stage_name(config: ExperimentConfig) -> str:
     return f"{config.name}-{SHARED}"
 
 
-def prior_prompt(trials: list[FinishedTrial]) -> torch.Tensor:
-    """The shared prior's best prompt among the finished trials: where every culture's expert starts."""
+def prior_expert(trials: list[FinishedTrial]) -> Expert:
+    """The shared prior's best expert among the finished trials: where every culture's expert starts."""
     winner = best_experts(trials).get(SHARED)
     if winner is None:
         raise RuntimeError("the shared prior's trial finished without a checkpoint; see Tune's error above")
-    return load_expert(winner.expert_file).prompt
+    return load_expert(winner.expert_file)
 
 
 def finish(

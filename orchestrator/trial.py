@@ -36,7 +36,7 @@ from orchestrator.faults import Fault, after_checkpoint
 from orchestrator.survey import ExperimentData
 from workers.base_model import FrozenBase
 from workers.deepspeed_config import ds_config, ensure_extensions_dir
-from workers.prompts import SoftPromptBank
+from workers.prompts import Expert, SoftPromptBank
 from workers.settings import SHARED
 from workers.shared_base import SharedBase
 from workers.trainer import EpochReport, PackedTrainer
@@ -61,7 +61,7 @@ class TrialSpec:
     data: ExperimentData  # cut down to the group's cultures
     resume: dict | None  # the trainer state of the last checkpoint, for a retried or resumed trial
     started: float
-    prior: torch.Tensor | None = None  # the shared prior's prompt, where every expert starts (init: shared)
+    prior: Expert | None = None  # the shared prior, where every expert starts (init: shared)
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def group_data(data: ExperimentData, cultures: list[str]) -> ExperimentData:
 
 
 def trial_spec(
-    params: dict, config: ExperimentConfig, data: ExperimentData, prior: torch.Tensor | None = None
+    params: dict, config: ExperimentConfig, data: ExperimentData, prior: Expert | None = None
 ) -> TrialSpec:
     """The trial Tune is running now: its culture group, and the state to continue from if it has one."""
     config = trial_config(config, params)
@@ -122,9 +122,10 @@ def trial_spec(
     return TrialSpec(config, params["group"], cultures, data, resume, time.time(), prior)
 
 
-def fit_length(prompt: torch.Tensor, length: int) -> torch.Tensor:
-    """A prompt cut or cycled to `length` virtual tokens (a search over lengths starts each from one prior)."""
-    return prompt[torch.arange(length) % prompt.shape[0]]
+def fit_length(part: torch.Tensor, length: int) -> torch.Tensor:
+    """An input prompt or prefix cut or cycled to `length` virtual tokens (a search over lengths starts each
+    from one prior)."""
+    return part[torch.arange(length) % max(part.shape[0], 1)]
 
 
 def save_checkpoint(
@@ -133,7 +134,7 @@ def save_checkpoint(
     """Write a trial checkpoint: the trainer state, then each culture's best expert so far."""
     # The prompts reach the checkpoint before anyone logs anything anywhere.
     torch.save(state, folder / TRAINER_STATE)
-    best = SoftPromptBank(spec.cultures, torch.stack([trainer.best_prompts[c] for c in spec.cultures]))
+    best = trainer.best_bank()
     summary = training_summary(trainer.result(), spec.config)
     save_experts(folder / EXPERTS, best, described, spec.data, summary, similarity=False)
 
@@ -188,13 +189,14 @@ def train_group(spec: TrialSpec, shared: SharedBase, report: Report, ds: dict | 
         described = FrozenBase(base.name, _skeleton(shared), base.tokenizer, base.fingerprint)
     length = config.data.max_length
     train, val = (encoded(base, spec.data, split, cultures, length) for split in ("train", "val"))
+    tokens = config.prompt.num_virtual_tokens
     if spec.prior is None:
-        bank = SoftPromptBank.initialise(base, cultures, config.prompt.num_virtual_tokens, config.prompt.init)
-    else:
-        bank = SoftPromptBank(
-            cultures, [fit_length(spec.prior, config.prompt.num_virtual_tokens)] * len(cultures)
-        )
-        bank = bank.to(base.device)
+        bank = SoftPromptBank.initialise(base, cultures, tokens, config.prompt.init, kind=config.prompt.kind)
+    else:  # every expert starts as a copy of the prior's parts (a search over lengths cuts or cycles them)
+        prompt, prefix = spec.prior.prompt, spec.prior.prefix
+        prompts = [fit_length(prompt, tokens if prefix is None else 0)] * len(cultures)
+        prefixes = [None if prefix is None else fit_length(prefix, tokens)] * len(cultures)
+        bank = SoftPromptBank(cultures, prompts, prefixes).to(base.device)
     if ds is None:
         trainer = PackedTrainer(base, bank, train, val, config.train)
     else:
@@ -227,7 +229,7 @@ def run_trial(
     data: ExperimentData,
     shared: SharedBaseRef,
     fault: Fault | None = None,
-    prior: torch.Tensor | None = None,
+    prior: Expert | None = None,
 ) -> None:
     """The Tune trial function of both strategies: train one culture group, reporting every epoch.
 

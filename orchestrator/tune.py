@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import ray
-import torch
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
@@ -13,6 +12,7 @@ from orchestrator.config import INT_SEARCH_KEYS, ExperimentConfig, Sampler
 from orchestrator.faults import Fault, driver_callbacks
 from orchestrator.survey import ExperimentData
 from orchestrator.trial import SharedBaseRef, expert_groups, run_trial, trial_resources
+from workers.prompts import Expert
 from workers.shared_base import SharedBase
 
 
@@ -55,7 +55,7 @@ def make_trainable(
     data: ExperimentData,
     shared: SharedBase,
     fault: Fault | None = None,
-    prior: torch.Tensor | None = None,
+    prior: Expert | None = None,
 ):
     """The trial function with its resources; the shared checkpoint and data go into the object store once."""
     # One copy in the object store; each trial maps its node's copy zero-copy, or (deepspeed) hands the
@@ -72,7 +72,7 @@ def tuner(
     data: ExperimentData,
     shared: SharedBase,
     callbacks: list | None = None,
-    prior: torch.Tensor | None = None,
+    prior: Expert | None = None,
 ) -> tune.Tuner:
     """A Tuner for the experiment: ASHA (or FIFO) on validation gain, retries from checkpoints.
 
@@ -127,7 +127,7 @@ def restore(
     config: ExperimentConfig,
     data: ExperimentData,
     shared: SharedBase | None,
-    prior: torch.Tensor | None = None,
+    prior: Expert | None = None,
 ) -> tune.Tuner:
     """The interrupted experiment, to continue: finished trials stay finished, errored ones resume."""
     path = experiment_path(config)

@@ -90,7 +90,8 @@ def test_tune_trains_registers_and_publishes_the_prior_beside_the_experts(llama_
     assert registered == {"Germany", SHARED}
 
 
-def test_init_shared_trains_the_prior_first_and_starts_every_expert_from_it(llama_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["input", "deep"])
+def test_init_shared_trains_the_prior_first_and_starts_every_expert_from_it(kind, llama_dir, tmp_path):
     sets = [f"base_model.name={llama_dir}", f"output_dir={tmp_path}", f"data.path={OPINIONS}"]
     config = load_config(
         TINY,
@@ -100,6 +101,8 @@ def test_init_shared_trains_the_prior_first_and_starts_every_expert_from_it(llam
             "shared.enabled=true",
             "shared.max_questions=16",
             "prompt.init=shared",
+            f"prompt.kind={kind}",
+            "shared.cpus_per_trial=2",
             "train.epochs=1",
             "train.lr=1e-9",  # no step moves a prompt: each expert is exactly where it started
         ],
@@ -111,9 +114,12 @@ def test_init_shared_trains_the_prior_first_and_starts_every_expert_from_it(llam
         ray.shutdown()
     assert outcome["experts"] == ["Germany", "Japan", SHARED]
     assert (tmp_path / "tune" / f"tiny-{SHARED}").is_dir()  # the prior's own stage, resumable on its own
-    experts = {e.meta.culture: e.prompt for e in load_experts(tmp_path / "experts")}
+    experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
+    assert experts[SHARED].meta.kind == kind
     for culture in ("Germany", "Japan"):
-        assert torch.allclose(experts[culture], experts[SHARED], atol=1e-6)
+        assert torch.allclose(experts[culture].prompt, experts[SHARED].prompt, atol=1e-6)
+        if kind == "deep":
+            assert torch.allclose(experts[culture].prefix, experts[SHARED].prefix, atol=1e-6)
 
 
 def test_init_shared_needs_the_prior():
