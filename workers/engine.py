@@ -48,6 +48,7 @@ from workers.generation import (
     sampler,
     stop_token_ids,
 )
+from workers.prefix import start_cache
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import EncodedQuestion, left_pad, option_token_ids
 
@@ -398,7 +399,8 @@ class DecodeEngine:
         inputs = prompted_inputs(
             self.base.model, ids.to(device), mask.to(device), bank, torch.tensor(experts)
         )
-        cache = DynamicCache(config=self.base.model.config)
+        # A row with a deep prefix starts its cache with it: decoding then continues from that cache as usual.
+        cache = start_cache(self.base.model, inputs)
         out = self.base.model(
             **inputs, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.base.model): cache}
         )

@@ -10,15 +10,15 @@ request); `workers.engine.DecodeEngine` is the continuous-batching loop built fr
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from workers.base_model import FrozenBase
+from workers.prefix import cache_kwarg, start_cache
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import left_pad
 
@@ -59,11 +59,6 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str,
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
     return "\n".join([*lines, "Assistant:"])
-
-
-def cache_kwarg(model: PreTrainedModel) -> str:
-    # transformers 5 renames `past_key_values` to `cache` (the old name warns, then goes in 5.40).
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def check_request(request: DecodeRequest) -> None:
@@ -144,8 +139,8 @@ def committee_generate(
         bank = None  # the plain base model throughout: no prompt slots at all
     inputs = prompted_inputs(base.model, ids.to(device), mask.to(device), bank, torch.tensor(expert_idx))
     mask = inputs["attention_mask"]
-    cache = DynamicCache(config=base.model.config)  # filled in place by every forward step
     kwarg = cache_kwarg(base.model)
+    cache = start_cache(base.model, inputs)  # filled in place by every forward step, after any deep prefixes
     out = base.model(**inputs, use_cache=True, logits_to_keep=1, **{kwarg: cache})
     logits = out.logits[:, -1].float()
 
