@@ -60,6 +60,14 @@ class SharedSection(Strict):
     max_questions: int | None = Field(default=None, ge=1)
     # The prior's trial trains alone when it comes first (prompt.init: shared): it may take every CPU.
     cpus_per_trial: float | None = Field(default=None, gt=0)  # null: tune.cpus_per_trial
+    # The prior's own training settings over `train`'s (it has ~15x a culture's rows: bigger batches pay).
+    train: dict[str, float | int] = {}
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, values: dict) -> dict:
+        TrainConfig.model_validate(values)  # unknown keys and bad values fail here, naming the key
+        return values
 
 
 class PromptSection(Strict):

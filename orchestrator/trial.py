@@ -37,7 +37,7 @@ from orchestrator.survey import ExperimentData
 from workers.base_model import FrozenBase
 from workers.deepspeed_config import ds_config, ensure_extensions_dir
 from workers.prompts import Expert, SoftPromptBank
-from workers.settings import SHARED
+from workers.settings import SHARED, TrainConfig
 from workers.shared_base import SharedBase
 from workers.trainer import EpochReport, PackedTrainer
 from workers.zero import ZeroTrainer
@@ -113,6 +113,9 @@ def trial_spec(
     """The trial Tune is running now: its culture group, and the state to continue from if it has one."""
     config = trial_config(config, params)
     cultures = expert_groups(data, config.tune.experts_per_trial)[params["group"]]
+    if cultures == [SHARED] and config.shared.train:
+        train = TrainConfig.model_validate(config.train.model_dump() | config.shared.train)
+        config = config.model_copy(update={"train": train})
     checkpoint = tune.get_checkpoint()
     resume = None
     if checkpoint:
