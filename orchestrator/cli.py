@@ -42,9 +42,19 @@ def _parser() -> argparse.ArgumentParser:
         "(<output_dir>/config.yaml keeps none; or set MLFLOW_TRACKING_URI)",
     )
 
-    ev = with_config("eval", "score base, persona, expert, committee, uniform and agnostic on survey records")
-    ev.add_argument("--data", help="survey file to evaluate on (default: the config's)")
-    ev.add_argument("--split", default="test", choices=["test", "val", "train", "all"])
+    ev = with_config(
+        "eval", "score base, persona, shared, expert, committee, uniform and agnostic on survey records"
+    )
+    ev.add_argument(
+        "--data",
+        help="another survey file (.jsonl, .json or the GlobalOpinionQA .csv): the experts are scored on "
+        "every record of their cultures in it (and committees on the held-out ones), unless --split is given",
+    )
+    ev.add_argument(
+        "--split",
+        choices=["test", "val", "train", "all"],
+        help="the questions to score, split as training splits them (default: test; with --data: all)",
+    )
     ev.add_argument(
         "--experts",
         help="a directory of experts, or a registry alias such as `champion` (default: <output_dir>/experts)",
@@ -163,17 +173,32 @@ def _register(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.evaluate import evaluate, format_table, write_report
-    from orchestrator.survey import prepare_data
+    from orchestrator.survey import foreign_data, load_survey, prepare_data
     from workers.base_model import load_frozen_base
     from workers.committees import culture_committees
+    from workers.cultures import is_shared
     from workers.expert_store import SIMILARITY_FILE, load_experts, load_similarity
 
     config = load_config(args.config, args.set)
-    data = prepare_data(config.data, args.data)
-    print(f"data: {data.report.summary()}", file=sys.stderr)
+    # The data is read before the model loads, so a bad file fails at once.
+    if args.data:
+        records, loaded = load_survey(args.data)
+    else:
+        data = prepare_data(config.data)
+        loaded = data.report
+    print(f"data: {loaded.summary()}", file=sys.stderr)
     base = load_frozen_base(config.base_model.name, config.base_model.dtype, config.base_model.device)
     experts_dir, versions = resolve_experts(config, args.experts)
     experts = load_experts(experts_dir, base)
+    names = [e.meta.culture for e in experts]
+    notes = []
+    if args.data:
+        # Not the training file: evaluate the experts we have on whatever of their cultures it holds.
+        data, notes = foreign_data(config.data, records, loaded, [c for c in names if not is_shared(c)])
+        versions = {}  # the registry's `<split>_alignment` tags speak of the training file's splits only
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    split = args.split or ("all" if args.data else "test")
     cultures = data.selection.trained + data.selection.held_out
     # The router's committees: a culture's own expert, else its nearest experts by survey similarity
     # (written beside the experts at training; registry downloads take it from the config's experts dir).
@@ -182,23 +207,21 @@ def _eval(args: argparse.Namespace) -> int:
         similarity_file if similarity_file.exists() else config.experts_dir / SIMILARITY_FILE
     )
     committees = culture_committees(
-        cultures,
-        [e.meta.culture for e in experts],
-        similarity,
-        config.serve.committee_size,
-        config.serve.routing_temperature,
+        cultures, names, similarity, config.serve.committee_size, config.serve.routing_temperature
     )
     report = evaluate(
         base,
         experts,
         data,
-        args.split,
+        split,
         cultures,
         committees=committees,
         batch_size=config.eval.batch_size,
         max_length=config.data.max_length,
         n_bootstrap=config.eval.bootstrap,
     )
+    report["data"] = data.report.path
+    report["notes"] = notes
     json_path, png_path = write_report(report, Path(args.out))
     print(format_table(report))
     print(f"wrote {json_path} and {png_path}")

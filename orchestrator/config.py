@@ -8,11 +8,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workers.cultures import is_shared
 from workers.settings import (
     CHAMPION,
     EVAL_BATCH_SIZE,
     MAX_LENGTH,
     ROUTER_MODEL,
+    SHARED,
     SPLIT_FRACTIONS,
     TrainConfig,
 )
@@ -34,23 +36,47 @@ class BaseModelSection(Strict):
 
 class DataSection(Strict):
     path: str = "../shared/data/goqa/opinions.jsonl"  # relative to the working directory
+    # Which cultures get experts: those named, the `top` N, or (neither given) every culture with at least
+    # `min_questions` questions; the rest are answered by committees of similar cultures.
     cultures: list[str] | None = None
     top: int | None = Field(default=None, ge=1)
-    min_questions: int = Field(default=0, ge=0)
+    min_questions: int = Field(default=30, ge=0)  # 52 of the GlobalOpinionQA file's 130 countries
     held_out: list[str] = []
     split: tuple[float, float, float] = SPLIT_FRACTIONS
     max_length: int = Field(default=MAX_LENGTH, ge=8)
 
     @model_validator(mode="after")
     def _one_selection(self) -> DataSection:
-        if (self.cultures is None) == (self.top is None):
-            raise ValueError("give exactly one of data.cultures or data.top")
+        if self.cultures is not None and self.top is not None:
+            raise ValueError("give at most one of data.cultures or data.top")
         return self
 
 
+class SharedSection(Strict):
+    """The shared survey prior: one culture-blind expert named `shared`, trained on every country's answers."""
+
+    enabled: bool = False
+    # Training questions of the prior (each one's answers pooled over its countries); null: all of them.
+    max_questions: int | None = Field(default=None, ge=1)
+    # The prior's trial trains alone when it comes first (prompt.init: shared): it may take every CPU.
+    cpus_per_trial: float | None = Field(default=None, gt=0)  # null: tune.cpus_per_trial
+    # The prior's own training settings over `train`'s (it has ~15x a culture's rows: bigger batches pay).
+    train: dict[str, float | int] = {}
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, values: dict) -> dict:
+        TrainConfig.model_validate(values)  # unknown keys and bad values fail here, naming the key
+        return values
+
+
 class PromptSection(Strict):
+    # input: L soft tokens before the text (prompt tuning); deep: L virtual keys and values at every layer
+    # (prefix tuning). num_virtual_tokens is L of the kind chosen.
+    kind: Literal["input", "deep"] = "input"
     num_virtual_tokens: int = Field(default=8, ge=1, le=512)
-    init: Literal["persona", "random"] = "persona"
+    # shared: every culture's expert starts from the shared prior, trained first (needs shared.enabled)
+    init: Literal["persona", "random", "shared"] = "persona"
 
 
 SearchKey = Literal["lr", "num_virtual_tokens", "weight_decay", "batch_size"]
@@ -149,8 +175,8 @@ class ServeSection(Strict):
     autoscaling: AutoscalingSection | None = None
     cpus_per_replica: float = Field(default=1.0, gt=0)
     gpus_per_replica: float | Literal["auto"] = "auto"  # auto: one GPU a replica where the cluster has GPUs
-    max_batch_size: int = Field(default=16, ge=1)  # requests in one forward pass, across experts
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    max_batch_size: int = Field(default=16, ge=1)  # rows (committee members) in a pool's running batch
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)  # unused: the pool batches continuously
     batching: Literal["mixed", "per_expert"] = "mixed"  # per_expert: one forward per expert (benchmarks)
     max_body_bytes: int = Field(default=65536, ge=1024)
     max_new_tokens: int = Field(default=256, ge=1)  # the cap on a request's max_new_tokens
@@ -186,6 +212,7 @@ class ExperimentConfig(Strict):
     base_model: BaseModelSection = BaseModelSection()
     data: DataSection
     prompt: PromptSection = PromptSection()
+    shared: SharedSection = SharedSection()
     train: TrainConfig = TrainConfig()  # the trainer's own settings, validated as a section
     eval: EvalSection = EvalSection()
     tune: TuneSection = TuneSection()
@@ -193,6 +220,17 @@ class ExperimentConfig(Strict):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     mlflow: MlflowSection = MlflowSection()
     serve: ServeSection = ServeSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        named = [c for c in (self.data.cultures or []) + self.data.held_out if is_shared(c)]
+        if named:
+            raise ValueError(f"{SHARED!r} is the shared prior's reserved name, not a culture (data)")
+        if self.prompt.init == SHARED and not self.shared.enabled:
+            raise ValueError("prompt.init: shared needs the shared prior (shared.enabled: true)")
+        if self.prompt.kind == "deep" and self.strategy == "deepspeed":
+            raise ValueError("prompt.kind deep trains with strategy packed (ZeRO trains input prompts only)")
+        return self
 
     @property
     def experts_dir(self) -> Path:

@@ -9,14 +9,23 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.experiment import encode
-from orchestrator.survey import ExperimentData, SurveyRecord, normalise_question
+from orchestrator.survey import ExperimentData, SurveyDataError, SurveyRecord, normalise_question
 from workers.base_model import FrozenBase
 from workers.committees import Committee
+from workers.cultures import is_shared
 from workers.prompts import NO_EXPERT, Expert, bank_from_experts
-from workers.scoring import alignment, bootstrap_ci, option_distributions
-from workers.settings import EVAL_BATCH_SIZE, MAX_LENGTH
+from workers.scoring import (
+    alignment,
+    bootstrap_ci,
+    natural_log_alignment,
+    option_distributions,
+    paired_bootstrap_ci,
+)
+from workers.settings import EVAL_BATCH_SIZE, MAX_LENGTH, SHARED
 
-METHODS = ("base", "persona", "expert", "committee", "uniform", "agnostic")
+METHODS = ("base", "persona", SHARED, "expert", "committee", "uniform", "agnostic")
+# Paired differences over the same records: is a culture's expert worth more than the shared prior, the base?
+DIFFERENCES = (("expert", SHARED), ("expert", "base"))
 
 
 def agnostic_distribution(record: SurveyRecord, others: dict[str, list[SurveyRecord]]) -> np.ndarray | None:
@@ -37,20 +46,32 @@ def evaluate(
     max_length: int = MAX_LENGTH,
     n_bootstrap: int = 1000,
 ) -> dict:
-    """Score base, persona, expert, committee, uniform and agnostic on each culture's records in a split."""
+    """Score every method of METHODS on each culture's records in a split, and the paired differences."""
     bank = bank_from_experts(experts, base.device) if experts else None
     index = {e.meta.culture: i for i, e in enumerate(experts)}
-    committees = committees or {c: Committee([(c, 1.0)]) for c in cultures if c in index}
+    # The shared prior is scored on every record, and is no culture's own expert.
+    shared = next((i for c, i in index.items() if is_shared(c)), None)
+    own = {c for c in index if not is_shared(c)}
+    committees = committees or {c: Committee([(c, 1.0)]) for c in cultures if c in own}
     by_question = defaultdict(list)
     for record in data.records:
         by_question[normalise_question(record.question)].append(record)
 
     per_culture = data.records_of(split, cultures)
     records = [r for c in cultures for r in per_culture[c]]
+    if not records:
+        raise SurveyDataError(
+            f"no records of {', '.join(cultures)} in the {split} split of {data.report.path}"
+        )
     plain, persona = encode(base, records, max_length), encode(base, records, max_length, persona=True)
-    # One batched pass for base, persona and every expert any committee needs: rows carry their own expert.
-    questions = plain + persona
-    expert_idx = [NO_EXPERT] * len(questions)
+    # One batched pass for every column and every expert any committee needs: rows carry their own expert.
+    columns = {"base": (plain, NO_EXPERT), "persona": (persona, NO_EXPERT)}
+    if shared is not None:
+        columns[SHARED] = (plain, shared)
+    questions, expert_idx = [], []
+    for encoded, expert in columns.values():
+        questions += encoded
+        expert_idx += [expert] * len(encoded)
     member_rows = []
     for i, r in enumerate(records):
         for member in committees[r.culture].cultures if r.culture in committees else []:
@@ -61,19 +82,19 @@ def evaluate(
         base, bank, questions, expert_idx, batch_size, progress=f"eval {split} ({len(questions)} rows)"
     )
     n = len(records)
-    base_d, persona_d, member_d = dists[:n], dists[n : 2 * n], dists[2 * n :]
+    column_d = {name: dists[k * n : (k + 1) * n] for k, name in enumerate(columns)}
     members = defaultdict(dict)
-    for (i, culture), d in zip(member_rows, member_d):
+    for (i, culture), d in zip(member_rows, dists[len(columns) * n :]):
         members[i][culture] = d
 
     scores: dict[str, dict[str, list[float]]] = {c: defaultdict(list) for c in cultures}
     for i, record in enumerate(records):
         survey = np.asarray(record.distribution)
         row = scores[record.culture]
-        row["base"].append(alignment(base_d[i], survey))
-        row["persona"].append(alignment(persona_d[i], survey))
+        for name, d in column_d.items():
+            row[name].append(alignment(d[i], survey))
         row["uniform"].append(alignment(np.full(len(survey), 1 / len(survey)), survey))
-        if record.culture in index:
+        if record.culture in own:
             row["expert"].append(alignment(members[i][record.culture], survey))
         if record.culture in committees:
             mix = sum(w * members[i][m] for m, w in committees[record.culture].members)
@@ -82,18 +103,13 @@ def evaluate(
         if agnostic is not None:
             row["agnostic"].append(alignment(agnostic, survey))
     report = {"cultures": {c: _summarise(scores[c], len(per_culture[c]), n_bootstrap) for c in cultures}}
-    overall: dict[str, list[float]] = defaultdict(list)
-    for c in cultures:
-        for method, values in scores[c].items():
-            overall[method] += values
-    report["overall"] = _summarise(overall, len(records), n_bootstrap)
+    # Pooled differences pair records of the cultures with experts only: the others have no expert score.
+    with_experts = _pool(scores, [c for c in cultures if c in own])
+    report["overall"] = _summarise(_pool(scores, cultures), n, n_bootstrap, paired=with_experts)
     # Cultures with no expert of their own, answered by committees of other cultures' experts.
-    held_out = [c for c in cultures if c not in index]
+    held_out = [c for c in cultures if c not in own]
     if held_out:
-        pooled: dict[str, list[float]] = defaultdict(list)
-        for c in held_out:
-            for method, values in scores[c].items():
-                pooled[method] += values
+        pooled = _pool(scores, held_out)
         report["held_out"] = _summarise(pooled, sum(len(per_culture[c]) for c in held_out), n_bootstrap)
         report["held_out"]["cultures"] = held_out
     report["split"] = split
@@ -101,26 +117,81 @@ def evaluate(
     return report
 
 
-def _summarise(scores: dict[str, list[float]], n: int, n_bootstrap: int) -> dict:
+def _pool(scores: dict[str, dict[str, list[float]]], cultures: list[str]) -> dict[str, list[float]]:
+    """The cultures' scores as one set of records, method by method (in culture order, so pairs stay paired)."""
+    pooled: dict[str, list[float]] = defaultdict(list)
+    for c in cultures:
+        for method, values in scores[c].items():
+            pooled[method] += values
+    return pooled
+
+
+def _summarise(
+    scores: dict[str, list[float]], n: int, n_bootstrap: int, paired: dict[str, list[float]] | None = None
+) -> dict:
     out: dict = {"n": n}
     for method in METHODS:
         values = scores.get(method, [])
         out[method] = float(np.mean(values)) if values else None
     out["ci95"] = {m: bootstrap_ci(v, n_bootstrap) for m, v in scores.items() if v}
+    # The same means on the natural-log scale of published GOQA/WVS numbers (an exact affine map).
+    out["natural_log"] = {m: natural_log_alignment(out[m]) for m in METHODS if out[m] is not None}
+    out["differences"] = _differences(scores if paired is None else paired, n_bootstrap)
+    return out
+
+
+def _differences(scores: dict[str, list[float]], n_bootstrap: int) -> dict[str, dict | None]:
+    """Each of DIFFERENCES over the records that have both scores: n, mean, 95% paired-bootstrap interval."""
+    out: dict[str, dict | None] = {}
+    for column, baseline in DIFFERENCES:
+        a, b = scores.get(column, []), scores.get(baseline, [])
+        out[f"{column}-{baseline}"] = (
+            {
+                "n": len(a),
+                "mean": float(np.mean(np.subtract(a, b))),
+                "ci95": list(paired_bootstrap_ci(a, b, n_bootstrap)),
+            }
+            if a and b
+            else None
+        )
     return out
 
 
 def format_table(report: dict) -> str:
-    """The report as a fixed-width text table: one row a culture, one column a method."""
+    """The report as fixed-width text: one row a culture, one column a method; the overall row on the
+    natural-log scale; then the paired differences with their intervals."""
     header = f"{'culture':<24}{'n':>5}" + "".join(f"{m:>11}" for m in METHODS)
     lines = [header, "-" * len(header)]
     rows = list(report["cultures"].items()) + [("overall", report["overall"])]
     if "held_out" in report:
         rows.append(("held-out cultures", report["held_out"]))
     for name, row in rows:
-        cells = "".join(f"{row[m]:>11.3f}" if row[m] is not None else f"{'-':>11}" for m in METHODS)
-        lines.append(f"{name:<24}{row['n']:>5}{cells}")
+        lines.append(f"{name:<24}{row['n']:>5}" + "".join(_cell(row[m]) for m in METHODS))
+    natural = report["overall"].get("natural_log", {})
+    lines.append(f"{'overall, natural log':<29}" + "".join(_cell(natural.get(m)) for m in METHODS))
+    lines.append("(1 - JS distance, base 2; the natural-log line is the scale of published GOQA/WVS numbers)")
+
+    names = [f"{column} - {baseline}" for column, baseline in DIFFERENCES]
+    header = f"{'paired difference':<24}{'n':>5}" + "".join(f"{name:>28}" for name in names)
+    lines += ["", header, "-" * len(header)]
+    rows = list(report["cultures"].items()) + [("overall (with experts)", report["overall"])]
+    for name, row in rows:
+        cells = [row.get("differences", {}).get(f"{column}-{baseline}") for column, baseline in DIFFERENCES]
+        if any(cells):
+            n = next(c["n"] for c in cells if c)
+            lines.append(f"{name:<24}{n:>5}" + "".join(_difference_cell(c) for c in cells))
     return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return f"{value:>11.3f}" if value is not None else f"{'-':>11}"
+
+
+def _difference_cell(entry: dict | None) -> str:
+    if entry is None:
+        return f"{'-':>28}"
+    lo, hi = entry["ci95"]
+    return f"{entry['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]".rjust(28)
 
 
 def plot_report(report: dict, path: Path) -> Path:

@@ -50,9 +50,9 @@ def print_epoch(report: EpochReport, trainer: PackedTrainer) -> None:
 
 def train_local(config: ExperimentConfig) -> list[Path]:
     """Train every selected culture's expert in one packed run in this process; return the saved experts."""
-    data = prepare_data(config.data)
+    data = prepare_data(config.data, shared=config.shared)
     print(f"data: {data.report.summary()}", flush=True)
-    cultures = data.selection.trained
+    cultures = data.experts
     base = load_frozen_base(config.base_model.name, config.base_model.dtype, config.base_model.device)
     train, val = (encoded(base, data, split, cultures, config.data.max_length) for split in ("train", "val"))
     print(
@@ -60,7 +60,9 @@ def train_local(config: ExperimentConfig) -> list[Path]:
         f"{sum(map(len, val.values()))} val questions)",
         flush=True,
     )
-    bank = SoftPromptBank.initialise(base, cultures, config.prompt.num_virtual_tokens, config.prompt.init)
+    bank = SoftPromptBank.initialise(
+        base, cultures, config.prompt.num_virtual_tokens, config.prompt.init, kind=config.prompt.kind
+    )
     result = PackedTrainer(base, bank, train, val, config.train, progress=True).fit(print_epoch)
     return save_experts(config.experts_dir, bank, base, data, training_summary(result, config))
 
@@ -75,6 +77,7 @@ def training_summary(result: TrainResult, config: ExperimentConfig) -> dict[str,
             "epochs_run": result.epochs_run,
             "lr": config.train.lr,
             "num_virtual_tokens": config.prompt.num_virtual_tokens,
+            "prompt_kind": config.prompt.kind,
             "experiment": config.name,
         }
         for c in result.best_epoch

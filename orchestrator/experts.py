@@ -14,7 +14,15 @@ from orchestrator.survey import similarity_table
 from workers.base_model import FrozenBase
 from workers.cultures import slug
 from workers.expert_store import SIMILARITY_FILE
-from workers.prompts import Expert, ExpertMeta, SoftPromptBank, export_peft_adapter, persona_text, save_expert
+from workers.prompts import (
+    ExpertMeta,
+    PeftExportError,
+    SoftPromptBank,
+    export_peft_adapter,
+    persona_text,
+    save_expert,
+)
+from workers.settings import SHARED
 
 if TYPE_CHECKING:
     from orchestrator.survey import ExperimentData
@@ -31,7 +39,7 @@ def save_experts(
     """Write every expert of a bank (safetensors + PEFT adapter) and, optionally, survey similarity."""
     paths = []
     for i, culture in enumerate(bank.cultures):
-        iso = next(r.iso for r in data.records if r.culture == culture)
+        iso = next((r.iso for r in data.records if r.culture == culture), "")  # the prior has none
         meta = ExpertMeta(
             culture=culture,
             iso=iso,
@@ -42,9 +50,12 @@ def save_experts(
             training=summaries.get(culture, {}),
             descriptor=persona_text(culture),
         )
-        expert = Expert(bank.prompts[i].detach().cpu(), meta)
+        expert = bank.expert(i, meta)  # its parts, and their shapes in the metadata
         paths.append(save_expert(directory / f"{slug(culture)}.safetensors", expert))
-        export_peft_adapter(expert, base.model, directory / "peft" / slug(culture))
+        try:
+            export_peft_adapter(expert, base.model, directory / "peft" / slug(culture))
+        except PeftExportError:
+            pass  # a composed expert (prefix + input tokens) has no single PEFT form; its safetensors stand
     if similarity:
         write_similarity(directory, data, bank.cultures)
     return paths
@@ -52,7 +63,8 @@ def save_experts(
 
 def write_similarity(directory: Path, data: ExperimentData, experts: list[str]) -> Path:
     """For every culture in the data, its survey similarity to each expert's culture (for committees)."""
-    table = similarity_table(data.records, data.selection.counts, experts)
+    # The prior is no culture: committees of similar cultures never draw it.
+    table = similarity_table(data.records, data.selection.counts, [e for e in experts if e != SHARED])
     path = directory / SIMILARITY_FILE
     path.write_text(json.dumps(table, indent=1, sort_keys=True))
     return path

@@ -44,7 +44,7 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 UI_VIEW = "workflowType=machine_learning"
 NOTE_TAG = "mlflow.note.content"  # what the UI shows as a run's description (markdown)
 # Tags a champion and its challenger must share to be compared: the same base and the same prompt shape.
-COMPATIBILITY_TAGS = ("base_fingerprint", "num_virtual_tokens", "hidden_size")
+COMPATIBILITY_TAGS = ("base_fingerprint", "num_virtual_tokens", "hidden_size", "prefix_tokens")
 PROMOTION_ATTEMPTS = 5
 
 
@@ -294,6 +294,7 @@ class ExperimentTracker:
             "base_fingerprint": meta.base_fingerprint,
             "num_virtual_tokens": meta.num_virtual_tokens,
             "hidden_size": meta.hidden_size,
+            "prefix_tokens": meta.prefix_tokens,
             "val_alignment": winner.val_alignment,
             EXPERIMENT_TAG: self.name,
             TRIAL_TAG: winner.trial_id,
@@ -319,7 +320,8 @@ class ExperimentTracker:
             if _version_of(current) == _version_of(challenger):
                 return True, ""
             if current is not None:
-                if any(current.tags.get(k) != challenger.tags.get(k) for k in COMPATIBILITY_TAGS):
+                # A champion from before deep prompts has no prefix_tokens tag: it had no prefix ("0").
+                if any(current.tags.get(k, "0") != challenger.tags.get(k, "0") for k in COMPATIBILITY_TAGS):
                     return False, (
                         f"not compared: champion v{current.version} was trained on another base or prompt shape"
                     )

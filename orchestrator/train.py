@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -12,7 +13,7 @@ from ray import tune
 
 from orchestrator.config import ExperimentConfig, load_config
 from orchestrator.publish import publish_experts
-from orchestrator.results import best_experts, finished_trials
+from orchestrator.results import FinishedTrial, best_experts, finished_trials
 from orchestrator.survey import ExperimentData, prepare_data
 from orchestrator.tracking import (
     ExperimentTracker,
@@ -23,6 +24,8 @@ from orchestrator.tracking import (
 )
 from orchestrator.trial import run_trial, validate_deepspeed
 from orchestrator.tune import expected_trials, experiment_path, restore, tuner
+from workers.prompts import Expert, load_expert
+from workers.settings import SHARED
 from workers.shared_base import SharedBase
 
 
@@ -35,7 +38,7 @@ def connect() -> None:
 def train(config: ExperimentConfig, resume: bool = False) -> dict:
     """Run (or resume) the experiment, then pick, publish, log and register every culture's best expert."""
     validate_deepspeed(config)  # bad DeepSpeed settings fail here, before any worker starts
-    data = prepare_data(config.data)
+    data = prepare_data(config.data, shared=config.shared)
     print(f"data: {data.report.summary()}; cultures: {', '.join(data.selection.trained)}", flush=True)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,25 +50,59 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
     connect()
     # The driver loads the frozen base once; the object store hands the same copy to every trial.
     shared = SharedBase.load(config.base_model.name, config.base_model.dtype)
-    if resume:
-        experiment = restore(public, data, shared)
-    else:
-        experiment = tuner(public, data, shared, callbacks=[tracker.live_metrics()])
-    results = experiment.fit()
-    if results.num_terminated + results.num_errors < expected_trials(config, len(data.selection.trained)):
-        # Ctrl-C: Tune saved its state; finished trials stay finished when the experiment resumes.
-        print(f"interrupted: continue with `shores train --resume --config ...` ({config.output_dir})")
-        return {"experts": [], "registered": [], "interrupted": True}
-    return finish(config, data, results, tracker)
+    trials, prior = [], None
+    for stage, stage_data in stages(public, data):
+        if resume and tune.Tuner.can_restore(experiment_path(stage)):
+            experiment = restore(stage, stage_data, shared, prior)
+        else:
+            experiment = tuner(stage, stage_data, shared, [tracker.live_metrics()], prior)
+        results = experiment.fit()
+        if results.num_terminated + results.num_errors < expected_trials(stage, stage_data):
+            # Ctrl-C: Tune saved its state; finished trials stay finished when the experiment resumes.
+            print(f"interrupted: continue with `shores train --resume --config ...` ({config.output_dir})")
+            return {"experts": [], "registered": [], "interrupted": True}
+        trials += finished_trials(results, downloads=checkpoint_downloads(config))
+        if stage is not public:
+            prior = prior_expert(trials)
+    return finish(config, data, trials, tracker)
+
+
+def stages(config: ExperimentConfig, data: ExperimentData) -> list[tuple[ExperimentConfig, ExperimentData]]:
+    """The Tune experiments to run in turn: one, or (init: shared) the prior's alone and then the cultures'.
+
+    The prior's stage is a Tune experiment of its own, `<name>-shared`, so each stage resumes on its own.
+    """
+    if config.prompt.init != SHARED:
+        return [(config, data)]
+    prior_only = replace(data, selection=replace(data.selection, trained=[]))
+    # The prior itself starts from its culture-blind persona.
+    persona = config.prompt.model_copy(update={"init": "persona"})
+    cpus = config.shared.cpus_per_trial or config.tune.cpus_per_trial
+    alone = config.tune.model_copy(update={"cpus_per_trial": cpus})
+    prior_stage = config.model_copy(
+        update={"name": prior_stage_name(config), "prompt": persona, "tune": alone}
+    )
+    return [(prior_stage, prior_only), (config, replace(data, pooled={}))]
+
+
+def prior_stage_name(config: ExperimentConfig) -> str:
+    return f"{config.name}-{SHARED}"
+
+
+def prior_expert(trials: list[FinishedTrial]) -> Expert:
+    """The shared prior's best expert among the finished trials: where every culture's expert starts."""
+    winner = best_experts(trials).get(SHARED)
+    if winner is None:
+        raise RuntimeError("the shared prior's trial finished without a checkpoint; see Tune's error above")
+    return load_expert(winner.expert_file)
 
 
 def finish(
-    config: ExperimentConfig, data: ExperimentData, results: tune.ResultGrid, tracker: ExperimentTracker
+    config: ExperimentConfig, data: ExperimentData, trials: list[FinishedTrial], tracker: ExperimentTracker
 ) -> dict:
     """Publish each culture's best expert to <output_dir>/experts, then log and register everything."""
-    trials = finished_trials(results, downloads=checkpoint_downloads(config))
     winners = best_experts(trials)
-    missing = [c for c in data.selection.trained if c not in winners]
+    missing = [c for c in data.experts if c not in winners]
     if missing:
         print(f"warning: no finished trial holds an expert for {missing}", file=sys.stderr)
     publish_experts(config.experts_dir, winners, data)
@@ -107,8 +144,12 @@ def register_from(output_dir: Path, original: ExperimentConfig | None = None) ->
     path = experiment_path(config)
     if not tune.Tuner.can_restore(path):
         raise FileNotFoundError(f"no Tune experiment at {path}")
-    results = tune.Tuner.restore(path, run_trial).get_results()
-    trials = finished_trials(results, downloads=checkpoint_downloads(config))
+    trials = []
+    prior_stage = experiment_path(config.model_copy(update={"name": prior_stage_name(config)}))
+    for stage in (prior_stage, path):
+        if tune.Tuner.can_restore(stage):
+            results = tune.Tuner.restore(stage, run_trial).get_results()
+            trials += finished_trials(results, downloads=checkpoint_downloads(config))
     winners = best_experts(trials)
     if not winners:
         print(f"warning: no finished trial of {path} holds an expert", file=sys.stderr)

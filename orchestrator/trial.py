@@ -36,7 +36,8 @@ from orchestrator.faults import Fault, after_checkpoint
 from orchestrator.survey import ExperimentData
 from workers.base_model import FrozenBase
 from workers.deepspeed_config import ds_config, ensure_extensions_dir
-from workers.prompts import SoftPromptBank
+from workers.prompts import Expert, SoftPromptBank
+from workers.settings import SHARED, TrainConfig
 from workers.shared_base import SharedBase
 from workers.trainer import EpochReport, PackedTrainer
 from workers.zero import ZeroTrainer
@@ -60,6 +61,7 @@ class TrialSpec:
     data: ExperimentData  # cut down to the group's cultures
     resume: dict | None  # the trainer state of the last checkpoint, for a retried or resumed trial
     started: float
+    prior: Expert | None = None  # the shared prior, where every expert starts (init: shared)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,13 @@ class SharedBaseRef:
 def culture_groups(cultures: list[str], experts_per_trial: int) -> list[list[str]]:
     """Cultures in trial-sized groups, in order."""
     return [cultures[i : i + experts_per_trial] for i in range(0, len(cultures), experts_per_trial)]
+
+
+def expert_groups(data: ExperimentData, experts_per_trial: int) -> list[list[str]]:
+    """Every trial's experts: the shared prior alone first (it has the most rows: it runs longest), then
+    the cultures in trial-sized groups."""
+    prior = [[SHARED]] if SHARED in data.experts else []
+    return prior + culture_groups(data.selection.trained, experts_per_trial)
 
 
 def trial_config(config: ExperimentConfig, params: dict) -> ExperimentConfig:
@@ -94,19 +103,32 @@ def group_data(data: ExperimentData, cultures: list[str]) -> ExperimentData:
         data,
         records=[r for r in data.records if r.culture in wanted],
         splits={s: [r for r in records if r.culture in wanted] for s, records in data.splits.items()},
+        pooled=data.pooled if SHARED in wanted else {},
     )
 
 
-def trial_spec(params: dict, config: ExperimentConfig, data: ExperimentData) -> TrialSpec:
+def trial_spec(
+    params: dict, config: ExperimentConfig, data: ExperimentData, prior: Expert | None = None
+) -> TrialSpec:
     """The trial Tune is running now: its culture group, and the state to continue from if it has one."""
     config = trial_config(config, params)
-    cultures = culture_groups(data.selection.trained, config.tune.experts_per_trial)[params["group"]]
+    cultures = expert_groups(data, config.tune.experts_per_trial)[params["group"]]
+    if cultures == [SHARED] and config.shared.train:
+        train = TrainConfig.model_validate(config.train.model_dump() | config.shared.train)
+        config = config.model_copy(update={"train": train})
     checkpoint = tune.get_checkpoint()
     resume = None
     if checkpoint:
         with checkpoint.as_directory() as folder:
             resume = load_trainer_state(Path(folder))
-    return TrialSpec(config, params["group"], cultures, group_data(data, cultures), resume, time.time())
+    data = group_data(data, cultures)
+    return TrialSpec(config, params["group"], cultures, data, resume, time.time(), prior)
+
+
+def fit_length(part: torch.Tensor, length: int) -> torch.Tensor:
+    """An input prompt or prefix cut or cycled to `length` virtual tokens (a search over lengths starts each
+    from one prior)."""
+    return part[torch.arange(length) % max(part.shape[0], 1)]
 
 
 def save_checkpoint(
@@ -115,7 +137,7 @@ def save_checkpoint(
     """Write a trial checkpoint: the trainer state, then each culture's best expert so far."""
     # The prompts reach the checkpoint before anyone logs anything anywhere.
     torch.save(state, folder / TRAINER_STATE)
-    best = SoftPromptBank(spec.cultures, torch.stack([trainer.best_prompts[c] for c in spec.cultures]))
+    best = trainer.best_bank()
     summary = training_summary(trainer.result(), spec.config)
     save_experts(folder / EXPERTS, best, described, spec.data, summary, similarity=False)
 
@@ -170,7 +192,14 @@ def train_group(spec: TrialSpec, shared: SharedBase, report: Report, ds: dict | 
         described = FrozenBase(base.name, _skeleton(shared), base.tokenizer, base.fingerprint)
     length = config.data.max_length
     train, val = (encoded(base, spec.data, split, cultures, length) for split in ("train", "val"))
-    bank = SoftPromptBank.initialise(base, cultures, config.prompt.num_virtual_tokens, config.prompt.init)
+    tokens = config.prompt.num_virtual_tokens
+    if spec.prior is None:
+        bank = SoftPromptBank.initialise(base, cultures, tokens, config.prompt.init, kind=config.prompt.kind)
+    else:  # every expert starts as a copy of the prior's parts (a search over lengths cuts or cycles them)
+        prompt, prefix = spec.prior.prompt, spec.prior.prefix
+        prompts = [fit_length(prompt, tokens if prefix is None else 0)] * len(cultures)
+        prefixes = [None if prefix is None else fit_length(prefix, tokens)] * len(cultures)
+        bank = SoftPromptBank(cultures, prompts, prefixes).to(base.device)
     if ds is None:
         trainer = PackedTrainer(base, bank, train, val, config.train)
     else:
@@ -203,13 +232,14 @@ def run_trial(
     data: ExperimentData,
     shared: SharedBaseRef,
     fault: Fault | None = None,
+    prior: Expert | None = None,
 ) -> None:
     """The Tune trial function of both strategies: train one culture group, reporting every epoch.
 
     The base is mapped zero-copy from this node's object store (by the Train workers, for deepspeed); a
     packed trial reports the object's id as `shared_base`.
     """
-    spec = trial_spec(params, config, data)
+    spec = trial_spec(params, config, data, prior)
     if spec.config.strategy == "deepspeed":
         _run_on_train_workers(spec, shared.ref, fault)
         return

@@ -11,7 +11,8 @@ from ray.tune.search import BasicVariantGenerator
 from orchestrator.config import INT_SEARCH_KEYS, ExperimentConfig, Sampler
 from orchestrator.faults import Fault, driver_callbacks
 from orchestrator.survey import ExperimentData
-from orchestrator.trial import SharedBaseRef, culture_groups, run_trial, trial_resources
+from orchestrator.trial import SharedBaseRef, expert_groups, run_trial, trial_resources
+from workers.prompts import Expert
 from workers.shared_base import SharedBase
 
 
@@ -41,41 +42,51 @@ def param_space(config: ExperimentConfig, n_groups: int) -> dict:
     return space | {key: domain(key, sampler) for key, sampler in config.tune.search_space.items()}
 
 
-def expected_trials(config: ExperimentConfig, n_cultures: int) -> int:
+def expected_trials(config: ExperimentConfig, data: ExperimentData) -> int:
     """How many trials the experiment holds when it has run to the end."""
-    n = -(-n_cultures // config.tune.experts_per_trial) * config.tune.num_samples
+    n = len(expert_groups(data, config.tune.experts_per_trial)) * config.tune.num_samples
     for sampler in config.tune.search_space.values():
         n *= len(sampler.grid or [None])
     return n
 
 
 def make_trainable(
-    config: ExperimentConfig, data: ExperimentData, shared: SharedBase, fault: Fault | None = None
+    config: ExperimentConfig,
+    data: ExperimentData,
+    shared: SharedBase,
+    fault: Fault | None = None,
+    prior: Expert | None = None,
 ):
     """The trial function with its resources; the shared checkpoint and data go into the object store once."""
     # One copy in the object store; each trial maps its node's copy zero-copy, or (deepspeed) hands the
     # ref on to its Train workers, which do.
     base = SharedBaseRef(ray.put(shared))
-    trainable = tune.with_parameters(run_trial, config=config, data=data, shared=base, fault=fault)
+    trainable = tune.with_parameters(
+        run_trial, config=config, data=data, shared=base, fault=fault, prior=prior
+    )
     return tune.with_resources(trainable, trial_resources(config))
 
 
 def tuner(
-    config: ExperimentConfig, data: ExperimentData, shared: SharedBase, callbacks: list | None = None
+    config: ExperimentConfig,
+    data: ExperimentData,
+    shared: SharedBase,
+    callbacks: list | None = None,
+    prior: Expert | None = None,
 ) -> tune.Tuner:
     """A Tuner for the experiment: ASHA (or FIFO) on validation gain, retries from checkpoints.
 
     A fault named by SHORES_FAULT (orchestrator.faults) is handed to every trial and the driver.
     """
     fault = Fault.from_env(config.output_dir)
-    n_groups = len(culture_groups(data.selection.trained, config.tune.experts_per_trial))
+    n_groups = len(expert_groups(data, config.tune.experts_per_trial))
     scheduler = None
     if config.tune.scheduler == "asha":
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="epoch", max_t=config.train.epochs, grace_period=config.tune.grace_period
         )
     return tune.Tuner(
-        make_trainable(config, data, shared, fault),
+        make_trainable(config, data, shared, fault, prior),
         param_space=param_space(config, n_groups),
         tune_config=tune.TuneConfig(
             # The group's mean gain over its own validation alignment before training, not raw alignment:
@@ -112,12 +123,16 @@ def experiment_path(config: ExperimentConfig) -> str:
     return f"{storage_path(config)}/{config.name}"
 
 
-def restore(config: ExperimentConfig, data: ExperimentData, shared: SharedBase | None) -> tune.Tuner:
+def restore(
+    config: ExperimentConfig,
+    data: ExperimentData,
+    shared: SharedBase | None,
+    prior: Expert | None = None,
+) -> tune.Tuner:
     """The interrupted experiment, to continue: finished trials stay finished, errored ones resume."""
     path = experiment_path(config)
     if not tune.Tuner.can_restore(path):
         raise FileNotFoundError(f"no experiment to resume at {path}")
-    trainable = (
-        make_trainable(config, data, shared, Fault.from_env(config.output_dir)) if shared else run_trial
-    )
+    fault = Fault.from_env(config.output_dir)
+    trainable = make_trainable(config, data, shared, fault, prior) if shared else run_trial
     return tune.Tuner.restore(path, trainable, resume_errored=True)

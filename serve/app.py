@@ -97,8 +97,7 @@ def pool_settings(config: ExperimentConfig) -> PoolSettings:
         dtype=config.base_model.dtype,
         device=config.base_model.device,
         source=expert_source(config),
-        max_batch_size=section.max_batch_size,
-        batch_wait_timeout_s=section.batch_wait_timeout_s,
+        max_rows=section.max_batch_size,
         per_expert=section.batching == "per_expert",
         reload_interval_s=section.reload_interval_s,
     )
@@ -114,7 +113,7 @@ def build_app(config: ExperimentConfig) -> Application:
     backpressure = BackpressureConfig(status_code=503, retry_after_s=section.retry_after_s)
     pool = ExpertPool.options(
         **scaling,
-        # Both batch queues must be able to fill: twice a batch in flight per replica, at least.
+        # Enough requests a replica for the engine's batch to fill, and more waiting to join it.
         max_ongoing_requests=section.max_ongoing_requests or max(64, 4 * section.max_batch_size),
         max_queued_requests=section.max_queued_requests,
         backpressure_config=backpressure,

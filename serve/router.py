@@ -13,17 +13,19 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,9 +35,12 @@ from serve.pool import (
     Catalogue,
     ExpertsNotLoadedError,
     GenerateAnswer,
+    GenerateEnd,
     GenerateJob,
+    GenerateStart,
     OpinionAnswer,
     OpinionJob,
+    TokenPiece,
 )
 from serve.schemas import ChatRequest, GenerateRequest, OpinionRequest
 from workers.committees import BASE, Committee, TextRouter, culture_committee
@@ -45,6 +50,13 @@ logger = logging.getLogger("ray.serve")
 Body = TypeVar("Body", bound=BaseModel)
 MODEL_PREFIX = "shores:"
 AUTO = "auto"
+EVENT_STREAM = "text/event-stream"
+DONE = "data: [DONE]\n\n"  # the last server-sent event of a stream, as OpenAI sends it
+
+
+def _event(data: dict) -> str:
+    """One server-sent event carrying a JSON object."""
+    return f"data: {json.dumps(data)}\n\n"
 
 
 class ApiError(Exception):
@@ -174,7 +186,27 @@ class Router:
                 logger.warning("catalogue refresh failed: %s", err.message)
 
     async def _ask(self, method: str, *args):
-        """Call the pool once, within the request deadline; every failure is one JSON error, never a replay.
+        """Call the pool once, within the request deadline; every failure is one JSON error, never a replay."""
+        response = getattr(self.pool, method).remote(*args)
+        async with self._pool_errors(method, response):
+            result = await asyncio.wait_for(response, self.section.request_timeout_s)
+        version = getattr(result, "experts_version", None)
+        if version and self.catalogue and version != self.catalogue.version:
+            task = asyncio.get_running_loop().create_task(self._catalogue(refresh=True))  # a replica reloaded
+            self.pending.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(self.pending.discard)
+        return result
+
+    async def _next_event(self, events: DeploymentResponseGenerator):
+        """The next event of a streaming pool call, within the request deadline (the same errors as `_ask`).
+
+        The deadline holds for each event: a stream may run longer than it, as long as it keeps coming."""
+        async with self._pool_errors("stream", events):
+            return await asyncio.wait_for(events.__anext__(), self.section.request_timeout_s)
+
+    @asynccontextmanager
+    async def _pool_errors(self, method: str, response: DeploymentResponse | DeploymentResponseGenerator):
+        """A pool call's failures as ApiErrors.
 
         A replica that dies while running a request is not retried (the request may have had effects, and a
         poison request would kill replica after replica): 503. Over the deadline the call is cancelled: 504.
@@ -182,9 +214,8 @@ class Router:
         a catalogue refresh, so that the client's retry is routed to the experts loaded now.
         """
         retry = {"Retry-After": str(self.section.retry_after_s)}
-        response = getattr(self.pool, method).remote(*args)
         try:
-            result = await asyncio.wait_for(response, self.section.request_timeout_s)
+            yield
         except TimeoutError:
             response.cancel()  # the replica stops working on it
             raise ApiError(
@@ -203,12 +234,35 @@ class Router:
         except RayTaskError as err:
             logger.error("pool call %s failed: %s", method, err)
             raise ApiError(500, f"internal error while answering ({type(err.cause).__name__})") from None
-        version = getattr(result, "experts_version", None)
-        if version and self.catalogue and version != self.catalogue.version:
-            task = asyncio.get_running_loop().create_task(self._catalogue(refresh=True))  # a replica reloaded
-            self.pending.add(task)  # held until done: the loop keeps only weak references to tasks
-            task.add_done_callback(self.pending.discard)
-        return result
+
+    async def _stream(
+        self, job: GenerateJob
+    ) -> tuple[GenerateStart, AsyncIterator[TokenPiece | GenerateEnd]]:
+        """Start a streaming generation: its first event (errors in the request are raised here, as ApiErrors,
+        before any response is sent) and an iterator over the rest.
+
+        The rest ends with the GenerateEnd, or raises an ApiError mid-way; if it is left early (the client
+        went away and Serve cancelled this request), the pool's call is cancelled, and with it the engine's rows.
+        """
+        events = self.pool.options(stream=True).stream.remote(job)
+        try:
+            start = await self._next_event(events)
+        except BaseException:
+            events.cancel()
+            raise
+
+        async def rest() -> AsyncIterator[TokenPiece | GenerateEnd]:
+            ended = False
+            try:
+                while not ended:
+                    event = await self._next_event(events)
+                    ended = isinstance(event, GenerateEnd)
+                    yield event
+            finally:
+                if not ended:
+                    events.cancel()
+
+        return start, rest()
 
     # ---- request checks ----
 
@@ -302,7 +356,7 @@ class Router:
         return None if name == AUTO else name
 
     @staticmethod
-    def _members(committee: Committee, answer: OpinionAnswer | GenerateAnswer) -> list[dict]:
+    def _members(committee: Committee, answer: OpinionAnswer | GenerateAnswer | GenerateStart) -> list[dict]:
         return [
             {"culture": c, "weight": round(w, 6), "version": answer.versions.get(c)}
             for c, w in committee.members
@@ -365,8 +419,8 @@ class Router:
             "experts_version": answer.experts_version,
         }
 
-    @api.post("/v1/generate", openapi_extra=_body_schema(GenerateRequest))
-    async def generate(self, request: Request) -> dict:
+    @api.post("/v1/generate", openapi_extra=_body_schema(GenerateRequest), response_model=None)
+    async def generate(self, request: Request) -> dict | StreamingResponse:
         """A committee's joint continuation of a prompt (greedy at temperature 0, else seeded sampling)."""
         body = await self._body(request, GenerateRequest)
         max_new_tokens = self._new_tokens(body.max_new_tokens)
@@ -377,6 +431,11 @@ class Router:
         job = GenerateJob(
             committee, max_new_tokens, prompt=body.prompt, temperature=body.temperature, seed=body.seed
         )
+        if body.stream:
+            start, rest = await self._stream(job)
+            return StreamingResponse(
+                self._generate_events(start, rest, committee, model), media_type=EVENT_STREAM
+            )
         answer: GenerateAnswer = await self._ask("generate", job)
         return {
             "text": answer.text,
@@ -386,12 +445,41 @@ class Router:
             "experts_version": answer.experts_version,
         }
 
-    @api.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
-    async def chat_completions(self, request: Request) -> dict:
-        """OpenAI chat completion; `shores:auto` routes from the conversation's system and user text."""
+    def _generate_events(
+        self, start: GenerateStart, rest: AsyncIterator, committee: Committee, model: str
+    ) -> AsyncIterator[str]:
+        """/v1/generate's events: `{"token", "text"}` a token, then the answer's keys with the text held back
+        (`text`, `finish_reason`, `completion_tokens`, `committee`, `model`, `experts_version`), then [DONE]."""
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async with aclosing(rest):  # closed with this stream, so that a client going away cancels it
+                    async for event in rest:
+                        if isinstance(event, TokenPiece):
+                            yield _event({"token": event.token, "text": event.text})
+                            continue
+                        yield _event(
+                            {
+                                "text": event.text,
+                                "finish_reason": event.finish_reason,
+                                "completion_tokens": event.completion_tokens,
+                                "committee": self._members(committee, start),
+                                "model": model,
+                                "experts_version": start.experts_version,
+                            }
+                        )
+            except ApiError as err:  # the status is sent already: the error is the stream's last event
+                yield _event({"error": err.message})
+                return
+            yield DONE
+
+        return events()
+
+    @api.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest), response_model=None)
+    async def chat_completions(self, request: Request) -> dict | StreamingResponse:
+        """OpenAI chat completion (streamed with `stream: true`); `shores:auto` routes from the conversation's
+        system and user text."""
         body = await self._body(request, ChatRequest)
-        if body.stream:
-            raise ApiError(400, "stream=true is not supported; ask without streaming")
         culture = self._model_culture(body.model)
         max_new_tokens = self._new_tokens(body.max_completion_tokens or body.max_tokens)
         # The chat template knows system, user and assistant; OpenAI's newer `developer` is a system message.
@@ -408,12 +496,15 @@ class Router:
         job = GenerateJob(
             committee, max_new_tokens, messages=messages, temperature=temperature, seed=body.seed
         )
+        completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        if body.stream:
+            start, rest = await self._stream(job)
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = self._chat_chunks(completion, start, rest, committee, usage)
+            return StreamingResponse(chunks, media_type=EVENT_STREAM)
         answer: GenerateAnswer = await self._ask("generate", job)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+        return completion | {
             "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
             "choices": [
                 {
                     "index": 0,
@@ -429,3 +520,42 @@ class Router:
             "committee": self._members(committee, answer),
             "experts_version": answer.experts_version,
         }
+
+    def _chat_chunks(
+        self, completion: dict, start: GenerateStart, rest: AsyncIterator, committee: Committee, usage: bool
+    ) -> AsyncIterator[str]:
+        """OpenAI's `chat.completion.chunk` events: the role (with shores' committee), the content as it is
+        decoded, the finish reason, the usage if asked (`stream_options.include_usage`), then [DONE]."""
+        head = completion | {"object": "chat.completion.chunk"} | ({"usage": None} if usage else {})
+
+        def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
+            return _event(
+                head | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]} | extra
+            )
+
+        async def chunks() -> AsyncIterator[str]:
+            yield chunk(
+                {"role": "assistant", "content": ""},
+                committee=self._members(committee, start),
+                experts_version=start.experts_version,
+            )
+            try:
+                async with aclosing(rest):  # closed with this stream, so that a client going away cancels it
+                    async for event in rest:
+                        if event.text:
+                            yield chunk({"content": event.text})
+                        if isinstance(event, GenerateEnd):
+                            yield chunk({}, event.finish_reason)
+                            if usage:
+                                tokens = {
+                                    "prompt_tokens": start.prompt_tokens,
+                                    "completion_tokens": event.completion_tokens,
+                                    "total_tokens": start.prompt_tokens + event.completion_tokens,
+                                }
+                                yield _event(head | {"choices": [], "usage": tokens})
+            except ApiError as err:  # the status is sent already: the error is the stream's last event
+                yield _event({"error": {"message": err.message, "type": "server_error", "code": err.status}})
+                return
+            yield DONE
+
+        return chunks()

@@ -48,6 +48,7 @@ class GenerateRequest(Routing):
     max_new_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0, le=5)  # 0: greedy
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    stream: bool = False  # server-sent events, one a token
 
     _check_prompt = field_validator("prompt")(_not_blank)
 
@@ -80,6 +81,12 @@ class ChatMessage(BaseModel):
         return "\n".join(p.text or "" for p in self.content if p.type == "text")
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False  # a last chunk with the usage and no choices
+
+
 class ChatRequest(BaseModel):
     """An OpenAI chat completion request; options shores does not use are accepted and ignored."""
 
@@ -93,4 +100,5 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     n: int = Field(default=1, ge=1, le=1)  # one choice: a committee decodes one text
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     committee_size: int | None = Field(default=None, ge=1)

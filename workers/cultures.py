@@ -14,11 +14,14 @@ from functools import lru_cache
 
 import pycountry
 
+from workers.settings import SHARED
+
 __all__ = [
     "UnknownCultureError",
     "canonical_country",
     "culture_key",
     "find_culture",
+    "is_shared",
     "resolve_culture",
     "sample_rank",
     "slug",
@@ -41,6 +44,11 @@ def culture_key(name: str) -> str:
     of the name it was made from.
     """
     return slug(name).replace("-", "")
+
+
+def is_shared(name: str) -> bool:
+    """Whether a name spells the reserved `shared` (the culture-blind shared prior), in any case or punctuation."""
+    return culture_key(str(name)) == culture_key(SHARED)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -207,7 +215,7 @@ def canonical_country(name: str) -> tuple[str, str] | None:
     if not isinstance(name, str):
         return None
     bare, _ = _split_sample(name)
-    if not bare:
+    if not bare or is_shared(bare):  # the shared prior's reserved name is never a country of the data
         return None
     iso = _ALIAS_ISO.get(culture_key(bare))
     if iso is None:
@@ -253,6 +261,10 @@ def resolve_culture(name: str, known: Iterable[str]) -> str:
     """The culture in `known` that `name` means, as find_culture; UnknownCultureError naming the known ones."""
     known_list = list(dict.fromkeys(known))
     found = find_culture(name, known_list)
+    if found is None and is_shared(name):
+        raise UnknownCultureError(
+            f"{str(name)!r} is the reserved name of the culture-blind shared expert, not a culture"
+        )
     if found is None:
         raise UnknownCultureError(f"unknown culture {str(name)!r}; known: {', '.join(sorted(known_list))}")
     return found

@@ -9,43 +9,65 @@ own rows of one shared KV cache (left-padded, so rows of different lengths stack
    requests that are done (stop token, `max_new_tokens`).
 An error in one request fails that request alone: a prefill batch that raises is retried request by request.
 
+Each request is prefilled with the prompt bank it was submitted with (the engine's bank then, unless given):
+after prefill a row's soft prompt lives in its KV cache, so a new bank (experts reloaded) can be swapped in
+between any two steps, and running requests finish with the prompts they started on.
+
 `step()` is the synchronous API (tests drive it step by step); `start()` runs it on the engine's own thread,
-off the asyncio event loop, and `stream()`, `generate()` and `opinion()` are the asyncio API over it.
+off the asyncio event loop, and `stream()`, `generate()` and `opinion()` are the asyncio API over it. The
+engine thread never calls the tokenizer: a fast tokenizer must not be used by two threads at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
 from workers.base_model import FrozenBase
-from workers.committees import committee_distributions
+from workers.committees import BASE, committee_distributions
 from workers.generation import (
     Decoded,
     DecodeRequest,
     cache_kwarg,
     check_request,
-    decode_cache,
     is_greedy,
     mixed_distributions,
     pick_tokens,
     sampler,
     stop_token_ids,
+    with_spare_slots,
 )
+from workers.prefix import start_cache
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
-from workers.scoring import EncodedQuestion, left_pad
+from workers.scoring import EncodedQuestion, left_pad, option_token_ids
 
+logger = logging.getLogger(__name__)
 Listener = Callable[["Generation", "int | None"], None]  # a picked token, or None once the request is done
 FaultHook = Callable[["Generation", str], None]  # tests: raise here to fail one request at "prefill"/"decode"
+CURRENT: Any = object()  # submit()'s default bank: the engine's bank at the time
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward pass of the engine, as reported to `on_batch`: an opinion batch or a decode step."""
+
+    kind: str  # "opinion" or "decode"
+    requests: int
+    rows: int
+    experts: tuple[str, ...]  # the distinct experts of its rows (`base` for the plain model), sorted
 
 
 class EngineStopped(RuntimeError):
@@ -62,6 +84,7 @@ class Generation:
     id: int
     request: DecodeRequest
     listener: Listener | None = None
+    bank: SoftPromptBank | None = field(default=None, repr=False)  # the prompts it is prefilled with
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: BaseException | None = None
@@ -92,6 +115,7 @@ class _Opinion:
     question: EncodedQuestion
     members: list[tuple[int, float]]
     future: Future
+    bank: SoftPromptBank | None
 
 
 class DecodeEngine:
@@ -104,6 +128,7 @@ class DecodeEngine:
         stop_ids: set[int] | None = None,
         max_tokens_per_step: int = 2048,
         max_rows: int = 256,
+        per_expert: bool = False,
     ):
         if any(
             getattr(layer, "is_sliding", False) for layer in DynamicCache(config=base.model.config).layers
@@ -114,7 +139,14 @@ class DecodeEngine:
         self.base, self.bank = base, bank
         self.stop_ids = stop_token_ids(base) if stop_ids is None else set(stop_ids)
         self.max_tokens_per_step, self.max_rows = max_tokens_per_step, max_rows
+        self.per_expert = per_expert  # opinions: one forward per expert (benchmarks only)
+        self.letter_ids = option_token_ids(base.tokenizer)  # here, so the engine thread needs no tokenizer
         self.fault_hook: FaultHook | None = None
+        self.step_hook: Callable[[], None] | None = None  # tests: called before each decode step, may block
+        self.on_batch: Callable[[Batch], None] | None = None  # told of every forward pass (engine thread)
+        self.finished: Counter[str] = Counter(dict.fromkeys(FINISH_REASONS, 0))
+        self.steps = 0
+        self._holds = 0  # while > 0, nothing new is admitted (see `held`)
         self._ids = itertools.count()
         self._lock = threading.Condition()  # guards the queues below; wakes the engine thread
         self._waiting: deque[Generation] = deque()
@@ -128,18 +160,22 @@ class DecodeEngine:
 
     # ---- submitting (any thread) ----
 
-    def submit(self, request: DecodeRequest, listener: Listener | None = None) -> Generation:
-        """Queue a decode request; it joins the running batch at a coming step. ValueError if it is invalid."""
+    def submit(
+        self, request: DecodeRequest, listener: Listener | None = None, bank: SoftPromptBank | None = CURRENT
+    ) -> Generation:
+        """Queue a decode request; it joins the running batch at a coming step. ValueError if it is invalid.
+
+        Its members index `bank` (default: the engine's bank now).
+        """
         check_request(request)
+        bank = self.bank if bank is CURRENT else bank
         vocab = self.base.model.get_input_embeddings().weight.shape[0]
         if not request.prompt_ids or not all(0 <= t < vocab for t in request.prompt_ids):
             raise ValueError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
-        for expert, _ in request.members:
-            if expert != NO_EXPERT and not (self.bank is not None and 0 <= expert < len(self.bank.cultures)):
-                raise ValueError(f"no expert {expert} in the bank")
+        _check_members(request.members, bank)
         total = sum(w for _, w in request.members)
         generation = Generation(
-            next(self._ids), request, listener, weights=[w / total for _, w in request.members]
+            next(self._ids), request, listener, bank, weights=[w / total for _, w in request.members]
         )
         generation.generator = sampler(request)
         with self._lock:
@@ -149,11 +185,18 @@ class DecodeEngine:
             self._lock.notify()
         return generation
 
-    def submit_opinion(self, question: EncodedQuestion, members: Sequence[tuple[int, float]]) -> Future:
+    def submit_opinion(
+        self,
+        question: EncodedQuestion,
+        members: Sequence[tuple[int, float]],
+        bank: SoftPromptBank | None = CURRENT,
+    ) -> Future:
         """Queue an opinion request; the future gets its committee's mixed option distribution."""
         if not members or not sum(w for _, w in members) > 0:
             raise ValueError("a committee needs at least one member with a positive weight")
-        opinion = _Opinion(question, list(members), Future())
+        bank = self.bank if bank is CURRENT else bank
+        _check_members(members, bank)
+        opinion = _Opinion(question, list(members), Future(), bank)
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is stopped")
@@ -167,22 +210,53 @@ class DecodeEngine:
         with self._lock:
             self._lock.notify()
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Admit nothing new inside this block (running rows keep decoding): requests submitted meanwhile
+        join the batch together when the last hold ends. The serving tests' gate uses it."""
+        with self._lock:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holds -= 1
+                self._lock.notify()
+
     @property
     def rows(self) -> int:
         """Rows in the running batch now (a committee of k members is k rows)."""
-        return sum(g.rows for g in self._running)
+        return sum(g.rows for g in list(self._running))
+
+    @property
+    def running(self) -> int:
+        """Requests in the running batch now."""
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        """Requests (decode and opinion) submitted and not yet admitted."""
+        return len(self._waiting) + len(self._opinions)
 
     @property
     def has_work(self) -> bool:
         return bool(self._running or self._waiting or self._opinions)
+
+    @property
+    def _ready(self) -> bool:
+        # Work that a step can do now: held newcomers wait, running rows do not.
+        return bool(self._running or (not self._holds and (self._waiting or self._opinions)))
 
     # ---- the loop (one thread) ----
 
     @torch.no_grad()
     def step(self) -> bool:
         """One scheduler step: retire cancelled, answer opinions, decode, admit newcomers. False when idle."""
-        if not self.has_work:
+        if not self._ready:
             return False
+        if self._running and self.step_hook is not None:
+            self.step_hook()
+        self.steps += 1
         self._drop_cancelled()
         budget = self.max_tokens_per_step - self.rows
         budget -= self._answer_opinions(budget)
@@ -201,7 +275,7 @@ class DecodeEngine:
         return True
 
     def run_until_done(self) -> None:
-        """Step until every submitted request has finished (the synchronous way to use the engine)."""
+        """Step until every submitted request has finished, or waits on a hold (the synchronous way)."""
         while self.step():
             pass
 
@@ -218,25 +292,44 @@ class DecodeEngine:
         """Answer waiting opinion requests that fit the budget (at least one) in one forward; tokens used."""
         taken, used = [], 0
         with self._lock:
-            while self._opinions:
-                cost = len(self._opinions[0].members) * (
-                    len(self._opinions[0].question.input_ids) + self._width
-                )
+            while self._opinions and not self._holds:
+                first = self._opinions[0]
+                cost = len(first.members) * (len(first.question.input_ids) + _width(first.bank))
                 if taken and used + cost > budget:
                     break
                 opinion = self._opinions.popleft()
                 if opinion.future.set_running_or_notify_cancel():  # False: its caller cancelled it
                     taken.append(opinion)
                     used += cost
-        self._run_isolated(taken, self._opinion_batch)
+        for batch in _by_bank(taken):
+            self._run_isolated(batch, self._opinion_batch)
         return used
 
     def _opinion_batch(self, opinions: list[_Opinion]) -> None:
+        bank = opinions[0].bank
         results = committee_distributions(
-            self.base, self.bank, [o.question for o in opinions], [o.members for o in opinions]
+            self.base,
+            bank,
+            [o.question for o in opinions],
+            [o.members for o in opinions],
+            self.per_expert,
+            self.letter_ids,
         )
         for opinion, result in zip(opinions, results):
             opinion.future.set_result(result)
+        self._report("opinion", [(o.members, bank) for o in opinions])
+
+    def _report(
+        self, kind: str, requests: list[tuple[Sequence[tuple[int, float]], SoftPromptBank | None]]
+    ) -> None:
+        if self.on_batch is None or not requests:
+            return
+        experts = {_expert_name(e, bank) for members, bank in requests for e, _ in members}
+        rows = sum(len(members) for members, _ in requests)
+        try:
+            self.on_batch(Batch(kind, len(requests), rows, tuple(sorted(experts))))
+        except Exception:  # noqa: BLE001 - a report that fails must not fail the requests
+            logger.exception("on_batch failed")
 
     def _run_isolated(self, items: list, run: Callable[[list], object]) -> None:
         """Run a batch; if it raises, run each item alone, so only the items that fail alone fail."""
@@ -252,10 +345,6 @@ class DecodeEngine:
                 self._finish(items[0], "error", error)
             elif not items[0].future.done():
                 items[0].future.set_exception(error)
-
-    @property
-    def _width(self) -> int:
-        return self.bank.num_virtual_tokens if self.bank is not None else 0
 
     def _decode(self) -> torch.Tensor:
         """One forward over the running rows, each fed its request's last picked token: rows x V logits."""
@@ -277,16 +366,17 @@ class DecodeEngine:
         """Prefill the waiting requests that fit the token budget and the row cap, and merge their caches."""
         taken, used, rows = [], 0, self.rows
         with self._lock:
-            while self._waiting:
+            while self._waiting and not self._holds:
                 first = self._waiting[0]
-                cost = first.rows * (len(first.request.prompt_ids) + self._width)
+                cost = first.rows * (len(first.request.prompt_ids) + _width(first.bank))
                 # An empty batch always takes one request, however long, so that none waits forever.
                 if (taken or self._running) and (used + cost > budget or rows + first.rows > self.max_rows):
                     break
                 taken.append(self._waiting.popleft())
                 used, rows = used + cost, rows + first.rows
         admitted: list[tuple[list[Generation], torch.Tensor, DynamicCache, torch.Tensor]] = []
-        self._run_isolated(taken, lambda batch: admitted.append((batch, *self._prefill(batch))))
+        for same_bank in _by_bank(taken):  # one prefill forward per bank (several only around a reload)
+            self._run_isolated(same_bank, lambda batch: admitted.append((batch, *self._prefill(batch))))
         if not admitted:
             return [], None
         for _, _, cache, mask in admitted:
@@ -305,12 +395,13 @@ class DecodeEngine:
         ids, mask = left_pad(prompts, self.base.tokenizer.pad_token_id)
         device = self.base.device
         # Rows that are all the plain base model take no prompt slots, as in static batching. Every running
-        # row then has the bank's width of prompt slots or none: merged caches pad on the left either way.
-        bank = None if all(e == NO_EXPERT for e in experts) else self.bank
+        # row then has its bank's width of prompt slots or none: merged caches pad on the left either way.
+        bank = None if all(e == NO_EXPERT for e in experts) else batch[0].bank
         inputs = prompted_inputs(
             self.base.model, ids.to(device), mask.to(device), bank, torch.tensor(experts)
         )
-        cache = decode_cache(self.base.model)
+        # A row with a deep prefix starts its cache with it: decoding then continues from that cache as usual.
+        cache = with_spare_slots(start_cache(self.base.model, inputs))
         out = self.base.model(
             **inputs, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.base.model): cache}
         )
@@ -329,6 +420,7 @@ class DecodeEngine:
             device=device,
         )
         mixed = mixed_distributions(logits, owner, weight, temperature, len(self._running))
+        self._report("decode", [(g.request.members, g.bank) for g in self._running])
         # One check and one pick for the whole batch (not a tensor op per request); a request whose
         # distribution is not finite draws nothing, and fails below.
         finite = torch.isfinite(mixed).all(-1).tolist()
@@ -382,6 +474,7 @@ class DecodeEngine:
 
     def _finish(self, g: Generation, reason: str, error: BaseException | None = None) -> None:
         g.finish_reason, g.error = reason, error
+        self.finished[reason] += 1
         g.finished.set()
         if g.listener is not None:
             try:
@@ -416,34 +509,46 @@ class DecodeEngine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self.has_work:
+                while not self._stopping and not self._ready:
                     self._lock.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - a bug in a step must not leave requests hanging
+                logger.exception("engine step failed: failing the running requests")
+                running, self._running, self._cache, self._mask = self._running, [], None, None
+                for g in running:
+                    self._finish(g, "error", error)
 
-    def stream(self, request: DecodeRequest) -> TokenStream:
+    def stream(self, request: DecodeRequest, bank: SoftPromptBank | None = CURRENT) -> TokenStream:
         """The request's tokens as an async iterator, as they are picked (call from a running event loop)."""
-        return TokenStream(self, request)
+        return TokenStream(self, request, bank)
 
-    async def generate(self, request: DecodeRequest) -> Decoded:
+    async def generate(self, request: DecodeRequest, bank: SoftPromptBank | None = CURRENT) -> Decoded:
         """The request's whole continuation; cancelled if the awaiting task is."""
-        async with self.stream(request) as tokens:
+        async with self.stream(request, bank) as tokens:
             async for _ in tokens:
                 pass
         return tokens.generation.decoded()
 
-    async def opinion(self, question: EncodedQuestion, members: Sequence[tuple[int, float]]) -> np.ndarray:
+    async def opinion(
+        self,
+        question: EncodedQuestion,
+        members: Sequence[tuple[int, float]],
+        bank: SoftPromptBank | None = CURRENT,
+    ) -> np.ndarray:
         """A committee's mixed option distribution, answered between decode steps."""
-        return await asyncio.wrap_future(self.submit_opinion(question, members))
+        # A cancelled awaiting task cancels the future too (wrap_future): the engine then skips it.
+        return await asyncio.wrap_future(self.submit_opinion(question, members, bank))
 
 
 class TokenStream:
     """One request's tokens for `async for`; leaving early (or the task being cancelled) cancels the request."""
 
-    def __init__(self, engine: DecodeEngine, request: DecodeRequest):
+    def __init__(self, engine: DecodeEngine, request: DecodeRequest, bank: SoftPromptBank | None = CURRENT):
         self._engine, self._loop, self._queue = engine, asyncio.get_running_loop(), asyncio.Queue()
-        self.generation = engine.submit(request, self._deliver)
+        self.generation = engine.submit(request, self._deliver, bank)
 
     def _deliver(self, generation: Generation, token: int | None) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, token)  # called on the engine thread
@@ -474,6 +579,31 @@ class TokenStream:
 
     async def __aexit__(self, *exc: object) -> None:
         self.cancel()
+
+
+def _width(bank: SoftPromptBank | None) -> int:
+    return bank.num_virtual_tokens if bank is not None else 0
+
+
+def _check_members(members: Sequence[tuple[int, float]], bank: SoftPromptBank | None) -> None:
+    for expert, _ in members:
+        if expert != NO_EXPERT and not (bank is not None and 0 <= expert < len(bank.cultures)):
+            raise ValueError(f"no expert {expert} in the bank")
+
+
+def _expert_name(expert: int, bank: SoftPromptBank | None) -> str:
+    return BASE if expert == NO_EXPERT else bank.cultures[expert]
+
+
+def _by_bank(items: list) -> list[list]:
+    """Consecutive runs of items (requests, opinions) that share a bank, in order."""
+    runs: list[list] = []
+    for item in items:
+        if runs and runs[-1][0].bank is item.bank:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 def _merge(

@@ -10,16 +10,16 @@ request); `workers.engine.DecodeEngine` is the continuous-batching loop built fr
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from workers.base_model import FrozenBase
+from workers.prefix import cache_kwarg, start_cache
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import left_pad
 
@@ -65,11 +65,6 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str,
     return "\n".join([*lines, "Assistant:"])
 
 
-def cache_kwarg(model: PreTrainedModel) -> str:
-    # transformers 5 renames `past_key_values` to `cache` (the old name warns, then goes in 5.40).
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 class SpareSlotsLayer(DynamicLayer):
     """A DynamicLayer that appends new keys and values into spare slots instead of concatenating.
 
@@ -88,7 +83,7 @@ class SpareSlotsLayer(DynamicLayer):
         length, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
         replaced = self._views is None or self._views[0] is not self.keys or self._views[1] is not self.values
         if replaced or self._buffers[0].shape[-2] < end:
-            self._buffers = tuple(self._with_spare_slots(t, end) for t in (self.keys, self.values))
+            self._buffers = tuple(self._grown(t, end) for t in (self.keys, self.values))
         keys, values = self._buffers
         keys[..., length:end, :] = key_states
         values[..., length:end, :] = value_states
@@ -97,16 +92,17 @@ class SpareSlotsLayer(DynamicLayer):
         return self.keys, self.values
 
     @staticmethod
-    def _with_spare_slots(t: torch.Tensor, needed: int) -> torch.Tensor:
+    def _grown(t: torch.Tensor, needed: int) -> torch.Tensor:
         buffer = t.new_empty((*t.shape[:-2], needed + SPARE_SLOTS, t.shape[-1]))
         buffer[..., : t.shape[-2], :] = t
         return buffer
 
 
-def decode_cache(model: PreTrainedModel) -> DynamicCache:
-    """A KV cache for decoding step by step: a DynamicCache whose full-attention layers keep spare slots."""
-    cache = DynamicCache(config=model.config)
-    cache.layers = [SpareSlotsLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+def with_spare_slots(cache: DynamicCache) -> DynamicCache:
+    """The same cache (any deep prefixes in it kept), its full-attention layers appending into spare slots."""
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = SpareSlotsLayer  # a subclass with methods only: the layer's state carries over
     return cache
 
 
@@ -196,8 +192,9 @@ def committee_generate(
         bank = None  # the plain base model throughout: no prompt slots at all
     inputs = prompted_inputs(base.model, ids.to(device), mask.to(device), bank, torch.tensor(expert_idx))
     mask = inputs["attention_mask"]
-    cache = decode_cache(base.model)  # filled in place by every forward step
     kwarg = cache_kwarg(base.model)
+    # Filled in place by every forward step, after any deep prefixes.
+    cache = with_spare_slots(start_cache(base.model, inputs))
     out = base.model(**inputs, use_cache=True, logits_to_keep=1, **{kwarg: cache})
     logits = out.logits[:, -1].float()
 

@@ -1,50 +1,78 @@
-"""The soft-prompt bank: one trainable prompt per culture, prepended row by row to a frozen model's input."""
+"""The soft-prompt bank: one trainable prompt per culture, prepended row by row to a frozen model's input.
+
+An expert has an input prompt (L_i x D embeddings before its row's tokens; L_i may be 0) and/or a deep
+prefix (L_p virtual keys and values at every layer, `workers.prefix`). Input-only is classic prompt
+tuning, deep-only prefix tuning, and both a composed expert (e.g. a shared deep prefix + its own tokens).
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from peft import PromptTuningConfig, TaskType
+from peft import PrefixTuningConfig, PromptTuningConfig, TaskType
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from workers.base_model import FrozenBase
+from workers.prefix import cache_kwarg, kv_shape, prefix_cache, random_prefix, text_prefix
+from workers.settings import SHARED
 
 NO_EXPERT = -1  # the expert index of a row that gets no prompt (the plain base model)
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: an optional deep prefix (version 1 files load as input-only)
 
 
 class PromptMismatchError(ValueError):
     """A soft prompt that does not fit the base model it is loaded onto."""
 
 
+class PeftExportError(ValueError):
+    """An expert that no single PEFT adapter can hold (a deep prefix and input tokens together)."""
+
+
 def persona_text(culture: str) -> str:
     """The hard-text persona naming a culture: the paper's own approach, and the default prompt init."""
+    if culture == SHARED:  # the culture-blind prior starts from a persona of no culture in particular
+        return (
+            "You are a person answering a survey. Answer the way most people around the world would answer."
+        )
     return f"You are a person from {culture}. Answer the way most people in {culture} would answer."
 
 
 @dataclass
 class ExpertMeta:
-    """What travels with a soft prompt: whose it is and which base model it was trained for."""
+    """What travels with a soft prompt: whose it is, which base model it was trained for, its parts' shapes."""
 
     culture: str
     iso: str
-    num_virtual_tokens: int
+    num_virtual_tokens: int  # the input prompt's tokens, L_i (0: a deep-only expert)
     hidden_size: int
     base_model: str
     base_fingerprint: str
     training: dict = field(default_factory=dict)  # summary: val alignment, epochs, lr, trial, ...
     descriptor: str = ""  # text the router embeds to match free-text profiles
+    # The deep prefix: its tokens, L_p (0: none, as in every file from before deep prompts), and the cache
+    # shape it was made for, checked against the base on load.
+    prefix_tokens: int = 0
+    num_layers: int = 0
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+
+    @property
+    def kind(self) -> str:
+        """`input` (prompt tuning), `deep` (prefix tuning) or `composed` (a prefix and input tokens)."""
+        if not self.prefix_tokens:
+            return "input"
+        return "composed" if self.num_virtual_tokens else "deep"
 
     def to_strings(self) -> dict[str, str]:
-        values = asdict(self) | {"format_version": FORMAT_VERSION}
+        values = asdict(self) | {"format_version": FORMAT_VERSION, "kind": self.kind}
         return {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in values.items()}
 
     @classmethod
@@ -58,26 +86,60 @@ class ExpertMeta:
             base_fingerprint=values["base_fingerprint"],
             training=json.loads(values.get("training", "{}")),
             descriptor=values.get("descriptor", ""),
+            **{
+                k: int(values.get(k, 0))
+                for k in ("prefix_tokens", "num_layers", "num_key_value_heads", "head_dim")
+            },
         )
 
 
 @dataclass
 class Expert:
-    """One culture's trained soft prompt (L x D) and its metadata."""
+    """One culture's trained soft prompt: its input prompt (L_i x D), its deep prefix if it has one, its metadata."""
 
     prompt: torch.Tensor
     meta: ExpertMeta
+    prefix: torch.Tensor | None = None  # L_p x num_layers x 2 (key, value) x num_key_value_heads x head_dim
+
+
+def _described(expert: Expert) -> ExpertMeta:
+    """The expert's metadata with its shape fields read off its tensors, so a header always describes its file."""
+    shapes = dict(num_virtual_tokens=expert.prompt.shape[0], hidden_size=expert.prompt.shape[1])
+    tokens, layers, kv_heads, head_dim = 0, 0, 0, 0
+    if expert.prefix is not None:
+        tokens, layers, _, kv_heads, head_dim = expert.prefix.shape
+    return replace(
+        expert.meta,
+        **shapes,
+        prefix_tokens=tokens,
+        num_layers=layers,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+    )
+
+
+def _parameter(t: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone().float(), requires_grad=requires_grad)
 
 
 class SoftPromptBank(nn.Module):
-    """E experts, each L_e virtual tokens x D, one prompt per culture; L_e may differ between experts.
+    """E experts, one a culture: each an input prompt (L_i x D, L_i may be 0) and optionally a deep prefix.
 
-    Each expert is its own Parameter so that an expert with no rows in a step gets no gradient
-    (None, not zeros) and AdamW leaves it and its moments untouched: packed training of K experts
-    is then exactly K separate trainings. `weight` gives a bank of one length as one E x L x D tensor.
+    Each expert's parts are their own Parameters, so that an expert with no rows in a step gets no gradient
+    (None, not zeros) and AdamW leaves it and its moments untouched: packed training of K experts is then
+    exactly K separate trainings. Lengths may differ between experts. With `shared_prefix`, every expert
+    that has no prefix of its own uses that one Parameter (tied: it learns from all their rows; freeze it
+    with `bank.shared_prefix.requires_grad_(False)` to train only the experts' own parts on top of it).
+    `weight` gives the input prompts of a bank of one length as one E x L x D tensor.
     """
 
-    def __init__(self, cultures: list[str], prompts: torch.Tensor | Sequence[torch.Tensor]):
+    def __init__(
+        self,
+        cultures: list[str],
+        prompts: torch.Tensor | Sequence[torch.Tensor],
+        prefixes: Sequence[torch.Tensor | None] | None = None,
+        shared_prefix: torch.Tensor | None = None,
+    ):
         super().__init__()
         if len(prompts) != len(cultures) or any(p.dim() != 2 for p in prompts):
             shapes = [tuple(p.shape) for p in prompts]
@@ -88,8 +150,28 @@ class SoftPromptBank(nn.Module):
             raise ValueError(
                 f"prompts of one bank need one width, got {sorted({p.shape[1] for p in prompts})}"
             )
+        own = [None] * len(cultures) if prefixes is None else list(prefixes)
+        if len(own) != len(cultures):
+            raise ValueError(f"{len(own)} prefixes for {len(cultures)} experts")
+        given = ([shared_prefix] if shared_prefix is not None else []) + [p for p in own if p is not None]
+        if any(p.dim() != 5 for p in given) or len({tuple(p.shape[1:]) for p in given}) > 1:
+            raise ValueError(
+                "prefixes must be L_p x num_layers x 2 x num_key_value_heads x head_dim, of one cache shape; "
+                f"got {[tuple(p.shape) for p in given]}"
+            )
         self.cultures = list(cultures)
-        self.prompts = nn.ParameterList(nn.Parameter(p.detach().clone().float()) for p in prompts)
+        self.prompts = nn.ParameterList(_parameter(p) for p in prompts)
+        self.prefixes = nn.ParameterList(_parameter(p) for p in given)
+        # Each expert's index into `prefixes` (None: no prefix); the shared prefix, if any, is prefixes[0].
+        self.has_shared_prefix = shared_prefix is not None
+        self.prefix_of: list[int | None] = []
+        slot = int(self.has_shared_prefix)
+        for p in own:
+            if p is not None:
+                self.prefix_of.append(slot)
+                slot += 1
+            else:
+                self.prefix_of.append(0 if self.has_shared_prefix else None)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -99,24 +181,58 @@ class SoftPromptBank(nn.Module):
 
     @property
     def lengths(self) -> list[int]:
-        """Each expert's number of virtual tokens, in bank order."""
+        """Each expert's number of input-prompt tokens, in bank order."""
         return [p.shape[0] for p in self.prompts]
 
     @property
+    def prefix_lengths(self) -> list[int]:
+        """Each expert's number of deep-prefix tokens (0: none), in bank order."""
+        return [0 if s is None else self.prefixes[s].shape[0] for s in self.prefix_of]
+
+    @property
+    def input_tokens(self) -> int:
+        """The input-prompt slots a row gets: the longest expert's input prompt."""
+        return max(self.lengths, default=0)
+
+    @property
     def num_virtual_tokens(self) -> int:
-        """The prompt slots a row gets: the longest expert's length (every expert's, in a bank of one length)."""
-        return max(self.lengths)
+        """The virtual slots a row may get: the longest prefix and the longest input prompt (positions they take)."""
+        return max(self.prefix_lengths, default=0) + self.input_tokens
+
+    @property
+    def shared_prefix(self) -> nn.Parameter | None:
+        return self.prefixes[0] if self.has_shared_prefix else None
+
+    def prefix(self, index: int) -> nn.Parameter | None:
+        """Expert `index`'s prefix (its own or the shared one), or None."""
+        slot = self.prefix_of[index]
+        return None if slot is None else self.prefixes[slot]
+
+    def own_prefixes(self) -> list[torch.Tensor | None]:
+        """Each expert's own prefix, None where it has none or uses the shared one (what rebuilding a bank takes)."""
+        return [
+            None if s is None or (self.has_shared_prefix and s == 0) else self.prefixes[s]
+            for s in self.prefix_of
+        ]
 
     def index(self, culture: str) -> int:
         return self.cultures.index(culture)
 
-    def rows(self, expert_idx: torch.Tensor) -> torch.Tensor:
-        """The B x L x D prompts of a batch, touching only the experts used.
+    def units(self) -> list[list[str]]:
+        """Cultures that train as one: those sharing a trainable prefix together, every other culture alone."""
+        groups: dict[tuple, list[str]] = {}
+        for culture, slot in zip(self.cultures, self.prefix_of):
+            tied = slot is not None and self.prefixes[slot].requires_grad and self.prefix_of.count(slot) > 1
+            groups.setdefault(("prefix", slot) if tied else ("alone", culture), []).append(culture)
+        return list(groups.values())
 
-        L is the longest prompt in the bank; a shorter prompt fills the last slots, zeros before it (and
+    def rows(self, expert_idx: torch.Tensor) -> torch.Tensor:
+        """The B x L x D input prompts of a batch, touching only the experts used.
+
+        L is the longest input prompt in the bank; a shorter prompt fills the last slots, zeros before it (and
         zeros throughout where NO_EXPERT); `prompt_mask` says which slots are real.
         """
-        width, first = self.num_virtual_tokens, self.prompts[0]
+        width, first = self.input_tokens, self.prompts[0]
         used = [int(e) for e in torch.unique(expert_idx) if e != NO_EXPERT]
         table = first.new_zeros(len(used) + 1, width, first.shape[1])
         if used:
@@ -128,8 +244,32 @@ class SoftPromptBank(nn.Module):
     def prompt_mask(self, expert_idx: torch.Tensor) -> torch.Tensor:
         """B x L: 1 on the slots of `rows` that hold a row's prompt, 0 on padding and NO_EXPERT rows."""
         lengths = torch.tensor([0 if int(e) == NO_EXPERT else self.lengths[int(e)] for e in expert_idx])
-        slots = torch.arange(self.num_virtual_tokens)
-        return (slots[None, :] >= self.num_virtual_tokens - lengths[:, None]).long()
+        slots = torch.arange(self.input_tokens)
+        return (slots[None, :] >= self.input_tokens - lengths[:, None]).long()
+
+    def prefix_rows(self, expert_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch's prefixes (B x P x N x 2 x H x Dh) and the B x P mask of real slots; None if no row has one.
+
+        P is the longest prefix among the rows' experts; a shorter one fills the last slots (zeros before it,
+        masked), so every row's prefix ends where its input begins. Only the prefixes used enter the graph.
+        """
+        slots = [None if int(e) == NO_EXPERT else self.prefix_of[int(e)] for e in expert_idx]
+        used = sorted({s for s in slots if s is not None})
+        if not used:
+            return None
+        width = max(self.prefixes[s].shape[0] for s in used)
+        shape = self.prefixes[used[0]].shape[1:]
+        padded = [
+            torch.cat(
+                [self.prefixes[s].new_zeros(width - self.prefixes[s].shape[0], *shape), self.prefixes[s]]
+            )
+            for s in used
+        ]
+        table = torch.cat([padded[0].new_zeros(1, width, *shape), torch.stack(padded)])
+        where = {s: i + 1 for i, s in enumerate(used)}
+        rows = table[torch.tensor([where.get(s, 0) for s in slots], device=table.device)]
+        lengths = torch.tensor([0 if s is None else self.prefixes[s].shape[0] for s in slots])
+        return rows, (torch.arange(width)[None, :] >= width - lengths[:, None]).long()
 
     @classmethod
     def initialise(
@@ -139,28 +279,59 @@ class SoftPromptBank(nn.Module):
         num_virtual_tokens: int,
         init: str = "persona",
         seed: int = 0,
+        kind: str = "input",
+        shared_prefix: torch.Tensor | None = None,
     ) -> SoftPromptBank:
-        """A new bank: each prompt from its persona text's embeddings (default) or random."""
+        """A new bank: each expert's `kind` part of `num_virtual_tokens` tokens, from its persona text or random.
+
+        `input`: input prompts (persona: the text's token embeddings); `deep`: prefixes (persona: the keys and
+        values the model caches for the text, so the untrained expert answers as the persona prompt would).
+        `shared_prefix`: a prefix every expert without its own shares (input experts on it: composed experts).
+        """
+        if init not in ("persona", "random"):
+            raise ValueError(f"unknown prompt init {init!r}; use 'persona', 'random' or copy_expert()")
+        if kind not in ("input", "deep"):
+            raise ValueError(f"unknown prompt kind {kind!r}; use 'input' or 'deep'")
         embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
         generator = torch.Generator().manual_seed(seed)
-        prompts = []
+        prompts, prefixes = [], []
         for culture in cultures:
-            if init == "persona":
-                ids = base.tokenizer(persona_text(culture), add_special_tokens=False)["input_ids"]
+            ids = base.tokenizer(persona_text(culture), add_special_tokens=False)["input_ids"]
+            if kind == "deep":
+                prompts.append(embeddings.new_zeros(0, embeddings.shape[1]))
+                if init == "persona":
+                    prefixes.append(text_prefix(base.model, ids, num_virtual_tokens))
+                else:
+                    persona = text_prefix(base.model, ids, len(ids))
+                    prefixes.append(random_prefix(persona, num_virtual_tokens, generator))
+            elif init == "persona":
                 # Like PEFT's TEXT init: repeat the persona's tokens until they fill L.
                 ids = (ids * (num_virtual_tokens // len(ids) + 1))[:num_virtual_tokens]
                 prompts.append(embeddings[torch.tensor(ids)])
-            elif init == "random":
+            else:
                 noise = torch.randn(num_virtual_tokens, embeddings.shape[1], generator=generator)
                 prompts.append(noise * embeddings.std())
-            else:
-                raise ValueError(f"unknown prompt init {init!r}; use 'persona', 'random' or copy_expert()")
-        return cls(cultures, torch.stack(prompts)).to(base.device)
+        return cls(cultures, prompts, prefixes or None, shared_prefix).to(base.device)
 
     def copy_expert(self, source: str, culture: str) -> SoftPromptBank:
-        """A bank with one more expert, initialised as a copy of `source`."""
-        extra = self.prompts[self.index(source)].detach().unsqueeze(0)
-        return SoftPromptBank(self.cultures + [culture], torch.cat([self.weight.detach(), extra]))
+        """A bank with one more expert, initialised as a copy of `source`'s parts (a shared prefix stays shared)."""
+        i = self.index(source)
+        prompts, own = list(self.prompts), self.own_prefixes()
+        shared = self.shared_prefix
+        bank = SoftPromptBank(self.cultures + [culture], prompts + [prompts[i]], own + [own[i]], shared)
+        if shared is not None:
+            bank.shared_prefix.requires_grad_(shared.requires_grad)
+        return bank
+
+    def expert(self, index: int, meta: ExpertMeta) -> Expert:
+        """Expert `index`'s parts, detached on the CPU, with `meta` (its shape fields set from the parts)."""
+        prefix = self.prefix(index)
+        expert = Expert(
+            self.prompts[index].detach().cpu().clone(),
+            meta,
+            None if prefix is None else prefix.detach().cpu().clone(),
+        )
+        return replace(expert, meta=_described(expert))
 
 
 def prompted_inputs(
@@ -169,46 +340,66 @@ def prompted_inputs(
     attention_mask: torch.Tensor,
     bank: SoftPromptBank | None,
     expert_idx: torch.Tensor | None,
-) -> dict[str, torch.Tensor]:
-    """Model kwargs in which every row gets its own expert's prompt (or none) before its tokens.
+) -> dict[str, torch.Tensor | DynamicCache]:
+    """Model kwargs in which every row gets its own expert's prefix and input prompt (or none) before its tokens.
 
-    The prompt occupies the first L slots of every row (the longest prompt's length; a shorter prompt's
-    padding and NO_EXPERT rows are masked out); positions count only attended slots, so a row's result
-    does not depend on its padding, its neighbours or their prompt lengths.
+    A row is [prefix slots | input-prompt slots | tokens]. The prefix is no input: it is the KV cache the
+    forward pass starts from (under the model's cache kwarg, only when a row has one; gradients reach the
+    prefix Parameters through it), and the attention mask covers its slots. Padding (shorter prefixes and
+    prompts, NO_EXPERT rows, left-padded tokens) is masked, and positions count only attended slots, so a
+    row's first token sits at its real prefix length + input-prompt length, as with PEFT, and its result
+    depends on neither its padding nor its neighbours.
     """
     embeds = model.get_input_embeddings()(input_ids)
+    rows = input_ids.shape[0]
+    prefix = None
     if bank is None or expert_idx is None:
-        prompts = embeds.new_zeros(input_ids.shape[0], 0, embeds.shape[-1])
-        prompt_mask = attention_mask.new_zeros(input_ids.shape[0], 0)
+        prompts = embeds.new_zeros(rows, 0, embeds.shape[-1])
+        prompt_mask = attention_mask.new_zeros(rows, 0)
     else:
         prompts = bank.rows(expert_idx.cpu()).to(embeds.device, embeds.dtype)
         if isinstance(bank, SoftPromptBank):
             prompt_mask = bank.prompt_mask(expert_idx.cpu()).to(attention_mask.device, attention_mask.dtype)
-        else:  # a stand-in (the ZeRO trainer's) whose prompts all have one length
+            prefix = bank.prefix_rows(expert_idx.cpu())
+        else:  # a stand-in (the ZeRO trainer's) whose prompts all have one length, and no prefixes
             has_prompt = (expert_idx != NO_EXPERT).to(attention_mask.device, attention_mask.dtype)
             prompt_mask = has_prompt[:, None].expand(-1, prompts.shape[1])
-    mask = torch.cat([prompt_mask, attention_mask], dim=1)
+    extra: dict[str, DynamicCache] = {}
+    prefix_mask = attention_mask.new_zeros(rows, 0)
+    if prefix is not None:
+        kv, prefix_mask = prefix
+        extra[cache_kwarg(model)] = prefix_cache(model, kv.to(embeds.device, embeds.dtype))
+        prefix_mask = prefix_mask.to(attention_mask.device, attention_mask.dtype)
+    mask = torch.cat([prefix_mask, prompt_mask, attention_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {
         "inputs_embeds": torch.cat([prompts, embeds], dim=1),
         "attention_mask": mask,
-        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-    }
+        "position_ids": positions[:, prefix_mask.shape[1] :],
+    } | extra
 
 
 def save_expert(path: Path, expert: Expert) -> Path:
-    """Write one expert as safetensors, its metadata in the header."""
+    """Write one expert as safetensors (its input prompt, its prefix if any), its metadata in the header."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({"prompt": expert.prompt.detach().float().cpu().contiguous()}, tmp, expert.meta.to_strings())
+    tensors = {"prompt": expert.prompt.detach().float().cpu().contiguous()}
+    if expert.prefix is not None:
+        tensors["prefix"] = expert.prefix.detach().float().cpu().contiguous()
+    save_file(tensors, tmp, _described(expert).to_strings())
     tmp.replace(path)  # atomic: a crash never leaves a half-written expert under its real name
     return path
 
 
 def load_expert(path: Path, base: FrozenBase | None = None) -> Expert:
-    """Read one expert; refuse it if it was trained for another base model than `base`."""
+    """Read one expert; refuse it if it was trained for another base model than `base`.
+
+    A file from before deep prompts has no prefix: it loads as an input-only expert.
+    """
     with safe_open(str(path), framework="pt") as handle:
         meta = ExpertMeta.from_strings(handle.metadata() or {})
         prompt = handle.get_tensor("prompt")
+        prefix = handle.get_tensor("prefix") if "prefix" in handle.keys() else None
     if base is not None and meta.base_fingerprint != base.fingerprint:
         raise PromptMismatchError(
             f"expert {meta.culture!r} ({path}) was trained for base model {meta.base_model!r} "
@@ -218,29 +409,66 @@ def load_expert(path: Path, base: FrozenBase | None = None) -> Expert:
         raise PromptMismatchError(
             f"expert {meta.culture!r} has width {meta.hidden_size}, model {base.hidden_size}"
         )
-    return Expert(prompt=prompt, meta=meta)
+    if base is not None and prefix is not None:
+        names = ("num_layers", "num_key_value_heads", "head_dim")
+        have = dict(zip(names, (prefix.shape[1], prefix.shape[3], prefix.shape[4])))
+        for name, want in zip(names, kv_shape(base.model.config)):
+            if have[name] != want:
+                raise PromptMismatchError(
+                    f"expert {meta.culture!r} has a deep prefix for {name}={have[name]}, model has {want}"
+                )
+    return Expert(prompt=prompt, meta=meta, prefix=prefix)
 
 
 def bank_from_experts(experts: list[Expert], device: torch.device | str = "cpu") -> SoftPromptBank:
-    """One bank holding the given experts, in order (their prompt lengths may differ)."""
-    return SoftPromptBank([e.meta.culture for e in experts], [e.prompt for e in experts]).to(device)
+    """One bank holding the given experts, in order (their kinds and lengths may differ)."""
+    return SoftPromptBank(
+        [e.meta.culture for e in experts], [e.prompt for e in experts], [e.prefix for e in experts]
+    ).to(device)
 
 
 def export_peft_adapter(expert: Expert, model: PreTrainedModel, out_dir: Path) -> Path:
-    """Write an expert as a PEFT prompt-tuning adapter that `PeftModel.from_pretrained` loads."""
-    config = PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=expert.meta.num_virtual_tokens,
-        token_dim=expert.meta.hidden_size,
-        num_transformer_submodules=1,
-        num_attention_heads=model.config.num_attention_heads,
-        num_layers=model.config.num_hidden_layers,
-        base_model_name_or_path=expert.meta.base_model,
-    )
+    """Write an expert as a PEFT adapter that `PeftModel.from_pretrained` loads, giving the same logits.
+
+    Input-only: a PROMPT_TUNING adapter. Deep-only: a PREFIX_TUNING one (no projection). A composed expert
+    has no single PEFT form (PEFT runs one prompt-learning adapter at a time): PeftExportError.
+    """
+    tokens, width = expert.prompt.shape
+    if expert.prefix is not None and tokens:
+        raise PeftExportError(
+            f"expert {expert.meta.culture!r} has a deep prefix and {tokens} input tokens: "
+            "no single PEFT adapter holds both"
+        )
+    if expert.prefix is not None:
+        tokens, layers, _, kv_heads, head_dim = expert.prefix.shape
+        # PEFT's GQA rule (#1901): a prefix token is num_layers x 2 x num_key_value_heads x head_dim.
+        config = PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=tokens,
+            token_dim=kv_heads * head_dim,
+            num_attention_heads=kv_heads,
+            num_layers=layers,
+            num_transformer_submodules=1,
+            prefix_projection=False,
+            base_model_name_or_path=expert.meta.base_model,
+        )
+        # One row per virtual token, flattened as PEFT views it: (layer, key/value, head, head_dim).
+        weights = expert.prefix.reshape(tokens, -1)
+    else:
+        config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=tokens,
+            token_dim=width,
+            num_transformer_submodules=1,
+            num_attention_heads=model.config.num_attention_heads,
+            num_layers=model.config.num_hidden_layers,
+            base_model_name_or_path=expert.meta.base_model,
+        )
+        weights = expert.prompt
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out_dir))
     save_file(
-        {"prompt_embeddings": expert.prompt.detach().float().cpu().contiguous()},
+        {"prompt_embeddings": weights.detach().float().cpu().contiguous()},
         out_dir / "adapter_model.safetensors",
     )
     return out_dir

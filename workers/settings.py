@@ -10,6 +10,8 @@ MAX_LENGTH = 320  # tokens of an encoded question; longer ones keep their end (t
 ROUTER_MODEL = "all-MiniLM-L6-v2"
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test shares of the questions
 CHAMPION = "champion"  # the registry alias of each culture's best expert
+# The reserved culture name of the culture-blind shared survey prior: an expert, never a culture of the data.
+SHARED = "shared"
 
 
 class TrainConfig(BaseModel):
@@ -26,4 +28,7 @@ class TrainConfig(BaseModel):
         default=2, ge=1
     )  # epochs with no better validation alignment before an expert stops
     seed: int = 0
+    # Each expert's epoch is cut into runs of this many batches, each run sorted by question length, so a
+    # batch pads little (1.4x fewer tokens on the survey's questions at 8); 1 keeps the plain shuffle.
+    length_buckets: int = Field(default=8, ge=1)
     eval_batch_size: int = Field(default=EVAL_BATCH_SIZE, ge=1)

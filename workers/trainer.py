@@ -60,8 +60,9 @@ OptimizerFactory = Callable[[SoftPromptBank, TrainConfig], torch.optim.Optimizer
 
 
 def adamw(bank: SoftPromptBank, config: TrainConfig) -> torch.optim.Optimizer:
-    """The packed trainer's optimizer: one AdamW over every expert's prompt."""
-    return torch.optim.AdamW(bank.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    """The packed trainer's optimizer: one AdamW over every expert's prompt and prefix (a frozen one aside)."""
+    params = [p for p in bank.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def culture_seed(seed: int, culture: str) -> int:
@@ -74,7 +75,9 @@ class PackedTrainer:
     """Trains every expert of a bank on its own culture's examples; the base model stays frozen.
 
     Loss = sum over experts of the mean KL(survey || model) over that expert's rows in the
-    micro-batch, so each expert's gradient is exactly what training it alone would give.
+    micro-batch, so each expert's gradient is exactly what training it alone would give. Experts that
+    share a trainable prefix are one unit (`bank.units()`): the shared prefix learns from all their rows,
+    and they are validated, kept at their best epoch and stopped together, on their mean alignment.
     """
 
     rank, world = 0, 1  # this process among the data-parallel workers training the bank: here, alone
@@ -102,6 +105,7 @@ class PackedTrainer:
         self.epoch = 0
         self.active = list(bank.cultures)
         self.best_prompts = {c: bank.prompts[i].detach().clone() for i, c in enumerate(bank.cultures)}
+        self.best_prefixes = self.current_prefixes()  # the cultures with a deep prefix
         self.best_val: dict[str, float] = {}
         self.best_epoch = {c: 0 for c in bank.cultures}
         self.initial_val: dict[str, float] = {}
@@ -133,7 +137,12 @@ class PackedTrainer:
         """
         size = self.config.batch_size
         orders = {
-            c: torch.randperm(len(self.train[c]), generator=self.generators[c]).tolist() for c in self.active
+            c: length_bucketed(
+                torch.randperm(len(self.train[c]), generator=self.generators[c]).tolist(),
+                [len(q.input_ids) for q in self.train[c]],
+                size * self.config.length_buckets,
+            )
+            for c in self.active
         }
         steps = max(math.ceil(len(order) / size) for order in orders.values())
         batches = []
@@ -184,7 +193,7 @@ class PackedTrainer:
 
         `idle` experts had no rows since the last step: their gradients are None, so AdamW skips them.
         """
-        grads = [torch.linalg.vector_norm(p.grad) for p in self.bank.prompts if p.grad is not None]
+        grads = [torch.linalg.vector_norm(p.grad) for p in self.bank.parameters() if p.grad is not None]
         norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
         self.optimizer.step()
         self.zero_grad()
@@ -203,6 +212,34 @@ class PackedTrainer:
             for culture, prompt in prompts.items():
                 self.bank.prompts[self.bank.index(culture)].copy_(prompt)
 
+    def current_prefixes(self) -> dict[str, torch.Tensor]:
+        """A copy of every deep prefix as it is now, by culture (one copy of a shared one, under each of its cultures)."""
+        copies: dict[int, torch.Tensor] = {}
+        for slot in {s for s in self.bank.prefix_of if s is not None}:
+            copies[slot] = self.bank.prefixes[slot].detach().clone()
+        return {c: copies[s] for c, s in zip(self.bank.cultures, self.bank.prefix_of) if s is not None}
+
+    def load_prefixes(self, prefixes: dict[str, torch.Tensor]) -> None:
+        """Set the bank's deep prefixes (for the cultures given)."""
+        with torch.no_grad():
+            for culture, prefix in prefixes.items():
+                self.bank.prefix(self.bank.index(culture)).copy_(prefix)
+
+    def best_bank(self) -> SoftPromptBank:
+        """A new bank of every expert at its best epoch, its prefixes tied as in the trained bank."""
+        cultures, own, shared = self.bank.cultures, self.bank.own_prefixes(), self.bank.shared_prefix
+        prefixes = [None if p is None else self.best_prefixes[c] for c, p in zip(cultures, own)]
+        tied = [c for c, p in zip(cultures, own) if p is None and shared is not None]
+        best = SoftPromptBank(
+            cultures,
+            [self.best_prompts[c] for c in cultures],
+            prefixes,
+            self.best_prefixes[tied[0]] if tied else shared,  # a tied unit shares one best epoch
+        )
+        if shared is not None:
+            best.shared_prefix.requires_grad_(shared.requires_grad)
+        return best
+
     def fit(self, callback: Callback | None = None) -> TrainResult:
         """Train until every expert has run its epochs or stopped early; the bank ends with the best prompts."""
         if not self.initial_val:
@@ -212,21 +249,30 @@ class PackedTrainer:
             self.epoch += 1
             train_loss = self.train_epoch()
             val = self.validate(self.active)
-            current = self.current_prompts()
-            for culture in self.active:
+            current, prefixes = self.current_prompts(), self.current_prefixes()
+            for unit in self.bank.units():
+                unit = [c for c in unit if c in self.active]
+                scored = [c for c in unit if c in val]
                 # With no validation data there is nothing to select on: the latest prompt is kept.
-                if culture not in val or val[culture] > self.best_val.get(culture, -1.0):
-                    self.best_val[culture] = val.get(culture, float("nan"))
-                    self.best_epoch[culture], self.stale[culture] = self.epoch, 0
-                    self.best_prompts[culture] = current[culture]
-                else:
-                    self.stale[culture] += 1
+                better = not scored or np.mean([val[c] for c in scored]) > np.mean(
+                    [self.best_val.get(c, -1.0) for c in scored]
+                )
+                for culture in unit:
+                    if better:
+                        self.best_val[culture] = val.get(culture, float("nan"))
+                        self.best_epoch[culture], self.stale[culture] = self.epoch, 0
+                        self.best_prompts[culture] = current[culture]
+                        if culture in prefixes:
+                            self.best_prefixes[culture] = prefixes[culture]
+                    else:
+                        self.stale[culture] += 1
             report = EpochReport(self.epoch, train_loss, val, dict(self.best_val), list(self.active))
             self.active = [c for c in self.active if self.stale[c] < self.config.patience]
             self.history.append(report)
             if callback is not None:
                 callback(report, self)
         self.load_prompts(self.best_prompts)
+        self.load_prefixes(self.best_prefixes)
         return self.result()
 
     def result(self) -> TrainResult:
@@ -244,6 +290,7 @@ class PackedTrainer:
             "epoch": self.epoch,
             "active": self.active,
             "best_prompts": self.best_prompts,
+            "best_prefixes": self.best_prefixes,
             "best_val": self.best_val,
             "best_epoch": self.best_epoch,
             "initial_val": self.initial_val,
@@ -270,11 +317,19 @@ class PackedTrainer:
             self.generators[culture].set_state(generator_state)
         self.epoch, self.active = state["epoch"], list(state["active"])
         self.best_prompts, self.best_val = state["best_prompts"], state["best_val"]
+        self.best_prefixes = state.get("best_prefixes", {})  # none in a checkpoint from before deep prompts
         self.best_epoch, self.initial_val, self.stale = (
             state["best_epoch"],
             state["initial_val"],
             state["stale"],
         )
+
+
+def length_bucketed(order: list[int], lengths: list[int], bucket: int) -> list[int]:
+    """A shuffled order whose every run of `bucket` rows is sorted by length: batches cut from it pad little,
+    and every expert's batches go from short to long in step, so packed steps pad little too."""
+    runs = [order[i : i + bucket] for i in range(0, len(order), bucket)]
+    return [i for run in runs for i in sorted(run, key=lambda i: lengths[i])]
 
 
 def kl_to_survey(log_probs: torch.Tensor, question: EncodedQuestion) -> torch.Tensor:

@@ -87,6 +87,9 @@ class ZeroTrainer(PackedTrainer):
         config: TrainConfig,
         ds: dict,
     ):
+        if bank.prefixes:
+            # EveryExpertRows gives input prompts only; the deep path is single-process (PackedTrainer).
+            raise ValueError("ZeRO training takes input prompts only: train deep experts with PackedTrainer")
         ensure_extensions_dir()
         import deepspeed
         import deepspeed.comm as dist

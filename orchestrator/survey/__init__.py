@@ -5,10 +5,10 @@ Country names are resolved by `workers.cultures` (shared with serving); the name
 code used to hold are re-exported here so `from orchestrator.survey import ...` keeps working.
 """
 
-from orchestrator.survey.experiment_data import ExperimentData, prepare_data
+from orchestrator.survey.experiment_data import ExperimentData, foreign_data, prepare_data
 from orchestrator.survey.loading import HF_DATASET, HF_FILENAME, SKIP_REASONS, LoadReport, load_survey
 from orchestrator.survey.records import SurveyDataError, SurveyRecord, normalise_question
-from orchestrator.survey.selection import CultureSelection, select_cultures
+from orchestrator.survey.selection import CultureSelection, present_cultures, select_cultures
 from orchestrator.survey.similarity import culture_similarity, nearest_cultures, similarity_table
 from orchestrator.survey.splits import SPLITS, Split, question_split, split_records
 from workers.cultures import UnknownCultureError, canonical_country, resolve_culture
@@ -27,9 +27,11 @@ __all__ = [
     "UnknownCultureError",
     "canonical_country",
     "culture_similarity",
+    "foreign_data",
     "load_survey",
     "nearest_cultures",
     "prepare_data",
+    "present_cultures",
     "normalise_question",
     "question_split",
     "resolve_culture",

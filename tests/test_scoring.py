@@ -1,0 +1,78 @@
+"""Alignment arithmetic (workers.scoring): the natural-log scale of published numbers and paired intervals."""
+
+import numpy as np
+import pytest
+
+from workers.scoring import (
+    NATURAL_LOG_FACTOR,
+    alignment,
+    bootstrap_ci,
+    js_distance,
+    natural_log_alignment,
+    paired_bootstrap_ci,
+)
+
+
+def natural_log_js_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon distance with the natural log, written out (scipy's default base)."""
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log(a[nz] / m[nz])))
+
+    return float(np.sqrt((kl(p) + kl(q)) / 2))
+
+
+def pairs(n: int = 50, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        k = int(rng.integers(2, 7))
+        p, q = rng.dirichlet(np.ones(k)), rng.dirichlet(np.ones(k))
+        p[rng.random(k) < 0.2] = 0  # disjoint supports too
+        if p.sum() == 0:
+            p[0] = 1
+        yield p, q
+
+
+def test_natural_log_distance_is_base_2_distance_times_sqrt_ln_2():
+    assert NATURAL_LOG_FACTOR == pytest.approx(0.8325546111576977)
+    for p, q in pairs():
+        assert natural_log_js_distance(p, q) == pytest.approx(
+            js_distance(p, q) * NATURAL_LOG_FACTOR, abs=1e-12
+        )
+        assert 1 - natural_log_js_distance(p, q) == pytest.approx(natural_log_alignment(alignment(p, q)))
+    assert natural_log_alignment(1.0) == 1.0  # a perfect match is perfect on either scale
+
+
+def test_natural_log_alignment_matches_scipy_where_installed():
+    distance = pytest.importorskip("scipy.spatial.distance")
+    for p, q in pairs(20, seed=1):
+        assert 1 - distance.jensenshannon(p, q) == pytest.approx(natural_log_alignment(alignment(p, q)))
+
+
+def test_paired_interval_of_identical_columns_is_zero():
+    a = np.random.default_rng(2).random(40)
+    assert paired_bootstrap_ci(a, a, 200) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("shift", [0.07, -0.25])
+def test_paired_interval_of_a_constant_shift_is_that_shift(shift):
+    b = np.random.default_rng(3).random(40)
+    lo, hi = paired_bootstrap_ci(b + shift, b, 200)
+    assert lo == pytest.approx(shift, abs=1e-12) and hi == pytest.approx(shift, abs=1e-12)
+
+
+def test_paired_interval_resamples_the_same_records_for_both_columns():
+    rng = np.random.default_rng(4)
+    hard = rng.random(60)  # a shared per-record difficulty, much larger than the difference between columns
+    a, b = hard + 0.02 + 0.01 * rng.standard_normal(60), hard
+    lo, hi = paired_bootstrap_ci(a, b, 500)
+    assert lo < 0.02 < hi and lo > 0  # the paired interval sees the small gain ...
+    assert (
+        bootstrap_ci(a, 500)[0] < bootstrap_ci(b, 500)[1]
+    )  # ... that separate intervals of the columns cannot tell from noise
+    assert paired_bootstrap_ci(a, b, 500) == (lo, hi)  # seeded: the same interval every time
+    with pytest.raises(ValueError, match="one score a record"):
+        paired_bootstrap_ci(a, b[:-1])

@@ -1,0 +1,127 @@
+"""The shared survey prior: one culture-blind expert trained on every country's answers, whatever the selection."""
+
+import json
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from orchestrator.config import ConfigError, load_config
+from orchestrator.survey import load_survey, normalise_question, prepare_data
+from orchestrator.survey.pooling import pooled_records, sample_questions
+from orchestrator.tracking import Store
+from orchestrator.train import train
+from tests.conftest import OPINIONS, REPO
+from workers.expert_store import SIMILARITY_FILE, load_experts, registered_experts
+from workers.settings import SHARED
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def config_with(*sets):
+    return load_config(TINY, ["base_model.name=unused", f"data.path={OPINIONS}", *sets])
+
+
+def test_pooled_records_average_every_country_of_a_question():
+    records, _ = load_survey(OPINIONS)
+    pooled = {normalise_question(r.question): r for r in pooled_records(records)}
+    question = normalise_question(records[0].question)
+    answers = [r for r in records if normalise_question(r.question) == question]
+    assert len(answers) > 1  # the first record's question was asked in several countries
+    mean = np.mean([r.distribution for r in answers], axis=0)
+    assert pooled[question].culture == SHARED
+    assert np.allclose(pooled[question].distribution, mean) and abs(sum(mean) - 1) < 1e-6
+
+
+def test_the_prior_learns_from_countries_outside_the_selection_and_never_from_test_questions():
+    config = config_with("shared.enabled=true")
+    data = prepare_data(config.data, shared=config.shared)
+    assert data.experts == [SHARED, "Germany", "Japan", "Kenya"]
+    chosen = {normalise_question(r.question) for r in data.splits["train"] if r.culture in data.experts}
+    prior = data.records_of("train", [SHARED])[SHARED]
+    # Questions only other countries answered are in the prior's training data...
+    assert {normalise_question(r.question) for r in prior} - chosen
+    # ...and its splits are the survey's: no test question of any culture is a training question of the prior.
+    test = {normalise_question(r.question) for r in data.splits["test"]}
+    assert not test & {normalise_question(r.question) for r in prior}
+    assert len(prior) == len(
+        {(normalise_question(r.question), r.options) for r in prior}
+    )  # one row a question
+
+
+def test_max_questions_picks_the_same_questions_every_time():
+    records, _ = load_survey(OPINIONS)
+    pooled = pooled_records(records)
+    first, again = sample_questions(pooled, 50), sample_questions(list(reversed(pooled)), 50)
+    assert len(first) == 50 and {r.question for r in first} == {r.question for r in again}
+
+
+@pytest.mark.parametrize("key", ["data.cultures=[Germany, shared]", "data.held_out=[Shared]"])
+def test_shared_is_no_culture_name(key):
+    with pytest.raises(ConfigError, match="reserved"):
+        config_with(key)
+
+
+def test_tune_trains_registers_and_publishes_the_prior_beside_the_experts(llama_dir, tmp_path):
+    sets = [f"base_model.name={llama_dir}", f"output_dir={tmp_path}", f"data.path={OPINIONS}"]
+    config = load_config(
+        TINY,
+        [
+            *sets,
+            "data.cultures=[Germany]",
+            "shared.enabled=true",
+            "shared.max_questions=16",
+            "train.epochs=1",
+        ],
+    )
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        outcome = train(config)
+    finally:
+        ray.shutdown()
+    assert outcome["experts"] == ["Germany", SHARED]
+    experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
+    assert set(experts) == {"Germany", SHARED}
+    assert "most people around the world" in experts[SHARED].meta.descriptor
+    similarity = json.loads((tmp_path / "experts" / SIMILARITY_FILE).read_text())
+    assert all(SHARED not in row for row in similarity.values())  # committees never draw the prior
+    registered = {r["culture"] for r in registered_experts(Store.from_config(config))}
+    assert registered == {"Germany", SHARED}
+
+
+@pytest.mark.parametrize("kind", ["input", "deep"])
+def test_init_shared_trains_the_prior_first_and_starts_every_expert_from_it(kind, llama_dir, tmp_path):
+    sets = [f"base_model.name={llama_dir}", f"output_dir={tmp_path}", f"data.path={OPINIONS}"]
+    config = load_config(
+        TINY,
+        [
+            *sets,
+            "data.cultures=[Germany, Japan]",
+            "shared.enabled=true",
+            "shared.max_questions=16",
+            "prompt.init=shared",
+            f"prompt.kind={kind}",
+            "shared.cpus_per_trial=2",
+            "train.epochs=1",
+            "train.lr=1e-9",  # no step moves a prompt: each expert is exactly where it started
+        ],
+    )
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        outcome = train(config)
+    finally:
+        ray.shutdown()
+    assert outcome["experts"] == ["Germany", "Japan", SHARED]
+    assert (tmp_path / "tune" / f"tiny-{SHARED}").is_dir()  # the prior's own stage, resumable on its own
+    experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
+    assert experts[SHARED].meta.kind == kind
+    for culture in ("Germany", "Japan"):
+        assert torch.allclose(experts[culture].prompt, experts[SHARED].prompt, atol=1e-6)
+        if kind == "deep":
+            assert torch.allclose(experts[culture].prefix, experts[SHARED].prefix, atol=1e-6)
+
+
+def test_init_shared_needs_the_prior():
+    with pytest.raises(ConfigError, match="shared.enabled"):
+        config_with("prompt.init=shared")
