@@ -106,28 +106,28 @@ def request_mix(max_tokens: int) -> list[tuple[str, str, dict]]:
 @dataclass
 class Outcome:
     kind: str
-    status: int  # 0: no answer within the client's deadline (or the connection failed)
+    # 0: no answer within the client's deadline (or the connection failed); -1: a malformed answer. A stream
+    # whose error came as its last event (its 200 was sent already) has that error's code.
+    status: int
     start: float  # seconds since the run began
     end: float
     burst: bool = False
     error: str = ""
     chunks: int = 0  # streaming: server-sent events received
+    mid_stream: bool = False  # the error came inside a started stream
 
 
 async def send(
     client: httpx.AsyncClient, t0: float, kind: str, path: str, body: dict, burst: bool = False
 ) -> Outcome:
     start = time.perf_counter() - t0
-    status, error, chunks = 0, "", 0
+    status, error, chunks, mid_stream = 0, "", 0, False
     try:
         if kind == "chat_stream":
             async with client.stream("POST", path, json=body) as response:
                 status = response.status_code
                 if status == 200:
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: ") and line != "data: [DONE]":
-                            json.loads(line[6:])  # every event is one JSON chunk
-                            chunks += 1
+                    status, error, chunks, mid_stream = await read_events(response)
                 else:
                     error = (await response.aread()).decode(errors="replace")
         else:
@@ -141,7 +141,21 @@ async def send(
                 error = response.text
     except httpx.HTTPError as err:  # a timeout past the deadline, or a refused connection
         error = f"{type(err).__name__}: {err}"
-    return Outcome(kind, status, start, time.perf_counter() - t0, burst, error[:120], chunks)
+    return Outcome(kind, status, start, time.perf_counter() - t0, burst, error[:120], chunks, mid_stream)
+
+
+async def read_events(response: httpx.Response) -> tuple[int, str, int, bool]:
+    """Read a stream to its end: (status, error, events, whether the error came as an event mid-stream)."""
+    chunks, done = 0, False
+    async for line in response.aiter_lines():
+        if line == "data: [DONE]":
+            done = True
+        elif line.startswith("data: "):
+            event = json.loads(line[6:])  # every event is one JSON object
+            chunks += 1
+            if "error" in event:  # the 200 went out with the first event: a later error is an event
+                return event["error"]["code"], event["error"]["message"], chunks, True
+    return (200, "", chunks, False) if done else (-1, "the stream ended without [DONE]", chunks, False)
 
 
 def pool_replicas() -> list[dict]:
@@ -228,7 +242,9 @@ def report(outcomes: list[Outcome], events: dict, deadline: float) -> dict:
     for o in outcomes:
         key = str(o.status)
         if o.kind == "chat_stream" and o.status == 400 and "stream" in o.error:
-            key = "400_stream_unsupported"
+            key = "400_stream_unsupported"  # a server without streaming
+        elif o.mid_stream:
+            key += "_mid_stream"
         by_kind[("burst_" if o.burst else "") + o.kind][key] += 1
         by_window[window(o, events)][key] += 1
         if o.status == 503:
@@ -306,8 +322,7 @@ def main() -> None:
             "serve": {
                 "num_replicas": 2,
                 "cpus_per_replica": 1,
-                "max_batch_size": 16,
-                "batch_wait_timeout_s": 0.02,
+                "max_batch_size": 32,  # rows in a replica's running batch
                 "max_queued_requests": args.max_queued,
                 "request_timeout_s": args.request_timeout,
                 "reload_interval_s": 0,
@@ -334,7 +349,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "model": "tiny-llama (random)" if args.model == "tiny" else args.model,
         "settings": {k: v for k, v in vars(args).items() if k != "out"}
-        | {"pool_replicas": 2, "max_batch_size": 16},
+        | {"pool_replicas": 2, "max_batch_rows": 32},
         "startup_s": round(startup, 1),
         **report(outcomes, events, deadline),
     }
