@@ -64,6 +64,13 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
         trials += finished_trials(results, downloads=checkpoint_downloads(config))
         if stage is not public:
             prior = prior_expert(trials)
+            if prior is None:  # stopped (Ctrl-C, or failed past its retries) before its first checkpoint
+                print(
+                    "the shared prior has no checkpoint yet: continue with `shores train --resume --config ...` "
+                    f"({config.output_dir})",
+                    file=sys.stderr,
+                )
+                return {"experts": [], "registered": [], "interrupted": True}
     return finish(config, data, trials, tracker)
 
 
@@ -89,12 +96,10 @@ def prior_stage_name(config: ExperimentConfig) -> str:
     return f"{config.name}-{SHARED}"
 
 
-def prior_expert(trials: list[FinishedTrial]) -> Expert:
-    """The shared prior's best expert among the finished trials: where every culture's expert starts."""
+def prior_expert(trials: list[FinishedTrial]) -> Expert | None:
+    """The shared prior's best expert among the finished trials (where every culture's expert starts)."""
     winner = best_experts(trials).get(SHARED)
-    if winner is None:
-        raise RuntimeError("the shared prior's trial finished without a checkpoint; see Tune's error above")
-    return load_expert(winner.expert_file)
+    return None if winner is None else load_expert(winner.expert_file)
 
 
 def finish(
