@@ -3,10 +3,18 @@
 import numpy as np
 import pytest
 import torch
+from transformers import DynamicCache
 
 from tests.conftest import PROMPTS, token_ids
 from workers.committees import committee_distributions
-from workers.generation import DecodeRequest, chat_prompt, committee_generate
+from workers.generation import (
+    SPARE_SLOTS,
+    DecodeRequest,
+    cache_kwarg,
+    chat_prompt,
+    committee_generate,
+    with_spare_slots,
+)
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import encode_question, option_distributions
 
@@ -140,3 +148,38 @@ def test_a_temperature_near_zero_decodes_greedily_and_bad_seeds_are_refused(tiny
             committee_generate(
                 tiny_base, bank, [DecodeRequest(ids, [(0, 1.0)], 6, temperature=1.0, seed=seed)]
             )
+
+
+def test_a_decode_cache_with_spare_slots_gives_dynamic_caches_numbers(tiny_base):
+    # Past its spare slots, and after a reorder from outside (what the engine does when rows leave).
+    model, kwarg = tiny_base.model, cache_kwarg(tiny_base.model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for cache in (DynamicCache(config=model.config), with_spare_slots(DynamicCache(config=model.config))):
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0  # left padding
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            **{kwarg: cache},
+        )
+        logits = [out.logits[:, -1]]
+        for step in range(SPARE_SLOTS + 8):
+            next_ids, positions = logits[-1].argmax(-1, keepdim=True), mask.sum(-1, keepdim=True)
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+            if step == 5:
+                keep = torch.tensor([0, 2])
+                cache.reorder_cache(keep)
+                next_ids, positions, mask = next_ids[keep], positions[keep], mask[keep]
+            out = model(
+                input_ids=next_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{kwarg: cache},
+            )
+            logits.append(out.logits[:, -1])
+        runs.append(logits)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -44,9 +44,10 @@ from workers.generation import (
     check_request,
     is_greedy,
     mixed_distributions,
-    pick,
+    pick_tokens,
     sampler,
     stop_token_ids,
+    with_spare_slots,
 )
 from workers.prefix import start_cache
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
@@ -400,7 +401,7 @@ class DecodeEngine:
             self.base.model, ids.to(device), mask.to(device), bank, torch.tensor(experts)
         )
         # A row with a deep prefix starts its cache with it: decoding then continues from that cache as usual.
-        cache = start_cache(self.base.model, inputs)
+        cache = with_spare_slots(start_cache(self.base.model, inputs))
         out = self.base.model(
             **inputs, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.base.model): cache}
         )
@@ -420,15 +421,19 @@ class DecodeEngine:
         )
         mixed = mixed_distributions(logits, owner, weight, temperature, len(self._running))
         self._report("decode", [(g.request.members, g.bank) for g in self._running])
+        # One check and one pick for the whole batch (not a tensor op per request); a request whose
+        # distribution is not finite draws nothing, and fails below.
+        finite = torch.isfinite(mixed).all(-1).tolist()
+        tokens = pick_tokens(mixed, [g.generator if ok else None for g, ok in zip(self._running, finite)])
         done: dict[str, list[Generation]] = {"stop": [], "length": []}
         failed: list[tuple[Generation, BaseException]] = []
         for i, g in enumerate(self._running):
             try:
                 if self.fault_hook is not None:
                     self.fault_hook(g, "decode")
-                if not bool(torch.isfinite(mixed[i]).all()):
+                if not finite[i]:
                     raise FloatingPointError("the next-token distribution is not finite")
-                token = pick(mixed[i], g.generator)
+                token = tokens[i]
                 if token in self.stop_ids:
                     done["stop"].append(g)
                     continue

@@ -15,13 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from workers.base_model import FrozenBase
 from workers.prefix import cache_kwarg, start_cache
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import left_pad
 
+SPARE_SLOTS = (
+    32  # free cache slots a decode layer keeps: one copy of its cache every 32 steps, not every step
+)
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / ~0 would be inf, then NaN
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63), what torch.Generator.manual_seed takes without wrapping
 
@@ -61,6 +65,47 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str,
     return "\n".join([*lines, "Assistant:"])
 
 
+class SpareSlotsLayer(DynamicLayer):
+    """A DynamicLayer that appends new keys and values into spare slots instead of concatenating.
+
+    DynamicLayer copies a layer's whole cache at every decode step (torch.cat); this one writes the step's
+    keys and values in place and copies only when its slots run out, or when `keys`/`values` were replaced
+    from outside (the engine merges, reorders and trims caches by assigning them). `keys` and `values` stay
+    plain [batch, heads, length, dim] tensors (views), so attention sees the same numbers.
+    """
+
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # keys and values, with free slots after them
+    _views: tuple[torch.Tensor, torch.Tensor] | None = None  # the `keys` and `values` this layer last set
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.keys.numel() == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        length, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+        replaced = self._views is None or self._views[0] is not self.keys or self._views[1] is not self.values
+        if replaced or self._buffers[0].shape[-2] < end:
+            self._buffers = tuple(self._grown(t, end) for t in (self.keys, self.values))
+        keys, values = self._buffers
+        keys[..., length:end, :] = key_states
+        values[..., length:end, :] = value_states
+        self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
+
+    @staticmethod
+    def _grown(t: torch.Tensor, needed: int) -> torch.Tensor:
+        buffer = t.new_empty((*t.shape[:-2], needed + SPARE_SLOTS, t.shape[-1]))
+        buffer[..., : t.shape[-2], :] = t
+        return buffer
+
+
+def with_spare_slots(cache: DynamicCache) -> DynamicCache:
+    """The same cache (any deep prefixes in it kept), its full-attention layers appending into spare slots."""
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = SpareSlotsLayer  # a subclass with methods only: the layer's state carries over
+    return cache
+
+
 def check_request(request: DecodeRequest) -> None:
     """Refuse a request that cannot be decoded, with one clear line (ValueError)."""
     if not request.members:
@@ -92,21 +137,29 @@ def sampler(request: DecodeRequest) -> torch.Generator | None:
 def mixed_distributions(
     logits: torch.Tensor, owner: torch.Tensor, weight: torch.Tensor, temperature: torch.Tensor, n: int
 ) -> torch.Tensor:
-    """n x V next-token distributions (on the CPU): each request's member rows mixed by weight.
+    """n x V next-token distributions (on the logits' device): each request's member rows mixed by weight.
 
     `owner`, `weight` and `temperature` are per row; a greedy row has temperature 0 and mixes its members'
     plain distributions, a sampled one those at its temperature.
     """
     scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     probs = torch.softmax(logits / scale[:, None], dim=-1) * weight[:, None]
-    return torch.zeros(n, probs.shape[1], device=logits.device).index_add_(0, owner, probs).cpu()
+    return torch.zeros(n, probs.shape[1], device=logits.device).index_add_(0, owner, probs)
 
 
-def pick(mixed: torch.Tensor, generator: torch.Generator | None) -> int:
-    """The next token from one request's mixed distribution: greedy without a generator, else sampled."""
-    if generator is None:
-        return int(mixed.argmax())
-    return int(torch.multinomial(mixed, 1, generator=generator))
+def pick_tokens(mixed: torch.Tensor, generators: Sequence[torch.Generator | None]) -> list[int]:
+    """Each request's next token from its row of `mixed`: greedy where its generator is None, else sampled.
+
+    The greedy rows are one argmax on the device and one small copy to the host (not a call per row, nor
+    the whole n x V table copied); only the sampled rows travel, to be drawn on the CPU with their own
+    seeded generators, so that a seed gives the same text on any device.
+    """
+    tokens = mixed.argmax(-1).tolist()
+    sampled = [i for i, generator in enumerate(generators) if generator is not None]
+    if sampled:
+        for i, row in zip(sampled, mixed[sampled].cpu()):
+            tokens[i] = int(torch.multinomial(row, 1, generator=generators[i]))
+    return tokens
 
 
 @torch.no_grad()
@@ -140,7 +193,8 @@ def committee_generate(
     inputs = prompted_inputs(base.model, ids.to(device), mask.to(device), bank, torch.tensor(expert_idx))
     mask = inputs["attention_mask"]
     kwarg = cache_kwarg(base.model)
-    cache = start_cache(base.model, inputs)  # filled in place by every forward step, after any deep prefixes
+    # Filled in place by every forward step, after any deep prefixes.
+    cache = with_spare_slots(start_cache(base.model, inputs))
     out = base.model(**inputs, use_cache=True, logits_to_keep=1, **{kwarg: cache})
     logits = out.logits[:, -1].float()
 
@@ -155,9 +209,11 @@ def committee_generate(
     live = list(range(len(requests)))  # requests still decoding, in the order of their rows
     while True:
         mixed = mixed_distributions(logits, owner_t, weight_t, temperature_t, len(requests))
+        # Finished requests have empty rows here: they draw nothing (their generators stay where they are).
+        picks = pick_tokens(mixed, [g if finish[i] is None else None for i, g in enumerate(generators)])
         picked = {}
         for i in live:
-            token = pick(mixed[i], generators[i])
+            token = picks[i]
             if token in stop_ids:
                 finish[i] = "stop"
                 continue
