@@ -49,6 +49,7 @@ bench-smoke: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bench.shared_base_memory --model tiny --out runs/bench-smoke/shared_base_memory.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.serve_throughput --models tiny --experts 1 2 --requests 8 --concurrency 4 --rounds 1 --out runs/bench-smoke/serve_throughput.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.serve_generate --tiny --requests 8 --rates 8 --max-new-tokens 4 16 --out runs/bench-smoke/serve_generate.json
+	HF_HUB_OFFLINE=1 $(PY) -m bench.engine_step --model tiny --baseline HEAD --requests 4 --new-tokens 4 8 --rounds 1 --out runs/bench-smoke/engine_step.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.serve_load --tiny --out runs/bench-smoke/serve_load.json
 
 clean:
