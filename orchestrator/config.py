@@ -34,13 +34,24 @@ class BaseModelSection(Strict):
     device: str = "auto"
 
 
+MIN_QUESTIONS = 30  # a culture's questions for an expert of its own, when the cultures are not named
+
+
 class DataSection(Strict):
     path: str = "../shared/data/goqa/opinions.jsonl"  # relative to the working directory
     # Which cultures get experts: those named, the `top` N, or (neither given) every culture with at least
     # `min_questions` questions; the rest are answered by committees of similar cultures.
     cultures: list[str] | None = None
     top: int | None = Field(default=None, ge=1)
-    min_questions: int = Field(default=30, ge=0)  # 52 of the GlobalOpinionQA file's 130 countries
+    # null: 30 when choosing the cultures (52 of the GlobalOpinionQA file's 130 countries), none for named ones
+    min_questions: int | None = Field(default=None, ge=0)
+
+    @property
+    def question_floor(self) -> int:
+        """The questions a trained culture needs: `min_questions`, else 30 unless the cultures are named."""
+        if self.min_questions is not None:
+            return self.min_questions
+        return 0 if self.cultures is not None else MIN_QUESTIONS
     held_out: list[str] = []
     split: tuple[float, float, float] = SPLIT_FRACTIONS
     max_length: int = Field(default=MAX_LENGTH, ge=8)

@@ -54,7 +54,7 @@ def prepare_data(
     """
     records, report = load_survey(path or section.path)
     selection = select_cultures(
-        records, section.cultures, section.top, section.min_questions, section.held_out
+        records, section.cultures, section.top, section.question_floor, section.held_out
     )
     pooled = {}
     if shared is not None and shared.enabled:
