@@ -52,6 +52,7 @@ class DataSection(Strict):
         if self.min_questions is not None:
             return self.min_questions
         return 0 if self.cultures is not None else MIN_QUESTIONS
+
     held_out: list[str] = []
     split: tuple[float, float, float] = SPLIT_FRACTIONS
     max_length: int = Field(default=MAX_LENGTH, ge=8)
