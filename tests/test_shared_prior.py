@@ -63,23 +63,29 @@ def test_shared_is_no_culture_name(key):
         config_with(key)
 
 
-def test_tune_trains_registers_and_publishes_the_prior_beside_the_experts(llama_dir, tmp_path):
-    sets = [f"base_model.name={llama_dir}", f"output_dir={tmp_path}", f"data.path={OPINIONS}"]
+def train_with_prior(llama_dir, tmp_path, *sets):
+    """`shores train` of the tiny config with a 16-question prior and one epoch, on a local Ray."""
     config = load_config(
         TINY,
         [
-            *sets,
-            "data.cultures=[Germany]",
+            f"base_model.name={llama_dir}",
+            f"output_dir={tmp_path}",
+            f"data.path={OPINIONS}",
             "shared.enabled=true",
             "shared.max_questions=16",
             "train.epochs=1",
+            *sets,
         ],
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        outcome = train(config)
+        return config, train(config)
     finally:
         ray.shutdown()
+
+
+def test_tune_trains_registers_and_publishes_the_prior_beside_the_experts(llama_dir, tmp_path):
+    config, outcome = train_with_prior(llama_dir, tmp_path, "data.cultures=[Germany]")
     assert outcome["experts"] == ["Germany", SHARED]
     experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
     assert set(experts) == {"Germany", SHARED}
@@ -92,26 +98,15 @@ def test_tune_trains_registers_and_publishes_the_prior_beside_the_experts(llama_
 
 @pytest.mark.parametrize("kind", ["input", "deep"])
 def test_init_shared_trains_the_prior_first_and_starts_every_expert_from_it(kind, llama_dir, tmp_path):
-    sets = [f"base_model.name={llama_dir}", f"output_dir={tmp_path}", f"data.path={OPINIONS}"]
-    config = load_config(
-        TINY,
-        [
-            *sets,
-            "data.cultures=[Germany, Japan]",
-            "shared.enabled=true",
-            "shared.max_questions=16",
-            "prompt.init=shared",
-            f"prompt.kind={kind}",
-            "shared.cpus_per_trial=2",
-            "train.epochs=1",
-            "train.lr=1e-9",  # no step moves a prompt: each expert is exactly where it started
-        ],
+    _, outcome = train_with_prior(
+        llama_dir,
+        tmp_path,
+        "data.cultures=[Germany, Japan]",
+        "prompt.init=shared",
+        f"prompt.kind={kind}",
+        "shared.cpus_per_trial=2",
+        "train.lr=1e-9",  # no step moves a prompt: each expert is exactly where it started
     )
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        outcome = train(config)
-    finally:
-        ray.shutdown()
     assert outcome["experts"] == ["Germany", "Japan", SHARED]
     assert (tmp_path / "tune" / f"tiny-{SHARED}").is_dir()  # the prior's own stage, resumable on its own
     experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
