@@ -73,7 +73,7 @@ class SharedSection(Strict):
     # The prior's trial trains alone when it comes first (prompt.init: shared): it may take every CPU.
     cpus_per_trial: float | None = Field(default=None, gt=0)  # null: tune.cpus_per_trial
     # The prior's own training settings over `train`'s (it has ~15x a culture's rows: bigger batches pay).
-    train: dict[str, float | int] = {}
+    train: dict[str, float | int | None] = {}
 
     @field_validator("train")
     @classmethod

@@ -210,6 +210,36 @@ def test_a_tied_prefix_trains_on_every_row_and_its_experts_stop_together(llama_b
     torch.testing.assert_close(best.shared_prefix, bank.shared_prefix)
 
 
+def test_prefix_layers_trains_only_the_top_layers_and_backpropagates_no_lower(llama_base):
+    train, val = _data(llama_base.tokenizer, {"Germany": 4, "Japan": 3})
+    start = SoftPromptBank.initialise(llama_base, ["Germany", "Japan"], 3, init="random", kind="deep")
+    layers = start.prefixes[0].shape[1]
+    assert layers >= 2
+    bank = SoftPromptBank(start.cultures, list(start.prompts), [p.detach() for p in start.prefixes])
+    PackedTrainer(llama_base, bank, train, val, _config(weight_decay=0.0, prefix_layers=1)).fit()
+    for i in range(2):
+        torch.testing.assert_close(bank.prefix(i)[:, :-1], start.prefix(i)[:, :-1], rtol=0, atol=0)
+        assert not torch.allclose(bank.prefix(i)[:, -1], start.prefix(i)[:, -1])  # the top layer learned
+
+    # Same outputs as the whole prefix; backward reaches the top layer only, so it leaves the lower ones
+    # a zero gradient and builds no graph below (the saving).
+    ids, mask = left_pad([token_ids(llama_base, PROMPTS[0])], llama_base.tokenizer.pad_token_id)
+    bank.trained_layers = None
+    whole = prompted_inputs(llama_base.model, ids, mask, bank, torch.tensor([0]))
+    bank.trained_layers = 1
+    top = prompted_inputs(llama_base.model, ids, mask, bank, torch.tensor([0]))
+    out = llama_base.model(**top, use_cache=False, output_hidden_states=True)
+    logits = out.logits
+    torch.testing.assert_close(logits, llama_base.model(**whole, use_cache=False).logits)
+    # hidden_states[i] is what layer i-1 outputs: no graph until the top layer, which attends to the prefix.
+    assert [h.requires_grad for h in out.hidden_states] == [False] * layers + [True]
+    logits.sum().backward()
+    grad = bank.prefix(0).grad
+    assert bool(grad[:, :-1].eq(0).all()) and bool(grad[:, -1].abs().sum() > 0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        TrainConfig(prefix_layers=2, weight_decay=0.01)
+
+
 def test_a_checkpoint_restores_the_prefixes(llama_base, tmp_path):
     train, val = _data(llama_base.tokenizer, {"Germany": 4})
     trained = SoftPromptBank.initialise(llama_base, ["Germany"], 3, init="random", kind="deep")

@@ -117,6 +117,24 @@ def test_init_shared_trains_the_prior_first_and_starts_every_expert_from_it(kind
             assert torch.allclose(experts[culture].prefix, experts[SHARED].prefix, atol=1e-6)
 
 
+def test_experts_on_the_prior_may_train_only_its_top_layers(llama_dir, tmp_path):
+    config, outcome = train_with_prior(
+        llama_dir,
+        tmp_path,
+        "data.cultures=[Germany, Japan]",
+        "prompt.init=shared",
+        "prompt.kind=deep",
+        "shared.cpus_per_trial=2",
+        "train.prefix_layers=1",
+        "shared.train={prefix_layers: null}",  # the prior itself learns at every layer
+    )
+    assert config.shared.train == {"prefix_layers": None}
+    experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
+    for culture in ("Germany", "Japan"):
+        # Below the top layer an expert is the prior, bit for bit.
+        assert torch.equal(experts[culture].prefix[:, :-1], experts[SHARED].prefix[:, :-1])
+
+
 def test_init_shared_needs_the_prior():
     with pytest.raises(ConfigError, match="shared.enabled"):
         config_with("prompt.init=shared")

@@ -30,13 +30,19 @@ def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-def prefix_cache(model: PreTrainedModel, prefixes: torch.Tensor) -> DynamicCache:
+def prefix_cache(
+    model: PreTrainedModel, prefixes: torch.Tensor, trained_layers: int | None = None
+) -> DynamicCache:
     """A cache holding B rows of prefixes (B x P x N x 2 x H x Dh), ready to be extended by a forward pass.
 
-    The tensors keep their autograd history: a loss on the forward's output reaches the prefix Parameters.
+    The top `trained_layers` layers (None: all) keep their autograd history, so a loss on the forward's
+    output reaches the prefix Parameters there. The layers below enter as constants: with no input that
+    needs a gradient, autograd records nothing below the lowest trained layer, and backward stops there.
     """
     per_layer = prefixes.permute(2, 3, 0, 4, 1, 5)  # N x 2 x B x H x P x Dh, the cache's layout
-    return DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in per_layer], config=model.config)
+    frozen = 0 if trained_layers is None else max(0, len(per_layer) - trained_layers)
+    layers = [(k.detach(), v.detach()) if i < frozen else (k, v) for i, (k, v) in enumerate(per_layer)]
+    return DynamicCache(ddp_cache_data=layers, config=model.config)
 
 
 @torch.no_grad()

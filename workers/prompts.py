@@ -164,6 +164,8 @@ class SoftPromptBank(nn.Module):
         self.prefixes = nn.ParameterList(_parameter(p) for p in given)
         # Each expert's index into `prefixes` (None: no prefix); the shared prefix, if any, is prefixes[0].
         self.has_shared_prefix = shared_prefix is not None
+        # Train only the top `trained_layers` layers of the prefixes (None: all): `workers.prefix.prefix_cache`.
+        self.trained_layers: int | None = None
         self.prefix_of: list[int | None] = []
         slot = int(self.has_shared_prefix)
         for p in own:
@@ -233,6 +235,8 @@ class SoftPromptBank(nn.Module):
         zeros throughout where NO_EXPERT); `prompt_mask` says which slots are real.
         """
         width, first = self.input_tokens, self.prompts[0]
+        if width == 0:  # deep-only experts: no slot, and no gradient path through the inputs
+            return first.new_zeros(len(expert_idx), 0, first.shape[1]).detach()
         used = [int(e) for e in torch.unique(expert_idx) if e != NO_EXPERT]
         table = first.new_zeros(len(used) + 1, width, first.shape[1])
         if used:
@@ -368,7 +372,8 @@ def prompted_inputs(
     prefix_mask = attention_mask.new_zeros(rows, 0)
     if prefix is not None:
         kv, prefix_mask = prefix
-        extra[cache_kwarg(model)] = prefix_cache(model, kv.to(embeds.device, embeds.dtype))
+        trained = bank.trained_layers if isinstance(bank, SoftPromptBank) else None
+        extra[cache_kwarg(model)] = prefix_cache(model, kv.to(embeds.device, embeds.dtype), trained)
         prefix_mask = prefix_mask.to(attention_mask.device, attention_mask.dtype)
     mask = torch.cat([prefix_mask, prompt_mask, attention_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EVAL_BATCH_SIZE = 16  # questions in one scoring forward pass (validation, evaluation)
 MAX_LENGTH = 320  # tokens of an encoded question; longer ones keep their end (the options and the answer)
@@ -32,3 +32,16 @@ class TrainConfig(BaseModel):
     # batch pads little (1.4x fewer tokens on the survey's questions at 8); 1 keeps the plain shuffle.
     length_buckets: int = Field(default=8, ge=1)
     eval_batch_size: int = Field(default=EVAL_BATCH_SIZE, ge=1)
+    # Deep prefixes: train only the top K layers' virtual keys and values (None: every layer). The layers
+    # below keep their start (a culture's expert: the shared prior's), and backpropagation stops at the
+    # lowest trained layer, so a step costs less the smaller K is.
+    prefix_layers: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _frozen_layers_stay(self) -> TrainConfig:
+        if self.prefix_layers is not None and self.weight_decay > 0:
+            raise ValueError(
+                "train.prefix_layers keeps the lower prefix layers fixed, but weight_decay would still shrink "
+                "them: set weight_decay to 0 or leave prefix_layers unset"
+            )
+        return self

@@ -96,6 +96,7 @@ class PackedTrainer:
         if missing:
             raise ValueError(f"no training examples for {missing}")
         self.base, self.bank, self.train, self.val, self.config = base, bank, train, val, config
+        bank.trained_layers = config.prefix_layers
         self.progress = progress
         self.optimizer = optimizer(bank, config)
         self.letter_ids = option_token_ids(base.tokenizer)
