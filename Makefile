@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) -m bench.serve_generate --out runs/bench/serve_generate.json
 	$(PY) -m bench.serve_load --out runs/bench/serve_load.json
 	OMP_NUM_THREADS=1 $(PY) -m bench.prior_cost --out runs/bench/prior_cost.json
+	$(PY) -m bench.expert_layers --out runs/bench/expert_layers.json
 
 # Every benchmark end to end on a tiny random model, in a minute or two: they keep working between real runs.
 bench-smoke: $(STAMP)
@@ -53,6 +54,7 @@ bench-smoke: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bench.engine_step --model tiny --baseline HEAD --requests 4 --new-tokens 4 8 --rounds 1 --out runs/bench-smoke/engine_step.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.serve_load --tiny --out runs/bench-smoke/serve_load.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.prior_cost --model tiny --questions 16 --out runs/bench-smoke/prior_cost.json
+	HF_HUB_OFFLINE=1 $(PY) -m bench.expert_layers --model tiny --cultures 3 --steps 2 --layers all 1 --out runs/bench-smoke/expert_layers.json
 
 clean:
 	rm -rf runs .pytest_cache

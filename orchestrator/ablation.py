@@ -4,7 +4,9 @@ For every prompt kind and length: the shared prior (culture-blind, trained on ev
 answers), then the cultures' experts built (a) alone from their persona, (b) from a copy of the prior,
 (c) as the prior followed by the culture's own input tokens (the prior frozen, or, for deep prompts, also
 trained jointly by all the cultures). Each is trained packed, its best epoch chosen
-by validation alignment; the table gives mean validation (what the choice is made on) and test alignment.
+by validation alignment; the table gives mean validation (what the choice is made on) and test alignment,
+and each design's paired gain over the prior on the same records. `--prefix-layers` also trains (b) on only
+the top K layers of its prefix (deep).
 
     python -m orchestrator.ablation --config configs/demo.yaml --out runs/ablation.json
 """
@@ -24,7 +26,7 @@ from orchestrator.experiment import encoded
 from orchestrator.survey import prepare_data
 from workers.base_model import FrozenBase, load_frozen_base
 from workers.prompts import SoftPromptBank
-from workers.scoring import EncodedQuestion, alignment, option_distributions
+from workers.scoring import EncodedQuestion, alignment, option_distributions, paired_bootstrap_ci
 from workers.settings import SHARED, TrainConfig
 from workers.trainer import PackedTrainer
 
@@ -53,26 +55,46 @@ def fit(base: FrozenBase, bank: SoftPromptBank, train: dict, val: dict, config: 
     return time.perf_counter() - start
 
 
-def variants(base: FrozenBase, kind: str, prior: SoftPromptBank, cultures: list[str], own_tokens: int):
-    """(name, bank) of each way to build the cultures' experts, given the trained prior of one kind."""
+def variants(
+    base: FrozenBase,
+    kind: str,
+    prior: SoftPromptBank,
+    cultures: list[str],
+    own_tokens: int,
+    chosen: tuple[str, ...] = VARIANTS,
+    prefix_layers: tuple[int | None, ...] = (None,),
+):
+    """(name, bank, prefix layers trained) of each chosen way to build the cultures' experts, given the
+    trained prior of one kind."""
+    for name, bank, layers in _variants(base, kind, prior, cultures, own_tokens, prefix_layers):
+        if name.split(" ")[0] in chosen:
+            yield name, bank, layers
+
+
+def _variants(base, kind, prior, cultures, own_tokens, prefix_layers):
     width = base.hidden_size
     none = [torch.zeros(0, width)] * len(cultures)
-    yield "persona", SoftPromptBank.initialise(base, cultures, prior_length(prior), "persona", kind=kind)
+    yield (
+        "persona",
+        SoftPromptBank.initialise(base, cultures, prior_length(prior), "persona", kind=kind),
+        None,
+    )
     if kind == "input":
         learned = prior.prompts[0].detach()
-        yield "from_shared", SoftPromptBank(cultures, [learned] * len(cultures)).to(base.device)
+        yield "from_shared", SoftPromptBank(cultures, [learned] * len(cultures)).to(base.device), None
         mine = SoftPromptBank.initialise(base, cultures, own_tokens, "persona")
         composed = SoftPromptBank(cultures, [torch.cat([learned, p.detach()]) for p in mine.prompts])
         frozen_head(composed, learned.shape[0])
-        yield "shared+own", composed.to(base.device)
+        yield "shared+own", composed.to(base.device), None
         return
     learned = prior.prefix(0).detach()
-    yield "from_shared", SoftPromptBank(cultures, none, [learned] * len(cultures)).to(base.device)
+    for layers in prefix_layers:
+        yield "from_shared", SoftPromptBank(cultures, none, [learned] * len(cultures)).to(base.device), layers
     for tied in (False, True):
         # The prior's prefix under each culture's own input tokens: frozen, or trained on by all of them.
         bank = SoftPromptBank.initialise(base, cultures, own_tokens, "persona", shared_prefix=learned)
         bank.shared_prefix.requires_grad_(tied)
-        yield ("shared+own joint" if tied else "shared+own"), bank
+        yield ("shared+own joint" if tied else "shared+own"), bank, None
 
 
 def prior_length(prior: SoftPromptBank) -> int:
@@ -92,14 +114,28 @@ def run(args: argparse.Namespace) -> list[dict]:
     )
     expert_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr, patience=9)
     rows = []
+    prior_scores: dict[str, dict[str, list[float]]] = {}  # the current prior's, per split and culture
 
-    def score(bank: SoftPromptBank, kind: str, tokens: int, variant: str, seconds: float) -> None:
+    def score(
+        bank: SoftPromptBank, kind: str, tokens: int, variant: str, seconds: float, layers: int | None = None
+    ) -> None:
         row = {"kind": kind, "num_virtual_tokens": tokens, "variant": variant, "train_s": round(seconds, 1)}
+        row["prefix_layers"] = layers or "all"
         for split in ("val", "test"):
             name = SHARED if variant == SHARED else None
             per = {c: alignments(base, bank, name or c, own[split][c]) for c in cultures}
             row[split] = float(np.mean([a for values in per.values() for a in values]))  # pooled over records
             row[f"{split}_by_culture"] = {c: float(np.mean(values)) for c, values in per.items()}
+            if variant == SHARED:
+                prior_scores[split] = per
+                continue
+            mine = [a for c in cultures for a in per[c]]
+            prior = [a for c in cultures for a in prior_scores[split][c]]
+            row[f"{split}_gain"] = float(np.mean(mine) - np.mean(prior))  # over the prior, same records
+            row[f"{split}_gain_ci"] = paired_bootstrap_ci(mine, prior)
+            row[f"{split}_above_prior"] = sum(
+                bool(np.mean(per[c]) > np.mean(prior_scores[split][c])) for c in cultures
+            )
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_by_culture")}), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)  # after every row: a cut-off run keeps its rows
@@ -112,8 +148,11 @@ def run(args: argparse.Namespace) -> list[dict]:
             prior = SoftPromptBank.initialise(base, [SHARED], tokens, "persona", kind=kind)
             pooled = ({SHARED: splits["train"][SHARED]}, {SHARED: splits["val"][SHARED]})
             score(prior, kind, tokens, SHARED, fit(base, prior, *pooled, prior_cfg))
-            for variant, bank in variants(base, kind, prior, cultures, args.own_tokens):
-                score(bank, kind, tokens, variant, fit(base, bank, own["train"], own["val"], expert_cfg))
+            chosen = variants(base, kind, prior, cultures, args.own_tokens, args.variants, args.prefix_layers)
+            for variant, bank, layers in chosen:
+                config = expert_cfg.model_copy(update={"prefix_layers": layers})
+                seconds = fit(base, bank, own["train"], own["val"], config)
+                score(bank, kind, tokens, variant, seconds, layers)
     return rows
 
 
@@ -123,6 +162,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], help="config overrides, key=value")
     parser.add_argument("--kinds", nargs="+", default=["input", "deep"], choices=["input", "deep"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--prefix-layers",
+        type=lambda v: None if v == "all" else int(v),
+        nargs="+",
+        default=[None],
+        help="(b), deep: train the top K layers of the prefix; 'all' for every layer",
+    )
     parser.add_argument(
         "--own-tokens", type=int, default=8, help="a culture's own tokens after the prior (c)"
     )

@@ -138,3 +138,26 @@ def test_experts_on_the_prior_may_train_only_its_top_layers(llama_dir, tmp_path)
 def test_init_shared_needs_the_prior():
     with pytest.raises(ConfigError, match="shared.enabled"):
         config_with("prompt.init=shared")
+
+
+def test_the_ablation_scores_each_design_against_the_prior_on_the_same_records(llama_dir, tmp_path):
+    from orchestrator import ablation
+
+    out = tmp_path / "ablation.json"
+    ablation.main(
+        ["--config", str(TINY), "--set", f"base_model.name={llama_dir}", "--set", f"data.path={OPINIONS}"]
+        + ["--kinds", "deep", "--lengths", "2", "--variants", "from_shared", "--prefix-layers", "all", "1"]
+        + ["--prior-questions", "16", "--prior-epochs", "1", "--epochs", "1", "--out", str(out)]
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["prefix_layers"]) for r in rows] == [
+        (SHARED, "all"),
+        ("from_shared", "all"),
+        ("from_shared", 1),
+    ]
+    for row in rows[1:]:
+        for split in ("val", "test"):
+            low, high = row[f"{split}_gain_ci"]
+            assert low <= row[f"{split}_gain"] <= high
+            prior = np.mean(list(rows[0][f"{split}_by_culture"].values()))
+            assert 0 <= row[f"{split}_above_prior"] <= 3 and np.isfinite(prior)
