@@ -30,8 +30,9 @@ import torch
 
 from bench.common import machine, model_path, write_report
 from workers.base_model import FrozenBase, load_frozen_base
+from workers.chat import chat_prompt
 from workers.engine import DecodeEngine
-from workers.generation import DecodeRequest, chat_prompt, committee_generate
+from workers.generation import DecodeRequest, committee_generate
 from workers.prompts import SoftPromptBank
 
 EXPERTS = 16

@@ -26,11 +26,12 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from workers.base_model import load_frozen_base
+from workers.chat import chat_prompt
 from workers.committees import BASE, Committee, member_indices
 from workers.detokenize import Detokenizer
 from workers.engine import Batch, DecodeEngine, TokenStream
 from workers.expert_store import DirectorySource, ExpertSnapshot, RegistrySource, Similarity
-from workers.generation import DecodeRequest, chat_prompt, stop_token_ids
+from workers.generation import DecodeRequest, stop_token_ids
 from workers.prompts import Expert, SoftPromptBank, bank_from_experts
 from workers.scoring import EncodedQuestion, encode_question
 

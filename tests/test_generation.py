@@ -11,7 +11,6 @@ from workers.generation import (
     SPARE_SLOTS,
     DecodeRequest,
     cache_kwarg,
-    chat_prompt,
     committee_generate,
     with_spare_slots,
 )
@@ -106,11 +105,6 @@ def test_bad_requests_are_refused(tiny_base, bank):
         committee_generate(tiny_base, bank, [DecodeRequest([1, 2], [], max_new_tokens=2)])
     with pytest.raises(ValueError, match="max_new_tokens"):
         committee_generate(tiny_base, bank, [DecodeRequest([1, 2], [(0, 1.0)], max_new_tokens=0)])
-
-
-def test_chat_prompt_without_a_template_is_plain_role_lines(tiny_base):
-    text = chat_prompt(tiny_base.tokenizer, [{"role": "user", "content": "Hello"}])
-    assert text == "User: Hello\nAssistant:"
 
 
 @pytest.mark.parametrize("per_expert", [False, True])

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from workers.base_model import FrozenBase
@@ -55,14 +55,6 @@ def stop_token_ids(base: FrozenBase) -> set[int]:
     configured = getattr(base.model.generation_config, "eos_token_id", None)
     ids |= set(configured) if isinstance(configured, list) else {configured}
     return {i for i in ids if i is not None}
-
-
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
-    """A conversation as the model's prompt: its chat template where it has one, else plain role lines."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join([*lines, "Assistant:"])
 
 
 class SpareSlotsLayer(DynamicLayer):

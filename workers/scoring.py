@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from workers.base_model import FrozenBase
+from workers.chat import chat_prompt
 from workers.prompt_rows import PromptRows
 from workers.prompts import NO_EXPERT, prompted_inputs
 from workers.settings import EVAL_BATCH_SIZE
@@ -33,8 +34,7 @@ def question_text(
         messages = ([{"role": "system", "content": persona}] if persona else []) + [
             {"role": "user", "content": body}
         ]
-        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return chat + ANSWER_PREFIX
+        return chat_prompt(tokenizer, messages) + ANSWER_PREFIX
     return (f"{persona}\n\n" if persona else "") + f"Question: {body}\n{ANSWER_PREFIX}"
 
 
