@@ -94,7 +94,7 @@ def _train(args: argparse.Namespace) -> int:
     outcome = train(config, resume=args.resume)
     if outcome.get("interrupted"):
         return 130
-    return 0 if outcome["experts"] else 1
+    return 0 if outcome["experts"] and not outcome.get("failed") else 1
 
 
 def _experts(args: argparse.Namespace) -> int:

@@ -3,6 +3,9 @@
 Kinds (see docs/cluster.md, "Fault injection"):
 - `kill-after-checkpoint:<group>:<epoch>`: the trial of culture group <group> SIGKILLs its own process
   right after Tune has taken its epoch-<epoch> checkpoint (what a lost node or an OOM kill does).
+- `out-of-memory:<group>:<epoch>`: the trial of culture group <group> raises MemoryError at the end of
+  epoch <epoch>, before its checkpoint, on every attempt (what a batch too big for the machine does: its
+  retries fail too), until the experiment runs without the fault.
 - `interrupt-after-trial:<group>`: the driver sends itself SIGINT (Ctrl-C) as soon as the trial of
   culture group <group> has finished.
 - `await-node-loss:<epoch>`: the first trial running on a node other than the head, right after Tune has
@@ -33,6 +36,7 @@ ENV = "SHORES_FAULT"
 # kind -> the numbers that follow it
 KINDS = {
     "kill-after-checkpoint": ("group", "epoch"),
+    "out-of-memory": ("group", "epoch"),
     "interrupt-after-trial": ("group",),
     "await-node-loss": ("epoch",),
 }
@@ -83,6 +87,13 @@ class Fault:
         os.fsync(descriptor)  # on disk before the process dies
         os.close(descriptor)
         return True
+
+
+def before_checkpoint(fault: Fault | None, group: int, epoch: int) -> None:
+    """Called by a trial before Tune takes its epoch checkpoint: run out of memory if the fault says so."""
+    if fault and fault.kind == "out-of-memory" and (fault.group, fault.epoch) == (group, epoch):
+        fault.fire_once()  # only its marker is once: every attempt fails
+        raise MemoryError(f"{ENV}=out-of-memory:{group}:{epoch}")
 
 
 def after_checkpoint(fault: Fault | None, group: int, epoch: int, report: dict | None = None) -> None:

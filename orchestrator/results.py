@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.fs
+import ray.exceptions
 from ray import tune
 
 from workers.cultures import slug
@@ -14,6 +15,7 @@ from workers.prompts import ExpertMeta, load_expert
 
 # Metrics a trial's MLflow run keeps (the rest of a Tune result is bookkeeping: pid, device, ...).
 TRACKED_METRICS = ("val_gain", "train_loss")
+OUT_OF_MEMORY = "(out of memory)"
 
 
 def tracked_metrics(row: dict) -> dict:
@@ -29,7 +31,11 @@ class FinishedTrial:
     experts: Path | None  # the checkpoint's experts folder; None if it never checkpointed
     params: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)  # one row of metrics an epoch
-    failed: bool = False
+    error: str | None = None  # what ended it, in one line, if it failed
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
     @classmethod
     def from_result(cls, result: tune.Result, downloads: Path | None = None) -> FinishedTrial:
@@ -42,7 +48,7 @@ class FinishedTrial:
             experts=local_checkpoint(checkpoint, downloads, trial_id) / "experts" if checkpoint else None,
             params=dict(result.config or {}),
             history=frame.to_dict("records") if frame is not None else [],
-            failed=result.error is not None,
+            error=None if result.error is None else failure_reason(result.error),
         )
 
     def expert_metas(self) -> list[ExpertMeta]:
@@ -68,6 +74,30 @@ class Winner:
     @property
     def adapter_dir(self) -> Path:
         return self.folder / "peft" / slug(self.culture)
+
+
+def failure_reason(error: BaseException) -> str:
+    """What ended a trial, in one line: the trial's own exception where Ray wraps it, memory named as such."""
+    cause = error
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:  # RayTaskError(...) -> ...
+        cause = cause.cause
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    return reason + (f" {OUT_OF_MEMORY}" if out_of_memory(error) else "")
+
+
+def out_of_memory_reason(reason: str | None) -> bool:
+    """Whether a failure_reason line says the trial ran out of memory."""
+    return reason is not None and reason.endswith(OUT_OF_MEMORY)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """A trial killed by Ray's memory monitor, or one whose allocation failed (torch's or Python's)."""
+    text = f"{type(error).__name__} {error}".lower()
+    return isinstance(error, (MemoryError, ray.exceptions.OutOfMemoryError)) or any(
+        mark in text
+        for mark in ("memoryerror", "out of memory", "outofmemory", "low on memory", "allocate memory")
+    )
 
 
 def local_checkpoint(checkpoint: tune.Checkpoint, downloads: Path | None, trial_id: str) -> Path:

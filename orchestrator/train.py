@@ -13,7 +13,7 @@ from ray import tune
 
 from orchestrator.config import ExperimentConfig, load_config
 from orchestrator.publish import publish_experts
-from orchestrator.results import FinishedTrial, best_experts, finished_trials
+from orchestrator.results import FinishedTrial, best_experts, finished_trials, out_of_memory_reason
 from orchestrator.survey import ExperimentData, prepare_data
 from orchestrator.tracking import (
     ExperimentTracker,
@@ -22,7 +22,7 @@ from orchestrator.tracking import (
     public_config,
     restore_credentials,
 )
-from orchestrator.trial import run_trial, validate_deepspeed
+from orchestrator.trial import expert_groups, run_trial, validate_deepspeed
 from orchestrator.tune import expected_trials, experiment_path, restore, tuner
 from workers.prompts import Expert, load_expert
 from workers.settings import SHARED
@@ -50,7 +50,7 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
     connect()
     # The driver loads the frozen base once; the object store hands the same copy to every trial.
     shared = SharedBase.load(config.base_model.name, config.base_model.dtype)
-    trials, prior = [], None
+    trials, failed, prior = [], [], None
     for stage, stage_data in stages(public, data):
         if resume and tune.Tuner.can_restore(experiment_path(stage)):
             experiment = restore(stage, stage_data, shared, prior)
@@ -61,7 +61,14 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
             # Ctrl-C: Tune saved its state; finished trials stay finished when the experiment resumes.
             print(f"interrupted: continue with `shores train --resume --config ...` ({config.output_dir})")
             return {"experts": [], "registered": [], "interrupted": True}
-        trials += finished_trials(results, downloads=checkpoint_downloads(config))
+        stage_trials = finished_trials(results, downloads=checkpoint_downloads(config))
+        failed += report_failures(
+            config, stage_trials, expert_groups(stage_data, stage.tune.experts_per_trial)
+        )
+        trials += stage_trials
+        if stage is not public and failed:
+            # Every culture starts from the prior: it finishes first.
+            return {"experts": [], "registered": [], "failed": failed}
         if stage is not public:
             prior = prior_expert(trials)
             if prior is None:  # stopped (Ctrl-C, or failed past its retries) before its first checkpoint
@@ -71,7 +78,28 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
                     file=sys.stderr,
                 )
                 return {"experts": [], "registered": [], "interrupted": True}
-    return finish(config, data, trials, tracker)
+    return finish(config, data, trials, tracker) | {"failed": failed}
+
+
+def report_failures(
+    config: ExperimentConfig, trials: list[FinishedTrial], groups: list[list[str]]
+) -> list[str]:
+    """Say, one line each on stderr, which trials failed past their retries, why, and what to do; their ids."""
+    for trial in trials:
+        if not trial.failed:
+            continue
+        experts = ", ".join(groups[int(trial.params.get("group", 0))])
+        advice = (
+            "lower train.batch_size and raise train.grad_accum as much (the same rows a step, less memory); "
+            if out_of_memory_reason(trial.error)
+            else ""
+        )
+        print(
+            f"trial {trial.trial_id} ({experts}) failed: {trial.error}; {advice}continue it from its last "
+            f"checkpoint with `shores train --resume --config ...` ({config.output_dir}): the others stay finished",
+            file=sys.stderr,
+        )
+    return [t.trial_id for t in trials if t.failed]
 
 
 def stages(config: ExperimentConfig, data: ExperimentData) -> list[tuple[ExperimentConfig, ExperimentData]]:

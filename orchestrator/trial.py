@@ -32,7 +32,7 @@ from ray.train import UserCallback
 from orchestrator.config import ConfigError, ExperimentConfig
 from orchestrator.experiment import encoded, training_summary
 from orchestrator.experts import save_experts
-from orchestrator.faults import Fault, after_checkpoint
+from orchestrator.faults import Fault, after_checkpoint, before_checkpoint
 from orchestrator.survey import ExperimentData
 from workers.base_model import FrozenBase
 from workers.deepspeed_config import ds_config, ensure_extensions_dir
@@ -221,7 +221,8 @@ def train_group(spec: TrialSpec, shared: SharedBase, report: Report, ds: dict | 
 
 
 def report_to_tune(spec: TrialSpec, fault: Fault | None, metrics: dict, checkpoint: tune.Checkpoint) -> None:
-    """Hand one epoch to Tune; once Tune has its checkpoint, an injected fault may kill this trial."""
+    """Hand one epoch to Tune; an injected fault may fail this trial before, or kill it after, the checkpoint."""
+    before_checkpoint(fault, spec.group, int(metrics["epoch"]))
     tune.report(metrics, checkpoint=checkpoint)
     after_checkpoint(fault, spec.group, int(metrics["epoch"]), metrics)
 

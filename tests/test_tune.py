@@ -142,6 +142,30 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(llama_dir, tmp_path, loca
     assert history[0][1] != history[1][1]  # ... in a new process
 
 
+def test_a_trial_out_of_memory_is_one_line_of_advice_and_resume_finishes_it(
+    llama_dir, tmp_path, local_ray, monkeypatch, capsys
+):
+    # The second culture group's trial runs out of memory in epoch 2, on every attempt.
+    monkeypatch.setenv("SHORES_FAULT", "out-of-memory:1:2")
+    config, _ = tiny_config(
+        llama_dir, tmp_path, "data.cultures=[Germany, Japan]", "tune.max_failures=1", "tune.scheduler=fifo"
+    )  # fifo: ASHA could stop the trial after epoch 1, before its fault
+    outcome = train(config)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trial ")]
+    assert len(lines) == 1 and len(outcome["failed"]) == 1
+    assert "(Japan) failed: MemoryError" in lines[0] and "(out of memory)" in lines[0]
+    assert "train.batch_size" in lines[0] and "--resume" in lines[0]
+    # Nothing is lost: Germany's expert, and Japan's from its epoch-1 checkpoint, are published.
+    assert outcome["experts"] == ["Germany", "Japan"]
+    japan = trial_folder(tmp_path / "tune" / "tiny", 1) / "result.json"
+    assert [json.loads(line)["epoch"] for line in japan.read_text().splitlines()] == [1]
+
+    monkeypatch.delenv("SHORES_FAULT")  # with more memory, say
+    resumed = train(config, resume=True)
+    assert resumed["failed"] == [] and resumed["experts"] == ["Germany", "Japan"]
+    assert [json.loads(line)["epoch"] for line in japan.read_text().splitlines()] == [1, 2]
+
+
 def _shores(args, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, env=env, **kwargs)
