@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) -m bench.serve_load --out runs/bench/serve_load.json
 	OMP_NUM_THREADS=1 $(PY) -m bench.prior_cost --out runs/bench/prior_cost.json
 	$(PY) -m bench.expert_layers --out runs/bench/expert_layers.json
+	$(PY) -m bench.system_text --out runs/bench/system_text.json
 
 # Every benchmark end to end on a tiny random model, in a minute or two: they keep working between real runs.
 bench-smoke: $(STAMP)
@@ -55,6 +56,7 @@ bench-smoke: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bench.serve_load --tiny --out runs/bench-smoke/serve_load.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.prior_cost --model tiny --questions 16 --out runs/bench-smoke/prior_cost.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.expert_layers --model tiny --cultures 3 --steps 2 --layers all 1 --out runs/bench-smoke/expert_layers.json
+	HF_HUB_OFFLINE=1 $(PY) -m bench.system_text --model tiny --cultures 3 --steps 2 --out runs/bench-smoke/system_text.json
 
 clean:
 	rm -rf runs .pytest_cache
