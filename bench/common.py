@@ -70,6 +70,19 @@ class PeakRSS:
         self.mb = (self.peak - self.start) / 2**20
 
 
+def seconds_per_row(trainer, batches: list) -> float:
+    """Train `trainer` (a PackedTrainer) one optimizer step on each of `batches`: the mean seconds a row.
+
+    A first step is untimed: the first pass allocates."""
+    trainer.micro_step(*batches[0], boundary=True)
+    trainer.zero_grad()
+    tic = time.perf_counter()
+    for rows, cultures in batches:
+        trainer.micro_step(rows, cultures, boundary=True)
+        trainer.optimizer_step(idle=[])
+    return (time.perf_counter() - tic) / sum(len(rows) for rows, _ in batches)
+
+
 def write_report(report: dict, out: str | None) -> None:
     """Print the report as JSON, and write it to `out` too if given."""
     text = json.dumps(report, indent=2)

@@ -10,9 +10,8 @@ every layer, then only the top ones (backpropagation stops below the lowest trai
 from __future__ import annotations
 
 import argparse
-import time
 
-from bench.common import DATA, machine, model_path, write_report
+from bench.common import DATA, machine, model_path, seconds_per_row, write_report
 from orchestrator.config import DataSection
 from orchestrator.experiment import encoded
 from orchestrator.survey import prepare_data
@@ -45,15 +44,9 @@ def main(argv: list[str] | None = None) -> None:
             base, bank, train, {}, TrainConfig(batch_size=args.batch_size, prefix_layers=layers)
         )
         batches = batches or trainer.epoch_batches()[: args.steps]  # the same rows in every setting
-        trainer.micro_step(*batches[0], boundary=True)  # warm-up, untimed: the first pass allocates
-        trainer.zero_grad()
-        tic = time.perf_counter()
-        for step_rows, step_cultures in batches:
-            trainer.micro_step(step_rows, step_cultures, boundary=True)
-            trainer.optimizer_step(idle=[])
-        seconds = time.perf_counter() - tic
+        seconds = seconds_per_row(trainer, batches)
         n = sum(len(r) for r, _ in batches)
-        rows.append({"prefix_layers": setting, "rows": n, "s_per_row": round(seconds / n, 4)})
+        rows.append({"prefix_layers": setting, "rows": n, "s_per_row": round(seconds, 4)})
         print(rows[-1], flush=True)
     first = rows[0]["s_per_row"]
     report = {

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import workers.scoring
-from bench.common import DATA, machine, model_path, write_report
+from bench.common import DATA, machine, model_path, seconds_per_row, write_report
 from orchestrator.config import DataSection
 from orchestrator.experiment import encoded
 from orchestrator.survey import prepare_data
@@ -64,14 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         bank = SoftPromptBank(cultures, list(start.prompts), [p.detach() for p in start.prefixes])
         trainer = PackedTrainer(base, bank, train, {}, TrainConfig(batch_size=args.batch_size))
         batches = trainer.epoch_batches()[: args.steps]  # the same draw in each format: one seed
-        trainer.micro_step(*batches[0], boundary=True)  # warm-up, untimed: the first pass allocates
-        trainer.zero_grad()
-        tic = time.perf_counter()
-        for step_rows, step_cultures in batches:
-            trainer.micro_step(step_rows, step_cultures, boundary=True)
-            trainer.optimizer_step(idle=[])
-        n_train = sum(len(r) for r, _ in batches)
-        train_s = (time.perf_counter() - tic) / n_train
+        train_s = seconds_per_row(trainer, batches)
         tic = time.perf_counter()
         dists = workers.scoring.option_distributions(base, None, val)
         score_s = (time.perf_counter() - tic) / len(val)
@@ -91,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "model": args.model,
         "experts": len(cultures),
-        "train_rows": n_train,
+        "train_rows": sum(len(rows) for rows, _ in batches),
         "val_rows": len(val),
         "rows": [
             r

@@ -15,7 +15,6 @@ from workers.prompts import ExpertMeta, load_expert
 
 # Metrics a trial's MLflow run keeps (the rest of a Tune result is bookkeeping: pid, device, ...).
 TRACKED_METRICS = ("val_gain", "train_loss")
-OUT_OF_MEMORY = "(out of memory)"
 
 
 def tracked_metrics(row: dict) -> dict:
@@ -32,6 +31,7 @@ class FinishedTrial:
     params: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)  # one row of metrics an epoch
     error: str | None = None  # what ended it, in one line, if it failed
+    out_of_memory: bool = False  # ... and whether that was memory
 
     @property
     def failed(self) -> bool:
@@ -49,6 +49,7 @@ class FinishedTrial:
             params=dict(result.config or {}),
             history=frame.to_dict("records") if frame is not None else [],
             error=None if result.error is None else failure_reason(result.error),
+            out_of_memory=result.error is not None and out_of_memory(result.error),
         )
 
     def expert_metas(self) -> list[ExpertMeta]:
@@ -77,18 +78,12 @@ class Winner:
 
 
 def failure_reason(error: BaseException) -> str:
-    """What ended a trial, in one line: the trial's own exception where Ray wraps it, memory named as such."""
+    """What ended a trial, in one line: the trial's own exception where Ray wraps it."""
     cause = error
     while getattr(cause, "cause", None) is not None and cause.cause is not cause:  # RayTaskError(...) -> ...
         cause = cause.cause
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
-    return reason + (f" {OUT_OF_MEMORY}" if out_of_memory(error) else "")
-
-
-def out_of_memory_reason(reason: str | None) -> bool:
-    """Whether a failure_reason line says the trial ran out of memory."""
-    return reason is not None and reason.endswith(OUT_OF_MEMORY)
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
 def out_of_memory(error: BaseException) -> bool:

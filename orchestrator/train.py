@@ -13,7 +13,7 @@ from ray import tune
 
 from orchestrator.config import ExperimentConfig, load_config
 from orchestrator.publish import publish_experts
-from orchestrator.results import FinishedTrial, best_experts, finished_trials, out_of_memory_reason
+from orchestrator.results import FinishedTrial, best_experts, finished_trials
 from orchestrator.survey import ExperimentData, prepare_data
 from orchestrator.tracking import (
     ExperimentTracker,
@@ -71,7 +71,7 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
             return {"experts": [], "registered": [], "failed": failed}
         if stage is not public:
             prior = prior_expert(trials)
-            if prior is None:  # stopped (Ctrl-C, or failed past its retries) before its first checkpoint
+            if prior is None:  # stopped before its first checkpoint
                 print(
                     "the shared prior has no checkpoint yet: continue with `shores train --resume --config ...` "
                     f"({config.output_dir})",
@@ -90,12 +90,13 @@ def report_failures(
             continue
         experts = ", ".join(groups[int(trial.params.get("group", 0))])
         advice = (
-            "lower train.batch_size and raise train.grad_accum as much (the same rows a step, less memory); "
-            if out_of_memory_reason(trial.error)
+            " (out of memory); lower train.batch_size and raise train.grad_accum as much (the same rows a "
+            "step, less memory at once)"
+            if trial.out_of_memory
             else ""
         )
         print(
-            f"trial {trial.trial_id} ({experts}) failed: {trial.error}; {advice}continue it from its last "
+            f"trial {trial.trial_id} ({experts}) failed: {trial.error}{advice}; continue it from its last "
             f"checkpoint with `shores train --resume --config ...` ({config.output_dir}): the others stay finished",
             file=sys.stderr,
         )

@@ -166,6 +166,21 @@ def test_a_trial_out_of_memory_is_one_line_of_advice_and_resume_finishes_it(
     assert [json.loads(line)["epoch"] for line in japan.read_text().splitlines()] == [1, 2]
 
 
+def test_what_ended_a_trial_is_one_line_and_memory_is_told_apart():
+    from orchestrator.results import failure_reason, out_of_memory
+
+    killed = ray.exceptions.OutOfMemoryError(
+        "Task was killed due to the node running low on memory.\nMemory on..."
+    )
+    torch_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory")
+    assert (
+        failure_reason(killed) == "OutOfMemoryError: Task was killed due to the node running low on memory."
+    )
+    assert out_of_memory(killed) and out_of_memory(torch_oom) and out_of_memory(MemoryError())
+    assert not out_of_memory(ValueError("lr must be positive"))
+    assert failure_reason(ValueError("")) == "ValueError"
+
+
 def _shores(args, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, env=env, **kwargs)
