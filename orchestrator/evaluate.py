@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from workers.scoring import (
 from workers.settings import EVAL_BATCH_SIZE, MAX_LENGTH, SHARED
 
 METHODS = ("base", "persona", SHARED, "expert", "committee", "uniform", "agnostic")
+PLOT_ROW = 16  # cultures a row of the report's chart
 # Paired differences over the same records: is a culture's expert worth more than the shared prior, the base?
 DIFFERENCES = (("expert", SHARED), ("expert", "base"))
 
@@ -195,28 +197,34 @@ def _difference_cell(entry: dict | None) -> str:
 
 
 def plot_report(report: dict, path: Path) -> Path:
-    """A grouped bar chart of alignment per culture and method, with 95% intervals."""
+    """A grouped bar chart of alignment per culture and method, with 95% intervals; many cultures wrap into
+    rows of at most PLOT_ROW (a full report's 52 would otherwise be one unreadable strip)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["cultures"]) + ["overall"]
-    rows = [report["cultures"][c] for c in names[:-1]] + [report["overall"]]
-    methods = [m for m in METHODS if any(r[m] is not None for r in rows)]
+    rows = {c: report["cultures"][c] for c in names[:-1]} | {"overall": report["overall"]}
+    methods = [m for m in METHODS if any(r[m] is not None for r in rows.values())]
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4.5))
-    for k, method in enumerate(methods):
-        xs = np.arange(len(names)) + k * width
-        ys = [r[method] if r[method] is not None else np.nan for r in rows]
-        ci = [r["ci95"].get(method, (np.nan, np.nan)) for r in rows]
-        err = np.array([[y - lo, hi - y] for y, (lo, hi) in zip(ys, ci)]).T
-        ax.bar(xs, ys, width, yerr=err, capsize=2, label=method)
-    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, ha="right")
-    ax.set_ylabel("alignment (1 - JS distance)")
-    ax.set_ylim(0.3, 1.0)
-    ax.set_title(f"Alignment with survey answers ({report.get('split', '')} split)")
-    ax.legend(ncol=len(methods), fontsize=8, loc="upper left")
+    n_panels = math.ceil(len(names) / PLOT_ROW)
+    per_panel = math.ceil(len(names) / n_panels)  # rows of even length
+    fig, axes = plt.subplots(n_panels, 1, figsize=(max(6, 1.3 * per_panel), 4.5 * n_panels), squeeze=False)
+    for i, ax in enumerate(axes[:, 0]):
+        panel = names[i * per_panel : (i + 1) * per_panel]
+        for k, method in enumerate(methods):
+            xs = np.arange(len(panel)) + k * width
+            ys = [rows[c][method] if rows[c][method] is not None else np.nan for c in panel]
+            ci = [rows[c]["ci95"].get(method, (np.nan, np.nan)) for c in panel]
+            err = np.array([[y - lo, hi - y] for y, (lo, hi) in zip(ys, ci)]).T
+            ax.bar(xs, ys, width, yerr=err, capsize=2, label=method)
+        ax.set_xticks(np.arange(len(panel)) + 0.4 - width / 2, panel, rotation=30, ha="right")
+        ax.set_ylabel("alignment (1 - JS distance)")
+        ax.set_ylim(0.3, 1.0)
+        ax.set_xlim(-0.5, per_panel - 0.1)  # the last, shorter row keeps the others' bar widths
+    axes[0, 0].set_title(f"Alignment with survey answers ({report.get('split', '')} split)")
+    axes[0, 0].legend(ncol=len(methods), fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -76,6 +76,20 @@ def test_eval_writes_the_report_contract_table_and_chart(trained):
     assert report["split"] == "test" and report["notes"] == []
 
 
+def test_a_report_of_many_cultures_charts_them_in_rows_not_one_strip(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from orchestrator.evaluate import METHODS, PLOT_ROW, plot_report
+
+    row = {m: 0.6 for m in METHODS} | {"ci95": {m: [0.5, 0.7] for m in METHODS}}
+    shapes = []
+    for n in (4, 3 * PLOT_ROW):
+        report = {"split": "test", "cultures": {f"culture {i}": row for i in range(n)}, "overall": row}
+        shapes.append(plt.imread(plot_report(report, tmp_path / f"{n}.png")).shape)
+    (few_h, few_w, _), (many_h, many_w, _) = shapes
+    assert many_h > 3 * few_h and many_w < 4 * few_w  # four rows of ~12, not 49 in a line
+
+
 def with_shared_prior(experts: Path, to: Path, like: str = "germany") -> Path:
     """A copy of a folder of experts plus a shared prior: for the test, one culture's prompt re-labelled."""
     shutil.copytree(experts, to)
