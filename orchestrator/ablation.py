@@ -65,36 +65,33 @@ def variants(
     prefix_layers: tuple[int | None, ...] = (None,),
 ):
     """(name, bank, prefix layers trained) of each chosen way to build the cultures' experts, given the
-    trained prior of one kind."""
-    for name, bank, layers in _variants(base, kind, prior, cultures, own_tokens, prefix_layers):
-        if name.split(" ")[0] in chosen:
-            yield name, bank, layers
-
-
-def _variants(base, kind, prior, cultures, own_tokens, prefix_layers):
+    trained prior of one kind; a bank is built only when chosen (the persona one costs forward passes)."""
     width = base.hidden_size
     none = [torch.zeros(0, width)] * len(cultures)
-    yield (
-        "persona",
-        SoftPromptBank.initialise(base, cultures, prior_length(prior), "persona", kind=kind),
-        None,
-    )
+    if "persona" in chosen:
+        persona = SoftPromptBank.initialise(base, cultures, prior_length(prior), "persona", kind=kind)
+        yield "persona", persona, None
     if kind == "input":
         learned = prior.prompts[0].detach()
-        yield "from_shared", SoftPromptBank(cultures, [learned] * len(cultures)).to(base.device), None
-        mine = SoftPromptBank.initialise(base, cultures, own_tokens, "persona")
-        composed = SoftPromptBank(cultures, [torch.cat([learned, p.detach()]) for p in mine.prompts])
-        frozen_head(composed, learned.shape[0])
-        yield "shared+own", composed.to(base.device), None
+        if "from_shared" in chosen:
+            yield "from_shared", SoftPromptBank(cultures, [learned] * len(cultures)).to(base.device), None
+        if "shared+own" in chosen:
+            mine = SoftPromptBank.initialise(base, cultures, own_tokens, "persona")
+            composed = SoftPromptBank(cultures, [torch.cat([learned, p.detach()]) for p in mine.prompts])
+            frozen_head(composed, learned.shape[0])
+            yield "shared+own", composed.to(base.device), None
         return
     learned = prior.prefix(0).detach()
-    for layers in prefix_layers:
-        yield "from_shared", SoftPromptBank(cultures, none, [learned] * len(cultures)).to(base.device), layers
-    for tied in (False, True):
-        # The prior's prefix under each culture's own input tokens: frozen, or trained on by all of them.
-        bank = SoftPromptBank.initialise(base, cultures, own_tokens, "persona", shared_prefix=learned)
-        bank.shared_prefix.requires_grad_(tied)
-        yield ("shared+own joint" if tied else "shared+own"), bank, None
+    if "from_shared" in chosen:
+        for layers in prefix_layers:
+            bank = SoftPromptBank(cultures, none, [learned] * len(cultures)).to(base.device)
+            yield "from_shared", bank, layers
+    if "shared+own" in chosen:
+        for tied in (False, True):
+            # The prior's prefix under each culture's own input tokens: frozen, or trained on by all of them.
+            bank = SoftPromptBank.initialise(base, cultures, own_tokens, "persona", shared_prefix=learned)
+            bank.shared_prefix.requires_grad_(tied)
+            yield ("shared+own joint" if tied else "shared+own"), bank, None
 
 
 def prior_length(prior: SoftPromptBank) -> int:

@@ -66,10 +66,9 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
             config, stage_trials, expert_groups(stage_data, stage.tune.experts_per_trial)
         )
         trials += stage_trials
-        if stage is not public and failed:
-            # Every culture starts from the prior: it finishes first.
-            return {"experts": [], "registered": [], "failed": failed}
         if stage is not public:
+            if failed:  # every culture starts from the prior: it finishes first
+                return {"experts": [], "registered": [], "failed": failed}
             prior = prior_expert(trials)
             if prior is None:  # stopped before its first checkpoint
                 print(
