@@ -130,3 +130,32 @@ def test_length_buckets_sort_each_run_of_an_epoch_and_keep_every_row_once():
     order = [0, 1, 2, 3, 4, 5, 6, 7]
     assert length_bucketed(order, lengths, 4) == [1, 3, 2, 0, 4, 6, 7, 5]
     assert length_bucketed(order, lengths, 1) == order  # one-row runs: the plain shuffle
+
+
+def test_group_selection_keeps_one_epoch_for_every_expert_chosen_on_their_mean(tiny_base):
+    cultures = ["Germany", "Japan", "Kenya"]
+    train, val = _data(tiny_base.tokenizer, dict.fromkeys(cultures, 8))
+    # Germany's validation leans the other way: alone, it keeps its starting prompt.
+    val["Germany"] = _examples(tiny_base.tokenizer, "Japan", 4, offset=50)
+    start = SoftPromptBank.initialise(tiny_base, cultures, 3, init="random", seed=1)
+
+    def fit(select):
+        bank = SoftPromptBank(start.cultures, start.weight.detach())
+        config = TrainConfig(epochs=4, batch_size=2, lr=0.3, patience=4, select=select)
+        kept = {}
+        trainer = PackedTrainer(tiny_base, bank, train, val, config)
+        result = trainer.fit(lambda report, t: kept.update({report.epoch: t.current_prompts()}))
+        return bank, result, kept
+
+    alone, alone_result, _ = fit("expert")
+    assert alone_result.best_epoch["Germany"] == 0
+    torch.testing.assert_close(alone.prompts[0], start.prompts[0])
+
+    group, result, kept = fit("group")
+    means = [np.mean(list(result.initial_val_alignment.values()))]
+    means += [np.mean(list(report.val_alignment.values())) for report in result.history]
+    chosen = int(np.argmax(means))
+    assert chosen > 0  # the group gained, so Germany trained with it
+    assert set(result.best_epoch.values()) == {chosen}
+    for i, culture in enumerate(cultures):
+        torch.testing.assert_close(group.prompts[i], kept[chosen][culture])

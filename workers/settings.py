@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EVAL_BATCH_SIZE = 16  # questions in one scoring forward pass (validation, evaluation)
@@ -28,6 +30,10 @@ class TrainConfig(BaseModel):
         default=2, ge=1
     )  # epochs with no better validation alignment before an expert stops
     seed: int = 0
+    # The epoch each expert keeps: its own best on validation (`expert`), or the epoch best on the mean over
+    # every expert trained with it (`group`). A culture's ~15 validation questions pick among epochs by
+    # noise as much as by merit; six cultures' ~90 pick one epoch for all of them.
+    select: Literal["expert", "group"] = "expert"
     # Each expert's epoch is cut into runs of this many batches, each run sorted by question length, so a
     # batch pads little (1.4x fewer tokens on the survey's questions at 8); 1 keeps the plain shuffle.
     length_buckets: int = Field(default=8, ge=1)

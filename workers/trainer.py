@@ -78,6 +78,7 @@ class PackedTrainer:
     micro-batch, so each expert's gradient is exactly what training it alone would give. Experts that
     share a trainable prefix are one unit (`bank.units()`): the shared prefix learns from all their rows,
     and they are validated, kept at their best epoch and stopped together, on their mean alignment.
+    With `select: group` every expert of the bank is one unit for that choice.
     """
 
     rank, world = 0, 1  # this process among the data-parallel workers training the bank: here, alone
@@ -241,6 +242,10 @@ class PackedTrainer:
             best.shared_prefix.requires_grad_(shared.requires_grad)
         return best
 
+    def selection_units(self) -> list[list[str]]:
+        """The experts that keep one epoch and stop together, chosen on their mean validation alignment."""
+        return [list(self.bank.cultures)] if self.config.select == "group" else self.bank.units()
+
     def fit(self, callback: Callback | None = None) -> TrainResult:
         """Train until every expert has run its epochs or stopped early; the bank ends with the best prompts."""
         if not self.initial_val:
@@ -251,7 +256,7 @@ class PackedTrainer:
             train_loss = self.train_epoch()
             val = self.validate(self.active)
             current, prefixes = self.current_prompts(), self.current_prefixes()
-            for unit in self.bank.units():
+            for unit in self.selection_units():
                 unit = [c for c in unit if c in self.active]
                 scored = [c for c in unit if c in val]
                 # With no validation data there is nothing to select on: the latest prompt is kept.
