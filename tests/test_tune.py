@@ -17,6 +17,7 @@ from orchestrator.train import train
 from orchestrator.trial import run_trial
 from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
 from workers.expert_store import registered_experts
+from workers.prompts import load_expert
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -155,15 +156,16 @@ def test_a_trial_out_of_memory_is_one_line_of_advice_and_resume_finishes_it(
     assert len(lines) == 1 and len(outcome["failed"]) == 1
     assert "(Japan) failed: MemoryError" in lines[0] and "(out of memory)" in lines[0]
     assert "train.batch_size" in lines[0] and "--resume" in lines[0]
-    # Nothing is lost: Germany's expert, and Japan's from its epoch-1 checkpoint, are published.
+    # Nothing is lost: Germany's expert, and Japan's from its epoch-1 checkpoint, are published. (The
+    # published metadata, not Tune's result.json: a retried trial's rows there depend on when Tune flushed.)
     assert outcome["experts"] == ["Germany", "Japan"]
-    japan = trial_folder(tmp_path / "tune" / "tiny", 1) / "result.json"
-    assert [json.loads(line)["epoch"] for line in japan.read_text().splitlines()] == [1]
+    japan = config.experts_dir / "japan.safetensors"
+    assert load_expert(japan).meta.training["epochs_run"] == 1
 
     monkeypatch.delenv("SHORES_FAULT")  # with more memory, say
     resumed = train(config, resume=True)
     assert resumed["failed"] == [] and resumed["experts"] == ["Germany", "Japan"]
-    assert [json.loads(line)["epoch"] for line in japan.read_text().splitlines()] == [1, 2]
+    assert load_expert(japan).meta.training["epochs_run"] == 2
 
 
 def test_what_ended_a_trial_is_one_line_and_memory_is_told_apart():
