@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from orchestrator.config import ServeSection
-from serve.errors import ApiError
+from serve.errors import OPENAI_PATHS, ApiError, error_body
 from serve.protocol import (
     Catalogue,
     GenerateAnswer,
@@ -101,30 +101,36 @@ def refuse_unsupported(data: dict, endpoint: str) -> None:
         if key in HONOURED[endpoint] or key in HARMLESS:
             continue
         if key not in NO_OP:
-            raise ApiError(400, f"unknown field {key!r}")
+            raise ApiError(400, f"unknown field {key!r}", param=key)
         if value in NO_OP[key] or (key == "best_of" and value == data.get("n", 1)):
             continue
-        raise ApiError(400, f"{key} is not supported by this server (only {_no_op(NO_OP[key])})")
+        raise ApiError(400, f"{key} is not supported by this server (only {_no_op(NO_OP[key])})", param=key)
     if endpoint == "chat" and isinstance(data.get("messages"), list):
         for i, message in enumerate(data["messages"]):
             if isinstance(message, dict):
                 _refuse_in_message(i, message)
     prompt = data.get("prompt")
     if endpoint == "completions" and isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt):
-        raise ApiError(400, "prompt: token ids are not supported; send the prompt as text")
+        raise ApiError(400, "prompt: token ids are not supported; send the prompt as text", param="prompt")
 
 
 def _refuse_in_message(i: int, message: dict) -> None:
     if message.get("role") in ("tool", "function"):
-        raise ApiError(400, f"messages[{i}].role: {message['role']} messages are not supported (no tools)")
+        raise ApiError(
+            400,
+            f"messages[{i}].role: {message['role']} messages are not supported (no tools)",
+            param="messages",
+        )
     for key, value in message.items():
         if key not in ("role", "content") and value not in MESSAGE_NO_OP.get(key, [None]):
-            raise ApiError(400, f"messages[{i}].{key} is not supported by this server")
+            raise ApiError(400, f"messages[{i}].{key} is not supported by this server", param="messages")
     content = message.get("content")
     for j, part in enumerate(content if isinstance(content, list) else []):
         if isinstance(part, dict) and part.get("type") != "text":
             raise ApiError(
-                400, f"messages[{i}].content[{j}]: {part.get('type')} parts are not supported (text only)"
+                400,
+                f"messages[{i}].content[{j}]: {part.get('type')} parts are not supported (text only)",
+                param="messages",
             )
 
 
@@ -186,7 +192,7 @@ def event(data: dict) -> str:
 
 def error_event(err: ApiError) -> str:
     """A stream's last event when it fails after its status was sent (what the `openai` client raises)."""
-    return event({"error": {"message": err.message, "type": "server_error", "code": err.status}})
+    return event(error_body(OPENAI_PATHS[0], err.status, err.message, err.param))
 
 
 class OpenAIEndpoints:
@@ -280,7 +286,7 @@ class OpenAIEndpoints:
     ) -> GenerateJob:
         n, cap = body.n or 1, self.gateway.section.max_choices
         if n > cap:
-            raise ApiError(422, f"n {n} is over the cap of {cap}")
+            raise ApiError(422, f"n {n} is over the cap of {cap}", param="n")
         return GenerateJob(
             committee,
             max_new_tokens,

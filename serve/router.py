@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from orchestrator.config import ServeSection
-from serve.errors import ApiError
+from serve.errors import ApiError, error_body
 from serve.exposure import allowed_host_names, host_name, open_host_refusal, proxy_host
 from serve.openai_api import AUTO, DONE, EVENT_STREAM, OpenAIEndpoints, event
 from serve.protocol import (
@@ -79,13 +79,20 @@ class RouterMetrics:
         )
 
 
-async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+def _error(
+    request: Request, status: int, message: str, headers=None, param: str | None = None
+) -> JSONResponse:
+    body = error_body(request.scope["path"], status, message, param)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else err.headers
-    return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+    return _error(request, err.status, err.message, headers, err.param)
 
 
-async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    return _error(request, err.status_code, str(err.detail), err.headers)
 
 
 def _body_schema(model: type[BaseModel]) -> dict:
@@ -240,10 +247,10 @@ class Router:
         try:
             response = self._refuse_host(request) or await call_next(request)
         except RecursionError:  # a body nested too deeply for any parser on the way: the client's fault
-            response = JSONResponse({"error": "the body is nested too deeply"}, status_code=400)
+            response = _error(request, 400, "the body is nested too deeply")
         except Exception:  # a bug: still one JSON line, and counted
             logger.exception("request %s %s failed", request.method, request.url.path)
-            response = JSONResponse({"error": "internal error while answering"}, status_code=500)
+            response = _error(request, 500, "internal error while answering")
         status = response.status_code
         endpoint = self._endpoint(request)
         expert = getattr(request.state, "expert", "none")  # the model id routing chose (shores:<culture>)
@@ -264,10 +271,10 @@ class Router:
         header = request.headers.get("host")
         name = host_name(header) if header is not None else None
         if name is None:
-            return JSONResponse({"error": "missing or malformed Host header"}, status_code=400)
+            return _error(request, 400, "missing or malformed Host header")
         if name not in self.hosts:
             error = f"Host {name!r} is not served here (serve.allowed_hosts)"
-            return JSONResponse({"error": error}, status_code=421)
+            return _error(request, 421, error)
         return None
 
     @staticmethod
@@ -401,7 +408,8 @@ class Router:
         try:
             body = schema.model_validate(data)
         except ValidationError as err:
-            raise ApiError(422, _first_error(err)) from None
+            where = err.errors()[0]["loc"]
+            raise ApiError(422, _first_error(err), param=str(where[0]) if where else None) from None
         except RecursionError:
             raise ApiError(400, "the body is nested too deeply") from None
         asked, cap = getattr(body, "committee_size", None), self.section.max_committee_size
