@@ -212,7 +212,9 @@ def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(http, path
     else:
         response = http.post(path, json=body)
     assert response.status_code == status, response.text
-    error = response.json()["error"]  # OpenAI's shape on the OpenAI paths: {"message", "type", "param", "code"}
+    error = response.json()[
+        "error"
+    ]  # OpenAI's shape on the OpenAI paths: {"message", "type", "param", "code"}
     assert message in (error["message"] if path == "/v1/chat/completions" else error)
     opinion(http, culture="Japan")
 
