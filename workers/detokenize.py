@@ -116,7 +116,11 @@ def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, reversed: printable bytes stand for themselves, the others for 256 + n."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = {byte: chr(byte) for byte in printable}
     for byte in range(256):
         if byte not in chars:
