@@ -239,13 +239,7 @@ class OpenAIEndpoints:
             }
             for c in answer.choices
         ]
-        return head | {
-            "object": "chat.completion",
-            "choices": choices,
-            "usage": usage(answer.prompt_tokens, sum(c.completion_tokens for c in answer.choices)),
-            "committee": gateway.members(committee, answer),
-            "experts_version": answer.experts_version,
-        }
+        return self._whole(head | {"object": "chat.completion"}, choices, answer, committee)
 
     async def completions(self, request: Request) -> dict | StreamingResponse:
         """OpenAI legacy completion of a text prompt (streamed with `stream: true`); `shores:auto` routes from
@@ -273,11 +267,14 @@ class OpenAIEndpoints:
             }
             for c in answer.choices
         ]
+        return self._whole(head | {"object": "text_completion"}, choices, answer, committee)
+
+    def _whole(self, head: dict, choices: list[dict], answer: GenerateAnswer, committee: Committee) -> dict:
+        """An answer that is not streamed: its choices, the usage of them all, and shores' committee."""
         return head | {
-            "object": "text_completion",
             "choices": choices,
             "usage": usage(answer.prompt_tokens, sum(c.completion_tokens for c in answer.choices)),
-            "committee": gateway.members(committee, answer),
+            "committee": self.gateway.members(committee, answer),
             "experts_version": answer.experts_version,
         }
 

@@ -13,7 +13,16 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.serving import CULTURES, SIMILARITY, client, local_serve, serve_config, wait_for, write_experts
+from tests.serving import (
+    CULTURES,
+    SIMILARITY,
+    client,
+    local_serve,
+    pool_settings,
+    serve_config,
+    wait_for,
+    write_experts,
+)
 
 KEY_ENV, KEY = "SHORES_TEST_API_KEY", "test-key-123"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
@@ -380,21 +389,11 @@ def test_the_engine_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_
         GenerateJob,
         OpinionAnswer,
         OpinionJob,
-        PoolSettings,
     )
     from workers.committees import Committee
-    from workers.expert_store import DirectorySource
 
     write_experts(tmp_path, tiny_model_dirs["llama"], ["Japan"])
-    settings = PoolSettings(
-        base_model=str(tiny_model_dirs["llama"]),
-        dtype="float32",
-        device="cpu",
-        source=DirectorySource(tmp_path),
-        max_rows=8,
-        per_expert=False,
-        reload_interval_s=0,
-    )
+    settings = pool_settings(tiny_model_dirs["llama"], tmp_path)
     opinions = [
         OpinionJob(QUESTION["question"], QUESTION["options"], Committee([(culture, 1.0)]))
         for culture in ("Japan", "Peru")

@@ -27,7 +27,16 @@ import torch
 import yaml
 
 from tests.conftest import REPO, free_ports
-from tests.serving import CULTURES, SIMILARITY, client, local_serve, serve_config, wait_for, write_experts
+from tests.serving import (
+    CULTURES,
+    SIMILARITY,
+    client,
+    local_serve,
+    pool_settings,
+    serve_config,
+    wait_for,
+    write_experts,
+)
 from workers.prompts import load_expert, save_expert
 
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
@@ -50,7 +59,13 @@ def server(tiny_model_dirs, tmp_path_factory):
     write_experts(out / "experts", model, CULTURES, similarity=SIMILARITY)
     write_broken_expert(out / "experts", model)
     config = serve_config(
-        model, out, reload_interval_s=0, max_new_tokens=16, default_max_new_tokens=6, cors_origins=[APP]
+        model,
+        out,
+        reload_interval_s=0,
+        max_new_tokens=16,
+        default_max_new_tokens=6,
+        cors_origins=[APP],
+        docs=True,
     )
     with local_serve(config) as url:
         with client(url) as http:
@@ -109,6 +124,13 @@ def test_cors_answers_the_configured_origin_only(server):
     assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == APP
     other = http.post("/v1/opinion", json=JAPAN, headers={"origin": "http://page.example"})
     assert "access-control-allow-origin" not in other.headers  # the browser keeps the answer from the page
+
+
+def test_the_docs_pages_are_served_when_the_config_asks(server):
+    http = server["http"]
+    assert http.get("/docs").status_code == 200
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/opinion", "/v1/generate", "/v1/chat/completions", "/v1/completions"} <= set(paths)
 
 
 def test_a_flood_of_unknown_cultures_costs_no_pool_call_and_good_requests_are_answered(server):
@@ -180,21 +202,12 @@ def test_every_error_is_json_and_counted_by_status(server):
 def test_a_generation_cut_by_the_replicas_shutdown_ends_with_an_error(server, tmp_path):
     """The pool replica's class outside Serve: its engine is stopped (as Serve's shutdown does) while a stream
     runs; the stream ends with EngineStopped (the router's 503), never an end event with partial text."""
-    from serve.pool import ExpertPool, GenerateEnd, GenerateJob, PoolSettings, TokenPiece
+    from serve.pool import ExpertPool, GenerateEnd, GenerateJob, TokenPiece
     from workers.committees import Committee
     from workers.engine import EngineStopped
-    from workers.expert_store import DirectorySource
 
     write_experts(tmp_path, server["model"], ["Japan"])
-    settings = PoolSettings(
-        base_model=str(server["model"]),
-        dtype="float32",
-        device="cpu",
-        source=DirectorySource(tmp_path),
-        max_rows=8,
-        per_expert=False,
-        reload_interval_s=0,
-    )
+    settings = pool_settings(server["model"], tmp_path)
     held, stopping = threading.Event(), threading.Event()
 
     def hold_at_the_third_token(generation, at):  # on the engine thread, mid-decode
