@@ -201,7 +201,11 @@ class ServeSection(Strict):
     api_key_env: str | None = None  # the env var holding the bearer token; None: no auth
     allow_unauthenticated: bool = False  # serve a non-loopback host without an API key
     docs: bool = False  # /docs and /openapi.json
+    # The Host header names requests may carry (no port); None: loopback names and `host`; ["*"]: any.
+    allowed_hosts: list[str] | None = None
+    cors_origins: list[str] = []  # origins whose web pages may call the API (CORS); empty: none
     max_committee_size: int = Field(default=8, ge=1)  # the cap on a request's committee_size
+    max_choices: int = Field(default=4, ge=1)  # the cap on an OpenAI request's `n`
     max_ongoing_requests: int | None = Field(default=None, ge=1)  # a pool replica's; None: 4 batches, >= 64
     max_queued_requests: int = Field(default=1024, ge=1)  # waiting for a replica; over it: 503 + Retry-After
     retry_after_s: int = Field(default=1, ge=0)  # the Retry-After of a 503

@@ -7,7 +7,6 @@ in serve/serve_config.yaml; it is built on first access from the config named by
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import signal
@@ -21,6 +20,7 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from orchestrator.config import ConfigError, ExperimentConfig, load_config
+from serve.exposure import open_host_refusal
 from serve.pool import ExpertPool, PoolSettings
 from serve.router import Router
 from workers.expert_store import (
@@ -37,9 +37,10 @@ CONFIG_ENV = "SHORES_CONFIG"
 DEFAULT_CONFIG = "configs/demo.yaml"
 REPO = Path(__file__).resolve().parents[1]
 APP_NAME = "shores"
+# The router embeds short texts and relays JSON; the pool replicas do the model work.
 ROUTER_CPUS = 0.5
 ROUTER_ONGOING = 256  # requests the router relays at once: it waits on the pool, which does the work
-SERVE_LOGS = "/tmp/ray/session_latest/logs/serve"  # the router embeds short texts and relays JSON; the pool replicas do the model work
+SERVE_LOGS = "/tmp/ray/session_latest/logs/serve"
 
 
 def absolute_paths(config: ExperimentConfig, root: Path) -> ExperimentConfig:
@@ -149,7 +150,8 @@ def preflight(config: ExperimentConfig) -> None:
     key = section.api_key_env
     if key and not os.environ.get(key):
         raise ConfigError(f"serve.api_key_env names {key}, which is not set in this environment")
-    if not key and not is_loopback(section.host) and not section.allow_unauthenticated:
+    # The router refuses the same (the rule holds for `serve run` and `serve deploy` too); here it fails early.
+    if open_host_refusal(section.host, section):
         raise ConfigError(
             f"serve.host {section.host} is reachable from other machines and serve.api_key_env is not set: "
             "set an API key, or serve.allow_unauthenticated: true"
@@ -162,16 +164,6 @@ def preflight(config: ExperimentConfig) -> None:
         raise ExpertsNotFoundError(
             f"no experts registered under the alias {config.serve.registry_alias!r}; train some first"
         )
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: assume reachable from outside
-        return False
 
 
 class ServeStartError(RuntimeError):

@@ -12,11 +12,13 @@ request fails or mixes two versions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -24,14 +26,32 @@ from typing import TypeVar
 import ray
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
+from transformers import PreTrainedTokenizerBase
 
+from serve.protocol import (  # the router-pool protocol; importable from here too
+    BadRequestError,
+    Candidate,
+    Catalogue,
+    Choice,
+    ExpertCard,
+    ExpertsNotLoadedError,
+    GenerateAnswer,
+    GenerateEnd,
+    GenerateJob,
+    GenerateStart,
+    OpinionAnswer,
+    OpinionJob,
+    PoolHealth,
+    TokenLogprobs,
+    TokenPiece,
+)
 from workers.base_model import load_frozen_base
 from workers.chat import chat_prompt
 from workers.committees import BASE, Committee, member_indices
-from workers.detokenize import Detokenizer
-from workers.engine import Batch, DecodeEngine, TokenStream
+from workers.detokenize import Detokenizer, StopStrings, token_text
+from workers.engine import Batch, DecodeEngine, EngineStopped, Generation
 from workers.expert_store import DirectorySource, ExpertSnapshot, RegistrySource, Similarity
-from workers.generation import DecodeRequest, stop_token_ids
+from workers.generation import DecodeRequest, choice_seed, stop_token_ids
 from workers.prompts import Expert, SoftPromptBank, bank_from_experts
 from workers.scoring import EncodedQuestion, encode_question
 
@@ -45,27 +65,6 @@ WHOLE = 1 << 30  # encode the whole prompt: its length is checked against the co
 
 
 @dataclass
-class OpinionJob:
-    """An opinion question for a committee: the pool's unit of batching."""
-
-    question: str
-    options: list[str]
-    committee: Committee
-
-
-@dataclass
-class GenerateJob:
-    """A text to continue (a raw prompt or a chat conversation) for a committee."""
-
-    committee: Committee
-    max_new_tokens: int
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    temperature: float = 0.0
-    seed: int | None = None
-
-
-@dataclass
 class ExpertSet:
     """One loaded version of the experts: swapped in whole, so a batch never sees half of a reload."""
 
@@ -75,125 +74,6 @@ class ExpertSet:
     similarity: Similarity
     bank: SoftPromptBank | None = None
     index: dict[str, int] = field(default_factory=dict)
-
-
-# ---- the pool's replies: what the router reads, and what it turns into JSON ----
-
-
-class ExpertsNotLoadedError(RuntimeError):
-    """A committee names experts that this replica has not loaded (a reload raced the request): retry."""
-
-    def __init__(self, missing: list[str]):
-        super().__init__(missing)
-        # Read by the router: raised through Ray, str() of the error also carries Ray's traceback header.
-        self.message = f"experts {missing} are not loaded here (reloading?); retry"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class BadRequestError(ValueError):
-    """A request that cannot be answered as asked (too long a prompt): the client's fault, answered as a 422."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message  # read by the router: str() through Ray also carries a traceback header
-
-    def __str__(self) -> str:
-        return self.message
-
-
-@dataclass
-class ExpertCard:
-    """One served expert, as GET /v1/experts shows it."""
-
-    culture: str
-    iso: str
-    version: str
-    descriptor: str
-    val_alignment: float | None
-    base_model: str
-
-
-@dataclass
-class Catalogue:
-    """What the router needs to build committees: the experts, their versions and survey similarity."""
-
-    version: str
-    experts: list[ExpertCard]
-    similarity: Similarity
-    base_model: str
-    fingerprint: str
-
-
-@dataclass
-class OpinionAnswer:
-    """A committee's option distribution, and which version of each member answered."""
-
-    distribution: list[float]
-    versions: dict[str, str]
-    experts_version: str
-
-
-@dataclass
-class GenerateAnswer:
-    """A committee's continuation, and which version of each member answered."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    versions: dict[str, str]
-    experts_version: str
-
-
-@dataclass
-class GenerateStart:
-    """A stream's first event, once the request is in the engine: what the router puts in its first chunk."""
-
-    prompt_tokens: int
-    versions: dict[str, str]
-    experts_version: str
-
-
-@dataclass
-class TokenPiece:
-    """One generated token and the text it completes ("" while it completes no character)."""
-
-    token: int
-    text: str
-
-
-@dataclass
-class GenerateEnd:
-    """A stream's last event: why it ended, and the text still held back (the pieces then add up to the whole)."""
-
-    finish_reason: str
-    completion_tokens: int
-    text: str
-
-
-@dataclass
-class PoolHealth:
-    """A replica's identity, batching counters and its engine now (GET /v1/status)."""
-
-    replica: str
-    pid: int
-    experts_version: str
-    uptime_s: float
-    batches: int  # engine forward passes reported: opinion batches and decode steps
-    requests: int  # requests handed to the engine
-    rows: int
-    largest_batch: int
-    most_experts_in_a_batch: int
-    reloads: int
-    closed_early: int  # streams whose client went away before the end
-    recent: list[dict]
-    running_requests: int  # the engine's running batch now
-    running_rows: int
-    waiting_requests: int
-    engine_steps: int
-    finished: dict[str, int]  # the engine's requests by finish reason (stop, length, cancelled, error)
 
 
 @dataclass(frozen=True)
@@ -221,6 +101,7 @@ class PoolStats:
         self.reloads = 0
         self.closed_early = 0
         self.recent: deque[dict] = deque(maxlen=16)  # the last batches: kind, requests, rows, experts
+        self.calls: collections.Counter[str] = collections.Counter()  # calls taken, by method
 
     def record(self, batch: Batch) -> None:
         self.batches += 1
@@ -283,6 +164,7 @@ class ExpertPool:
         self.experts = self._index(self.source.load(self.base))
         self.stats = PoolStats()
         self.metrics = PoolMetrics()
+        self.token_texts: dict[int, tuple[str, list[int]]] = {}
         self.engine = DecodeEngine(
             self.base,
             self.experts.bank,
@@ -339,6 +221,7 @@ class ExpertPool:
 
     async def catalogue(self) -> Catalogue:
         """The experts this replica serves, their versions, and the survey similarity table."""
+        self.stats.calls["catalogue"] += 1
         experts = self.experts
         cards = [
             ExpertCard(
@@ -355,6 +238,7 @@ class ExpertPool:
 
     async def health(self) -> PoolHealth:
         """This replica's identity, batching counters and what its engine holds now."""
+        self.stats.calls["health"] += 1
         context = serve.get_replica_context()
         engine = self.engine
         return PoolHealth(
@@ -362,7 +246,7 @@ class ExpertPool:
             pid=os.getpid(),
             experts_version=self.experts.version,
             uptime_s=round(time.time() - self.started, 1),
-            **(vars(self.stats) | {"recent": list(self.stats.recent)}),
+            **(vars(self.stats) | {"recent": list(self.stats.recent), "calls": dict(self.stats.calls)}),
             running_requests=engine.running,
             running_rows=engine.rows,
             waiting_requests=engine.waiting,
@@ -374,77 +258,101 @@ class ExpertPool:
 
     async def opinion(self, job: OpinionJob) -> OpinionAnswer:
         """A committee's option distribution for one question (answered by the engine between decode steps)."""
+        self.stats.calls["opinion"] += 1
         async with self._admitted():
             experts = self.experts
             members = self._members(experts, job.committee)
             question = _prepared(lambda: self._question(job, experts))
             future = _prepared(lambda: self.engine.submit_opinion(question, members, experts.bank))
             self.stats.requests += 1
-        distribution = await asyncio.wrap_future(future)  # cancelled with this task: the engine skips it
-        return OpinionAnswer(
-            [float(p) for p in distribution], self._versions(experts, job.committee), experts.version
-        )
+        distribution = [float(p) for p in await asyncio.wrap_future(future)]  # cancelled with this task
+        if not all(math.isfinite(p) for p in distribution):  # a broken expert: an error, never a NaN answer
+            raise FloatingPointError("the committee's option distribution is not finite")
+        return OpinionAnswer(distribution, self._versions(experts, job.committee), experts.version)
 
     async def generate(self, job: GenerateJob) -> GenerateAnswer:
-        """A committee's joint continuation of one prompt, whole."""
-        tokens: list[int] = []
-        async for event in self._generation(job, None):
+        """A committee's joint continuations of one prompt (one per choice), whole."""
+        self.stats.calls["generate"] += 1
+        texts, counts, reasons = [""] * job.n, [0] * job.n, [""] * job.n
+        logprobs = [[] if job.logprobs is not None else None for _ in range(job.n)]
+        async for event in self._generation(job):
             if isinstance(event, GenerateStart):
                 start = event
-            elif isinstance(event, TokenPiece):
-                tokens.append(event.token)
-            else:
-                end = event
-        return GenerateAnswer(
-            text=self.base.tokenizer.decode(tokens, skip_special_tokens=True),
-            finish_reason=end.finish_reason,
-            prompt_tokens=start.prompt_tokens,
-            completion_tokens=end.completion_tokens,
-            versions=start.versions,
-            experts_version=start.experts_version,
-        )
+                continue
+            texts[event.index] += event.text
+            if isinstance(event, TokenPiece) and event.logprobs is not None:
+                logprobs[event.index].append(event.logprobs)
+            if isinstance(event, GenerateEnd):
+                counts[event.index], reasons[event.index] = event.completion_tokens, event.finish_reason
+        choices = [Choice(i, texts[i], reasons[i], counts[i], logprobs[i]) for i in range(job.n)]
+        return GenerateAnswer(choices, start.prompt_tokens, start.versions, start.experts_version)
 
     async def stream(self, job: GenerateJob) -> AsyncIterator[GenerateStart | TokenPiece | GenerateEnd]:
-        """A committee's joint continuation as it is decoded: a GenerateStart, a TokenPiece a token, a GenerateEnd.
+        """A committee's joint continuations as they are decoded: a GenerateStart, then each choice's
+        TokenPieces (one per token) and its GenerateEnd, the choices interleaved.
 
         Errors in the request itself (422, 409) are raised before the first event. Called with
         `handle.options(stream=True)`; cancelling the call (the client went away) cancels the request in the
         engine, whose rows leave the batch at its next step.
         """
-        async for event in self._generation(job, Detokenizer(self.base.tokenizer)):
+        self.stats.calls["stream"] += 1
+        async for event in self._generation(job):
             yield event
 
-    async def _generation(
-        self, job: GenerateJob, detokenizer: Detokenizer | None
-    ) -> AsyncIterator[GenerateStart | TokenPiece | GenerateEnd]:
+    async def _generation(self, job: GenerateJob) -> AsyncIterator[GenerateStart | TokenPiece | GenerateEnd]:
         async with self._admitted():
             experts = self.experts
             members = self._members(experts, job.committee)
-            request = _prepared(lambda: self._decode_request(job, members, experts))
-            tokens: TokenStream = _prepared(lambda: self.engine.stream(request, experts.bank))
+            requests = _prepared(lambda: self._decode_requests(job, members, experts))
+            choices = _prepared(lambda: _Choices(self.engine, requests, experts.bank))
             self.stats.requests += 1
-        submitted, generation = time.perf_counter(), tokens.generation
+        submitted = time.perf_counter()
         lead = max(job.committee.members, key=lambda m: m[1])[0]  # the TTFT series' expert
+        texts = [_ChoiceText(self.base.tokenizer, job.stop) for _ in requests]
         try:
-            async with tokens:  # leaving it early (the caller went away) cancels the request in the engine
-                yield GenerateStart(
-                    len(request.prompt_ids), self._versions(experts, job.committee), experts.version
-                )
-                first = True
-                async for token in tokens:
-                    if first:
-                        self.metrics.first_token.observe(
-                            time.perf_counter() - submitted, tags={"expert": lead}
-                        )
-                        first = False
-                    yield TokenPiece(token, detokenizer.add(token) if detokenizer else "")
+            yield GenerateStart(
+                len(requests[0].prompt_ids), self._versions(experts, job.committee), experts.version
+            )
+            while choices.open:
+                index, token = await choices.next()
+                generation, text = choices.generations[index], texts[index]
+                if token is None:  # the engine is done with this choice
+                    choices.close(index)
+                    if (
+                        generation.error is not None
+                    ):  # EngineStopped (shutdown): an error, never a partial 200
+                        raise generation.error
+                    if generation.finish_reason not in ("stop", "length"):
+                        raise EngineStopped(f"the generation ended as {generation.finish_reason}")
+                    rest, reason = text.finish(generation.finish_reason)
+                    yield GenerateEnd(reason, text.tokens, rest, index)
+                    continue
+                if choices.first_token:
+                    self.metrics.first_token.observe(time.perf_counter() - submitted, tags={"expert": lead})
+                logprobs = self._logprobs(generation, token, text) if job.logprobs is not None else None
+                yield TokenPiece(token, text.add(token), index, logprobs)
+                if text.stop.stopped:  # a stop string: the text ends before it, and the engine stops the rows
+                    choices.close(index, "stop")
+                    yield GenerateEnd("stop", text.tokens, "", index)
         finally:
-            if not generation.done:
-                self.stats.closed_early += 1  # the caller went away: leaving the block cancelled it
-            for culture in job.committee.cultures if generation.tokens else []:
-                self.metrics.tokens.inc(len(generation.tokens), tags={"expert": culture})
-        rest = detokenizer.finish() if detokenizer else ""
-        yield GenerateEnd(generation.finish_reason or "length", len(generation.tokens), rest)
+            if choices.cancel():
+                self.stats.closed_early += 1  # the caller went away: its choices still running are cancelled
+            tokens = sum(t.tokens for t in texts)
+            for culture in job.committee.cultures if tokens else []:
+                self.metrics.tokens.inc(tokens, tags={"expert": culture})
+
+    def _logprobs(self, generation: Generation, token: int, text: _ChoiceText) -> TokenLogprobs:
+        """The engine's log probabilities of `token`, just taken, with the tokens' texts (from the tokenizer)."""
+        entry = generation.logprobs[text.tokens]  # read before `text.add`: the token's index in its choice
+        chosen = Candidate(*self._token_text(token), entry.logprob)
+        top = [Candidate(*self._token_text(token), logprob) for token, logprob in entry.top]
+        return TokenLogprobs(chosen, top, len(text.sent))
+
+    def _token_text(self, token: int) -> tuple[str, list[int]]:
+        # Keyed by token id: bounded by the vocabulary, whatever the requests.
+        if token not in self.token_texts:
+            self.token_texts[token] = token_text(self.base.tokenizer, token)
+        return self.token_texts[token]
 
     # ---- preparing a request ----
 
@@ -505,14 +413,26 @@ class ExpertPool:
         self._check_fits(len(question.input_ids), experts.bank, 0)
         return question
 
-    def _decode_request(
+    def _decode_requests(
         self, job: GenerateJob, members: list[tuple[int, float]], experts: ExpertSet
-    ) -> DecodeRequest:
+    ) -> list[DecodeRequest]:
+        """The job's `n` decode requests: one prompt, each choice with its own seed."""
         tokenizer = self.base.tokenizer
         text = chat_prompt(tokenizer, job.messages) if job.messages is not None else job.prompt
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         self._check_fits(len(ids), experts.bank, job.max_new_tokens)
-        return DecodeRequest(ids, members, job.max_new_tokens, job.temperature, job.seed)
+        return [
+            DecodeRequest(
+                ids,
+                members,
+                job.max_new_tokens,
+                job.temperature,
+                choice_seed(job.seed, i),
+                top_p=job.top_p,
+                logprobs=job.logprobs,
+            )
+            for i in range(job.n)
+        ]
 
     def _check_fits(self, prompt_tokens: int, bank: SoftPromptBank | None, max_new_tokens: int) -> None:
         """A BadRequestError (422) when the prompt, soft prompt and new tokens overrun the context window."""
@@ -529,6 +449,78 @@ class ExpertPool:
     @staticmethod
     def _versions(experts: ExpertSet, committee: Committee) -> dict[str, str]:
         return {c: experts.versions.get(c, "base") for c in committee.cultures}
+
+
+class _Choices:
+    """The `n` generations of one request in the engine, read as one stream of (choice, token or None)."""
+
+    def __init__(self, engine: DecodeEngine, requests: Sequence[DecodeRequest], bank: SoftPromptBank | None):
+        self.engine, self.queue = engine, asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def deliver(generation: Generation, token: int | None) -> None:  # on the engine thread
+            loop.call_soon_threadsafe(self.queue.put_nowait, (generation, token))
+
+        self.generations: list[Generation] = []
+        self.open = set(range(len(requests)))  # choices not ended yet
+        try:
+            for request in requests:
+                self.generations.append(engine.submit(request, deliver, bank))
+        except BaseException:
+            self.cancel()  # those submitted already: the request fails whole
+            raise
+        self.index = {generation: i for i, generation in enumerate(self.generations)}
+        self._tokens = 0
+
+    async def next(self) -> tuple[int, int | None]:
+        """The next token of a choice still open (None: the engine is done with it)."""
+        while True:
+            generation, token = await self.queue.get()
+            index = self.index[generation]
+            if index in self.open:  # a choice ended by a stop string: the tokens after it are dropped
+                self._tokens += token is not None
+                return index, token
+
+    @property
+    def first_token(self) -> bool:
+        """Whether the token just returned is the request's first."""
+        return self._tokens == 1
+
+    def close(self, index: int, reason: str | None = None) -> None:
+        """End choice `index`; with a reason, the engine too stops its rows (`stop`: a stop string was met)."""
+        self.open.discard(index)
+        if reason is not None:
+            self.engine.cancel(self.generations[index], reason)
+
+    def cancel(self) -> bool:
+        """Cancel the choices still running in the engine (the caller went away); whether there were any."""
+        running = [g for i, g in enumerate(self.generations) if i in self.open and not g.done]
+        for generation in running:
+            self.engine.cancel(generation)
+        return bool(running)
+
+
+class _ChoiceText:
+    """One choice's text as its tokens come: detokenised, cut before its first stop string."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]):
+        self.detokenizer, self.stop = Detokenizer(tokenizer), StopStrings(stop)
+        self.tokens = 0
+        self.sent = ""  # the text released so far
+
+    def add(self, token: int) -> str:
+        """The text that `token` releases."""
+        self.tokens += 1
+        piece = self.stop.feed(self.detokenizer.add(token))
+        self.sent += piece
+        return piece
+
+    def finish(self, reason: str) -> tuple[str, str]:
+        """The text still held back at the end, and the finish reason (`stop` if that text met a stop string)."""
+        rest = self.stop.feed(self.detokenizer.finish())
+        if self.stop.stopped:
+            return rest, "stop"
+        return rest + self.stop.finish(), reason
 
 
 def _prepared(make: Callable[[], Answer]) -> Answer:

@@ -1,26 +1,29 @@
 """Router: the HTTP ingress. It checks each request, resolves it to a committee, and asks the ExpertPool.
 
-Errors a client can cause are 4xx with `{"error": "..."}`, and change nothing on the server. Bodies are read
-and parsed here (not by FastAPI's automatic parsing) so that the size cap holds before any JSON is parsed
-and every error has the same one-line shape. (No `from __future__ import annotations` here: FastAPI
-reads the endpoints' annotations at run time, through Serve's ingress wrapper.)
+Errors a client can cause are 4xx with `{"error": "..."}`, and change nothing on the server; every answer,
+errors included, is counted by endpoint and status. Bodies are read and parsed here (not by FastAPI's
+automatic parsing) so that the size cap holds before any JSON is parsed and every error has the same
+one-line shape. Each replica builds its FastAPI app from its config (`__serve_build_asgi_app__`): which Host
+names it answers, CORS, the docs pages. The OpenAI-compatible endpoints are in serve/openai_api.py.
 """
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
 import os
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict
+from functools import partial
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -28,9 +31,13 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from orchestrator.config import ServeSection
-from serve.pool import (
+from serve.errors import ApiError, error_body
+from serve.exposure import allowed_host_names, host_name, open_host_refusal, proxy_host
+from serve.openai_api import AUTO, DONE, EVENT_STREAM, OpenAIEndpoints, event
+from serve.protocol import (
     BadRequestError,
     Catalogue,
     ExpertsNotLoadedError,
@@ -42,45 +49,19 @@ from serve.pool import (
     OpinionJob,
     TokenPiece,
 )
-from serve.schemas import ChatRequest, GenerateRequest, OpinionRequest
+from serve.schemas import MODEL_PREFIX, ChatRequest, CompletionRequest, GenerateRequest, OpinionRequest
 from workers.committees import BASE, Committee, TextRouter, culture_committee
-from workers.cultures import UnknownCultureError, culture_key, find_culture, slug
+from workers.cultures import CultureIndex, UnknownCultureError, culture_key, slug
+from workers.engine import EngineStopped
 
 logger = logging.getLogger("ray.serve")
 Body = TypeVar("Body", bound=BaseModel)
-MODEL_PREFIX = "shores:"
-AUTO = "auto"
-EVENT_STREAM = "text/event-stream"
-DONE = "data: [DONE]\n\n"  # the last server-sent event of a stream, as OpenAI sends it
+JSON = "application/json"
+OPEN = ("/healthz",)  # paths answered whatever the Host header and the key: liveness tells nothing
 
 
-def _event(data: dict) -> str:
-    """One server-sent event carrying a JSON object."""
-    return f"data: {json.dumps(data)}\n\n"
-
-
-class ApiError(Exception):
-    """An error the client caused (or may retry), answered as `{"error": message}` with its status."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
-
-
-# /docs and /openapi.json are off unless `serve.docs` turns them on (Router.__init__).
-api = FastAPI(
-    title="shores",
-    description="Cultural experts as soft prompts on one frozen LM, behind a router.",
-    docs_url=None,
-    redoc_url=None,
-    openapi_url=None,
-)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else err.headers
-    return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+class ExposureError(RuntimeError):
+    """The router refuses to serve where it would be exposed without a key."""
 
 
 class RouterMetrics:
@@ -98,38 +79,25 @@ class RouterMetrics:
         )
 
 
-_metrics: RouterMetrics | None = None  # made in the replica on first use, not when the module is imported
+def _error(
+    request: Request, status: int, message: str, headers=None, param: str | None = None
+) -> JSONResponse:
+    body = error_body(request.scope["path"], status, message, param)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-@api.middleware("http")
-async def _observe(request: Request, call_next):
-    global _metrics
-    start = time.perf_counter()
-    try:
-        response = await call_next(request)
-        status = response.status_code
-    except RecursionError:  # a body nested too deeply for any parser on the way: the client's fault
-        response, status = JSONResponse({"error": "the body is nested too deeply"}, status_code=400), 400
-    _metrics = _metrics or RouterMetrics()
-    # The matched route's path, not the URL: unknown paths must not make a new series each.
-    endpoint = getattr(request.scope.get("route"), "path", "unmatched")
-    expert = getattr(request.state, "expert", "none")  # the model id routing chose (shores:<culture>)
-    tags = {"endpoint": endpoint, "expert": expert, "status": str(status)}
-    _metrics.requests.inc(tags=tags)
-    if status >= 400:
-        _metrics.errors.inc(tags=tags)
-    _metrics.latency.observe(time.perf_counter() - start, tags={"endpoint": endpoint, "expert": expert})
-    return response
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else err.headers
+    return _error(request, err.status, err.message, headers, err.param)
 
 
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    return _error(request, err.status_code, str(err.detail), err.headers)
 
 
 def _body_schema(model: type[BaseModel]) -> dict:
     # Bodies are parsed by hand (see the module docstring); this keeps them in the OpenAPI page at /docs.
-    schema = {"application/json": {"schema": model.model_json_schema()}}
+    schema = {JSON: {"schema": model.model_json_schema()}}
     return {"requestBody": {"content": schema, "required": True}}
 
 
@@ -140,18 +108,83 @@ def _first_error(err: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
+def _check_text(data: object) -> None:
+    """A 400 if a string of the parsed body holds a lone surrogate (`"\\ud800"`): JSON allows the escape, but
+    it is no text, and the tokenizers and the sentence embedder fail on it."""
+    pending = [data]
+    while pending:  # not recursive: bodies may nest deeply
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            pending += item
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(
+                    400, "malformed JSON: a string holds a lone surrogate (\\ud800-\\udfff)"
+                ) from None
+
+
+def pool_error(err: BaseException, section: ServeSection) -> ApiError | None:
+    """A failed pool call as the error its client gets, or None when it is not the pool's (a bug, re-raised).
+
+    A replica that dies or shuts down while running a request is not retried (the request may have had effects,
+    and a poison request would kill replica after replica): 503 with Retry-After, as for overload.
+    """
+    retry = {"Retry-After": str(section.retry_after_s)}
+    if isinstance(err, BackPressureError):
+        return ApiError(503, "the server is overloaded; retry shortly", retry)
+    if isinstance(err, (RayActorError, ActorUnavailableError, DeploymentUnavailableError)):
+        return ApiError(503, "the expert replica answering this request stopped; retry", retry)
+    if isinstance(err, EngineStopped):
+        return ApiError(503, "the expert replica answering this request is shutting down; retry", retry)
+    if isinstance(err, ExpertsNotLoadedError):
+        return ApiError(409, err.message)
+    if isinstance(err, BadRequestError):
+        return ApiError(422, err.message)
+    if isinstance(err, RayTaskError):
+        return ApiError(500, f"internal error while answering ({type(err.cause).__name__})")
+    return None
+
+
+class PoolStream:
+    """The rest of a streaming pool call, up to its last choice's end; `aclose()` cancels it unless it ended."""
+
+    def __init__(self, router: "Router", events: DeploymentResponseGenerator, choices: int):
+        self.router, self.events, self.left = router, events, choices
+
+    def __aiter__(self) -> "PoolStream":
+        return self
+
+    async def __anext__(self) -> TokenPiece | GenerateEnd:
+        if not self.left:
+            raise StopAsyncIteration
+        item = await self.router._next_event(self.events)
+        self.left -= isinstance(item, GenerateEnd)
+        return item
+
+    async def aclose(self) -> None:
+        if self.left:
+            self.events.cancel()
+            self.left = 0
+
+
 @serve.deployment(max_constructor_retry_count=3)
-@serve.ingress(api)
+@serve.ingress()
 class Router:
     """Validates, routes to a committee, calls the pool, and answers in the contract's shapes."""
 
-    def __init__(self, pool: DeploymentHandle, section: ServeSection):
+    async def __init__(self, pool: DeploymentHandle, section: ServeSection):
         self.pool = pool
         self.section = section
         self.started = int(time.time())
-        if section.docs and api.openapi_url is None:
-            api.openapi_url, api.docs_url = "/openapi.json", "/docs"
-            api.setup()  # adds the OpenAPI and docs routes, now that they have paths
+        listening = await proxy_host(section.host)
+        refusal = open_host_refusal(listening, section)
+        if refusal:
+            raise ExposureError(refusal)
+        self.hosts = allowed_host_names(section, listening)  # None: any Host header
         self.api_key = None
         if self.section.api_key_env:
             self.api_key = os.environ.get(self.section.api_key_env)
@@ -160,39 +193,141 @@ class Router:
         self.text_router = TextRouter(self.section.router_model)
         # Fast tokenizers are not safe to call from two threads at once: one thread embeds.
         self.embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self.catalogue: Catalogue | None = None
-        self.catalogue_lock = asyncio.Lock()
-        self.refresher = None
+        # Culture names that are no known culture's key are resolved here (bounded lookups, off the loop).
+        self.names_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="names")
+        self.snapshot: Catalogue | None = None  # the catalogue last read from the pool, and its names
+        self.names = CultureIndex([])
+        self.loading: asyncio.Task | None = None  # the one catalogue call in flight, shared by its waiters
+        self.metrics = RouterMetrics()
+        self.answered: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.openai = OpenAIEndpoints(self)
         self.pending: set[asyncio.Task] = set()
+        self.refresher = None
         if self.section.reload_interval_s > 0:
             self.refresher = asyncio.get_running_loop().create_task(
                 self._refresh_every(self.section.reload_interval_s)
             )
 
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """This replica's FastAPI app: the endpoints bound to it, and the config's Host, CORS and docs rules."""
+        docs = self.section.docs
+        api = FastAPI(
+            title="shores",
+            description="Cultural experts as soft prompts on one frozen LM, behind a router.",
+            docs_url="/docs" if docs else None,
+            redoc_url=None,
+            openapi_url="/openapi.json" if docs else None,
+        )
+        api.add_exception_handler(ApiError, _api_error)
+        api.add_exception_handler(StarletteHTTPException, _http_error)
+        api.middleware("http")(self._observe)
+        if self.section.cors_origins:  # outermost: it answers browsers' preflight requests itself
+            api.add_middleware(
+                CORSMiddleware,
+                allow_origins=self.section.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        get = partial(api.add_api_route, methods=["GET"], response_model=None)
+        post = partial(api.add_api_route, methods=["POST"], response_model=None)
+        get("/healthz", self.healthz)
+        get("/v1/status", self.status)
+        get("/v1/experts", self.experts)
+        get("/v1/models", self.openai.models)
+        post("/v1/opinion", self.opinion, openapi_extra=_body_schema(OpinionRequest))
+        post("/v1/generate", self.generate, openapi_extra=_body_schema(GenerateRequest))
+        post("/v1/chat/completions", self.openai.chat_completions, openapi_extra=_body_schema(ChatRequest))
+        post("/v1/completions", self.openai.completions, openapi_extra=_body_schema(CompletionRequest))
+        return api
+
+    # ---- every request: Host, errors, metrics ----
+
+    async def _observe(self, request: Request, call_next) -> Response:
+        start = time.perf_counter()
+        try:
+            response = self._refuse_host(request) or await call_next(request)
+        except RecursionError:  # a body nested too deeply for any parser on the way: the client's fault
+            response = _error(request, 400, "the body is nested too deeply")
+        except Exception:  # a bug: still one JSON line, and counted
+            logger.exception("request %s %s failed", request.method, request.url.path)
+            response = _error(request, 500, "internal error while answering")
+        status = response.status_code
+        endpoint = self._endpoint(request)
+        expert = getattr(request.state, "expert", "none")  # the model id routing chose (shores:<culture>)
+        tags = {"endpoint": endpoint, "expert": expert, "status": str(status)}
+        self.metrics.requests.inc(tags=tags)
+        if status >= 400:
+            self.metrics.errors.inc(tags=tags)
+        self.metrics.latency.observe(
+            time.perf_counter() - start, tags={"endpoint": endpoint, "expert": expert}
+        )
+        self.answered[endpoint][str(status)] += 1
+        return response
+
+    def _refuse_host(self, request: Request) -> Response | None:
+        """A 400 or 421 for a Host header that is missing or not one of serve.allowed_hosts (DNS rebinding)."""
+        if self.hosts is None or request.scope["path"] in OPEN:
+            return None
+        header = request.headers.get("host")
+        name = host_name(header) if header is not None else None
+        if name is None:
+            return _error(request, 400, "missing or malformed Host header")
+        if name not in self.hosts:
+            error = f"Host {name!r} is not served here (serve.allowed_hosts)"
+            return _error(request, 421, error)
+        return None
+
+    @staticmethod
+    def _endpoint(request: Request) -> str:
+        # The matched route's path, not the URL: unknown paths must not make a new series each.
+        route = request.scope.get("route")
+        if route is None:  # answered before routing (a refused Host): match it here
+            route = next((r for r in request.app.routes if r.matches(request.scope)[0] != Match.NONE), None)
+        return getattr(route, "path", "unmatched")
+
     # ---- the pool and its catalogue ----
 
-    async def _catalogue(self, refresh: bool = False) -> Catalogue:
-        async with self.catalogue_lock:
-            if self.catalogue is None or refresh:
-                self.catalogue = await self._ask("catalogue")
-        return self.catalogue
+    async def catalogue(self, refresh: bool = False) -> Catalogue:
+        """The experts and survey similarity, as last read from the pool (read now if never, or `refresh`).
+
+        One call to the pool at a time, whoever asks: callers wait for the one in flight, and requests never
+        queue behind a lock.
+        """
+        if self.snapshot is not None and not refresh:
+            return self.snapshot
+        if self.loading is None:
+            loading = self.loading = asyncio.get_running_loop().create_task(self._load_catalogue())
+            loading.add_done_callback(
+                lambda _: setattr(self, "loading", None) if self.loading is loading else None
+            )
+        return await asyncio.shield(self.loading)
+
+    async def _load_catalogue(self) -> Catalogue:
+        catalogue = await self._ask("catalogue")
+        known = [e.culture for e in catalogue.experts] + list(catalogue.similarity)
+        names = await asyncio.get_running_loop().run_in_executor(self.names_thread, CultureIndex, known)
+        self.snapshot, self.names = catalogue, names
+        return catalogue
+
+    async def _refresh(self) -> None:
+        try:
+            await self.catalogue(refresh=True)
+        except ApiError as err:  # the pool may be restarting; the next request or tick tries again
+            logger.warning("catalogue refresh failed: %s", err.message)
 
     async def _refresh_every(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            try:
-                await self._catalogue(refresh=True)
-            except ApiError as err:  # the pool may be restarting; the next request or tick tries again
-                logger.warning("catalogue refresh failed: %s", err.message)
+            await self._refresh()
 
     async def _ask(self, method: str, *args):
         """Call the pool once, within the request deadline; every failure is one JSON error, never a replay."""
         response = getattr(self.pool, method).remote(*args)
-        async with self._pool_errors(method, response):
+        async with self._pool_errors(response):
             result = await asyncio.wait_for(response, self.section.request_timeout_s)
         version = getattr(result, "experts_version", None)
-        if version and self.catalogue and version != self.catalogue.version:
-            task = asyncio.get_running_loop().create_task(self._catalogue(refresh=True))  # a replica reloaded
+        if version and self.snapshot and version != self.snapshot.version:
+            task = asyncio.get_running_loop().create_task(self._refresh())  # a replica reloaded
             self.pending.add(task)  # held until done: the loop keeps only weak references to tasks
             task.add_done_callback(self.pending.discard)
         return result
@@ -201,19 +336,16 @@ class Router:
         """The next event of a streaming pool call, within the request deadline (the same errors as `_ask`).
 
         The deadline holds for each event: a stream may run longer than it, as long as it keeps coming."""
-        async with self._pool_errors("stream", events):
+        async with self._pool_errors(events):
             return await asyncio.wait_for(events.__anext__(), self.section.request_timeout_s)
 
     @asynccontextmanager
-    async def _pool_errors(self, method: str, response: DeploymentResponse | DeploymentResponseGenerator):
-        """A pool call's failures as ApiErrors.
+    async def _pool_errors(self, response: DeploymentResponse | DeploymentResponseGenerator):
+        """A pool call's failures as ApiErrors (`pool_error`); over the deadline the call is cancelled: 504.
 
-        A replica that dies while running a request is not retried (the request may have had effects, and a
-        poison request would kill replica after replica): 503. Over the deadline the call is cancelled: 504.
-        A committee naming experts that the replica has not loaded (a reload raced the request) is a 409, after
-        a catalogue refresh, so that the client's retry is routed to the experts loaded now.
+        After a 409 (a committee naming experts the replica has not loaded: a reload raced the request) the
+        catalogue is refreshed, so that the client's retry is routed to the experts loaded now.
         """
-        retry = {"Retry-After": str(self.section.retry_after_s)}
         try:
             yield
         except TimeoutError:
@@ -221,28 +353,27 @@ class Router:
             raise ApiError(
                 504, f"the expert pool did not answer within {self.section.request_timeout_s} s"
             ) from None
-        except BackPressureError:
-            raise ApiError(503, "the server is overloaded; retry shortly", retry) from None
-        except (RayActorError, ActorUnavailableError, DeploymentUnavailableError) as err:
-            logger.warning("pool call %s failed, not retried: %s", method, type(err).__name__)
-            raise ApiError(503, "the expert replica answering this request stopped; retry", retry) from None
-        except ExpertsNotLoadedError as err:
-            await self._catalogue(refresh=True)
-            raise ApiError(409, err.message) from None
-        except BadRequestError as err:
-            raise ApiError(422, err.message) from None
-        except RayTaskError as err:
-            logger.error("pool call %s failed: %s", method, err)
-            raise ApiError(500, f"internal error while answering ({type(err.cause).__name__})") from None
+        except Exception as err:
+            answer = pool_error(err, self.section)
+            if answer is None:
+                raise
+            if answer.status == 409:
+                await self.catalogue(refresh=True)
+            elif answer.status == 500 or answer.status == 503:
+                logger.warning("pool call failed, not retried: %s", err)
+            raise answer from None
 
-    async def _stream(
-        self, job: GenerateJob
-    ) -> tuple[GenerateStart, AsyncIterator[TokenPiece | GenerateEnd]]:
+    async def complete(self, job: GenerateJob) -> GenerateAnswer:
+        """A generation, whole."""
+        return await self._ask("generate", job)
+
+    async def stream(self, job: GenerateJob) -> tuple[GenerateStart, "PoolStream"]:
         """Start a streaming generation: its first event (errors in the request are raised here, as ApiErrors,
         before any response is sent) and an iterator over the rest.
 
-        The rest ends with the GenerateEnd, or raises an ApiError mid-way; if it is left early (the client
-        went away and Serve cancelled this request), the pool's call is cancelled, and with it the engine's rows.
+        The rest ends with the last choice's GenerateEnd, or raises an ApiError mid-way; closed early (the
+        client went away and Serve cancelled this request), it cancels the pool's call, and with it the engine's
+        rows.
         """
         events = self.pool.options(stream=True).stream.remote(job)
         try:
@@ -251,22 +382,12 @@ class Router:
             events.cancel()
             raise
 
-        async def rest() -> AsyncIterator[TokenPiece | GenerateEnd]:
-            ended = False
-            try:
-                while not ended:
-                    event = await self._next_event(events)
-                    ended = isinstance(event, GenerateEnd)
-                    yield event
-            finally:
-                if not ended:
-                    events.cancel()
-
-        return start, rest()
+        return start, PoolStream(self, events, job.n)
 
     # ---- request checks ----
 
-    def _authorise(self, request: Request) -> None:
+    def authorise(self, request: Request) -> None:
+        """A 401 unless the request carries the key (when serve.api_key_env sets one)."""
         if self.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -275,15 +396,42 @@ class Router:
         ):
             raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <key>)")
 
-    async def _body(self, request: Request, schema: type[Body]) -> Body:
-        """The request's JSON body as `schema`: 413 over the size cap, 400 if not JSON, 422 if invalid."""
-        self._authorise(request)
+    async def read(
+        self, request: Request, schema: type[Body], check: Callable[[dict], None] | None = None
+    ) -> Body:
+        """The request's JSON body as `schema`: 401 without the key, 415 if not declared JSON, 413 over the size
+        cap, 400 if not JSON (or refused by `check`), 422 if invalid."""
+        self.authorise(request)
+        data = await self._json(request)
+        if check is not None:
+            check(data)
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as err:
+            where = err.errors()[0]["loc"]
+            raise ApiError(422, _first_error(err), param=str(where[0]) if where else None) from None
+        except RecursionError:
+            raise ApiError(400, "the body is nested too deeply") from None
+        asked, cap = getattr(body, "committee_size", None), self.section.max_committee_size
+        if asked is not None and asked > cap:
+            raise ApiError(422, f"committee_size {asked} is over the cap of {cap}")
+        return body
+
+    async def _json(self, request: Request) -> dict:
+        declared = request.headers.get("content-type", "")
+        media, _, parameters = declared.partition(";")
+        charset = (
+            parameters.strip().lower().removeprefix("charset=").strip('"') if parameters.strip() else "utf-8"
+        )
+        if media.strip().lower() != JSON or charset not in ("utf-8", "utf8"):
+            # A web page can send text/plain to any origin without asking first; JSON it cannot (CORS).
+            raise ApiError(415, f"the body must be sent as Content-Type: {JSON} (got {declared[:80]!r})")
         cap = self.section.max_body_bytes
-        declared = request.headers.get("content-length", "0")
-        if not declared.isdigit():
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit():
             raise ApiError(400, "bad Content-Length header")
-        if int(declared) > cap:
-            raise ApiError(413, f"request body of {declared} bytes is over the cap of {cap}")
+        if int(length) > cap:
+            raise ApiError(413, f"request body of {length} bytes is over the cap of {cap}")
         raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
@@ -297,18 +445,11 @@ class Router:
             raise ApiError(400, "malformed JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
-        try:
-            body = schema.model_validate(data)
-        except ValidationError as err:
-            raise ApiError(422, _first_error(err)) from None
-        except RecursionError:
-            raise ApiError(400, "the body is nested too deeply") from None
-        asked, cap = getattr(body, "committee_size", None), self.section.max_committee_size
-        if asked is not None and asked > cap:
-            raise ApiError(422, f"committee_size {asked} is over the cap of {cap}")
-        return body
+        _check_text(data)
+        return data
 
-    def _new_tokens(self, asked: int | None) -> int:
+    def new_tokens(self, asked: int | None) -> int:
+        """The new tokens a request may decode: its own ask under the cap (422 over it), else the default."""
         cap = self.section.max_new_tokens
         if asked is not None and asked > cap:
             raise ApiError(422, f"max_new_tokens {asked} is over the cap of {cap}")
@@ -316,47 +457,48 @@ class Router:
 
     # ---- routing ----
 
-    async def _committee(self, culture: str | None, text: str, k: int | None) -> tuple[Committee, str]:
-        """The committee for an explicit culture, else for the text; and the model id that names the choice."""
-        k = k or self.section.committee_size
+    async def route(
+        self, request: Request, culture: str | None, text: str, k: int | None
+    ) -> tuple[Committee, str]:
+        """The committee for an explicit culture, else for the text; and the model id that names the choice
+        (also the request's `expert` in the metrics)."""
+        committee, model = await self._committee(culture, text, k or self.section.committee_size)
+        request.state.expert = model
+        return committee, model
+
+    async def _committee(self, culture: str | None, text: str, k: int) -> tuple[Committee, str]:
         temperature = self.section.routing_temperature
-        catalogue = await self._catalogue()
+        catalogue = await self.catalogue()
+        names, loop = self.names, asyncio.get_running_loop()
         if culture is not None:
             if culture_key(culture) == BASE:
                 return Committee([(BASE, 1.0)]), MODEL_PREFIX + BASE
-            for refresh in (
-                False,
-                True,
-            ):  # a culture unknown here may have been registered since the last look
-                if refresh:
-                    catalogue = await self._catalogue(refresh=True)
-                experts = [e.culture for e in catalogue.experts]
-                try:
-                    committee = culture_committee(culture, experts, catalogue.similarity, k, temperature)
-                except UnknownCultureError as err:
-                    error = err
-                    continue
-                name = find_culture(culture, experts + list(catalogue.similarity))
-                return committee, MODEL_PREFIX + slug(name)
-            raise ApiError(404, str(error))
+            # Answered from the catalogue alone: an unknown name costs no pool call and waits for nothing.
+            # New experts reach the catalogue on the refresh interval, or as soon as an answer shows them.
+            name = names.exact(culture) or await loop.run_in_executor(self.names_thread, names.find, culture)
+            experts = [e.culture for e in catalogue.experts]
+            try:
+                if name is None:
+                    raise UnknownCultureError(
+                        f"unknown culture {culture!r}: no expert, and no survey similarity to the "
+                        f"{len(experts)} experts"
+                    )
+                committee = culture_committee(name, experts, catalogue.similarity, k, temperature)
+            except UnknownCultureError as err:
+                raise ApiError(404, str(err)) from None
+            return committee, MODEL_PREFIX + slug(name)
         descriptors = {e.culture: e.descriptor or e.culture for e in catalogue.experts}
         try:
-            committee = await asyncio.get_running_loop().run_in_executor(
+            committee = await loop.run_in_executor(
                 self.embed_thread, self.text_router.committee, text, descriptors, k, temperature
             )
         except UnknownCultureError as err:
             raise ApiError(503, str(err)) from None
         return committee, MODEL_PREFIX + AUTO
 
-    def _model_culture(self, model: str) -> str | None:
-        """The culture a `shores:<culture>` model id names (None for `shores:auto`); 404 for other models."""
-        if not model.startswith(MODEL_PREFIX) or not model[len(MODEL_PREFIX) :].strip():
-            raise ApiError(404, f"unknown model {model!r}: use shores:<culture>, shores:auto or shores:base")
-        name = model[len(MODEL_PREFIX) :].strip()
-        return None if name == AUTO else name
-
     @staticmethod
-    def _members(committee: Committee, answer: OpinionAnswer | GenerateAnswer | GenerateStart) -> list[dict]:
+    def members(committee: Committee, answer: OpinionAnswer | GenerateAnswer | GenerateStart) -> list[dict]:
+        """A committee as responses show it: each member's culture, weight and the version that answered."""
         return [
             {"culture": c, "weight": round(w, 6), "version": answer.versions.get(c)}
             for c, w in committee.members
@@ -364,23 +506,22 @@ class Router:
 
     # ---- endpoints ----
 
-    @api.get("/healthz")
     async def healthz(self) -> dict:
         """Liveness only: the router answers (no key needed, nothing disclosed)."""
         return {"status": "ok"}
 
-    @api.get("/v1/status")
     async def status(self, request: Request) -> dict:
-        """A pool replica's identity, experts version and batching counters (needs the key)."""
-        self._authorise(request)
+        """The router's answers by endpoint and status, and a pool replica's identity, experts version and
+        batching counters (needs the key)."""
+        self.authorise(request)
         pool = await self._ask("health")
-        return {"status": "ok", "pool": asdict(pool)}
+        answered = {endpoint: dict(statuses) for endpoint, statuses in self.answered.items()}
+        return {"status": "ok", "router": {"answered": answered}, "pool": asdict(pool)}
 
-    @api.get("/v1/experts")
     async def experts(self, request: Request) -> dict:
         """The experts served (culture, version, descriptor) and the cultures answered by committees."""
-        self._authorise(request)
-        catalogue = await self._catalogue()
+        self.authorise(request)
+        catalogue = await self.catalogue()
         own = {e.culture for e in catalogue.experts}
         return {
             "experts": [asdict(e) for e in catalogue.experts],
@@ -389,173 +530,79 @@ class Router:
             "experts_version": catalogue.version,
         }
 
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> dict:
-        """OpenAI model list: shores:auto, shores:base and one shores:<culture> per expert."""
-        self._authorise(request)
-        catalogue = await self._catalogue()
-        ids = [AUTO, BASE] + [slug(e.culture) for e in catalogue.experts]
-        cards = [
-            {"id": MODEL_PREFIX + i, "object": "model", "created": self.started, "owned_by": "shores"}
-            for i in ids
-        ]
-        return {"object": "list", "data": cards}
-
-    @api.post("/v1/opinion", openapi_extra=_body_schema(OpinionRequest))
     async def opinion(self, request: Request) -> dict:
         """A committee's distribution over the options of one survey-style question."""
-        body = await self._body(request, OpinionRequest)
+        body = await self.read(request, OpinionRequest)
         if len(body.options) > self.section.max_options:
             raise ApiError(422, f"too many options: {len(body.options)} (at most {self.section.max_options})")
-        committee, model = await self._committee(
-            body.culture, body.profile or body.question, body.committee_size
+        committee, model = await self.route(
+            request, body.culture, body.profile or body.question, body.committee_size
         )
-        request.state.expert = model  # the metrics' expert tag
         answer: OpinionAnswer = await self._ask("opinion", OpinionJob(body.question, body.options, committee))
         return {
             "distribution": answer.distribution,
-            "committee": self._members(committee, answer),
+            "committee": self.members(committee, answer),
             "model": model,
             "experts_version": answer.experts_version,
         }
 
-    @api.post("/v1/generate", openapi_extra=_body_schema(GenerateRequest), response_model=None)
     async def generate(self, request: Request) -> dict | StreamingResponse:
         """A committee's joint continuation of a prompt (greedy at temperature 0, else seeded sampling)."""
-        body = await self._body(request, GenerateRequest)
-        max_new_tokens = self._new_tokens(body.max_new_tokens)
-        committee, model = await self._committee(
-            body.culture, body.profile or body.prompt, body.committee_size
+        body = await self.read(request, GenerateRequest)
+        max_new_tokens = self.new_tokens(body.max_new_tokens)
+        committee, model = await self.route(
+            request, body.culture, body.profile or body.prompt, body.committee_size
         )
-        request.state.expert = model  # the metrics' expert tag
         job = GenerateJob(
-            committee, max_new_tokens, prompt=body.prompt, temperature=body.temperature, seed=body.seed
+            committee,
+            max_new_tokens,
+            prompt=body.prompt,
+            temperature=body.temperature,
+            seed=body.seed,
+            top_p=body.top_p,
+            stop=body.stop,
         )
         if body.stream:
-            start, rest = await self._stream(job)
+            start, rest = await self.stream(job)
             return StreamingResponse(
                 self._generate_events(start, rest, committee, model), media_type=EVENT_STREAM
             )
-        answer: GenerateAnswer = await self._ask("generate", job)
+        answer = await self.complete(job)
+        [choice] = answer.choices
         return {
-            "text": answer.text,
-            "finish_reason": answer.finish_reason,
-            "committee": self._members(committee, answer),
+            "text": choice.text,
+            "finish_reason": choice.finish_reason,
+            "committee": self.members(committee, answer),
             "model": model,
             "experts_version": answer.experts_version,
         }
 
-    def _generate_events(
+    async def _generate_events(
         self, start: GenerateStart, rest: AsyncIterator, committee: Committee, model: str
     ) -> AsyncIterator[str]:
         """/v1/generate's events: `{"token", "text"}` a token, then the answer's keys with the text held back
         (`text`, `finish_reason`, `completion_tokens`, `committee`, `model`, `experts_version`), then [DONE]."""
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                async with aclosing(rest):  # closed with this stream, so that a client going away cancels it
-                    async for event in rest:
-                        if isinstance(event, TokenPiece):
-                            yield _event({"token": event.token, "text": event.text})
-                            continue
-                        yield _event(
-                            {
-                                "text": event.text,
-                                "finish_reason": event.finish_reason,
-                                "completion_tokens": event.completion_tokens,
-                                "committee": self._members(committee, start),
-                                "model": model,
-                                "experts_version": start.experts_version,
-                            }
-                        )
-            except ApiError as err:  # the status is sent already: the error is the stream's last event
-                yield _event({"error": err.message})
-                return
-            yield DONE
-
-        return events()
-
-    @api.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest), response_model=None)
-    async def chat_completions(self, request: Request) -> dict | StreamingResponse:
-        """OpenAI chat completion (streamed with `stream: true`); `shores:auto` routes from the conversation's
-        system and user text."""
-        body = await self._body(request, ChatRequest)
-        culture = self._model_culture(body.model)
-        max_new_tokens = self._new_tokens(body.max_completion_tokens or body.max_tokens)
-        # The chat template knows system, user and assistant; OpenAI's newer `developer` is a system message.
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in body.messages
-        ]
-        if not any(m["content"].strip() for m in messages):
-            raise ApiError(422, "messages: every message is empty")
-        context = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
-        committee, model = await self._committee(culture, context, body.committee_size)
-        request.state.expert = model  # the metrics' expert tag
-        temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
-        job = GenerateJob(
-            committee, max_new_tokens, messages=messages, temperature=temperature, seed=body.seed
-        )
-        completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-        if body.stream:
-            start, rest = await self._stream(job)
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = self._chat_chunks(completion, start, rest, committee, usage)
-            return StreamingResponse(chunks, media_type=EVENT_STREAM)
-        answer: GenerateAnswer = await self._ask("generate", job)
-        return completion | {
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": answer.text},
-                    "finish_reason": answer.finish_reason,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": answer.prompt_tokens,
-                "completion_tokens": answer.completion_tokens,
-                "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-            },
-            "committee": self._members(committee, answer),
-            "experts_version": answer.experts_version,
-        }
-
-    def _chat_chunks(
-        self, completion: dict, start: GenerateStart, rest: AsyncIterator, committee: Committee, usage: bool
-    ) -> AsyncIterator[str]:
-        """OpenAI's `chat.completion.chunk` events: the role (with shores' committee), the content as it is
-        decoded, the finish reason, the usage if asked (`stream_options.include_usage`), then [DONE]."""
-        head = completion | {"object": "chat.completion.chunk"} | ({"usage": None} if usage else {})
-
-        def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
-            return _event(
-                head | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]} | extra
-            )
-
-        async def chunks() -> AsyncIterator[str]:
-            yield chunk(
-                {"role": "assistant", "content": ""},
-                committee=self._members(committee, start),
-                experts_version=start.experts_version,
-            )
-            try:
-                async with aclosing(rest):  # closed with this stream, so that a client going away cancels it
-                    async for event in rest:
-                        if event.text:
-                            yield chunk({"content": event.text})
-                        if isinstance(event, GenerateEnd):
-                            yield chunk({}, event.finish_reason)
-                            if usage:
-                                tokens = {
-                                    "prompt_tokens": start.prompt_tokens,
-                                    "completion_tokens": event.completion_tokens,
-                                    "total_tokens": start.prompt_tokens + event.completion_tokens,
-                                }
-                                yield _event(head | {"choices": [], "usage": tokens})
-            except ApiError as err:  # the status is sent already: the error is the stream's last event
-                yield _event({"error": {"message": err.message, "type": "server_error", "code": err.status}})
-                return
-            yield DONE
-
-        return chunks()
+        try:
+            async with aclosing(rest):  # closed with this stream, so that a client going away cancels it
+                async for item in rest:
+                    if isinstance(item, TokenPiece):
+                        yield event({"token": item.token, "text": item.text})
+                        continue
+                    yield event(
+                        {
+                            "text": item.text,
+                            "finish_reason": item.finish_reason,
+                            "completion_tokens": item.completion_tokens,
+                            "committee": self.members(committee, start),
+                            "model": model,
+                            "experts_version": start.experts_version,
+                        }
+                    )
+        except ApiError as err:  # the status is sent already: the error is the stream's last event
+            yield event({"error": err.message})
+            return
+        except Exception:  # noqa: BLE001 - a bug must still end the stream with an error event
+            logger.exception("a stream failed")
+            yield event({"error": "internal error while streaming"})
+            return
+        yield DONE

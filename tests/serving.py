@@ -53,6 +53,22 @@ def write_experts(
     return paths
 
 
+def pool_settings(model_dir: Path, experts: Path):
+    """What an ExpertPool replica needs, for its class used outside Serve: the tiny model, experts in a folder."""
+    from serve.pool import PoolSettings
+    from workers.expert_store import DirectorySource
+
+    return PoolSettings(
+        base_model=str(model_dir),
+        dtype="float32",
+        device="cpu",
+        source=DirectorySource(experts),
+        max_rows=8,
+        per_expert=False,
+        reload_interval_s=0,
+    )
+
+
 def serve_config(model_dir: Path, out: Path, **serve) -> ExperimentConfig:
     """A config for the tiny model with the given `serve` section (experts in <out>/experts)."""
     return ExperimentConfig.model_validate(

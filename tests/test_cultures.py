@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import OPINIONS
 from workers.cultures import (
+    CultureIndex,
     UnknownCultureError,
     canonical_country,
     culture_key,
@@ -166,3 +167,31 @@ def test_the_shared_priors_reserved_name_is_never_a_culture():
     with pytest.raises(UnknownCultureError, match="'Shared' is the reserved name of the culture-blind"):
         resolve_culture("Shared", KNOWN)
     assert resolve_culture("shared", [*KNOWN, "shared"]) == "shared"  # the expert itself, by its own name
+
+
+def test_an_index_finds_what_find_culture_finds_with_lookups_only(monkeypatch):
+    import pycountry
+
+    def no_scan(*_):
+        raise AssertionError("fuzzy matching must not scan every country and subdivision")
+
+    monkeypatch.setattr(pycountry.countries, "search_fuzzy", no_scan)
+    index = CultureIndex(KNOWN)
+    spellings = [
+        "UNITED_KINGDOM",
+        "c-te-d-ivoire",
+        "GBR",
+        "UK",
+        "deu",
+        "Korea, South",
+        "France",
+        "Narnia",
+        "",
+    ]
+    spellings += ["x" * 100, "Tanzania, United Republic of", "Plurinational State"]
+    for spelling in spellings:
+        assert index.find(spelling) == find_culture(spelling, KNOWN), spelling
+    assert index.exact("united kingdom") == "United Kingdom" and index.exact("UK") is None  # keys only
+    # A whole-word phrase of one country's names finds it; one that names two countries finds none.
+    assert canonical_country("Plurinational State") == ("Bolivia", "BO")
+    assert canonical_country("Korea") is None and canonical_country("North") is None

@@ -2,7 +2,7 @@
 
 import pytest
 
-from workers.detokenize import INCOMPLETE, Detokenizer
+from workers.detokenize import INCOMPLETE, Detokenizer, StopStrings, token_text
 from workers.tiny_model import tiny_tokenizer
 
 
@@ -47,3 +47,55 @@ def test_invalid_and_unfinished_bytes_decode_as_the_whole_does(tokenizer):
 def test_special_tokens_are_skipped(tokenizer):
     ids = tokenizer.encode("yes", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert "".join(stream(tokenizer, ids)) == "yes"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stop strings: the text ends before the first, and no piece ever reaches into one
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cut(stops: list[str], pieces: list[str]) -> tuple[list[str], bool]:
+    stop = StopStrings(stops)
+    released = [stop.feed(p) for p in pieces]
+    return [*released, stop.finish()], stop.stopped
+
+
+@pytest.mark.parametrize(
+    ("pieces", "text"),
+    [
+        (["Hello", " world", "\n\nQ:", " next"], "Hello world"),  # the stop in one piece
+        (["Hello world\n", "\nQ", ": next"], "Hello world"),  # split over three
+        (["Hello world\n\n", "Q", ":"], "Hello world"),
+        (["H", "e", "l", "l", "o", " ", "w", "o", "r", "l", "d", "\n", "\n", "Q", ":", "x"], "Hello world"),
+    ],
+)
+def test_text_ends_before_a_stop_string_however_the_pieces_split_it(pieces, text):
+    released, stopped = cut(["\n\nQ:"], pieces)
+    assert stopped and "".join(released) == text
+    sent = ""
+    for piece in released:  # no prefix of the stream ever holds text from the stop string on
+        sent += piece
+        assert text.startswith(sent)
+
+
+def test_held_text_that_turns_out_no_stop_string_is_sent_after_all():
+    released, stopped = cut(["END"], ["The E", "N", "D", "ing is near"])
+    assert stopped and "".join(released) == "The "
+    released, stopped = cut(["END"], ["The E", "Nd", " is near"])
+    assert not stopped and released == ["The ", "ENd", " is near", ""]  # "E" held while it could be "END"
+    released, stopped = cut(["END"], ["The EN"])
+    assert not stopped and released == ["The ", "EN"]  # the end of the text: what was held is sent
+
+
+def test_the_earliest_of_several_stop_strings_cuts():
+    released, stopped = cut(["world", "lo w"], ["Hello", " world"])
+    assert stopped and "".join(released) == "Hel"
+    assert cut([], ["a", "b"]) == (["a", "b", ""], False)  # no stop strings: everything passes at once
+
+
+def test_a_token_text_and_bytes_as_openai_shows_them(tokenizer):
+    ids = tokenizer.encode("a é 😀 Answer", add_special_tokens=False)
+    texts = [token_text(tokenizer, i) for i in ids]
+    assert bytes(b for _, raw in texts for b in raw).decode() == "a é 😀 Answer"  # exact bytes, joined
+    assert INCOMPLETE in texts[2][0] and len(texts[2][1]) == 1  # half a character: its own byte
+    assert token_text(tokenizer, tokenizer.eos_token_id) == ("<eos>", list(b"<eos>"))

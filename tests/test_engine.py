@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import PROMPTS, token_ids
 from workers.committees import committee_distributions
-from workers.engine import DecodeEngine
+from workers.engine import DecodeEngine, EngineStopped
 from workers.generation import DecodeRequest, committee_generate
 from workers.prompts import NO_EXPERT, Expert, ExpertMeta, bank_from_experts
 from workers.scoring import encode_question
@@ -306,3 +306,45 @@ def test_a_failing_request_raises_in_its_own_stream_only(tiny_base, bank, runnin
     results = asyncio.run(main())
     assert isinstance(results[1], RuntimeError)
     assert [results[i] for i in (0, 2, 3)] == [_static(tiny_base, bank, requests[i]) for i in (0, 2, 3)]
+
+
+def test_logprobs_come_with_each_token_and_top_p_zero_samples_the_greedy_tokens(tiny_base, bank):
+    greedy = _requests(tiny_base)[1]
+    asked = DecodeRequest(greedy.prompt_ids, greedy.members, greedy.max_new_tokens, logprobs=3)
+    nucleus_of_one = DecodeRequest(greedy.prompt_ids, greedy.members, 3, temperature=1.0, seed=3, top_p=0.0)
+    engine = DecodeEngine(tiny_base, bank, set())
+    with_logprobs, narrowed = engine.submit(asked), engine.submit(nucleus_of_one)
+    engine.run_until_done()
+    expected = _static(tiny_base, bank, greedy)
+    assert with_logprobs.decoded() == expected == narrowed.decoded()
+    assert len(with_logprobs.logprobs) == len(expected.token_ids)
+    for token, entry in zip(expected.token_ids, with_logprobs.logprobs):
+        assert len(entry.top) == 3 and entry.top[0] == (token, entry.logprob)  # greedy picks the likeliest
+        assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+        assert entry.logprob < 0
+
+
+def test_a_cancel_ends_a_request_with_its_reason(tiny_base, bank):
+    engine = DecodeEngine(tiny_base, bank, set())
+    stopped, waiting = engine.submit(_requests(tiny_base)[0]), None
+    engine.step()
+    engine.step()
+    waiting = engine.submit(_requests(tiny_base)[2])
+    engine.cancel(stopped, "stop")  # its caller met a stop string in its text
+    engine.cancel(waiting, "stop")
+    engine.step()
+    assert stopped.finish_reason == "stop" and len(stopped.tokens) == 2 and stopped.error is None
+    assert waiting.finish_reason == "stop" and waiting.tokens == []
+    assert engine.finished["stop"] == 2 and engine.finished["cancelled"] == 0 and engine.rows == 0
+
+
+def test_stopping_the_engine_fails_what_it_holds_never_a_partial_answer(tiny_base, bank):
+    engine = DecodeEngine(tiny_base, bank, set())
+    running = engine.submit(_requests(tiny_base)[0])
+    engine.step()
+    waiting = engine.submit(_requests(tiny_base)[1])
+    engine.stop()  # as the replica's shutdown does
+    for generation in (running, waiting):
+        assert generation.finish_reason == "error" and isinstance(generation.error, EngineStopped)
+        with pytest.raises(EngineStopped):
+            generation.decoded()

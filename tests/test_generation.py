@@ -8,10 +8,15 @@ from transformers import DynamicCache
 from tests.conftest import PROMPTS, token_ids
 from workers.committees import committee_distributions
 from workers.generation import (
+    LOGPROB_FLOOR,
     SPARE_SLOTS,
     DecodeRequest,
     cache_kwarg,
+    choice_seed,
     committee_generate,
+    nucleus,
+    pick_tokens,
+    token_logprobs,
     with_spare_slots,
 )
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
@@ -177,3 +182,46 @@ def test_a_decode_cache_with_spare_slots_gives_dynamic_caches_numbers(tiny_base)
             logits.append(out.logits[:, -1])
         runs.append(logits)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling: top_p's nucleus, log probabilities, the seeds of several choices
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_the_nucleus_keeps_the_fewest_most_likely_tokens_that_reach_top_p():
+    probs = torch.tensor([0.125, 0.5, 0.125, 0.25])  # exact in binary: comparisons are exact
+    assert nucleus(probs, 1.0) is probs
+    assert nucleus(probs, 0.5).tolist() == [0, 0.5, 0, 0]  # 0.5 alone reaches 0.5
+    assert nucleus(probs, 0.6).tolist() == [0, 0.5, 0, 0.25]
+    assert nucleus(probs, 0.8).tolist() == [0.125, 0.5, 0, 0.25]  # 0.75 is not yet 0.8; a tie: the lower id
+    assert nucleus(probs, 0.0).tolist() == [0, 0.5, 0, 0]  # the most likely always stays
+
+
+def test_sampling_draws_only_from_the_nucleus_and_top_p_zero_is_greedy():
+    torch.manual_seed(0)
+    mixed = torch.softmax(torch.randn(3, 50) * 3, dim=-1)
+    generators = [torch.Generator().manual_seed(s) for s in range(3)]
+    greedy = pick_tokens(mixed, [None] * 3)
+    assert pick_tokens(mixed, generators, [0.0] * 3) == greedy
+    for seed in range(20):
+        generators = [torch.Generator().manual_seed(seed) for _ in range(3)]
+        tokens = pick_tokens(mixed, generators, [0.5, 0.9, 1.0])
+        for row, (token, top_p) in enumerate(zip(tokens[:2], [0.5, 0.9])):
+            assert nucleus(mixed[row], top_p)[token] > 0
+
+
+def test_token_logprobs_are_the_mixed_distributions_logs():
+    mixed = torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.25, 0.25, 0.25, 0.25], [0.1, 0.6, 0.3, 0.0]])
+    first, none, third = token_logprobs(mixed, [1, 0, 3], [2, None, 0])
+    assert none is None
+    assert first.logprob == pytest.approx(np.log(0.2)) and [t for t, _ in first.top] == [0, 1]
+    assert [lp for _, lp in first.top] == pytest.approx([np.log(0.7), np.log(0.2)])
+    assert third.top == [] and third.logprob == LOGPROB_FLOOR  # probability 0: a finite floor, not -inf
+
+
+def test_each_choice_gets_its_own_seed_the_first_the_requests():
+    seeds = [choice_seed(7, i) for i in range(4)]
+    assert seeds[0] == 7 and len(set(seeds)) == 4 and all(0 <= s < 2**63 for s in seeds)
+    assert seeds == [choice_seed(7, i) for i in range(4)]  # derived, not random
+    assert choice_seed(None, 3) is None

@@ -13,7 +13,16 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.serving import CULTURES, SIMILARITY, client, local_serve, serve_config, wait_for, write_experts
+from tests.serving import (
+    CULTURES,
+    SIMILARITY,
+    client,
+    local_serve,
+    pool_settings,
+    serve_config,
+    wait_for,
+    write_experts,
+)
 
 KEY_ENV, KEY = "SHORES_TEST_API_KEY", "test-key-123"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
@@ -207,10 +216,15 @@ BAD = [
 
 @pytest.mark.parametrize("path, body, status, message", BAD, ids=[b[3] for b in BAD])
 def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(http, path, body, status, message):
-    content = body if isinstance(body, bytes) else None
-    response = http.post(path, content=content, json=None if content else body)
+    if isinstance(body, bytes):  # sent as JSON, as declared, whatever it holds
+        response = http.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = http.post(path, json=body)
     assert response.status_code == status, response.text
-    assert message in response.json()["error"]
+    error = response.json()[
+        "error"
+    ]  # OpenAI's shape on the OpenAI paths: {"message", "type", "param", "code"}
+    assert message in (error["message"] if path == "/v1/chat/completions" else error)
     opinion(http, culture="Japan")
 
 
@@ -375,21 +389,11 @@ def test_the_engine_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_
         GenerateJob,
         OpinionAnswer,
         OpinionJob,
-        PoolSettings,
     )
     from workers.committees import Committee
-    from workers.expert_store import DirectorySource
 
     write_experts(tmp_path, tiny_model_dirs["llama"], ["Japan"])
-    settings = PoolSettings(
-        base_model=str(tiny_model_dirs["llama"]),
-        dtype="float32",
-        device="cpu",
-        source=DirectorySource(tmp_path),
-        max_rows=8,
-        per_expert=False,
-        reload_interval_s=0,
-    )
+    settings = pool_settings(tiny_model_dirs["llama"], tmp_path)
     opinions = [
         OpinionJob(QUESTION["question"], QUESTION["options"], Committee([(culture, 1.0)]))
         for culture in ("Japan", "Peru")
@@ -412,6 +416,5 @@ def test_the_engine_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_
         "experts ['Peru'] are not loaded"
     )
     assert isinstance(mixed, ExpertsNotLoadedError)
-    assert (
-        isinstance(alone, GenerateAnswer) and alone.completion_tokens == 4 and alone.finish_reason == "length"
-    )
+    assert isinstance(alone, GenerateAnswer)
+    assert [(c.completion_tokens, c.finish_reason) for c in alone.choices] == [(4, "length")]

@@ -17,6 +17,7 @@ import pycountry
 from workers.settings import SHARED
 
 __all__ = [
+    "CultureIndex",
     "UnknownCultureError",
     "canonical_country",
     "culture_key",
@@ -191,27 +192,48 @@ def _words(text: str) -> str:
     return " ".join(text.replace("’", "'").lower().split())
 
 
+def _is_word(char: str) -> bool:
+    return char.isalnum() or char == "_"  # what a regex's \w matches
+
+
+def _phrases(words: str) -> set[str]:
+    """The substrings of `words` that begin and end at word boundaries ("bolivia", "plurinational state of")."""
+    starts = [i for i, c in enumerate(words) if not c.isspace() and (i == 0 or not _is_word(words[i - 1]))]
+    ends = [
+        j
+        for j in range(1, len(words) + 1)
+        if not words[j - 1].isspace() and (j == len(words) or not _is_word(words[j]))
+    ]
+    return {words[i:j] for i in starts for j in ends if j > i}
+
+
+@lru_cache(maxsize=1)
+def _country_phrases() -> dict[str, frozenset[str]]:
+    """Every whole-word phrase of every country's own names, with the alpha-2 codes of the countries holding it.
+
+    Built once (some 20 thousand phrases), so that fuzzy matching is one lookup whatever the name asked.
+    """
+    table: dict[str, set[str]] = {}
+    for country in pycountry.countries:
+        for attribute in ("name", "common_name", "official_name"):
+            name = getattr(country, attribute, None)
+            for phrase in _phrases(_words(name)) if name else ():
+                table.setdefault(phrase, set()).add(country.alpha_2)
+    return {phrase: frozenset(codes) for phrase, codes in table.items()}
+
+
 def _fuzzy_iso(name: str) -> str | None:
-    """Return the alpha-2 of the one country whose own names contain `name` as whole words, else None."""
-    try:
-        hits = pycountry.countries.search_fuzzy(name)
-    except LookupError:
-        return None
-    # search_fuzzy also matches subdivisions ("Hong Kong SAR" -> China, "Bavaria" -> Germany) and word
-    # fragments ("Mars" -> Marshall Islands); only whole words of the country's own names are trusted, and
-    # only when exactly one country qualifies ("Korea" names two).
-    word = re.compile(rf"(?<!\w){re.escape(_words(name))}(?!\w)")
-    own = []
-    for country in hits:
-        names = [getattr(country, a, None) for a in ("name", "common_name", "official_name")]
-        if any(n and word.search(_words(n)) for n in names):
-            own.append(country.alpha_2)
-    return own[0] if len(set(own)) == 1 else None
+    """The alpha-2 of the one country whose own names hold `name` as whole words, else None.
+
+    Whole words of a country's own names only: not subdivisions ("Bavaria"), not word fragments ("Mars" is
+    no Marshall Islands), and only when exactly one country qualifies ("Korea" names two).
+    """
+    codes = _country_phrases().get(_words(name), frozenset())
+    return next(iter(codes)) if len(codes) == 1 else None
 
 
-@lru_cache(maxsize=4096)
-def canonical_country(name: str) -> tuple[str, str] | None:
-    """Return (canonical short name, ISO 3166-1 alpha-2) for a country spelling, or None if unrecognised."""
+def _country(name: str) -> tuple[str, str] | None:
+    """canonical_country without its cache: for names that callers choose (an HTTP request's culture)."""
     if not isinstance(name, str):
         return None
     bare, _ = _split_sample(name)
@@ -228,9 +250,53 @@ def canonical_country(name: str) -> tuple[str, str] | None:
     return _friendly(iso), iso
 
 
+@lru_cache(maxsize=4096)
+def canonical_country(name: str) -> tuple[str, str] | None:
+    """Return (canonical short name, ISO 3166-1 alpha-2) for a country spelling, or None if unrecognised."""
+    return _country(name)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Resolving a user's spelling to a known culture
 # --------------------------------------------------------------------------------------------------------
+
+
+class CultureIndex:
+    """Known cultures indexed once, so that finding the one a spelling means costs a few lookups.
+
+    A server resolves every request's culture against the same known cultures: it builds the index when they
+    change, and nothing about the names asked is kept.
+    """
+
+    def __init__(self, known: Iterable[str]):
+        self.known = list(dict.fromkeys(known))
+        self._names = set(self.known)
+        self._by_key: dict[str, str] = {}
+        self._by_iso: dict[str, str] = {}
+        for culture in self.known:
+            self._by_key.setdefault(culture_key(culture), culture)
+        for culture in self.known:
+            resolved = canonical_country(culture)
+            if resolved is not None:
+                self._by_iso.setdefault(resolved[1], culture)
+
+    def exact(self, name: str) -> str | None:
+        """The known culture with the same key as `name` (case, spaces and punctuation aside), or None."""
+        wanted = culture_key(str(name))
+        # A name with no ASCII letters or digits has an empty key, which must not match another.
+        return self._by_key.get(wanted) if wanted else None
+
+    def find(self, name: str) -> str | None:
+        """The known culture that `name` means, as `find_culture`, or None."""
+        found = self.exact(name)
+        if found is not None:
+            return found
+        resolved = _country(str(name))
+        if resolved is None:
+            return None
+        if resolved[0] in self._names:
+            return resolved[0]
+        return self._by_iso.get(resolved[1])
 
 
 def find_culture(name: str, known: Iterable[str]) -> str | None:
@@ -239,22 +305,7 @@ def find_culture(name: str, known: Iterable[str]) -> str | None:
     The same key wins first; otherwise the same country, matched on its canonical name or, where `known`
     holds other spellings than ours (a config written by hand), on its ISO code.
     """
-    known_list = list(dict.fromkeys(known))
-    wanted = culture_key(str(name))
-    if wanted:  # a name with no ASCII letters or digits has an empty key, which must not match another
-        for culture in known_list:
-            if culture_key(culture) == wanted:
-                return culture
-    resolved = canonical_country(str(name))
-    if resolved is None:
-        return None
-    if resolved[0] in known_list:
-        return resolved[0]
-    for culture in known_list:
-        other = canonical_country(culture)
-        if other is not None and other[1] == resolved[1]:
-            return culture
-    return None
+    return CultureIndex(known).find(name)
 
 
 def resolve_culture(name: str, known: Iterable[str]) -> str:

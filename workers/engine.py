@@ -40,6 +40,7 @@ from workers.committees import BASE, committee_distributions
 from workers.generation import (
     Decoded,
     DecodeRequest,
+    TokenLogprobs,
     cache_kwarg,
     check_request,
     is_greedy,
@@ -47,6 +48,7 @@ from workers.generation import (
     pick_tokens,
     sampler,
     stop_token_ids,
+    token_logprobs,
     with_spare_slots,
 )
 from workers.prefix import start_cache
@@ -86,10 +88,12 @@ class Generation:
     listener: Listener | None = None
     bank: SoftPromptBank | None = field(default=None, repr=False)  # the prompts it is prefilled with
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, if the request asked
     finish_reason: str | None = None
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
     cancel_requested: bool = False
+    cancel_reason: str = "cancelled"  # the finish reason a cancel gives (`stop`: a stop string was met)
     # Engine state: member weights (summing to 1), the sampler, the token to feed at the next decode step.
     weights: list[float] = field(default_factory=list, repr=False)
     generator: torch.Generator | None = field(default=None, repr=False)
@@ -204,8 +208,10 @@ class DecodeEngine:
             self._lock.notify()
         return opinion.future
 
-    def cancel(self, generation: Generation) -> None:
-        """Cancel a request (the client went away): its rows leave the batch at the next step."""
+    def cancel(self, generation: Generation, reason: str = "cancelled") -> None:
+        """Cancel a request: its rows leave the batch at the next step, and it ends with `reason`
+        (`cancelled`: the client went away; `stop`: its caller met a stop string in its text)."""
+        generation.cancel_reason = reason
         generation.cancel_requested = True
         with self._lock:
             self._lock.notify()
@@ -285,8 +291,11 @@ class DecodeEngine:
             for g in waiting:
                 self._waiting.remove(g)
         for g in waiting:
-            self._finish(g, "cancelled")
-        self._retire([g for g in self._running if g.cancel_requested], "cancelled")
+            self._finish(g, g.cancel_reason)
+        for reason in FINISH_REASONS:
+            self._retire(
+                [g for g in self._running if g.cancel_requested and g.cancel_reason == reason], reason
+            )
 
     def _answer_opinions(self, budget: int) -> int:
         """Answer waiting opinion requests that fit the budget (at least one) in one forward; tokens used."""
@@ -424,7 +433,11 @@ class DecodeEngine:
         # One check and one pick for the whole batch (not a tensor op per request); a request whose
         # distribution is not finite draws nothing, and fails below.
         finite = torch.isfinite(mixed).all(-1).tolist()
-        tokens = pick_tokens(mixed, [g.generator if ok else None for g, ok in zip(self._running, finite)])
+        generators = [g.generator if ok else None for g, ok in zip(self._running, finite)]
+        tokens = pick_tokens(mixed, generators, [g.request.top_p for g in self._running])
+        logprobs = token_logprobs(
+            mixed, tokens, [g.request.logprobs if ok else None for g, ok in zip(self._running, finite)]
+        )
         done: dict[str, list[Generation]] = {"stop": [], "length": []}
         failed: list[tuple[Generation, BaseException]] = []
         for i, g in enumerate(self._running):
@@ -438,6 +451,8 @@ class DecodeEngine:
                     done["stop"].append(g)
                     continue
                 g.tokens.append(token)
+                if logprobs[i] is not None:
+                    g.logprobs.append(logprobs[i])
                 g.next_token = token
                 if g.listener is not None:
                     g.listener(g, token)
@@ -492,7 +507,7 @@ class DecodeEngine:
         return self
 
     def stop(self) -> None:
-        """Stop the loop; requests still waiting or running end as `cancelled`, opinions with EngineStopped."""
+        """Stop the loop; requests still waiting or running end with EngineStopped (an `error`), opinions too."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
@@ -500,7 +515,7 @@ class DecodeEngine:
             self._thread.join()
             self._thread = None
         for g in [*self._running, *self._waiting]:
-            self._finish(g, "cancelled")
+            self._finish(g, "error", EngineStopped("the engine stopped before the request finished"))
         for opinion in self._opinions:
             opinion.future.set_exception(EngineStopped("the engine stopped"))
         self._running, self._waiting, self._opinions = [], deque(), deque()

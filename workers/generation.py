@@ -10,6 +10,7 @@ request); `workers.engine.DecodeEngine` is the continuous-batching loop built fr
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,17 +29,33 @@ SPARE_SLOTS = (
 )
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / ~0 would be inf, then NaN
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63), what torch.Generator.manual_seed takes without wrapping
+MAX_TOP_LOGPROBS = 20  # alternatives a token's log probabilities may list (OpenAI's cap)
+LOGPROB_FLOOR = -9999.0  # the log probability reported for a token of probability 0 (JSON has no -inf)
 
 
 @dataclass
 class DecodeRequest:
-    """One text to continue: its prompt tokens, its committee as (expert index or NO_EXPERT, weight)."""
+    """One text to continue: its prompt tokens, its committee as (expert index or NO_EXPERT, weight).
+
+    Sampling (temperature above 0) draws from the committee's mixed distribution, cut to its `top_p` nucleus.
+    With `logprobs` k, each picked token carries its log probability and the k most likely tokens' (TokenLogprobs).
+    """
 
     prompt_ids: list[int]
     members: list[tuple[int, float]]
     max_new_tokens: int
     temperature: float = 0.0
     seed: int | None = None
+    top_p: float = 1.0
+    logprobs: int | None = None
+
+
+@dataclass
+class TokenLogprobs:
+    """A picked token's log probability in its committee's mixed distribution, and the most likely tokens'."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # (token, log probability), the most likely first
 
 
 @dataclass
@@ -110,6 +127,10 @@ def check_request(request: DecodeRequest) -> None:
         raise ValueError(f"temperature must be a finite number, got {request.temperature}")
     if request.seed is not None and not 0 <= request.seed < SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2**63), got {request.seed}")
+    if not 0 <= request.top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1], got {request.top_p}")
+    if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.logprobs}")
 
 
 def is_greedy(request: DecodeRequest) -> bool:
@@ -126,6 +147,15 @@ def sampler(request: DecodeRequest) -> torch.Generator | None:
     return generator
 
 
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a request that asks for several (OpenAI's `n`): the request's own seed for
+    the first, so that it answers as the same request alone, then seeds derived from it (None stays None)."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % SEED_LIMIT
+
+
 def mixed_distributions(
     logits: torch.Tensor, owner: torch.Tensor, weight: torch.Tensor, temperature: torch.Tensor, n: int
 ) -> torch.Tensor:
@@ -139,8 +169,26 @@ def mixed_distributions(
     return torch.zeros(n, probs.shape[1], device=logits.device).index_add_(0, owner, probs)
 
 
-def pick_tokens(mixed: torch.Tensor, generators: Sequence[torch.Generator | None]) -> list[int]:
-    """Each request's next token from its row of `mixed`: greedy where its generator is None, else sampled.
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """A distribution cut to its nucleus: the fewest most likely tokens whose mass reaches `top_p` (top-p sampling).
+
+    The tokens outside get probability 0 and the rest keep theirs (not renormalised: torch.multinomial does not
+    need it). The most likely token always stays, so `top_p` 0 picks it; ties keep the lower token id first.
+    """
+    if top_p >= 1:
+        return probs
+    ranked, order = probs.sort(descending=True, stable=True)
+    before = ranked.cumsum(0) - ranked  # the mass of the tokens ranked above each
+    keep = before < top_p * ranked.sum()
+    keep[0] = True
+    return torch.zeros_like(probs).index_put_((order[keep],), ranked[keep])
+
+
+def pick_tokens(
+    mixed: torch.Tensor, generators: Sequence[torch.Generator | None], top_ps: Sequence[float] | None = None
+) -> list[int]:
+    """Each request's next token from its row of `mixed`: greedy where its generator is None, else sampled
+    from the row's `top_ps` nucleus (the whole row by default).
 
     The greedy rows are one argmax on the device and one small copy to the host (not a call per row, nor
     the whole n x V table copied); only the sampled rows travel, to be drawn on the CPU with their own
@@ -150,8 +198,30 @@ def pick_tokens(mixed: torch.Tensor, generators: Sequence[torch.Generator | None
     sampled = [i for i, generator in enumerate(generators) if generator is not None]
     if sampled:
         for i, row in zip(sampled, mixed[sampled].cpu()):
+            row = nucleus(row, top_ps[i]) if top_ps is not None else row
             tokens[i] = int(torch.multinomial(row, 1, generator=generators[i]))
     return tokens
+
+
+def token_logprobs(
+    mixed: torch.Tensor, tokens: Sequence[int], wanted: Sequence[int | None]
+) -> list[TokenLogprobs | None]:
+    """For each row whose `wanted` is k (not None): the log probability of its picked token in `mixed` and the
+    k most likely tokens with theirs. One top-k on the device and one copy to the host for all the rows."""
+    rows = [i for i, k in enumerate(wanted) if k is not None]
+    out: list[TokenLogprobs | None] = [None] * len(wanted)
+    if not rows:
+        return out
+    logs = mixed[rows].clamp_min(0).log().clamp_min(LOGPROB_FLOOR)
+    picked = logs.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logs.device)).squeeze(1)
+    k = max(wanted[i] for i in rows)
+    values = ids = [[] for _ in rows]
+    if k:
+        top = logs.topk(k, dim=-1)
+        values, ids = top.values.tolist(), top.indices.tolist()
+    for slot, (i, logprob) in enumerate(zip(rows, picked.tolist())):
+        out[i] = TokenLogprobs(logprob, list(zip(ids[slot], values[slot]))[: wanted[i]])
+    return out
 
 
 @torch.no_grad()
@@ -202,7 +272,8 @@ def committee_generate(
     while True:
         mixed = mixed_distributions(logits, owner_t, weight_t, temperature_t, len(requests))
         # Finished requests have empty rows here: they draw nothing (their generators stay where they are).
-        picks = pick_tokens(mixed, [g if finish[i] is None else None for i, g in enumerate(generators)])
+        live_generators = [g if finish[i] is None else None for i, g in enumerate(generators)]
+        picks = pick_tokens(mixed, live_generators, [r.top_p for r in requests])
         picked = {}
         for i in live:
             token = picks[i]
