@@ -808,6 +808,25 @@ class TokenStream:
         self.cancel()
 
 
+def slot_bytes(base: FrozenBase) -> int:
+    """The bytes of one cache slot of one row: a key and a value per layer."""
+    config = base.model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = next(base.model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element
+
+
+def auto_cache_tokens(base: FrozenBase, fraction: float) -> int:
+    """A cache budget that fits the replica: DEFAULT_CACHE_TOKENS on a CPU; on a GPU, the slots that `fraction`
+    of its free memory holds (halved: a merge copies the cache)."""
+    if base.device.type != "cuda":
+        return DEFAULT_CACHE_TOKENS
+    free, _ = torch.cuda.mem_get_info(base.device)
+    return max(1, int(free * fraction) // (2 * slot_bytes(base)))
+
+
 def _width(bank: SoftPromptBank | None) -> int:
     return bank.num_virtual_tokens if bank is not None else 0
 
