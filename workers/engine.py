@@ -396,7 +396,7 @@ class DecodeEngine:
             return 0, False
         if self._waiting:
             budget //= 2  # generations wait too: they get the other half
-        free = self.max_cache_tokens - self.cache_slots[0]
+        free = self.max_cache_tokens - (0 if self._mask is None else self._mask.numel())
         used, rows, longest = 0, 0, 0
 
         def fits(opinion: _Opinion) -> bool:
