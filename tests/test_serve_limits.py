@@ -1,5 +1,6 @@
 """The server under bad input and overload, over real HTTP on 127.0.0.1: one poison request fails alone, a
-flood gets 503 with Retry-After, a stalled pool gets a 504, a client that leaves a stream frees its rows,
+flood gets 503 with Retry-After, a stalled pool gets a 504, a client that leaves a stream frees its rows, a
+request over the cache budget is refused beside good ones, a replica whose engine breaks is replaced,
 metrics reach Ray's Prometheus endpoint, and `shores serve` refuses an open host without a key and stops
 cleanly on SIGTERM.
 
