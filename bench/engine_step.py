@@ -5,8 +5,8 @@ git as a second module, so both run in one process on the same model, bank and r
 round (a shared machine's drift hits both alike). A round submits R requests at once (serve_generate's
 workload: 16 experts of 4-32 virtual tokens, a third committees, greedy), prefills them, and times the decode
 steps until all are done; `--new-tokens LO HI` draws each request's length, so rows retire along the way
-(LO = HI: one steady batch). Prints JSON: mean ms a step of each, the ratio, and whether every request's
-tokens are identical in both.
+(LO = HI: one steady batch). Prints JSON: mean ms a step of each, the ratio, whether every request's
+tokens are identical in both, and the cache slots this tree's decode steps used and needed.
 
     python -m bench.engine_step --model smollm2-135m --baseline main --requests 24 --new-tokens 16 64
 """
@@ -51,15 +51,20 @@ def engine_at(revision: str) -> type:
     return sys.modules["baseline_engine"].DecodeEngine
 
 
-def one_round(engine_class: type, base, bank, arrivals) -> tuple[float, int, list[list[int]]]:
-    """Decode every request from a full start: seconds in decode steps, their number, the tokens."""
+def one_round(engine_class: type, base, bank, arrivals) -> tuple[float, int, list[list[int]], dict]:
+    """Decode every request from a full start: seconds in decode steps, their number, the tokens, and the
+    cache slots its decode steps used (rows x padded width) and needed (the rows' lengths), where counted."""
     engine = engine_class(base, bank, set(), max_rows=256)
     generations = [engine.submit(a.request) for a in arrivals]
     engine.step()  # every prefill (the step budget takes them all): not a decode step
     steps, start = 0, time.perf_counter()
     while engine.step():
         steps += 1
-    return time.perf_counter() - start, steps, [g.tokens for g in generations]
+    slots = {
+        "used": getattr(engine, "slot_steps_used", None),
+        "needed": getattr(engine, "slot_steps_needed", None),
+    }
+    return time.perf_counter() - start, steps, [g.tokens for g in generations], slots
 
 
 def main() -> None:
@@ -81,10 +86,11 @@ def main() -> None:
         one_round(engine_class, base, bank, arrivals[:2])
     rounds: dict[str, list[float]] = {name: [] for name in variants}
     tokens: dict[str, list] = {}
+    slots: dict[str, dict] = {}
     steps = 0
     for _ in range(args.rounds):
         for name, engine_class in variants.items():
-            seconds, steps, tokens[name] = one_round(engine_class, base, bank, arrivals)
+            seconds, steps, tokens[name], slots[name] = one_round(engine_class, base, bank, arrivals)
             rounds[name].append(1000 * seconds / steps)
             print(f"{name}: {rounds[name][-1]:.2f} ms a step", file=sys.stderr, flush=True)
     mean = {name: float(np.mean(values)) for name, values in rounds.items()}
@@ -104,6 +110,8 @@ def main() -> None:
         "ms_per_step_rounds": {name: [round(v, 2) for v in values] for name, values in rounds.items()},
         "baseline_over_this_tree": round(mean["baseline"] / mean["this_tree"], 3),
         "same_tokens": tokens["baseline"] == tokens["this_tree"],
+        # Summed over this tree's decode steps: the padding's share of the cache is 1 - needed / used.
+        "cache_slot_steps": slots["this_tree"],
         "torch_threads": torch.get_num_threads(),
     }
     write_report(report, args.out)

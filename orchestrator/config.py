@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -188,6 +188,14 @@ class ServeSection(Strict):
     cpus_per_replica: float = Field(default=1.0, gt=0)
     gpus_per_replica: float | Literal["auto"] = "auto"  # auto: one GPU a replica where the cluster has GPUs
     max_batch_size: int = Field(default=16, ge=1)  # rows (committee members) in a pool's running batch
+    # A replica's KV cache budget in slots (rows x padded width, soft-prompt slots included): a request joins
+    # the running batch while every row, grown to its longest, fits; one that never could is refused (422).
+    # auto: 32768 on a CPU; on a GPU, what cache_memory_fraction of its free memory holds once the model loads.
+    max_cache_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    cache_memory_fraction: float = Field(default=0.5, gt=0, le=0.95)  # for max_cache_tokens: auto on a GPU
+    max_tokens_per_step: int = Field(
+        default=2048, ge=1
+    )  # prompt tokens (rows x length) one engine step prefills
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)  # unused: the pool batches continuously
     batching: Literal["mixed", "per_expert"] = "mixed"  # per_expert: one forward per expert (benchmarks)
     max_body_bytes: int = Field(default=65536, ge=1024)

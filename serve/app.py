@@ -101,6 +101,9 @@ def pool_settings(config: ExperimentConfig) -> PoolSettings:
         max_rows=section.max_batch_size,
         per_expert=section.batching == "per_expert",
         reload_interval_s=section.reload_interval_s,
+        max_cache_tokens=None if section.max_cache_tokens == "auto" else section.max_cache_tokens,
+        cache_memory_fraction=section.cache_memory_fraction,
+        max_tokens_per_step=section.max_tokens_per_step,
     )
 
 

@@ -49,7 +49,7 @@ from workers.base_model import load_frozen_base
 from workers.chat import chat_prompt
 from workers.committees import BASE, Committee, member_indices
 from workers.detokenize import Detokenizer, StopStrings, token_text
-from workers.engine import Batch, DecodeEngine, EngineStopped, Generation
+from workers.engine import Batch, CacheBudgetError, DecodeEngine, EngineStopped, Generation, auto_cache_tokens
 from workers.expert_store import DirectorySource, ExpertSnapshot, RegistrySource, Similarity
 from workers.generation import DecodeRequest, choice_seed, stop_token_ids
 from workers.prompts import Expert, SoftPromptBank, bank_from_experts
@@ -87,6 +87,11 @@ class PoolSettings:
     max_rows: int  # rows (committee members) in the engine's running batch
     per_expert: bool  # opinions: one forward pass per expert instead of mixed batches (benchmarks)
     reload_interval_s: float  # 0: never look for new experts
+    max_cache_tokens: int | None = (
+        None  # the engine's cache budget in slots; None: what fits (auto_cache_tokens)
+    )
+    cache_memory_fraction: float = 0.5  # of a GPU's free memory, for the cache budget when it is None
+    max_tokens_per_step: int = 2048  # prompt tokens one engine step prefills
 
 
 class PoolStats:
@@ -169,8 +174,11 @@ class ExpertPool:
             self.base,
             self.experts.bank,
             stop_token_ids(self.base),
+            max_tokens_per_step=settings.max_tokens_per_step,
             max_rows=settings.max_rows,
             per_expert=settings.per_expert,
+            max_cache_tokens=settings.max_cache_tokens
+            or auto_cache_tokens(self.base, settings.cache_memory_fraction),
         )
         self.engine.on_batch = self._on_batch
         if self.gate:
@@ -180,10 +188,11 @@ class ExpertPool:
         if settings.reload_interval_s > 0:
             self.watcher = self.loop.create_task(self._watch(settings.reload_interval_s))
         logger.info(
-            "ExpertPool ready: %s with %d experts on %s",
+            "ExpertPool ready: %s with %d experts on %s, a cache budget of %d slots",
             self.base.name,
             len(self.experts.experts),
             self.base.device,
+            self.engine.max_cache_tokens,
         )
 
     def __del__(self) -> None:
@@ -236,6 +245,10 @@ class ExpertPool:
         ]
         return Catalogue(experts.version, cards, experts.similarity, self.base.name, self.base.fingerprint)
 
+    async def check_health(self) -> None:
+        """Serve's health check: raises (EngineBroken) when the engine cannot step, so Serve replaces the replica."""
+        self.engine.check_health()
+
     async def health(self) -> PoolHealth:
         """This replica's identity, batching counters and what its engine holds now."""
         self.stats.calls["health"] += 1
@@ -252,6 +265,7 @@ class ExpertPool:
             waiting_requests=engine.waiting,
             engine_steps=engine.steps,
             finished=dict(engine.finished),
+            cache=_cache_stats(engine),
         )
 
     # ---- requests ----
@@ -523,6 +537,19 @@ class _ChoiceText:
         return rest + self.stop.finish(), reason
 
 
+def _cache_stats(engine: DecodeEngine) -> dict[str, int]:
+    """The engine's cache slots, as PoolHealth.cache reports them."""
+    used, needed = engine.cache_slots
+    return {
+        "budget": engine.max_cache_tokens,
+        "used": used,
+        "needed": needed,
+        "peak": engine.peak_cache_slots,
+        "slot_steps_used": engine.slot_steps_used,
+        "slot_steps_needed": engine.slot_steps_needed,
+    }
+
+
 def _prepared(make: Callable[[], Answer]) -> Answer:
     """`make()`, preparing one request; its failure is its own, raised to its caller only.
 
@@ -532,6 +559,10 @@ def _prepared(make: Callable[[], Answer]) -> Answer:
         return make()
     except BadRequestError:
         raise
+    except CacheBudgetError as err:
+        raise BadRequestError(
+            f"{err} (serve.max_cache_tokens): shorten the prompt, max_new_tokens or the committee"
+        ) from None
     except ValueError as err:
         raise BadRequestError(str(err)) from None
     except Exception:

@@ -197,3 +197,7 @@ class PoolHealth:
     waiting_requests: int
     engine_steps: int
     finished: dict[str, int]  # the engine's requests by finish reason (stop, length, cancelled, error)
+    # The engine's KV cache in slots: `budget`; `used` (rows x padded width) and `needed` (the rows' real
+    # lengths) now; `peak` used; `slot_steps_used` and `slot_steps_needed` summed over decode steps (their ratio
+    # is the padding's cost).
+    cache: dict[str, int] = field(default_factory=dict)

@@ -192,3 +192,32 @@ def register(config: ExperimentConfig, expert_file: Path, val_alignment: float) 
         shutil.copy2(expert_file, tmp)
         tracker.trial_finished(FinishedTrial(trial_id, Path(tmp)))
         return asdict(tracker.register(Winner(culture, trial_id, Path(tmp), val_alignment)))
+
+
+BREAKING_PROMPT = "this prompt ends the engine thread"
+
+
+def breakable_pool(settings, **options):
+    """An ExpertPool deployment, without a router, whose engine thread dies at the first decode step of
+    BREAKING_PROMPT (its fault hook raises what no step catches): a replica with a broken engine.
+
+    Returns the Application; `options` are Serve's deployment options (health_check_period_s, ...)."""
+    from ray import serve
+
+    from serve.pool import ExpertPool
+
+    class EngineKilled(BaseException):
+        """Not an Exception: no step contains it, and the engine thread ends."""
+
+    class BreakablePool(ExpertPool.func_or_class):
+        def __init__(self, settings):
+            super().__init__(settings)
+            breaking = self.base.tokenizer(BREAKING_PROMPT, add_special_tokens=False)["input_ids"]
+
+            def kill(generation, at: str) -> None:
+                if at == "decode" and generation.request.prompt_ids == breaking:
+                    raise EngineKilled()
+
+            self.engine.fault_hook = kill
+
+    return serve.deployment(BreakablePool).options(**options).bind(settings)

@@ -1,5 +1,6 @@
 """The server under bad input and overload, over real HTTP on 127.0.0.1: one poison request fails alone, a
-flood gets 503 with Retry-After, a stalled pool gets a 504, a client that leaves a stream frees its rows,
+flood gets 503 with Retry-After, a stalled pool gets a 504, a client that leaves a stream frees its rows, a
+request over the cache budget is refused beside good ones, a replica whose engine breaks is replaced,
 metrics reach Ray's Prometheus endpoint, and `shores serve` refuses an open host without a key and stops
 cleanly on SIGTERM.
 
@@ -27,21 +28,26 @@ import yaml
 from serve.pool import GATE_ENV, STEP_GATE
 from tests.conftest import REPO, free_ports
 from tests.serving import (
+    BREAKING_PROMPT,
     CULTURES,
     SIMILARITY,
+    breakable_pool,
     client,
     closed_gate,
     local_serve,
+    pool_settings,
     serve_config,
     wait_for,
     write_experts,
 )
+from workers.base_model import load_frozen_base
 
 GATE = "test-gate"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 # Serve counts a request as queued until a replica takes it: a queue of 4 lets 4 simultaneous arrivals in.
 # The deadline is far above what a tiny model needs even on a busy machine: only the stalled pool meets it.
 ONGOING, QUEUED, TIMEOUT_S = 4, 4, 30
+CACHE_TOKENS = 800  # a committee of two fits with prompts of up to ~390 tokens; one row with any prompt
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +66,7 @@ def server(tiny_model_dirs, tmp_path_factory):
         committee_size=2,
         max_new_tokens=16,
         default_max_new_tokens=4,
+        max_cache_tokens=CACHE_TOKENS,
     )
     (metrics_port,) = free_ports(1)
     os.environ[GATE_ENV] = GATE  # before ray.init: the replicas inherit it
@@ -193,6 +200,78 @@ def test_a_flood_gets_503_with_retry_after(server):
         assert response.status_code == 503, response.text
         assert "overloaded" in response.json()["error"] and response.headers["retry-after"] == "1"
     assert all(r.status_code == 200 for r in rest), [r.text for r in rest]
+
+
+def test_a_request_over_the_cache_budget_is_refused_while_its_neighbours_finish(server):
+    http = server["http"]
+    good = [
+        ("/v1/generate", {"prompt": "tell me about trust", "culture": c, "max_new_tokens": 4})
+        for c in CULTURES
+    ]
+    alone = [http.post(path, json=body).json()["text"] for path, body in good]
+    # Inside the context window (512), but a committee of two rows of ~450 slots is over the budget.
+    tokenizer = load_frozen_base(str(server["model"]), device="cpu").tokenizer
+    prompt = tokenizer.decode(tokenizer("yes " * 1000, add_special_tokens=False)["input_ids"][:450])
+    assert 420 < len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) < 480
+    over = ("/v1/generate", {"prompt": prompt, "culture": "Canada", "max_new_tokens": 4})
+    before = http.get("/v1/status").json()["router"]["answered"].get("/v1/generate", {})
+    with closed_gate(GATE) as gate:
+        futures = post_all(server["url"], [*good, over])
+        until(gate.until_waiting.remote(len(futures)))
+        until(gate.open.remote())
+        responses = [f.result() for f in futures]
+    for response, text in zip(responses[:-1], alone):
+        assert response.status_code == 200, response.text
+        assert response.json()["text"] == text
+    refused = responses[-1]
+    assert refused.status_code == 422, refused.text
+    message = refused.json()["error"]
+    assert f"over the cache budget of {CACHE_TOKENS}" in message and "serve.max_cache_tokens" in message
+    status = http.get("/v1/status").json()
+    assert status["router"]["answered"]["/v1/generate"]["422"] == before.get("422", 0) + 1  # counted
+    cache = status["pool"]["cache"]
+    assert cache["budget"] == CACHE_TOKENS and 0 < cache["peak"] <= CACHE_TOKENS
+    assert 0 < cache["slot_steps_needed"] <= cache["slot_steps_used"]
+
+
+def test_a_replica_whose_engine_breaks_fails_its_health_check_and_is_replaced(server, tmp_path):
+    """A second application on the module's Serve: one pool replica whose engine thread dies on a prompt."""
+    from ray import serve
+
+    from serve.pool import GenerateJob
+    from workers.committees import Committee
+
+    write_experts(tmp_path, server["model"], ["Japan"])
+    pool = serve.run(
+        breakable_pool(
+            pool_settings(server["model"], tmp_path),
+            health_check_period_s=1,
+            ray_actor_options={"num_cpus": 0},
+        ),
+        name="breakable",
+        route_prefix=None,
+    )
+    try:
+
+        def generate(prompt: str):
+            return pool.generate.remote(GenerateJob(Committee([("Japan", 1.0)]), 4, prompt=prompt))
+
+        first = pool.health.remote().result(timeout_s=120).replica
+        with pytest.raises(Exception, match="engine thread died"):  # an error, never a hang
+            generate(BREAKING_PROMPT).result(timeout_s=120)
+
+        def replaced() -> str | None:  # Serve's health check failed the replica and started another
+            try:
+                replica = pool.health.remote().result(timeout_s=30).replica
+            except Exception:  # noqa: BLE001 - the broken one is being stopped
+                return None
+            return replica if replica != first else None
+
+        wait_for(replaced, timeout=180, interval=1)
+        answer = generate("hello").result(timeout_s=120)
+        assert answer.choices[0].finish_reason in ("stop", "length")
+    finally:
+        serve.delete("breakable")
 
 
 def test_a_stalled_pool_gets_504_and_the_request_is_cancelled(server):

@@ -4,10 +4,23 @@ Every decode request is a committee: one row per member, each row with its own e
 own rows of one shared KV cache (left-padded, so rows of different lengths stack). One `step()`:
 1. drops the rows of cancelled requests and answers waiting opinion requests (one forward pass);
 2. runs one decode forward over the running rows, feeding each the token its request picked last step;
-3. prefills the newcomers that fit the step's token budget and merges their caches into the running one;
+3. prefills the newcomers that fit the step's token budget and the cache budget, and merges their caches into
+   the running one;
 4. mixes each request's member distributions by weight, picks and streams its next token, and retires the
-   requests that are done (stop token, `max_new_tokens`).
-An error in one request fails that request alone: a prefill batch that raises is retried request by request.
+   requests that are done (stop token, `max_new_tokens`): they are told first, then their rows leave the cache.
+
+Memory: the running cache is rows x padded width slots (left padding, prefix slots included). A request is
+admitted only while every running row, grown to its longest (prompt, prefix and `max_new_tokens`), fits
+`max_cache_tokens`; one that could never fit is refused at submit (CacheBudgetError). A waiting request that does
+not fit now lets smaller ones behind it pass, until it has waited `max_wait_steps` steps: then nothing new is
+admitted past it, the batch drains, and it is admitted within `max_wait_steps` + `max_new_tokens` steps.
+Opinions take at most half a step's token budget while generations wait, and share the cache budget.
+
+Faults: an error fails the request that causes it alone. A prefill batch that raises is retried request by
+request; a decode forward or the cache surgery of a retire that raises is undone, its culprit found by bisection
+(trying halves of the batch on copies of their rows; on out-of-memory, the request with the most slots) and
+failed, and the rest retried; a merge that raises is retried half by half. A step that fails anyway fails the
+requests it holds (never a hang) and marks the engine unhealthy (`check_health`) until a step succeeds.
 
 Each request is prefilled with the prompt bank it was submitted with (the engine's bank then, unless given):
 after prefill a row's soft prompt lives in its KV cache, so a new bank (experts reloaded) can be swapped in
@@ -21,6 +34,7 @@ engine thread never calls the tokenizer: a fast tokenizer must not be used by tw
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import logging
 import threading
@@ -57,7 +71,10 @@ from workers.scoring import EncodedQuestion, left_pad, option_token_ids
 
 logger = logging.getLogger(__name__)
 Listener = Callable[["Generation", "int | None"], None]  # a picked token, or None once the request is done
-FaultHook = Callable[["Generation", str], None]  # tests: raise here to fail one request at "prefill"/"decode"
+# Tests: called for each request of a batch at "prefill", "decode" (before the forward), "merge" (its rows joining
+# the running cache) and "retire" (its rows kept in the cache surgery); raise to make that batch operation fail.
+FaultHook = Callable[["Generation", str], None]
+DEFAULT_CACHE_TOKENS = 32768  # a CPU replica's cache budget: ~1.5 GB of SmolLM2-135M float32 slots
 CURRENT: Any = object()  # submit()'s default bank: the engine's bank at the time
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
@@ -74,6 +91,18 @@ class Batch:
 
 class EngineStopped(RuntimeError):
     """The engine stopped before the request finished."""
+
+
+class EngineBroken(RuntimeError):
+    """The engine cannot step: its thread is gone, or its last step failed beyond one request."""
+
+
+class CacheBudgetError(ValueError):
+    """A request whose rows could never fit the engine's cache budget, however empty the batch."""
+
+    def __init__(self, slots: int, budget: int, what: str):
+        super().__init__(f"{what} needs {slots} cache slots, over the cache budget of {budget}")
+        self.slots, self.budget = slots, budget
 
 
 @dataclass(eq=False)
@@ -98,6 +127,8 @@ class Generation:
     weights: list[float] = field(default_factory=list, repr=False)
     generator: torch.Generator | None = field(default=None, repr=False)
     next_token: int | None = None
+    slots_per_row: int = 0  # a row's cache slots once grown to its longest: prefix, prompt, max_new_tokens
+    waited: int = 0  # steps it has waited to be admitted
 
     @property
     def done(self) -> bool:
@@ -120,6 +151,12 @@ class _Opinion:
     members: list[tuple[int, float]]
     future: Future
     bank: SoftPromptBank | None
+    slots_per_row: int = 0
+    waited: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.members)
 
 
 class DecodeEngine:
@@ -133,6 +170,8 @@ class DecodeEngine:
         max_tokens_per_step: int = 2048,
         max_rows: int = 256,
         per_expert: bool = False,
+        max_cache_tokens: int = DEFAULT_CACHE_TOKENS,
+        max_wait_steps: int = 16,
     ):
         if any(
             getattr(layer, "is_sliding", False) for layer in DynamicCache(config=base.model.config).layers
@@ -143,6 +182,7 @@ class DecodeEngine:
         self.base, self.bank = base, bank
         self.stop_ids = stop_token_ids(base) if stop_ids is None else set(stop_ids)
         self.max_tokens_per_step, self.max_rows = max_tokens_per_step, max_rows
+        self.max_cache_tokens, self.max_wait_steps = max_cache_tokens, max_wait_steps
         self.per_expert = per_expert  # opinions: one forward per expert (benchmarks only)
         self.letter_ids = option_token_ids(base.tokenizer)  # here, so the engine thread needs no tokenizer
         self.fault_hook: FaultHook | None = None
@@ -150,6 +190,10 @@ class DecodeEngine:
         self.on_batch: Callable[[Batch], None] | None = None  # told of every forward pass (engine thread)
         self.finished: Counter[str] = Counter(dict.fromkeys(FINISH_REASONS, 0))
         self.steps = 0
+        # Cache slots (rows x width) and the slots rows hold (their real lengths), summed over decode steps:
+        # their ratio is the padding's cost. `peak_cache_slots`: the most slots one step held.
+        self.slot_steps_used = self.slot_steps_needed = self.peak_cache_slots = 0
+        self.failure: BaseException | None = None  # the last step's uncontained error, until a step succeeds
         self._holds = 0  # while > 0, nothing new is admitted (see `held`)
         self._ids = itertools.count()
         self._lock = threading.Condition()  # guards the queues below; wakes the engine thread
@@ -161,6 +205,9 @@ class DecodeEngine:
         self._mask: torch.Tensor | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._died: BaseException | None = None  # what ended the engine thread, other than stop()
+        self._taken: list = []  # what this step took off the queues: failed if the step fails
+        self._logits: torch.Tensor | None = None  # this step's logits, rows x V, in row order
 
     # ---- submitting (any thread) ----
 
@@ -177,14 +224,20 @@ class DecodeEngine:
         if not request.prompt_ids or not all(0 <= t < vocab for t in request.prompt_ids):
             raise ValueError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
         _check_members(request.members, bank)
+        per_row = _width(bank) + len(request.prompt_ids) + request.max_new_tokens
+        self._check_budget(len(request.members), per_row, "the request")
         total = sum(w for _, w in request.members)
         generation = Generation(
-            next(self._ids), request, listener, bank, weights=[w / total for _, w in request.members]
+            next(self._ids),
+            request,
+            listener,
+            bank,
+            weights=[w / total for _, w in request.members],
+            slots_per_row=per_row,
         )
         generation.generator = sampler(request)
         with self._lock:
-            if self._stopping:
-                raise EngineStopped("the engine is stopped")
+            self._check_running()
             self._waiting.append(generation)
             self._lock.notify()
         return generation
@@ -200,13 +253,24 @@ class DecodeEngine:
             raise ValueError("a committee needs at least one member with a positive weight")
         bank = self.bank if bank is CURRENT else bank
         _check_members(members, bank)
-        opinion = _Opinion(question, list(members), Future(), bank)
+        per_row = _width(bank) + len(question.input_ids)
+        self._check_budget(len(members), per_row, "the question")
+        opinion = _Opinion(question, list(members), Future(), bank, per_row)
         with self._lock:
-            if self._stopping:
-                raise EngineStopped("the engine is stopped")
+            self._check_running()
             self._opinions.append(opinion)
             self._lock.notify()
         return opinion.future
+
+    def _check_budget(self, rows: int, per_row: int, what: str) -> None:
+        if rows * per_row > self.max_cache_tokens:
+            raise CacheBudgetError(rows * per_row, self.max_cache_tokens, f"{what} ({rows} rows x {per_row})")
+
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise EngineStopped("the engine is stopped")
+        if self._died is not None:
+            raise EngineStopped(f"the engine thread died ({self._died!r})")
 
     def cancel(self, generation: Generation, reason: str = "cancelled") -> None:
         """Cancel a request: its rows leave the batch at the next step, and it ends with `reason`
@@ -245,6 +309,21 @@ class DecodeEngine:
         return len(self._waiting) + len(self._opinions)
 
     @property
+    def cache_slots(self) -> tuple[int, int]:
+        """The running cache's slots now (rows x padded width) and the slots its rows need (their lengths)."""
+        mask = self._mask
+        return (0, 0) if mask is None else (mask.numel(), int(mask.sum()))
+
+    def check_health(self) -> None:
+        """Raise EngineBroken unless the engine can step: its thread runs and its last step did not fail."""
+        if self._died is not None:
+            raise EngineBroken(f"the engine thread died: {self._died!r}")
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineBroken("the engine thread is not running")
+        if self.failure is not None:
+            raise EngineBroken(f"the engine's last step failed: {self.failure!r}")
+
+    @property
     def has_work(self) -> bool:
         return bool(self._running or self._waiting or self._opinions)
 
@@ -265,19 +344,13 @@ class DecodeEngine:
         self.steps += 1
         self._drop_cancelled()
         budget = self.max_tokens_per_step - self.rows
-        budget -= self._answer_opinions(budget)
-        logits = None
+        used, reserved = self._answer_opinions(budget)
+        self._logits = self._decode_contained() if self._running else None
+        if not reserved:  # an opinion that waited too long holds the cache budget: no generation joins
+            self._admit(budget - used)
         if self._running:
-            try:
-                logits = self._decode()
-            except Exception as error:  # noqa: BLE001 - a failed batch forward leaves no usable cache
-                self._retire(list(self._running), "error", error)
-        newcomers, new_logits = self._admit(budget)
-        if newcomers:
-            logits = new_logits if logits is None else torch.cat([logits, new_logits])
-            self._running += newcomers
-        if self._running:
-            self._pick_and_retire(logits)
+            self._pick_and_retire(self._logits)
+        self._logits, self._taken = None, []
         return True
 
     def run_until_done(self) -> None:
@@ -297,22 +370,51 @@ class DecodeEngine:
                 [g for g in self._running if g.cancel_requested and g.cancel_reason == reason], reason
             )
 
-    def _answer_opinions(self, budget: int) -> int:
-        """Answer waiting opinion requests that fit the budget (at least one) in one forward; tokens used."""
-        taken, used = [], 0
+    def _take(self, queue: deque, fits: Callable[[Any], bool]) -> tuple[list, bool]:
+        """Take the waiting items that `fits` (called in queue order, told of each taken), skipping those that
+        do not; an item that does not fit after waiting `max_wait_steps` steps stops the scan, so nothing passes
+        it. Returns the items taken and whether one stopped the scan. Call with the lock held."""
+        taken, left, blocked = [], deque(), False
+        while queue:
+            item = queue.popleft()
+            if not blocked and fits(item):
+                taken.append(item)
+                continue
+            blocked = blocked or item.waited >= self.max_wait_steps
+            item.waited += 1
+            left.append(item)
+        queue.extend(left)
+        self._taken += taken
+        return taken, blocked
+
+    def _answer_opinions(self, budget: int) -> tuple[int, bool]:
+        """Answer the waiting opinions that fit in one forward: the step's token budget (at least one; at most
+        half of it while generations wait) and the cache budget beside the running cache's slots now.
+
+        Returns the tokens used and whether an opinion that waited too long holds the cache budget."""
+        if self._holds:
+            return 0, False
+        if self._waiting:
+            budget //= 2  # generations wait too: they get the other half
+        free = self.max_cache_tokens - (0 if self._mask is None else self._mask.numel())
+        used, rows, longest = 0, 0, 0
+
+        def fits(opinion: _Opinion) -> bool:
+            nonlocal used, rows, longest
+            cost = opinion.rows * opinion.slots_per_row
+            alone = not rows and not self._running
+            slots = (rows + opinion.rows) * max(longest, opinion.slots_per_row)
+            if not alone and ((rows and used + cost > budget) or slots > free):
+                return False
+            used, rows, longest = used + cost, rows + opinion.rows, max(longest, opinion.slots_per_row)
+            return True
+
         with self._lock:
-            while self._opinions and not self._holds:
-                first = self._opinions[0]
-                cost = len(first.members) * (len(first.question.input_ids) + _width(first.bank))
-                if taken and used + cost > budget:
-                    break
-                opinion = self._opinions.popleft()
-                if opinion.future.set_running_or_notify_cancel():  # False: its caller cancelled it
-                    taken.append(opinion)
-                    used += cost
+            taken, blocked = self._take(self._opinions, fits)
+        taken = [o for o in taken if o.future.set_running_or_notify_cancel()]  # False: its caller cancelled
         for batch in _by_bank(taken):
             self._run_isolated(batch, self._opinion_batch)
-        return used
+        return used, blocked and not taken
 
     def _opinion_batch(self, opinions: list[_Opinion]) -> None:
         bank = opinions[0].bank
@@ -355,50 +457,134 @@ class DecodeEngine:
             elif not items[0].future.done():
                 items[0].future.set_exception(error)
 
-    def _decode(self) -> torch.Tensor:
-        """One forward over the running rows, each fed its request's last picked token: rows x V logits."""
+    def _decode_contained(self) -> torch.Tensor | None:
+        """Decode the running batch: rows x V logits. A forward that raises is undone, the request that makes
+        it fail ends with the error, and the rest are decoded again (None if none is left)."""
+        while self._running:
+            width = self._mask.shape[1]
+            try:
+                logits, self._mask = self._decode(self._running, self._cache, self._mask)
+                return logits
+            except Exception as error:  # noqa: BLE001 - fails the request that causes it only
+                _truncate(self._cache, width)  # the layers the failed forward reached hold one slot more
+                culprit = self._culprit(
+                    self._running, error, lambda part: self._decode(part, *self._rows_of(self._running, part))
+                )
+                self._retire([culprit], "error", error)
+        return None
+
+    def _decode(
+        self, requests: list[Generation], cache: DynamicCache, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over the rows of `requests` (their cache and mask), each fed its request's last picked
+        token: rows x V logits, and the mask grown by one slot. The cache grows in place."""
+        self._hook(requests, "decode")
         device = self.base.device
-        next_ids = torch.tensor([[g.next_token] for g in self._running for _ in range(g.rows)], device=device)
+        next_ids = torch.tensor([[g.next_token] for g in requests for _ in range(g.rows)], device=device)
         # A new token's position is the number of slots its row attends to so far (prompt and padding aside).
-        position_ids = self._mask.sum(-1, keepdim=True)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(next_ids), 1)], dim=1)
+        position_ids = mask.sum(-1, keepdim=True)
+        mask = torch.cat([mask, mask.new_ones(len(next_ids), 1)], dim=1)
         out = self.base.model(
             input_ids=next_ids,
-            attention_mask=self._mask,
+            attention_mask=mask,
             position_ids=position_ids,
             use_cache=True,
-            **{cache_kwarg(self.base.model): self._cache},
+            **{cache_kwarg(self.base.model): cache},
         )
-        return out.logits[:, -1].float()
+        self.slot_steps_used += mask.numel()
+        self.slot_steps_needed += int(mask.sum())
+        self.peak_cache_slots = max(self.peak_cache_slots, mask.numel())
+        return out.logits[:, -1].float(), mask
 
-    def _admit(self, budget: int) -> tuple[list[Generation], torch.Tensor | None]:
-        """Prefill the waiting requests that fit the token budget and the row cap, and merge their caches."""
-        taken, used, rows = [], 0, self.rows
-        with self._lock:
-            while self._waiting and not self._holds:
-                first = self._waiting[0]
-                cost = first.rows * (len(first.request.prompt_ids) + _width(first.bank))
-                # An empty batch always takes one request, however long, so that none waits forever.
-                if (taken or self._running) and (used + cost > budget or rows + first.rows > self.max_rows):
+    def _culprit(
+        self, requests: list[Generation], error: BaseException, probe: Callable[[list[Generation]], object]
+    ) -> Generation:
+        """The request that makes a batch operation fail: found by bisection, `probe` trying each half alone
+        (on copies of its rows); on out-of-memory, or when no half fails alone, the request with the most slots."""
+        largest = max(requests, key=lambda g: g.rows * g.slots_per_row)
+        if _out_of_memory(error):
+            return largest
+        while len(requests) > 1:
+            half = len(requests) // 2
+            for part in (requests[:half], requests[half:]):
+                try:
+                    probe(part)
+                except Exception:  # noqa: BLE001 - the failure is in this half
+                    requests = part
                     break
-                taken.append(self._waiting.popleft())
-                used, rows = used + cost, rows + first.rows
-        admitted: list[tuple[list[Generation], torch.Tensor, DynamicCache, torch.Tensor]] = []
+            else:
+                return largest
+        return requests[0]
+
+    def _rows_of(
+        self, requests: list[Generation], part: list[Generation]
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        """A copy of the cache and mask rows of `part`, out of a batch of `requests` (in row order)."""
+        rows = _rows(requests, part, self._mask.device)
+        return _cache_rows(self._cache, rows), self._mask[rows]
+
+    def _hook(self, requests: list[Generation], at: str) -> None:
+        if self.fault_hook is not None:
+            for g in requests:
+                self.fault_hook(g, at)
+
+    def _admit(self, budget: int) -> None:
+        """Prefill the waiting requests that fit the step's token budget, the row cap and the cache budget, and
+        merge their caches into the running one (their logits join the step's)."""
+        if self._holds:
+            return
+        used, rows = 0, self.rows
+        longest = max((g.slots_per_row for g in self._running), default=0)
+        first = True
+
+        def fits(g: Generation) -> bool:
+            nonlocal used, rows, longest, first
+            cost = g.rows * (len(g.request.prompt_ids) + _width(g.bank))
+            alone = not rows  # an empty batch takes any request that fits alone (all do: see submit)
+            # Over the token budget only as the step's one newcomer, once it waited its turn.
+            over_budget = used + cost > budget and not (first and (alone or g.waited >= self.max_wait_steps))
+            grown = (rows + g.rows) * max(longest, g.slots_per_row)
+            if not alone and (over_budget or rows + g.rows > self.max_rows or grown > self.max_cache_tokens):
+                return False
+            used, rows, longest, first = used + cost, rows + g.rows, max(longest, g.slots_per_row), False
+            return True
+
+        with self._lock:
+            taken, _ = self._take(self._waiting, fits)
         for same_bank in _by_bank(taken):  # one prefill forward per bank (several only around a reload)
-            self._run_isolated(same_bank, lambda batch: admitted.append((batch, *self._prefill(batch))))
-        if not admitted:
-            return [], None
-        for _, _, cache, mask in admitted:
-            self._cache, self._mask = _merge(self._cache, self._mask, cache, mask)
-        newcomers = [g for batch, *_ in admitted for g in batch]
-        return newcomers, torch.cat([logits for _, logits, _, _ in admitted])
+            self._run_isolated(same_bank, lambda batch: self._merge_contained(batch, *self._prefill(batch)))
+
+    def _merge_contained(
+        self, batch: list[Generation], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor
+    ) -> None:
+        """Merge prefilled requests into the running batch; if that raises, merge each half alone, so that only
+        a request that fails to merge alone fails (with the error)."""
+        try:
+            self._merge_in(batch, logits, cache, mask)
+        except Exception as error:  # noqa: BLE001 - fails the request that causes it only
+            if len(batch) == 1:
+                self._finish(batch[0], "error", error)
+                return
+            half = len(batch) // 2
+            for part in (batch[:half], batch[half:]):
+                rows = _rows(batch, part, mask.device)
+                self._merge_contained(part, logits[rows], _cache_rows(cache, rows), mask[rows])
+
+    def _merge_in(
+        self, batch: list[Generation], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor
+    ) -> None:
+        """Add prefilled rows to the running batch: all of it or, if anything raises, nothing."""
+        self._hook(batch, "merge")
+        merged_logits = logits if self._logits is None else torch.cat([self._logits, logits])
+        self._cache, self._mask = _merge(self._cache, self._mask, cache, mask)  # changes nothing if it raises
+        self._logits = merged_logits
+        self._running += batch
 
     def _prefill(self, batch: list[Generation]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """One forward over the prompts of new requests (each member a row): logits, cache and mask."""
         experts, prompts = [], []
+        self._hook(batch, "prefill")
         for g in batch:
-            if self.fault_hook is not None:
-                self.fault_hook(g, "prefill")
             experts += [e for e, _ in g.request.members]
             prompts += [g.request.prompt_ids] * g.rows
         ids, mask = left_pad(prompts, self.base.tokenizer.pad_token_id)
@@ -442,8 +628,6 @@ class DecodeEngine:
         failed: list[tuple[Generation, BaseException]] = []
         for i, g in enumerate(self._running):
             try:
-                if self.fault_hook is not None:
-                    self.fault_hook(g, "decode")
                 if not finite[i]:
                     raise FloatingPointError("the next-token distribution is not finite")
                 token = tokens[i]
@@ -466,26 +650,37 @@ class DecodeEngine:
             self._retire([g], "error", error)
 
     def _retire(self, finished: list[Generation], reason: str, error: BaseException | None = None) -> None:
-        """Take finished requests' rows out of the batch and the cache, and tell their listeners."""
+        """Tell finished requests they are done, then take their rows out of the batch and the cache."""
         if not finished:
             return
         gone = set(map(id, finished))
-        row_owners = [g for g in self._running for _ in range(g.rows)]
-        keep = [r for r, g in enumerate(row_owners) if id(g) not in gone]
-        self._running = [g for g in self._running if id(g) not in gone]
-        if keep:
-            self._cache.reorder_cache(torch.tensor(keep, device=self._mask.device))
-            self._mask = self._mask[keep]
-            # Columns no remaining row attends to (the padding of rows that left) cost compute: cut them.
-            first = int(self._mask.any(0).long().argmax())
-            if first:
-                self._mask = self._mask[:, first:]
-                for layer in self._cache.layers:
-                    layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
-        else:
-            self._cache = self._mask = None
-        for g in finished:
+        before = self._running
+        self._running = [g for g in before if id(g) not in gone]
+        for g in finished:  # told before the cache surgery, which may fail
             self._finish(g, reason, error)
+        self._keep_rows(before)
+
+    def _keep_rows(self, before: list[Generation]) -> None:
+        """Cut the cache (whose rows are those of `before`) down to the rows of the running requests. If the
+        surgery raises, the request that makes it fail ends with the error, and the rest are cut again."""
+        while self._running:
+            try:
+                self._cache, self._mask = self._kept(before, self._running)
+                return
+            except Exception as error:  # noqa: BLE001 - fails the request that causes it only
+                culprit = self._culprit(self._running, error, lambda part: self._kept(before, part))
+                self._running = [g for g in self._running if g is not culprit]
+                self._finish(culprit, "error", error)
+        self._cache = self._mask = None
+
+    def _kept(self, before: list[Generation], keep: list[Generation]) -> tuple[DynamicCache, torch.Tensor]:
+        """The cache and mask of `keep`'s rows only, as new tensors (the running cache is unchanged until
+        they are assigned), less the columns that no row kept attends to (the padding of rows that left)."""
+        self._hook(keep, "retire")
+        rows = _rows(before, keep, self._mask.device)
+        mask = self._mask[rows]
+        first = int(mask.any(0).long().argmax())
+        return _cache_rows(self._cache, rows, first), mask[:, first:]
 
     def _finish(self, g: Generation, reason: str, error: BaseException | None = None) -> None:
         g.finish_reason, g.error = reason, error
@@ -514,27 +709,44 @@ class DecodeEngine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        for g in [*self._running, *self._waiting]:
-            self._finish(g, "error", EngineStopped("the engine stopped before the request finished"))
-        for opinion in self._opinions:
-            opinion.future.set_exception(EngineStopped("the engine stopped"))
-        self._running, self._waiting, self._opinions = [], deque(), deque()
-        self._cache = self._mask = None
+        self._fail_held(EngineStopped("the engine stopped before the request finished"), everything=True)
 
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._ready:
+                        self._lock.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self.step()
+                    self.failure = None
+                except Exception as error:  # noqa: BLE001 - a bug in a step must not leave requests hanging
+                    logger.exception("engine step failed: failing the requests it held")
+                    self.failure = error
+                    self._fail_held(error)
+        except BaseException as error:  # noqa: BLE001 - the thread ends: nothing may wait on it
+            logger.exception("the engine thread died")
             with self._lock:
-                while not self._stopping and not self._ready:
-                    self._lock.wait()
-                if self._stopping:
-                    return
-            try:
-                self.step()
-            except Exception as error:  # noqa: BLE001 - a bug in a step must not leave requests hanging
-                logger.exception("engine step failed: failing the running requests")
-                running, self._running, self._cache, self._mask = self._running, [], None, None
-                for g in running:
-                    self._finish(g, "error", error)
+                self._died = error
+            self._fail_held(EngineStopped(f"the engine thread died ({error!r})"), everything=True)
+
+    def _fail_held(self, error: BaseException, everything: bool = False) -> None:
+        """End what the engine holds with `error`: what this step took and the running batch, and with
+        `everything` the waiting queues too. The cache is dropped."""
+        held = [*self._taken, *self._running]
+        if everything:
+            with self._lock:
+                held += [*self._waiting, *self._opinions]
+                self._waiting, self._opinions = deque(), deque()
+        self._running, self._taken, self._cache, self._mask, self._logits = [], [], None, None, None
+        for item in held:
+            if isinstance(item, Generation):
+                if not item.done:
+                    self._finish(item, "error", error)
+            elif not item.future.done():
+                item.future.set_exception(error)
 
     def stream(self, request: DecodeRequest, bank: SoftPromptBank | None = CURRENT) -> TokenStream:
         """The request's tokens as an async iterator, as they are picked (call from a running event loop)."""
@@ -596,6 +808,25 @@ class TokenStream:
         self.cancel()
 
 
+def slot_bytes(base: FrozenBase) -> int:
+    """The bytes of one cache slot of one row: a key and a value per layer."""
+    config = base.model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = next(base.model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element
+
+
+def auto_cache_tokens(base: FrozenBase, fraction: float) -> int:
+    """A cache budget that fits the replica: DEFAULT_CACHE_TOKENS on a CPU; on a GPU, the slots that `fraction`
+    of its free memory holds (halved: a merge copies the cache)."""
+    if base.device.type != "cuda":
+        return DEFAULT_CACHE_TOKENS
+    free, _ = torch.cuda.mem_get_info(base.device)
+    return max(1, int(free * fraction) // (2 * slot_bytes(base)))
+
+
 def _width(bank: SoftPromptBank | None) -> int:
     return bank.num_virtual_tokens if bank is not None else 0
 
@@ -624,7 +855,9 @@ def _by_bank(items: list) -> list[list]:
 def _merge(
     cache: DynamicCache | None, mask: torch.Tensor | None, new_cache: DynamicCache, new_mask: torch.Tensor
 ) -> tuple[DynamicCache, torch.Tensor]:
-    """The running rows and the new rows as one batch: the shorter side left-padded (masked), then stacked."""
+    """The running rows and the new rows as one batch: the shorter side left-padded (masked), then stacked.
+
+    Every new tensor is made before `cache` changes: if this raises (out of memory), `cache` is as it was."""
     if cache is None:
         return new_cache, new_mask
     width = max(mask.shape[1], new_mask.shape[1])
@@ -637,7 +870,42 @@ def _merge(
         shape[dim] = missing
         return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-    for old, new in zip(cache.layers, new_cache.layers):
-        old.keys = torch.cat([pad(old.keys, -2), pad(new.keys, -2)])
-        old.values = torch.cat([pad(old.values, -2), pad(new.values, -2)])
-    return cache, torch.cat([pad(mask, 1), pad(new_mask, 1)])
+    merged = [
+        (
+            torch.cat([pad(old.keys, -2), pad(new.keys, -2)]),
+            torch.cat([pad(old.values, -2), pad(new.values, -2)]),
+        )
+        for old, new in zip(cache.layers, new_cache.layers)
+    ]
+    merged_mask = torch.cat([pad(mask, 1), pad(new_mask, 1)])
+    for layer, (keys, values) in zip(cache.layers, merged):
+        layer.keys, layer.values = keys, values
+    return cache, merged_mask
+
+
+def _rows(requests: list[Generation], part: list[Generation], device: torch.device) -> torch.Tensor:
+    """The row indices of `part`'s requests in a batch of `requests` (each `rows` rows, in order)."""
+    wanted = set(map(id, part))
+    owners = [g for g in requests for _ in range(g.rows)]
+    return torch.tensor([r for r, g in enumerate(owners) if id(g) in wanted], dtype=torch.long, device=device)
+
+
+def _cache_rows(cache: DynamicCache, rows: torch.Tensor, first: int = 0) -> DynamicCache:
+    """A new cache of `cache`'s rows `rows` from slot `first` on (new tensors: `cache` is unchanged)."""
+    kept = copy.copy(cache)
+    kept.layers = []
+    for layer in cache.layers:
+        new = copy.copy(layer)
+        new.keys, new.values = layer.keys[rows][..., first:, :], layer.values[rows][..., first:, :]
+        kept.layers.append(new)
+    return kept
+
+
+def _truncate(cache: DynamicCache, width: int) -> None:
+    """Undo a failed forward: every layer back to its first `width` slots (those it reached held one more)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error)
