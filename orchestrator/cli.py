@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--replace",
         action="store_true",
-        help="publish this run's experts alone (default: add them to the published set, replacing their cultures')",
+        help="publish this run's experts alone (default: add them to the published set, replacing their "
+        "cultures')",
     )
 
     experts = with_config(

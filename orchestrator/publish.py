@@ -78,7 +78,7 @@ def published_experts(directory: Path) -> dict[str, Published]:
 
 
 def refusal(new: ExpertMeta, previous: dict[str, Published]) -> str | None:
-    """Why `new` may not join the previous set (another base, or another shape than the expert it replaces)."""
+    """Why `new` may not join the previous set: another base, or a shape unlike the one it replaces."""
     old = previous.get(new.culture)
     bases = {p.meta.base_fingerprint for p in previous.values()}
     if bases and new.base_fingerprint not in bases:
@@ -176,7 +176,7 @@ def _download(uri: str, folder: Path, registry: Registry) -> None:
 
 
 def set_answers(directory: Path, experts: dict, accepted: dict, data: ExperimentData | None) -> Answers:
-    """The survey answers of every expert culture of a new set: this run's for its experts, else the kept ones.
+    """The survey answers of every expert culture of a new set: this run's for its experts, else those kept.
 
     A set written before sets kept answers has none: its cultures take this run's data where it has them.
     """

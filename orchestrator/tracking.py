@@ -345,7 +345,7 @@ class ExperimentTracker:
         return int(current.version)
 
     def _version(self, culture: str, version: int | None) -> ModelVersion | None:
-        """A registered version of a culture's model (None: only check the model exists), or a one-line error."""
+        """A registered version of a culture's model (None: only check that it exists); else one clear line."""
         client, name = self.store.client(), self.store.model_name(culture)
 
         def versions() -> list[ModelVersion]:

@@ -1,4 +1,4 @@
-"""The driver of a Ray Tune experiment: share the base, run the trials, publish each culture's best, record it."""
+"""The driver of a Ray Tune experiment: run the trials, register each culture's best, publish champions."""
 
 from __future__ import annotations
 

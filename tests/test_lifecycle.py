@@ -136,3 +136,5 @@ def test_retire_and_roll_back_are_served_without_a_restart(lifecycle, capsys):
         # Bad input is one line and changes nothing.
         assert shores_main(["experts", "promote", "Germany", "9", "--config", str(TINY), *sets]) == 2
         assert "shores-germany has no version 9; its versions: 1, 2" in capsys.readouterr().err
+        assert shores_main(["publish", "--from-registry", "--config", str(TINY), *sets]) == 0
+        assert sorted(published(experts)) == ["germany", "kenya"]  # exactly the champions
