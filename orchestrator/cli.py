@@ -25,9 +25,27 @@ def _parser() -> argparse.ArgumentParser:
     train = with_config("train", "train one soft-prompt expert per culture")
     train.add_argument("--local", action="store_true", help="train in this process, without Ray or MLflow")
     train.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
+    train.add_argument(
+        "--replace",
+        action="store_true",
+        help="publish this run's experts alone (default: add them to the published set, replacing their "
+        "cultures')",
+    )
 
-    experts = with_config("experts", "list the registered experts, their versions, aliases and alignment")
+    experts = with_config(
+        "experts",
+        "list the registered experts; `retire CULTURE` takes its champion out of serving; "
+        "`promote CULTURE VERSION` makes a version the champion if it validates better (--force: anyway)",
+    )
+    experts.add_argument("action", nargs="?", choices=["retire", "promote"], help="change a champion")
+    experts.add_argument("target", nargs="*", metavar="CULTURE [VERSION]", help="the culture (and version)")
     experts.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    experts.add_argument("--force", action="store_true", help="promote: skip the champion gate (roll back)")
+
+    publish = with_config("publish", "rebuild the published experts folder from the registry's champions")
+    publish.add_argument(
+        "--from-registry", action="store_true", required=True, help="each culture's champion, nothing else"
+    )
 
     with_config("serve", "serve the router and every expert over HTTP (127.0.0.1:8000) until interrupted")
 
@@ -86,12 +104,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.local:
         from orchestrator.experiment import train_local
 
-        paths = train_local(config)
-        print(f"saved {len(paths)} experts to {config.experts_dir}")
+        train_local(config, replace=args.replace)
         return 0
     from orchestrator.train import train
 
-    outcome = train(config, resume=args.resume)
+    outcome = train(config, resume=args.resume, replace=args.replace)
     if outcome.get("interrupted"):
         return 130
     return 0 if outcome["experts"] and not outcome.get("failed") else 1
@@ -104,6 +121,8 @@ def _experts(args: argparse.Namespace) -> int:
     from workers.expert_store import Registry, registered_experts
 
     config = load_config(args.config, args.set)
+    if args.action:
+        return _change_champion(args, config)
     rows = registered_experts(Registry.of_experiment(config.output_dir, config.mlflow))
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -117,6 +136,53 @@ def _experts(args: argparse.Namespace) -> int:
     if not rows:
         print("(no registered experts yet: run `shores train --config ...`)")
     return 0
+
+
+def _change_champion(args: argparse.Namespace, config) -> int:
+    """`experts retire CULTURE` or `experts promote CULTURE VERSION`; then the published folder follows."""
+    import getpass
+
+    from orchestrator.config import ConfigError
+    from orchestrator.survey import prepare_data
+    from orchestrator.tracking import ExperimentTracker
+
+    wanted = 1 if args.action == "retire" else 2
+    if len(args.target) != wanted or (wanted == 2 and not args.target[1].isdigit()):
+        usage = "retire CULTURE" if wanted == 1 else "promote CULTURE VERSION (a number)"
+        raise ConfigError(f"usage: shores experts {usage} --config ...")
+    data = prepare_data(config.data)  # read first: a bad data file changes nothing
+    tracker, user = ExperimentTracker(config), getpass.getuser()
+    culture = args.target[0]
+    if args.action == "retire":
+        version = tracker.retire(culture, user)
+        print(f"retired {tracker.store.model_name(culture)} v{version}: it is no longer the champion")
+    else:
+        row = tracker.promote(culture, int(args.target[1]), force=args.force, user=user)
+        if not row.champion:
+            why = row.note or "it does not validate better than the champion"
+            print(
+                f"shores experts: not promoted: {row.model} v{row.version}: {why} (--force: anyway)",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"promoted {row.model} v{row.version} (val alignment {row.val_alignment:.4f}) to champion")
+    return _publish_champions(config, data)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.survey import prepare_data
+
+    config = load_config(args.config, args.set)
+    return _publish_champions(config, prepare_data(config.data))
+
+
+def _publish_champions(config, data) -> int:
+    from orchestrator.publish import publish_champions
+    from orchestrator.tracking import Store
+
+    published = publish_champions(config.experts_dir, Store.from_config(config), data)
+    return 0 if published else 1
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -267,6 +333,7 @@ COMMANDS = {
     "experts": _experts,
     "ui": _ui,
     "register": _register,
+    "publish": _publish,
     "serve": _serve,
 }
 

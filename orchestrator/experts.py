@@ -1,7 +1,8 @@
 """The expert store's write side: one safetensors file and one PEFT adapter a culture, plus survey similarity.
 
 The read side (loading experts, the similarity file, the registry) is `workers.expert_store`, which serving
-uses too.
+uses too. A published set also keeps each expert culture's survey answers (`answers.json`), so that a later
+run that adds or retrains other cultures can recompute the similarity of every published culture.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.survey import similarity_table
+from orchestrator.survey.records import SurveyRecord
 from workers.base_model import FrozenBase
 from workers.cultures import slug
-from workers.expert_store import SIMILARITY_FILE
+from workers.expert_store import SIMILARITY_FILE, Similarity
 from workers.prompts import (
     ExpertMeta,
     PeftExportError,
@@ -27,16 +29,14 @@ from workers.settings import SHARED
 if TYPE_CHECKING:
     from orchestrator.survey import ExperimentData
 
+ANSWERS_FILE = "answers.json"  # culture -> its survey answers: {"iso", "questions": {text: options, dist}}
+Answers = dict[str, dict]
+
 
 def save_experts(
-    directory: Path,
-    bank: SoftPromptBank,
-    base: FrozenBase,
-    data: ExperimentData,
-    summaries: dict[str, dict],
-    similarity: bool = True,
+    directory: Path, bank: SoftPromptBank, base: FrozenBase, data: ExperimentData, summaries: dict[str, dict]
 ) -> list[Path]:
-    """Write every expert of a bank (safetensors + PEFT adapter) and, optionally, survey similarity."""
+    """Write every expert of a bank (safetensors + PEFT adapter)."""
     paths = []
     for i, culture in enumerate(bank.cultures):
         iso = next((r.iso for r in data.records if r.culture == culture), "")  # the prior has none
@@ -56,15 +56,51 @@ def save_experts(
             export_peft_adapter(expert, base.model, directory / "peft" / slug(culture))
         except PeftExportError:
             pass  # a composed expert (prefix + input tokens) has no single PEFT form; its safetensors stand
-    if similarity:
-        write_similarity(directory, data, bank.cultures)
     return paths
 
 
-def write_similarity(directory: Path, data: ExperimentData, experts: list[str]) -> Path:
-    """For every culture in the data, its survey similarity to each expert's culture (for committees)."""
+def survey_answers(records: list[SurveyRecord], cultures: list[str]) -> Answers:
+    """Each of `cultures`' survey answers in `records` (those it has), as `answers.json` keeps them."""
+    wanted, out = set(cultures), {}
+    for r in records:
+        if r.culture in wanted:
+            entry = out.setdefault(r.culture, {"iso": r.iso, "questions": {}})
+            entry["questions"].setdefault(r.question, {"options": r.options, "distribution": r.distribution})
+    return out
+
+
+def answer_records(answers: Answers) -> list[SurveyRecord]:
+    """Stored survey answers as survey records again (what similarity is computed from)."""
+    return [
+        SurveyRecord(culture, entry["iso"], question, tuple(q["options"]), tuple(q["distribution"]))
+        for culture, entry in answers.items()
+        for question, q in entry["questions"].items()
+    ]
+
+
+def write_similarity(
+    directory: Path,
+    data: ExperimentData,
+    experts: list[str],
+    answers: Answers | None = None,
+    previous: Similarity | None = None,
+) -> Path:
+    """For every culture with survey answers, its survey similarity to each expert's culture (for committees).
+
+    The data's answers count for every culture but those in `answers` (the stored answers of experts an
+    earlier run trained); a pair neither can score keeps its value in `previous` (the last set's table).
+    """
+    answers = answers or {}
+    records = [r for r in data.records if r.culture not in answers] + answer_records(answers)
+    known = {r.culture for r in records}
+    rows = [c for c in dict.fromkeys([*data.selection.counts, *answers, *(previous or {})]) if c in known]
     # The prior is no culture: committees of similar cultures never draw it.
-    table = similarity_table(data.records, data.selection.counts, [e for e in experts if e != SHARED])
+    columns = [e for e in experts if e != SHARED and e in known]
+    table = similarity_table(records, rows, columns)
+    for culture, row in (previous or {}).items():
+        for other, value in row.items():
+            if other in experts and other != culture:
+                table.setdefault(culture, {}).setdefault(other, value)
     path = directory / SIMILARITY_FILE
     path.write_text(json.dumps(table, indent=1, sort_keys=True))
     return path

@@ -28,7 +28,7 @@ from orchestrator.config import ConfigError, ExperimentConfig
 from orchestrator.evaluate import METHODS, format_table
 from orchestrator.results import FinishedTrial, Winner, tracked_metrics
 from workers.cultures import slug
-from workers.expert_store import CHAMPION, REDACTED, Registry, RegistryError, redact
+from workers.expert_store import CHAMPION, REDACTED, ExpertsNotFoundError, Registry, RegistryError, redact
 from workers.prompts import load_expert
 
 T = TypeVar("T")
@@ -311,6 +311,71 @@ class ExperimentTracker:
         version = self.store.call(f"register {name}", find_or_create)
         champion, note = self._promote(name, version)
         return Registration(winner.culture, name, int(version.version), champion, winner.val_alignment, note)
+
+    def promote(self, culture: str, version: int, force: bool = False, user: str = "") -> Registration:
+        """Make a registered version its culture's champion: through the champion gate of training (it
+        must beat the champion), or with `force` whatever it scores (a roll back). Tags who and when."""
+        client, name, chosen = (
+            self.store.client(),
+            self.store.model_name(culture),
+            self._version(culture, version),
+        )
+        if force:
+            self.store.call(
+                "set alias", lambda: client.set_registered_model_alias(name, CHAMPION, str(version))
+            )
+            champion, note = True, ""
+        else:
+            champion, note = self._promote(name, chosen)
+        if champion:
+            self._log_change(name, "promoted", user, version)
+        culture = chosen.tags.get("culture", culture)
+        return Registration(culture, name, version, champion, _score(chosen), note)
+
+    def retire(self, culture: str, user: str = "") -> int:
+        """Take a culture's champion alias away (its versions stay registered); tag who and when. Returns the
+        version that was champion; ExpertsNotFoundError if the culture has none."""
+        client, name = self.store.client(), self.store.model_name(culture)
+        self._version(culture, None)  # the culture is registered
+        current = self._champion(name)
+        if current is None:
+            raise ExpertsNotFoundError(f"{culture} has no champion to retire ({name})")
+        self.store.call("delete alias", lambda: client.delete_registered_model_alias(name, CHAMPION))
+        self._log_change(name, "retired", user, int(current.version))
+        return int(current.version)
+
+    def _version(self, culture: str, version: int | None) -> ModelVersion | None:
+        """A registered version of a culture's model (None: only check that it exists); else one clear line."""
+        client, name = self.store.client(), self.store.model_name(culture)
+
+        def versions() -> list[ModelVersion]:
+            try:
+                return client.search_model_versions(f"name = '{name}'")
+            except MlflowException:
+                return []
+
+        found = self.store.call(f"list versions of {name}", versions)
+        if not found:
+            raise ExpertsNotFoundError(f"no registered experts of {culture} ({name})")
+        if version is None:
+            return None
+        for row in found:
+            if int(row.version) == int(version):
+                return row
+        known = ", ".join(str(v) for v in sorted(int(r.version) for r in found))
+        raise ExpertsNotFoundError(f"{name} has no version {version}; its versions: {known}")
+
+    def _log_change(self, name: str, change: str, user: str, version: int) -> None:
+        """Record on the registered model who changed its champion, how and when (MLflow keeps no history)."""
+        client = self.store.client()
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        tags = {
+            f"shores.{change}_by": user or "unknown",
+            f"shores.{change}_at": when,
+            f"shores.{change}": str(version),
+        }
+        for key, value in tags.items():
+            self.store.call(f"tag {name}", lambda k=key, v=value: client.set_registered_model_tag(name, k, v))
 
     def _promote(self, name: str, challenger: ModelVersion) -> tuple[bool, str]:
         """Compare-and-set `champion`: move it to the challenger only if it beats the champion it read."""

@@ -1,4 +1,4 @@
-"""The driver of a Ray Tune experiment: share the base, run the trials, publish each culture's best, record it."""
+"""The driver of a Ray Tune experiment: run the trials, register each culture's best, publish champions."""
 
 from __future__ import annotations
 
@@ -35,8 +35,11 @@ def connect() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, include_dashboard=False)
 
 
-def train(config: ExperimentConfig, resume: bool = False) -> dict:
-    """Run (or resume) the experiment, then pick, publish, log and register every culture's best expert."""
+def train(config: ExperimentConfig, resume: bool = False, replace: bool = False) -> dict:
+    """Run (or resume) the experiment, then pick, log, register and publish every culture's best expert.
+
+    `replace`: the published set becomes this run's experts alone, instead of the previous set with them.
+    """
     validate_deepspeed(config)  # bad DeepSpeed settings fail here, before any worker starts
     data = prepare_data(config.data, shared=config.shared)
     print(f"data: {data.report.summary()}; cultures: {', '.join(data.selection.trained)}", flush=True)
@@ -77,7 +80,7 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
                     file=sys.stderr,
                 )
                 return {"experts": [], "registered": [], "interrupted": True}
-    return finish(config, data, trials, tracker) | {"failed": failed}
+    return finish(config, data, trials, tracker, replace) | {"failed": failed}
 
 
 def report_failures(
@@ -131,15 +134,37 @@ def prior_expert(trials: list[FinishedTrial]) -> Expert | None:
 
 
 def finish(
-    config: ExperimentConfig, data: ExperimentData, trials: list[FinishedTrial], tracker: ExperimentTracker
+    config: ExperimentConfig,
+    data: ExperimentData,
+    trials: list[FinishedTrial],
+    tracker: ExperimentTracker,
+    replace: bool = False,
 ) -> dict:
-    """Publish each culture's best expert to <output_dir>/experts, then log and register everything."""
+    """Log and register each culture's best expert, then publish the champions among them.
+
+    The registry decides what is served: a winner that does not beat its culture's champion leaves the
+    published expert in place (`replace` publishes every winner). A culture without a winner keeps its
+    published expert. With the store down, every winner is published; `shores register --from` and
+    `shores publish --from-registry` bring the registry and the folder together again.
+    """
     winners = best_experts(trials)
     missing = [c for c in data.experts if c not in winners]
     if missing:
-        print(f"warning: no finished trial holds an expert for {missing}", file=sys.stderr)
-    publish_experts(config.experts_dir, winners, data)
-    return {"experts": sorted(winners), "registered": record(config, tracker, trials, winners)}
+        print(
+            f"warning: no finished trial holds an expert for {missing}; they keep their published experts",
+            file=sys.stderr,
+        )
+    registered = record(config, tracker, trials, winners)
+    published = dict(winners)
+    if registered and not replace:
+        for row in registered:
+            if not row.champion:
+                del published[row.culture]
+                why = row.note or "the champion validates better"
+                print(f"{row.culture}: keeping the published expert ({row.model} v{row.version}: {why})")
+    if published:
+        publish_experts(config.experts_dir, published, data, replace=replace)
+    return {"experts": sorted(winners), "registered": registered}
 
 
 def checkpoint_downloads(config: ExperimentConfig) -> Path:

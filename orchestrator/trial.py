@@ -30,14 +30,14 @@ from ray import tune
 from ray.train import UserCallback
 
 from orchestrator.config import ConfigError, ExperimentConfig
-from orchestrator.experiment import encoded, training_summary
+from orchestrator.experiment import encoded, initial_bank, prior_train_config, training_summary
 from orchestrator.experts import save_experts
 from orchestrator.faults import Fault, after_checkpoint, before_checkpoint
 from orchestrator.survey import ExperimentData
 from workers.base_model import FrozenBase
 from workers.deepspeed_config import ds_config, ensure_extensions_dir
-from workers.prompts import Expert, SoftPromptBank
-from workers.settings import SHARED, TrainConfig
+from workers.prompts import Expert
+from workers.settings import SHARED
 from workers.shared_base import SharedBase
 from workers.trainer import EpochReport, PackedTrainer
 from workers.zero import ZeroTrainer
@@ -114,8 +114,7 @@ def trial_spec(
     config = trial_config(config, params)
     cultures = expert_groups(data, config.tune.experts_per_trial)[params["group"]]
     if cultures == [SHARED] and config.shared.train:
-        train = TrainConfig.model_validate(config.train.model_dump() | config.shared.train)
-        config = config.model_copy(update={"train": train})
+        config = config.model_copy(update={"train": prior_train_config(config)})
     checkpoint = tune.get_checkpoint()
     resume = None
     if checkpoint:
@@ -123,12 +122,6 @@ def trial_spec(
             resume = load_trainer_state(Path(folder))
     data = group_data(data, cultures)
     return TrialSpec(config, params["group"], cultures, data, resume, time.time(), prior)
-
-
-def fit_length(part: torch.Tensor, length: int) -> torch.Tensor:
-    """An input prompt or prefix cut or cycled to `length` virtual tokens (a search over lengths starts each
-    from one prior)."""
-    return part[torch.arange(length) % max(part.shape[0], 1)]
 
 
 def save_checkpoint(
@@ -139,7 +132,7 @@ def save_checkpoint(
     torch.save(state, folder / TRAINER_STATE)
     best = trainer.best_bank()
     summary = training_summary(trainer.result(), spec.config)
-    save_experts(folder / EXPERTS, best, described, spec.data, summary, similarity=False)
+    save_experts(folder / EXPERTS, best, described, spec.data, summary)
 
 
 def load_trainer_state(folder: Path) -> dict:
@@ -192,14 +185,7 @@ def train_group(spec: TrialSpec, shared: SharedBase, report: Report, ds: dict | 
         described = FrozenBase(base.name, _skeleton(shared), base.tokenizer, base.fingerprint)
     length = config.data.max_length
     train, val = (encoded(base, spec.data, split, cultures, length) for split in ("train", "val"))
-    tokens = config.prompt.num_virtual_tokens
-    if spec.prior is None:
-        bank = SoftPromptBank.initialise(base, cultures, tokens, config.prompt.init, kind=config.prompt.kind)
-    else:  # every expert starts as a copy of the prior's parts (a search over lengths cuts or cycles them)
-        prompt, prefix = spec.prior.prompt, spec.prior.prefix
-        prompts = [fit_length(prompt, tokens if prefix is None else 0)] * len(cultures)
-        prefixes = [None if prefix is None else fit_length(prefix, tokens)] * len(cultures)
-        bank = SoftPromptBank(cultures, prompts, prefixes).to(base.device)
+    bank = initial_bank(base, cultures, config, spec.prior)
     if ds is None:
         trainer = PackedTrainer(base, bank, train, val, config.train)
     else:

@@ -240,3 +240,29 @@ def test_eval_without_experts_says_so(tiny_model_dirs, tmp_path):
         "eval", "--config", str(TINY), *sets, "--experts", str(tmp_path), "--out", str(tmp_path / "r.json")
     )
     assert result.returncode == 2 and "no experts" in result.stderr
+
+
+def test_train_local_trains_the_prior_first_and_adds_to_the_published_set(tiny_model_dirs, tmp_path):
+    sets = [f"base_model.name={tiny_model_dirs['llama']}", f"output_dir={tmp_path}", f"data.path={OPINIONS}"]
+    sets += ["train.epochs=1", "data.cultures=[Germany, Japan]"]
+    shared = ["shared.enabled=true", "prompt.init=shared", "shared.max_questions=20"]
+    args = [x for s in sets + shared for x in ("--set", s)]
+    first = shores("train", "--local", "--config", str(TINY), *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # The prior trains alone, then every culture's expert starts from it.
+    assert first.stdout.index("epoch  1  shared") < first.stdout.index("epoch  1  Germany")
+    experts = tmp_path / "experts"
+    assert experts.is_symlink()  # published through the same atomic swap as under Tune
+    assert sorted(p.stem for p in experts.glob("*.safetensors")) == ["germany", "japan", "shared"]
+    assert "shared" not in json.loads((experts / "similarity.json").read_text())["Canada"]
+
+    kenya = [x for s in [*sets[:3], "train.epochs=1", "data.cultures=[Kenya]"] for x in ("--set", s)]
+    added = shores("train", "--local", "--config", str(TINY), *kenya)
+    assert added.returncode == 0, added.stderr[-2000:]
+    assert sorted(p.stem for p in experts.glob("*.safetensors")) == ["germany", "japan", "kenya", "shared"]
+    similarity = json.loads((experts / "similarity.json").read_text())
+    assert set(similarity["Canada"]) == {"Germany", "Japan", "Kenya"}
+
+    alone = shores("train", "--local", "--replace", "--config", str(TINY), *kenya)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert sorted(p.stem for p in experts.glob("*.safetensors")) == ["kenya"]

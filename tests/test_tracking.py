@@ -1,5 +1,6 @@
 """The experiment tracker on a real sqlite MLflow store, safe publishing of experts, and credentials kept out."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -8,14 +9,15 @@ import torch
 import yaml
 
 from orchestrator.config import ConfigError, load_config
+from orchestrator.experts import ANSWERS_FILE
 from orchestrator.publish import publish_experts
 from orchestrator.results import FinishedTrial, Winner
 from orchestrator.survey import prepare_data
 from orchestrator.tracking import ExperimentTracker, Store, TrackingError, public_config, restore_credentials
 from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
 from workers.cultures import slug
-from workers.expert_store import CHAMPION, load_experts, redact, registered_experts
-from workers.prompts import Expert, ExpertMeta, save_expert
+from workers.expert_store import CHAMPION, SIMILARITY_FILE, load_experts, redact, registered_experts
+from workers.prompts import Expert, ExpertMeta, load_expert, save_expert
 
 TINY = REPO / "configs" / "tiny.yaml"
 SECRET = "s3cr3t-pw"
@@ -26,9 +28,11 @@ def config_in(out: Path, *overrides: str):
     return load_config(TINY, sets)
 
 
-def expert_folder(folder: Path, culture: str, fingerprint: str = "f" * 16, tokens: int = 4) -> Path:
+def expert_folder(
+    folder: Path, culture: str, fingerprint: str = "f" * 16, tokens: int = 4, training: dict | None = None
+) -> Path:
     """A folder holding one expert file and its adapter, as a trial's checkpoint does."""
-    meta = ExpertMeta(culture, culture[:2].upper(), tokens, 8, "tiny", fingerprint)
+    meta = ExpertMeta(culture, culture[:2].upper(), tokens, 8, "tiny", fingerprint, training or {})
     save_expert(folder / f"{slug(culture)}.safetensors", Expert(torch.zeros(tokens, 8), meta))
     (folder / "peft" / slug(culture)).mkdir(parents=True, exist_ok=True)
     (folder / "peft" / slug(culture) / "adapter_config.json").write_text("{}")
@@ -39,7 +43,7 @@ def trial_with(tmp_path: Path, trial_id: str, scores: dict, **meta) -> tuple[Fin
     """A finished trial holding one expert a culture, and those experts as winners."""
     folder = tmp_path / trial_id
     for culture in scores:
-        expert_folder(folder, culture, **meta)
+        expert_folder(folder, culture, training={"trial": trial_id}, **meta)
     history = [{"epoch": 1, "val_gain": 0.1} | {f"val_alignment/{c}": s for c, s in scores.items()}]
     winners = {c: Winner(c, trial_id, folder, s) for c, s in scores.items()}
     return FinishedTrial(trial_id, folder, {"lr": 0.1}, history), winners
@@ -139,16 +143,19 @@ def test_publishing_swaps_in_whole_sets_and_keeps_the_old_one_when_nothing_finis
     config = config_in(tmp_path)
     data = prepare_data(config.data)
     experts = config.experts_dir
-    experts.mkdir(parents=True)  # a plain folder, as `train --local` leaves it
+    experts.mkdir(parents=True)  # a plain folder, as an older shores left it
     save_expert(
-        experts / "old.safetensors", Expert(torch.zeros(4, 8), ExpertMeta("Old", "OL", 4, 8, "t", "f"))
+        experts / "old.safetensors", Expert(torch.zeros(4, 8), ExpertMeta("Old", "OL", 4, 8, "t", "f" * 16))
     )
 
     _, first = trial_with(tmp_path, "t1", {"Germany": 0.6, "Japan": 0.5})
-    assert publish_experts(experts, first, data) == experts
+    assert publish_experts(experts, first, data, replace=True) == experts
     assert experts.is_symlink()
     assert [e.meta.culture for e in load_experts(experts)] == ["Germany", "Japan"]
     reading = experts.resolve()  # a server in the middle of loading the first set
+    # Another run writing its own set beside ours: not complete yet, so never ours to remove.
+    theirs = tmp_path / ".experts-theirs"
+    expert_folder(theirs, "Kenya")
 
     _, second = trial_with(tmp_path, "t2", {"Germany": 0.7})
     broken = dict(second) | {"Japan": Winner("Japan", "gone", tmp_path / "gone", 0.9)}
@@ -156,7 +163,7 @@ def test_publishing_swaps_in_whole_sets_and_keeps_the_old_one_when_nothing_finis
         publish_experts(experts, broken, data)
     assert [e.meta.culture for e in load_experts(experts)] == ["Germany", "Japan"]  # ... is never seen
 
-    publish_experts(experts, second, data)
+    publish_experts(experts, second, data, replace=True)
     assert [e.meta.culture for e in load_experts(experts)] == ["Germany"]
     assert (experts / "similarity.json").exists() and (experts / "peft" / "germany").is_dir()
     assert [e.meta.culture for e in load_experts(reading)] == ["Germany", "Japan"]  # still there for it
@@ -165,9 +172,43 @@ def test_publishing_swaps_in_whole_sets_and_keeps_the_old_one_when_nothing_finis
     assert "keeping the experts already in" in capsys.readouterr().err
     assert [e.meta.culture for e in load_experts(experts)] == ["Germany"]
     publish_experts(experts, first, data)
-    versions = sorted(p.name for p in tmp_path.glob(".experts-*"))
-    assert len(versions) == 2  # the current set and the one before it; older ones are removed
+    versions = sorted(p.name for p in tmp_path.glob(".experts-*") if p != theirs)
+    assert len(versions) == 2  # the current set and the one before it; older complete ones are removed
     assert not reading.exists()
+    assert theirs.is_dir()  # the other run's set in progress is left alone
+
+
+def test_publishing_adds_and_replaces_cultures_and_refuses_another_base_or_shape(tmp_path, capsys):
+    config = config_in(tmp_path, "data.cultures=[Germany, Japan, Kenya]")
+    data = prepare_data(config.data)
+    experts = config.experts_dir
+    _, first = trial_with(tmp_path, "t1", {"Germany": 0.6, "Japan": 0.5})
+    publish_experts(experts, first, data)
+    (experts / ANSWERS_FILE).unlink()  # a set published before sets kept their answers still merges
+
+    _, kenya = trial_with(tmp_path, "t2", {"Kenya": 0.7})
+    _, japan = trial_with(tmp_path, "t3", {"Japan": 0.8})
+    _, other_base = trial_with(tmp_path, "t4", {"Germany": 0.9}, fingerprint="0" * 16)
+    _, other_shape = trial_with(tmp_path, "t5", {"Germany": 0.9}, tokens=8)
+    publish_experts(experts, kenya | japan, data)
+    publish_experts(experts, other_base, data)
+    publish_experts(experts, other_shape, data)
+    err = capsys.readouterr().err
+    assert "not publishing Germany: its base tiny (fingerprint 0000000000000000)" in err
+    assert "not publishing Germany: its prompt shape differs" in err and "num_virtual_tokens 8" in err
+    assert [e.meta.culture for e in load_experts(experts)] == ["Germany", "Japan", "Kenya"]
+    trials = {
+        c: load_expert(experts / f"{slug(c)}.safetensors").meta.training["trial"]
+        for c in ("Germany", "Japan")
+    }
+    assert trials == {"Germany": "t1", "Japan": "t3"}  # the first Germany kept, Japan replaced
+    similarity = json.loads((experts / SIMILARITY_FILE).read_text())
+    assert {"Germany", "Japan", "Kenya"} <= set(similarity["Canada"])  # held-out Canada: every expert
+    assert set(similarity["Germany"]) == {"Japan", "Kenya"}
+    assert set(json.loads((experts / ANSWERS_FILE).read_text())) == {"Germany", "Japan", "Kenya"}
+
+    publish_experts(experts, other_base, data, replace=True)  # --replace: this run's experts alone
+    assert [e.meta.culture for e in load_experts(experts)] == ["Germany"]
 
 
 @pytest.mark.parametrize(

@@ -235,10 +235,14 @@ class DirectorySource:
     directory: Path
 
     def version(self) -> str:
-        """A digest of the expert and similarity files' names, sizes and modification times."""
+        """A digest of the folder a published link points at, and its files' names, sizes and times."""
         files = sorted(Path(self.directory).rglob("*.safetensors")) + [self.directory / SIMILARITY_FILE]
         stats = [(p, p.stat()) for p in files if p.exists()]
-        return _digest([f"{p.relative_to(self.directory)} {s.st_size} {s.st_mtime_ns}" for p, s in stats])
+        # The link's target: a new set is a new version even where it holds copies of the same files.
+        target = os.path.realpath(self.directory)
+        return _digest(
+            [target] + [f"{p.relative_to(self.directory)} {s.st_size} {s.st_mtime_ns}" for p, s in stats]
+        )
 
     def load(self, base: FrozenBase) -> ExpertSnapshot:
         """The experts now in the directory, checked against the base model."""
