@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import httpx
@@ -72,8 +71,8 @@ def server(tiny_model_dirs, tmp_path_factory):
 
 
 def until(ref):
-    """The value of a gate call; bounded, so that a test fails instead of hanging."""
-    return ray.get(ref, timeout=120)
+    """The value of a gate call, once it comes (a test that hangs is ended by its own timeout)."""
+    return ray.get(ref)
 
 
 def post_all(url: str, bodies: list[tuple[str, dict]]) -> list:
@@ -148,7 +147,7 @@ def test_a_client_that_leaves_a_stream_frees_its_rows(server):
 
     before = pool()
     with closed_gate(GATE + STEP_GATE) as steps:  # the engine stops before each decode step while it is shut
-        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        connection = http.client.HTTPConnection(host, int(port))
         body = {"prompt": "tell me about trust", "culture": "Canada", "max_new_tokens": 16, "stream": True}
         connection.request("POST", "/v1/generate", json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
@@ -160,9 +159,9 @@ def test_a_client_that_leaves_a_stream_frees_its_rows(server):
         assert held["running_requests"] == 1 and held["running_rows"] == 2  # a committee of two
         response.close()
         connection.close()  # the client goes away mid-stream
-        wait_for(lambda: pool()["closed_early"] == before["closed_early"] + 1, timeout=120)
+        wait_for(lambda: pool()["closed_early"] == before["closed_early"] + 1)
         until(steps.open.remote())  # the engine steps again: the cancelled rows leave at this step
-        after = wait_for(lambda: (p := pool())["running_rows"] == 0 and p, timeout=120)
+        after = wait_for(lambda: (p := pool())["running_rows"] == 0 and p)
     assert after["finished"]["cancelled"] == before["finished"]["cancelled"] + 1
     assert after["finished"]["length"] == before["finished"]["length"]  # it did not run on to its end
     answer = http_client.post("/v1/generate", json={"prompt": "hello", "culture": "Japan"})
@@ -178,21 +177,36 @@ def test_bad_bodies_and_limits_are_json_errors(server):
 
 
 def test_a_flood_gets_503_with_retry_after(server):
+    from ray import serve
+
+    from serve.protocol import OpinionJob
+    from workers.committees import Committee
+
     url, opinion = server["url"], ("/v1/opinion", QUESTION | {"culture": "Japan"})
+    answered = server["http"].get("/v1/status").json()["router"]["answered"].get("/v1/opinion", {})
+    # The replica is filled by calls from here, which no router deadline ends however long the flood takes.
+    pool = serve.get_deployment_handle("ExpertPool", app_name="shores")
+    job = OpinionJob(QUESTION["question"], QUESTION["options"], Committee([("Japan", 1.0)]))
     with closed_gate(GATE) as gate:
-        held = post_all(url, [opinion] * ONGOING)
+        held = [pool.opinion.remote(job) for _ in range(ONGOING)]
         until(gate.until_waiting.remote(ONGOING))  # the replica is full
-        flood = post_all(url, [opinion] * (QUEUED + 2))  # QUEUED may queue; the rest cannot
-        refused, pending, done = [], set(flood), True
-        while len(refused) < 2 and done:  # nothing else can answer while the gate is shut
-            done, pending = wait(pending, timeout=120, return_when=FIRST_COMPLETED)
+        flood = post_all(url, [opinion] * (QUEUED + 2))  # QUEUED may queue at the router's handle; 2 cannot
+        refused, pending = [], set(flood)
+        while len(refused) < 2:  # nothing else can answer while the gate is shut
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             refused += [f.result() for f in done]
         until(gate.open.remote())
-        rest = [f.result() for f in [*held, *pending]]
+        queued = [f.result() for f in pending]
+        held = [h.result() for h in held]
+    assert len(refused) == 2
     for response in refused:
         assert response.status_code == 503, response.text
         assert "overloaded" in response.json()["error"] and response.headers["retry-after"] == "1"
-    assert all(r.status_code == 200 for r in rest), [r.text for r in rest]
+    assert [r.status_code for r in queued] == [200] * QUEUED, [r.text for r in queued]
+    assert all(len(answer.distribution) == 3 for answer in held)
+    after = server["http"].get("/v1/status").json()["router"]["answered"]["/v1/opinion"]
+    assert after.get("503", 0) - answered.get("503", 0) == 2  # counted as they were answered
+    assert after["200"] - answered.get("200", 0) == QUEUED
 
 
 def test_a_stalled_pool_gets_504_and_the_request_is_cancelled(server):
@@ -233,10 +247,7 @@ def test_metrics_reach_prometheus(server):
             )
         ]
 
-    deadline = time.monotonic() + 60  # the export is periodic: wait on the scrape showing it, bounded
-    while (gone := missing()) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert gone == []
+    wait_for(lambda: not missing(), interval=1)  # the export is periodic: until a scrape shows every series
 
 
 def _shores_serve(tmp_path, model, **serve) -> tuple[subprocess.Popen, object]:
@@ -260,7 +271,7 @@ def _shores_serve(tmp_path, model, **serve) -> tuple[subprocess.Popen, object]:
 def test_an_open_host_without_a_key_is_refused(server, tmp_path):
     write_experts(tmp_path / "experts", server["model"], CULTURES[:1])
     process, log = _shores_serve(tmp_path, server["model"], host="0.0.0.0")
-    assert process.wait(120) != 0
+    assert process.wait() != 0
     output = log.read_text()
     assert "serve.host 0.0.0.0 is reachable from other machines" in output and "Traceback" not in output
 
@@ -280,7 +291,7 @@ def test_sigterm_shuts_the_server_down_cleanly(server, tmp_path):
         except httpx.HTTPError:
             return False
 
-    wait_for(up, timeout=180, interval=1)
+    wait_for(up, interval=1)
     family = psutil.Process(process.pid).children(recursive=True)
     agents = [p for p in family if any("agent" in part for part in p.cmdline())]
     assert agents, [p.cmdline()[:3] for p in family]  # DashboardAgent and RuntimeEnvAgent, Ray's own
