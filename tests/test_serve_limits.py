@@ -39,8 +39,9 @@ from tests.serving import (
 GATE = "test-gate"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 # Serve counts a request as queued until a replica takes it: a queue of 4 lets 4 simultaneous arrivals in.
-# The deadline is far above what a tiny model needs even on a busy machine: only the stalled pool meets it.
-ONGOING, QUEUED, TIMEOUT_S = 4, 4, 30
+# The module's deadline is never met: requests wait at a gate as long as a test holds them, however slow the
+# machine. The stalled-pool test has a second application whose router gives the pool DEADLINE_S.
+ONGOING, QUEUED, TIMEOUT_S, DEADLINE_S = 4, 4, 3600, 5
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +66,30 @@ def server(tiny_model_dirs, tmp_path_factory):
     try:
         with local_serve(config, metrics_port=metrics_port) as url:
             with client(url) as http:
-                yield {"url": url, "http": http, "metrics": metrics_port, "model": tiny_model_dirs["llama"]}
+                yield {
+                    "url": url,
+                    "http": http,
+                    "metrics": metrics_port,
+                    "model": tiny_model_dirs["llama"],
+                    "config": config,
+                }
     finally:
         del os.environ[GATE_ENV]
+
+
+@pytest.fixture(scope="module")
+def short_deadline(server):
+    """The URL of a second application of the same graph (under /deadline) whose router waits DEADLINE_S."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    config = server["config"].model_copy(deep=True)
+    config.serve.request_timeout_s = DEADLINE_S
+    config.serve.cpus_per_replica = 0.5
+    serve.run(build_app(config), name="shores-deadline", route_prefix="/deadline")
+    yield server["url"] + "/deadline"
+    serve.delete("shores-deadline")
 
 
 def until(ref):
@@ -177,45 +199,34 @@ def test_bad_bodies_and_limits_are_json_errors(server):
 
 
 def test_a_flood_gets_503_with_retry_after(server):
-    from ray import serve
-
-    from serve.protocol import OpinionJob
-    from workers.committees import Committee
-
     url, opinion = server["url"], ("/v1/opinion", QUESTION | {"culture": "Japan"})
     answered = server["http"].get("/v1/status").json()["router"]["answered"].get("/v1/opinion", {})
-    # The replica is filled by calls from here, which no router deadline ends however long the flood takes.
-    pool = serve.get_deployment_handle("ExpertPool", app_name="shores")
-    job = OpinionJob(QUESTION["question"], QUESTION["options"], Committee([("Japan", 1.0)]))
     with closed_gate(GATE) as gate:
-        held = [pool.opinion.remote(job) for _ in range(ONGOING)]
+        held = post_all(url, [opinion] * ONGOING)  # no deadline runs out while they wait (TIMEOUT_S)
         until(gate.until_waiting.remote(ONGOING))  # the replica is full
-        flood = post_all(url, [opinion] * (QUEUED + 2))  # QUEUED may queue at the router's handle; 2 cannot
+        flood = post_all(url, [opinion] * (QUEUED + 2))  # QUEUED may queue; the other 2 cannot
         refused, pending = [], set(flood)
         while len(refused) < 2:  # nothing else can answer while the gate is shut
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             refused += [f.result() for f in done]
         until(gate.open.remote())
-        queued = [f.result() for f in pending]
-        held = [h.result() for h in held]
+        rest = [f.result() for f in [*held, *pending]]
     assert len(refused) == 2
     for response in refused:
         assert response.status_code == 503, response.text
         assert "overloaded" in response.json()["error"] and response.headers["retry-after"] == "1"
-    assert [r.status_code for r in queued] == [200] * QUEUED, [r.text for r in queued]
-    assert all(len(answer.distribution) == 3 for answer in held)
+    assert [r.status_code for r in rest] == [200] * (ONGOING + QUEUED), [r.text for r in rest]
     after = server["http"].get("/v1/status").json()["router"]["answered"]["/v1/opinion"]
     assert after.get("503", 0) - answered.get("503", 0) == 2  # counted as they were answered
-    assert after["200"] - answered.get("200", 0) == QUEUED
 
 
-def test_a_stalled_pool_gets_504_and_the_request_is_cancelled(server):
+def test_a_stalled_pool_gets_504_and_the_request_is_cancelled(server, short_deadline):
     with closed_gate(GATE) as gate:
-        future = post_all(server["url"], [("/v1/opinion", QUESTION | {"culture": "Kenya"})])[0]
+        future = post_all(short_deadline, [("/v1/opinion", QUESTION | {"culture": "Kenya"})])[0]
         until(gate.until_waiting.remote(1))
         response = future.result()  # the gate never opens: the router's deadline answers
         assert response.status_code == 504
-        assert f"did not answer within {float(TIMEOUT_S)} s" in response.json()["error"]
+        assert f"did not answer within {float(DEADLINE_S)} s" in response.json()["error"]
         assert until(gate.until_fewer.remote(1)) == 0  # the router cancelled the pool's work
     assert server["http"].post("/v1/opinion", json=QUESTION).status_code == 200
 
