@@ -150,7 +150,6 @@ class PoolMetrics:
             [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
             tag_keys=("expert",),
         )
-
         self.reload_failures = Counter(
             "shores_expert_reload_failures", "Reloads of the experts that failed (each retried with backoff)"
         )
@@ -222,7 +221,7 @@ class ExpertPool:
     def _first_load(self) -> ExpertSet:
         """The source's experts; while the registry cannot be read, its last good local copy (if any)."""
         try:
-            return self._index(self.source.load(self.base))
+            loaded = self._index(self.source.load(self.base))
         except RegistryError as err:
             kept = self.source.last_good(self.base)
             if kept is None:
@@ -230,6 +229,8 @@ class ExpertPool:
             logger.warning("serving the last good copy of experts %s: %s", kept.version, err)
             self._serving_last_good(True)
             return self._index(kept)
+        self._serving_last_good(False)
+        return loaded
 
     def _serving_last_good(self, stale: bool) -> None:
         self.stats.last_good = stale
@@ -239,23 +240,24 @@ class ExpertPool:
         """Look for a new version of the experts every `interval` seconds and load it, serving the old ones
         meanwhile; a reload that fails is retried with backoff (twice the wait each failure in a row, at most
         BACKOFF_CAP intervals) until it loads."""
+        wait = interval
         failures = 0
         while True:
-            await asyncio.sleep(interval * min(2**failures, BACKOFF_CAP))
+            await asyncio.sleep(wait)
             try:
                 await self._reload()
-                failures = 0
-            except (
-                Exception
-            ) as err:  # a registry blip or a half-written expert must not take the replica down
+                wait, failures = interval, 0
+            # A registry blip or a half-written expert must not take the replica down.
+            except Exception as err:
                 failures += 1
+                wait = interval * min(2**failures, BACKOFF_CAP)
                 self.stats.reload_failures += 1
                 self.metrics.reload_failures.inc()
                 logger.warning(
                     "keeping experts %s: reload failed (%d in a row), retried in %g s: %s",
                     self.experts.version,
                     failures,
-                    interval * min(2**failures, BACKOFF_CAP),
+                    wait,
                     err,
                 )
 
