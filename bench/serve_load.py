@@ -1,19 +1,30 @@
-"""A load test of the real Serve graph on 127.0.0.1: C clients for D seconds, a replica killed, a flood burst.
+"""A load test of the real Serve graph on 127.0.0.1: well-behaved clients alone and beside a hostile mix, then a
+replica killed and a flood burst.
 
 The graph is what `shores serve` runs (serve.app.build_app): a Router in front of two ExpertPool replicas, six
 experts of prompt lengths 4 and 8 plus cultures answered by committees. C closed-loop clients send a mix of
 opinion, generate, chat and streaming chat (`stream: true`, OpenAI's server-sent events) requests across
 experts, survey-similarity committees and free-text profiles, each with a client deadline
-(`serve.request_timeout_s` plus a margin). Meanwhile:
-  at 1/3 of the run  one ExpertPool replica is killed (`ray.kill` on its actor, found with ray.util.state);
-                     Serve replaces it; requests it held are answered 503 (never replayed);
-  at 2/3 of the run  a flood of --burst requests at once, past the pool's `max_queued_requests`: refused
-                     at once with 503 + Retry-After, while the clients' requests keep being answered.
-Prints JSON (and writes --out): counts by status code per endpoint and per phase, latency percentiles of the
-answered requests, the 5xx outside the kill and burst windows, and whether every request was answered or
-refused within its deadline. Streaming chat answered 400 (a server without streaming) is counted apart.
+(`serve.request_timeout_s` plus a margin). The run has three kinds of phase, each --duration seconds:
+  calm      the C clients alone;
+  hostile   the C clients beside H hostile clients, each looping over: a long prompt (3/4 of the context
+            window, at most 7000 tokens) with the largest committee allowed, a flood of --unknown-flood
+            requests for cultures that do not exist, and a `text/plain` post (a browser's simple request);
+            in the first hostile phase a new expert is published and the first replica to reload it fails
+            once (the pool's $SHORES_RELOAD_FAULT hook, removed once /v1/status shows the failure);
+  faults    the C clients; at 1/3 one ExpertPool replica is killed (`ray.kill`, found with
+            ray.util.list_named_actors): Serve replaces it, requests it held are answered 503 (never
+            replayed); at 2/3 a flood of --burst requests past the pool's `max_queued_requests`: refused at once
+            with 503 + Retry-After, while the clients' requests keep being answered.
+Calm and hostile phases alternate --rounds times, so both see the same machine. Prints JSON (and writes --out):
+side by side, the well-behaved clients' goodput (answers 200 a second) and p99 latency in calm and hostile
+phases and their ratios, with every phase's 5xx by status and the hostile requests' statuses; the reload's
+events; each phase's last /v1/status counters of a pool replica (whatever the engine reports); counts by
+status code per endpoint and per window, latency percentiles, the 5xx outside the kill and burst windows, and
+whether every request was answered or refused within its deadline. Streaming chat answered 400 (a server
+without streaming) is counted apart.
 
-    python -m bench.serve_load --out runs/bench/serve_load.json      # 32 clients, 60 s
+    python -m bench.serve_load --out runs/bench/serve_load.json      # 32 clients, 8 hostile, 3 x 30 s
     python -m bench.serve_load --tiny                                # a smoke run: seconds
 """
 
@@ -37,6 +48,7 @@ import torch
 
 from bench.common import DATA, free_port, machine, model_path, write_report
 from orchestrator.config import ExperimentConfig
+from serve.pool import RELOAD_FAULT_ENV
 from workers.base_model import load_frozen_base
 from workers.cultures import slug
 from workers.expert_store import SIMILARITY_FILE
@@ -44,17 +56,21 @@ from workers.prompts import Expert, ExpertMeta, persona_text, save_expert
 
 EXPERTS = {"Germany": 4, "Japan": 8, "Kenya": 4, "India": 8, "Mexico": 4, "Sweden": 8}  # prompt lengths
 HELD_OUT = ["Canada", "Brazil"]  # no expert: committees of their nearest experts
+RELOADED = "Peru"  # published during the first hostile phase: its reload fails once on one replica
+LONG_WORD = "yes "  # a long prompt repeats it
 QUESTION = {"question": "Do you think most people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 CHAT = "/v1/chat/completions"
 PROFILES = ["I am a teacher in Osaka.", "A farmer near Nairobi, three children.", "Student in Stockholm"]
 
 
-def write_experts(model: str, directory: Path) -> None:
-    """Random-prompt experts of lengths 4 and 8, and a survey-similarity table that covers the held-out."""
+def write_experts(model: str, directory: Path, staged: Path) -> int:
+    """Random-prompt experts of lengths 4 and 8, a survey-similarity table that covers the held-out, and one more
+    expert (RELOADED) in `staged`, published during the run; the words of a long prompt (LONG_WORD repeated to
+    3/4 of the model's context window, at most 7000 tokens)."""
     base = load_frozen_base(model, "float32", device="cpu")
     generator = torch.Generator().manual_seed(0)
     scale = base.model.get_input_embeddings().weight.float().std().item()
-    for culture, length in EXPERTS.items():
+    for culture, length in [*EXPERTS.items(), (RELOADED, 4)]:
         meta = ExpertMeta(
             culture,
             culture[:2].upper(),
@@ -65,13 +81,17 @@ def write_experts(model: str, directory: Path) -> None:
             descriptor=persona_text(culture),
         )
         prompt = torch.randn(length, base.hidden_size, generator=generator) * scale
-        save_expert(directory / f"{slug(culture)}.safetensors", Expert(prompt, meta))
+        folder = staged if culture == RELOADED else directory
+        save_expert(folder / f"{slug(culture)}.safetensors", Expert(prompt, meta))
     rng = np.random.default_rng(0)
     similarity = {
         c: {e: round(float(rng.uniform(0.3, 0.9)), 3) for e in EXPERTS if e != c}
         for c in [*EXPERTS, *HELD_OUT]
     }
     (directory / SIMILARITY_FILE).write_text(json.dumps(similarity))
+    tokens = min(3 * base.model.config.max_position_embeddings // 4, 7000)
+    per_word = len(base.tokenizer(LONG_WORD * 100, add_special_tokens=False)["input_ids"]) / 100
+    return int(tokens / per_word)
 
 
 def request_mix(max_tokens: int) -> list[tuple[str, str, dict]]:
@@ -103,6 +123,20 @@ def request_mix(max_tokens: int) -> list[tuple[str, str, dict]]:
     return mix
 
 
+def hostile_mix(long_words: int, committee: int, flood: int) -> list[tuple[str, str, dict | str]]:
+    """(kind, path, body) of one hostile client's loop: a long prompt with the largest committee, a flood of
+    unknown cultures, a `text/plain` post (a string body)."""
+    long = {
+        "prompt": LONG_WORD * long_words,
+        "culture": HELD_OUT[0],
+        "committee_size": committee,
+        "max_new_tokens": 8,
+    }
+    unknown = [("unknown", "/v1/opinion", QUESTION | {"culture": f"Atlantis {i}"}) for i in range(flood)]
+    plain = ("text_plain", "/v1/opinion", json.dumps(QUESTION | {"culture": "Germany"}))
+    return [("long_prompt", "/v1/generate", long), *unknown, plain]
+
+
 @dataclass
 class Outcome:
     kind: str
@@ -111,6 +145,8 @@ class Outcome:
     status: int
     start: float  # seconds since the run began
     end: float
+    phase: str = ""  # calm, hostile or faults
+    hostile: bool = False  # sent by a hostile client
     burst: bool = False
     error: str = ""
     chunks: int = 0  # streaming: server-sent events received
@@ -118,7 +154,14 @@ class Outcome:
 
 
 async def send(
-    client: httpx.AsyncClient, t0: float, kind: str, path: str, body: dict, burst: bool = False
+    client: httpx.AsyncClient,
+    t0: float,
+    kind: str,
+    path: str,
+    body: dict | str,
+    phase: str,
+    hostile: bool = False,
+    burst: bool = False,
 ) -> Outcome:
     start = time.perf_counter() - t0
     status, error, chunks, mid_stream = 0, "", 0, False
@@ -131,7 +174,10 @@ async def send(
                 else:
                     error = (await response.aread()).decode(errors="replace")
         else:
-            response = await client.post(path, json=body)
+            if isinstance(body, str):  # a browser's simple request: no preflight, and no JSON content type
+                response = await client.post(path, content=body, headers={"content-type": "text/plain"})
+            else:
+                response = await client.post(path, json=body)
             status = response.status_code
             if status == 200:
                 answer = response.json()
@@ -141,7 +187,8 @@ async def send(
                 error = response.text
     except httpx.HTTPError as err:  # a timeout past the deadline, or a refused connection
         error = f"{type(err).__name__}: {err}"
-    return Outcome(kind, status, start, time.perf_counter() - t0, burst, error[:120], chunks, mid_stream)
+    end = time.perf_counter() - t0
+    return Outcome(kind, status, start, end, phase, hostile, burst, error[:120], chunks, mid_stream)
 
 
 async def read_events(response: httpx.Response) -> tuple[int, str, int, bool]:
@@ -175,24 +222,100 @@ def running_pool_replicas() -> int:
     return deployment.replica_states.get("RUNNING", 0)
 
 
-async def run(url: str, args: argparse.Namespace, deadline: float) -> tuple[list[Outcome], dict]:
+@dataclass
+class Setup:
+    """What the phases need besides the arguments: the server, the client deadline, the reload's files."""
+
+    url: str
+    deadline: float
+    long_words: int  # the long prompts' length
+    experts: Path  # the directory the replicas read
+    staged: Path  # the expert published in the first hostile phase
+    fault: Path  # $SHORES_RELOAD_FAULT
+
+
+async def run(args: argparse.Namespace, setup: Setup) -> tuple[list[Outcome], dict, dict]:
+    """Every phase in turn: (outcomes, events, each phase's seconds and last pool status)."""
     import ray
 
     mix = request_mix(args.max_tokens)
+    hostile = hostile_mix(setup.long_words, args.hostile_committee, args.unknown_flood)
     outcomes: list[Outcome] = []
     events: dict = {}
-    limits = httpx.Limits(max_connections=args.clients + args.burst + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=deadline, limits=limits) as client:
+    phases: dict = defaultdict(lambda: {"seconds": 0.0})
+    connections = args.clients + args.hostile_clients * (args.unknown_flood + 1) + args.burst + 8
+    limits = httpx.Limits(max_connections=connections)
+    async with httpx.AsyncClient(base_url=setup.url, timeout=setup.deadline, limits=limits) as client:
         t0 = time.perf_counter()
-        stop = t0 + args.duration
 
-        async def one_client(c: int) -> None:
-            i = c
-            while time.perf_counter() < stop:
-                outcomes.append(await send(client, t0, *mix[i % len(mix)]))
-                i += args.clients  # clients walk the mix in step, so every kind is in flight at once
+        def now() -> float:
+            return round(time.perf_counter() - t0, 2)
 
-        async def kill_one() -> None:
+        async def pool_state() -> dict | None:
+            """One pool replica's counters from /v1/status (None while the server cannot answer)."""
+            response = await client.get("/v1/status")
+            return response.json()["pool"] if response.status_code == 200 else None
+
+        async def well_behaved(phase: str, stop: float) -> None:
+            async def one(c: int) -> None:
+                i = c
+                while time.perf_counter() < stop:
+                    outcomes.append(await send(client, t0, *mix[i % len(mix)], phase=phase))
+                    i += args.clients  # clients walk the mix in step, so every kind is in flight at once
+
+            await asyncio.gather(*(one(c) for c in range(args.clients)))
+
+        async def hostile_clients(stop: float) -> None:
+            long, *unknown, plain = hostile
+
+            async def one() -> None:
+                while time.perf_counter() < stop:
+                    outcomes.append(await send(client, t0, *long, phase="hostile", hostile=True))
+                    flood = [send(client, t0, *u, phase="hostile", hostile=True) for u in unknown]
+                    outcomes.extend(await asyncio.gather(*flood))
+                    outcomes.append(await send(client, t0, *plain, phase="hostile", hostile=True))
+
+            await asyncio.gather(*(one() for _ in range(args.hostile_clients)))
+
+        async def failing_reload(give_up: float) -> None:
+            """Publish an expert; the first replica to reload it fails until /v1/status shows the failure."""
+            old = (await pool_state())["experts_version"]
+            setup.fault.touch()
+            os.replace(setup.staged, setup.experts / setup.staged.name)
+            events["reload_published_s"] = now()
+            while time.perf_counter() < give_up:
+                state = await pool_state()
+                if state and state["reload_failures"]:
+                    events["reload_failed_s"] = now()
+                    break
+                await asyncio.sleep(0.2)
+            setup.fault.unlink(missing_ok=True)  # the failing replica's next retry loads it
+            served: dict[str, dict] = {}
+            while time.perf_counter() < give_up:
+                if state := await pool_state():
+                    served[state["replica"]] = state
+                if len(served) == 2 and all(
+                    s["experts_version"] != old and s["reload_pending"] is None for s in served.values()
+                ):
+                    events["reload_converged_s"] = now()
+                    events["reload_failures"] = sum(s["reload_failures"] for s in served.values())
+                    return
+                await asyncio.sleep(0.2)
+
+        async def phase(name: str, *extra) -> None:
+            start = time.perf_counter()
+            stop = start + args.duration
+
+            async def timed() -> None:  # goodput's seconds: while the well-behaved clients send
+                await well_behaved(name, stop)
+                phases[name]["seconds"] += time.perf_counter() - start
+
+            await asyncio.gather(timed(), *(task(stop) for task in extra))
+            phases[name]["pool_status"] = {
+                k: v for k, v in ((await pool_state()) or {}).items() if isinstance(v, (int, float, str))
+            }
+
+        async def kill_one(stop: float) -> None:
             await asyncio.sleep(args.duration / 3)
             before = await asyncio.to_thread(pool_replicas)
             victim = before[0]
@@ -201,7 +324,7 @@ async def run(url: str, args: argparse.Namespace, deadline: float) -> tuple[list
             ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
             # Serve notices the dead actor and starts a replacement (a new name); the run goes on regardless
             # and waits for it at the end, up to a client deadline (a smoke run does not wait).
-            while time.perf_counter() < stop + (0 if args.tiny else deadline):
+            while time.perf_counter() < stop + (0 if args.tiny else setup.deadline):
                 await asyncio.sleep(0.5)
                 new = {a["name"] for a in await asyncio.to_thread(pool_replicas)} - {
                     a["name"] for a in before
@@ -210,28 +333,75 @@ async def run(url: str, args: argparse.Namespace, deadline: float) -> tuple[list
                     events["replaced_at_s"] = time.perf_counter() - t0
                     return
 
-        async def flood() -> None:
+        async def flood(stop: float) -> None:
             await asyncio.sleep(2 * args.duration / 3)
             events["burst_at_s"] = time.perf_counter() - t0
             kind, path, body = mix[0]
-            sent = [send(client, t0, kind, path, body, burst=True) for _ in range(args.burst)]
+            sent = [send(client, t0, kind, path, body, "faults", burst=True) for _ in range(args.burst)]
             outcomes.extend(await asyncio.gather(*sent))
             events["burst_done_s"] = time.perf_counter() - t0
 
-        await asyncio.gather(*(one_client(c) for c in range(args.clients)), kill_one(), flood())
+        for round_ in range(args.rounds):
+            await phase("calm")
+            reload = [lambda stop: failing_reload(stop + setup.deadline)] if round_ == 0 else []
+            await phase("hostile", hostile_clients, *reload)
+        await phase("faults", kill_one, flood)
         events["wall_s"] = time.perf_counter() - t0
-    return outcomes, events
+    return outcomes, events, dict(phases)
 
 
 def window(outcome: Outcome, events: dict) -> str:
-    """Which window a request overlapped: burst (it was one, or ran during it), kill, else steady."""
+    """Which window a request was in: its phase (calm, hostile), or in the faults phase burst (it was one, or ran
+    during it), kill, else steady."""
 
     def overlaps(a: str, b: str) -> bool:
         return a in events and outcome.start <= events.get(b, float("inf")) and outcome.end >= events[a]
 
+    if outcome.phase != "faults":
+        return outcome.phase
     if outcome.burst or overlaps("burst_at_s", "burst_done_s"):
         return "burst"
     return "kill" if overlaps("killed_at_s", "replaced_at_s") else "steady"
+
+
+def side_by_side(outcomes: list[Outcome], phases: dict) -> dict:
+    """The well-behaved clients' goodput and p99 latency without (calm) and with (hostile) the hostile mix,
+    the ratios, and each phase's 5xx by status; the hostile requests' statuses by kind."""
+
+    def figures(phase: str) -> dict:
+        ours = [o for o in outcomes if o.phase == phase]
+        good = [o for o in ours if not o.hostile]
+        answered = [o.end - o.start for o in good if o.status == 200]
+        seconds = phases[phase]["seconds"]
+        hostile: dict = defaultdict(Counter)
+        for o in ours:
+            if o.hostile:
+                hostile[o.kind][str(o.status)] += 1
+        return {
+            "seconds": round(seconds, 1),
+            "well_behaved_requests": len(good),
+            "well_behaved_goodput_rps": round(len(answered) / seconds, 2),
+            "well_behaved_p50_s": round(float(np.percentile(answered, 50)), 3) if answered else None,
+            "well_behaved_p99_s": round(float(np.percentile(answered, 99)), 3) if answered else None,
+            "well_behaved_5xx_by_status": dict(Counter(str(o.status) for o in good if o.status >= 500)),
+            "hostile_5xx_by_status": dict(
+                Counter(str(o.status) for o in ours if o.hostile and o.status >= 500)
+            ),
+            "hostile_status_by_kind": {k: dict(sorted(v.items())) for k, v in sorted(hostile.items())},
+            "pool_status": phases[phase].get("pool_status", {}),
+        }
+
+    calm, hostile = figures("calm"), figures("hostile")
+
+    def ratio(key: str) -> float | None:
+        return round(hostile[key] / calm[key], 3) if calm[key] and hostile[key] is not None else None
+
+    return {
+        "calm": calm,
+        "hostile": hostile,
+        "goodput_ratio_hostile_to_calm": ratio("well_behaved_goodput_rps"),
+        "p99_ratio_hostile_to_calm": ratio("well_behaved_p99_s"),
+    }
 
 
 def report(outcomes: list[Outcome], events: dict, deadline: float) -> dict:
@@ -245,13 +415,13 @@ def report(outcomes: list[Outcome], events: dict, deadline: float) -> dict:
             key = "400_stream_unsupported"  # a server without streaming
         elif o.mid_stream:
             key += "_mid_stream"
-        by_kind[("burst_" if o.burst else "") + o.kind][key] += 1
+        by_kind[("burst_" if o.burst else "hostile_" if o.hostile else "") + o.kind][key] += 1
         by_window[window(o, events)][key] += 1
         if o.status == 503:
             refusals[o.error] += (
                 1  # overload (JSON from the router, or the proxy's plain text) or a dead replica
             )
-        if o.status == 200:
+        if o.status == 200 and not o.hostile:
             latencies[o.kind].append(o.end - o.start)
     # The goal: no 5xx but 503, and 503 only where it is the designed answer (the flood, the killed replica).
     unexpected = [
@@ -288,9 +458,17 @@ def main() -> None:
     parser.add_argument(
         "--model", default="tiny", help="tiny (a random Llama built here), smollm2-135m, or a folder"
     )
-    parser.add_argument("--tiny", action="store_true", help="a smoke run: 4 clients, 9 s, a small burst")
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds the clients send for")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a smoke run: 4 clients, 2 hostile, 6 s a phase, a small burst"
+    )
+    parser.add_argument("--clients", type=int, default=32, help="well-behaved clients")
+    parser.add_argument("--hostile-clients", type=int, default=8, help="hostile clients in hostile phases")
+    parser.add_argument(
+        "--unknown-flood", type=int, default=50, help="unknown cultures a hostile client floods"
+    )
+    parser.add_argument("--hostile-committee", type=int, default=8, help="committee_size of the long prompts")
+    parser.add_argument("--rounds", type=int, default=1, help="calm and hostile phases, alternated")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds a phase")
     parser.add_argument("--burst", type=int, default=600, help="requests in the flood, all at once")
     parser.add_argument("--max-queued", type=int, default=64, help="serve.max_queued_requests of the pool")
     parser.add_argument("--max-tokens", type=int, default=8, help="new tokens of generate and chat requests")
@@ -298,7 +476,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.tiny:
-        args.model, args.clients, args.duration, args.burst, args.max_queued = "tiny", 4, 9.0, 200, 8
+        args.model, args.clients, args.duration, args.burst, args.max_queued = "tiny", 4, 6.0, 200, 8
+        args.hostile_clients, args.unknown_flood = 2, 20
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault(
@@ -312,7 +491,10 @@ def main() -> None:
 
     folder = model_path(args.model)
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    write_experts(folder, work / "experts")
+    (work / "staged").mkdir()
+    long_words = write_experts(folder, work / "experts", work / "staged")
+    fault = work / "reload-fault"
+    os.environ[RELOAD_FAULT_ENV] = str(fault)  # before Ray starts: the replicas inherit it
     config = ExperimentConfig.model_validate(
         {
             "name": "serve-load",
@@ -325,7 +507,8 @@ def main() -> None:
                 "max_batch_size": 32,  # rows in a replica's running batch
                 "max_queued_requests": args.max_queued,
                 "request_timeout_s": args.request_timeout,
-                "reload_interval_s": 0,
+                "reload_interval_s": 1,
+                "max_committee_size": args.hostile_committee,
             },
         }
     )
@@ -339,7 +522,9 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         startup = time.perf_counter() - started
         asyncio.run(warm_up(url, request_mix(args.max_tokens)))
-        outcomes, events = asyncio.run(run(url, args, deadline))
+        staged = work / "staged" / f"{slug(RELOADED)}.safetensors"
+        setup = Setup(url, deadline, long_words, work / "experts", staged, fault)
+        outcomes, events, phases = asyncio.run(run(args, setup))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -349,8 +534,9 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "model": "tiny-llama (random)" if args.model == "tiny" else args.model,
         "settings": {k: v for k, v in vars(args).items() if k != "out"}
-        | {"pool_replicas": 2, "max_batch_rows": 32},
+        | {"pool_replicas": 2, "max_batch_rows": 32, "long_prompt_words": long_words},
         "startup_s": round(startup, 1),
+        "side_by_side": side_by_side(outcomes, phases),
         **report(outcomes, events, deadline),
     }
     write_report(result, args.out)
@@ -360,7 +546,7 @@ async def warm_up(url: str, mix: list) -> None:
     """One request of each kind, one at a time, before the clock starts: first passes are slow everywhere."""
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         for entry in {kind: (kind, path, body) for kind, path, body in mix}.values():
-            await send(client, time.perf_counter(), *entry)
+            await send(client, time.perf_counter(), *entry, phase="warm-up")
 
 
 if __name__ == "__main__":

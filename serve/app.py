@@ -28,6 +28,7 @@ from workers.expert_store import (
     DirectorySource,
     ExpertsNotFoundError,
     Registry,
+    RegistryError,
     RegistrySource,
     load_experts,
     registered_experts,
@@ -162,7 +163,14 @@ def preflight(config: ExperimentConfig) -> None:
     if config.serve.experts_source == "directory":
         load_experts(experts_dir(config))
         return
-    rows = registered_experts(Registry.of_experiment(config.output_dir, config.mlflow))
+    source = expert_source(config)
+    try:
+        rows = registered_experts(source.registry)
+    except RegistryError as err:
+        if not source.has_last_good():
+            raise
+        print(f"warning: {err}; the replicas start from the last good copy of the experts", file=sys.stderr)
+        return
     if not any(config.serve.registry_alias in r["aliases"] for r in rows):
         raise ExpertsNotFoundError(
             f"no experts registered under the alias {config.serve.registry_alias!r}; train some first"

@@ -6,13 +6,16 @@ runs them all: generations join and leave the running batch between decode steps
 between steps, every row with its own expert's soft prompt. Experts come from a directory or the MLflow
 registry and are reloaded, without a restart, when the source changes: a request is resolved against one
 version of the experts and prefilled with that version's bank, so a reload swaps banks between steps and no
-request fails or mixes two versions.
+request fails or mixes two versions. A reload that fails is retried with backoff until it loads, so replicas
+converge on the source's version; a replica whose registry cannot be read when it starts serves the registry
+source's last good local copy, and says so (a warning, the `shores_experts_last_good` gauge, `/v1/status`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
 import math
 import os
@@ -25,7 +28,7 @@ from typing import TypeVar
 
 import ray
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 from transformers import PreTrainedTokenizerBase
 
 from serve.protocol import (  # the router-pool protocol; importable from here too
@@ -50,7 +53,7 @@ from workers.chat import chat_prompt
 from workers.committees import BASE, Committee, member_indices
 from workers.detokenize import Detokenizer, StopStrings, token_text
 from workers.engine import Batch, CacheBudgetError, DecodeEngine, EngineStopped, Generation, auto_cache_tokens
-from workers.expert_store import DirectorySource, ExpertSnapshot, RegistrySource, Similarity
+from workers.expert_store import DirectorySource, ExpertSnapshot, RegistryError, RegistrySource, Similarity
 from workers.generation import DecodeRequest, choice_seed, stop_token_ids
 from workers.prompts import Expert, SoftPromptBank, bank_from_experts
 from workers.scoring import EncodedQuestion, encode_question
@@ -61,6 +64,10 @@ logger = logging.getLogger("ray.serve")
 GATE_ENV = "SHORES_POOL_GATE"
 GATE_NAMESPACE = "shores"
 STEP_GATE = "-steps"
+# Names a file: while it exists, the first replica to reload after it appeared fails every reload (tests: one
+# replica held behind the others at an exact point, until the file is removed).
+RELOAD_FAULT_ENV = "SHORES_RELOAD_FAULT"
+BACKOFF_CAP = 32  # a failing reload is retried after 2, 4, 8, ... and at most 32 reload intervals
 WHOLE = 1 << 30  # encode the whole prompt: its length is checked against the context window, not cut
 
 
@@ -72,6 +79,7 @@ class ExpertSet:
     experts: list[Expert]
     versions: dict[str, str]  # culture -> the version of its expert that answers
     similarity: Similarity
+    since: float  # when it was taken from the source: the router follows the newest set, never an older one
     bank: SoftPromptBank | None = None
     index: dict[str, int] = field(default_factory=dict)
 
@@ -104,6 +112,9 @@ class PoolStats:
         self.largest_batch = 0
         self.most_experts_in_a_batch = 0
         self.reloads = 0
+        self.reload_failures = 0  # reloads that failed (the source unreadable, or its set not loaded)
+        self.reload_pending: str | None = None  # a version of the source not loaded yet: retried until it is
+        self.last_good = False  # serving the last good local copy: the registry could not be read at start
         self.closed_early = 0
         self.recent: deque[dict] = deque(maxlen=16)  # the last batches: kind, requests, rows, experts
         self.calls: collections.Counter[str] = collections.Counter()  # calls taken, by method
@@ -144,6 +155,13 @@ class PoolMetrics:
             [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
             tag_keys=("expert",),
         )
+        self.reload_failures = Counter(
+            "shores_expert_reload_failures", "Reloads of the experts that failed (each retried with backoff)"
+        )
+        self.last_good = Gauge(
+            "shores_experts_last_good",
+            "1 while the replica serves its last good local copy of the experts: the registry could not be read",
+        )
 
     def batch(self, batch: Batch) -> None:
         self.batch_rows.observe(batch.rows, tags={"kind": batch.kind})
@@ -166,9 +184,9 @@ class ExpertPool:
         self.context_window = getattr(self.base.model.config, "max_position_embeddings", None)
         self.gate = os.environ.get(GATE_ENV)
         self.source = settings.source
-        self.experts = self._index(self.source.load(self.base))
         self.stats = PoolStats()
         self.metrics = PoolMetrics()
+        self.experts = self._first_load()
         self.token_texts: dict[int, tuple[str, list[int]]] = {}
         self.engine = DecodeEngine(
             self.base,
@@ -205,28 +223,70 @@ class ExpertPool:
     def _index(self, loaded: ExpertSnapshot) -> ExpertSet:
         bank = bank_from_experts(loaded.experts, self.base.device) if loaded.experts else None
         index = {e.meta.culture: i for i, e in enumerate(loaded.experts)}
-        return ExpertSet(loaded.version, loaded.experts, loaded.versions, loaded.similarity, bank, index)
+        return ExpertSet(
+            loaded.version, loaded.experts, loaded.versions, loaded.similarity, loaded.since, bank, index
+        )
+
+    def _first_load(self) -> ExpertSet:
+        """The source's experts; while the registry cannot be read, its last good local copy (if any)."""
+        try:
+            loaded = self._index(self.source.load(self.base))
+        except RegistryError as err:
+            kept = self.source.last_good(self.base)
+            if kept is None:
+                raise
+            logger.warning("serving the last good copy of experts %s: %s", kept.version, err)
+            self._serving_last_good(True)
+            return self._index(kept)
+        self._serving_last_good(False)
+        return loaded
+
+    def _serving_last_good(self, stale: bool) -> None:
+        self.stats.last_good = stale
+        self.metrics.last_good.set(int(stale))
 
     async def _watch(self, interval: float) -> None:
-        """Look for a new version of the experts every `interval` seconds; keep serving the old ones meanwhile."""
-        failed = None
+        """Look for a new version of the experts every `interval` seconds and load it, serving the old ones
+        meanwhile; a reload that fails is retried with backoff (twice the wait each failure in a row, at most
+        BACKOFF_CAP intervals) until it loads."""
+        wait = interval
+        failures = 0
         while True:
-            await asyncio.sleep(interval)
-            version = None
+            await asyncio.sleep(wait)
             try:
-                version = await self.loop.run_in_executor(None, self.source.version)
-                if version in (self.experts.version, failed):
-                    continue
-                loaded = await self.loop.run_in_executor(
-                    None, lambda: self._index(self.source.load(self.base))
+                await self._reload()
+                wait, failures = interval, 0
+            # A registry blip or a half-written expert must not take the replica down.
+            except Exception as err:
+                failures += 1
+                wait = interval * min(2**failures, BACKOFF_CAP)
+                self.stats.reload_failures += 1
+                self.metrics.reload_failures.inc()
+                logger.warning(
+                    "keeping experts %s: reload failed (%d in a row), retried in %g s: %s",
+                    self.experts.version,
+                    failures,
+                    wait,
+                    err,
                 )
-                # Requests resolved from now on use the new set; those submitted already keep their bank.
-                self.experts, self.engine.bank, failed = loaded, loaded.bank, None
-                self.stats.reloads += 1
-                logger.info("reloaded experts: version %s, %s", loaded.version, loaded.versions)
-            except Exception as err:  # a half-written or bad expert must not take the replica down
-                failed = version  # not retried until the source changes again
-                logger.warning("keeping experts %s: reload failed: %s", self.experts.version, err)
+
+    async def _reload(self) -> None:
+        """Load the source's current version if it is not the one served."""
+        version = await self.loop.run_in_executor(None, self.source.version)
+        if version != self.experts.version:
+            self.stats.reload_pending = version
+            loaded = await self.loop.run_in_executor(None, self._load)
+            # Requests resolved from now on use the new set; those submitted already keep their bank.
+            self.experts, self.engine.bank = loaded, loaded.bank
+            self.stats.reloads += 1
+            logger.info("reloaded experts: version %s, %s", loaded.version, loaded.versions)
+        self.stats.reload_pending = None
+        if self.stats.last_good:  # the source answers again, and its set is served
+            self._serving_last_good(False)
+
+    def _load(self) -> ExpertSet:
+        _injected_reload_fault()
+        return self._index(self.source.load(self.base))
 
     async def catalogue(self) -> Catalogue:
         """The experts this replica serves, their versions, and the survey similarity table."""
@@ -243,7 +303,9 @@ class ExpertPool:
             )
             for e in experts.experts
         ]
-        return Catalogue(experts.version, cards, experts.similarity, self.base.name, self.base.fingerprint)
+        return Catalogue(
+            experts.version, cards, experts.similarity, self.base.name, self.base.fingerprint, experts.since
+        )
 
     async def check_health(self) -> None:
         """Serve's health check: raises (EngineBroken) when the engine cannot step, so Serve replaces the replica."""
@@ -548,6 +610,28 @@ def _cache_stats(engine: DecodeEngine) -> dict[str, int]:
         "slot_steps_used": engine.slot_steps_used,
         "slot_steps_needed": engine.slot_steps_needed,
     }
+
+
+def _injected_reload_fault() -> None:
+    """Raise if $SHORES_RELOAD_FAULT names a file that exists and this replica owns (tests).
+
+    The first replica to reload after the file appears writes its pid into it, and owns it until it is removed.
+    """
+    path = os.environ.get(RELOAD_FAULT_ENV)
+    if not path:
+        return
+    try:
+        fault = open(os.open(path, os.O_RDWR), "r+")  # never created here: removed, the fault is over
+    except FileNotFoundError:
+        return
+    with fault:
+        fcntl.flock(fault, fcntl.LOCK_EX)  # one owner, whichever replica comes first
+        owner = fault.read().strip()
+        if not owner:
+            owner = str(os.getpid())
+            fault.write(owner)
+    if owner == str(os.getpid()):
+        raise OSError(f"reload failed on purpose (${RELOAD_FAULT_ENV} {path})")
 
 
 def _prepared(make: Callable[[], Answer]) -> Answer:

@@ -93,6 +93,7 @@ class Catalogue:
     similarity: Similarity
     base_model: str
     fingerprint: str
+    since: float = 0.0  # when the replica took this version from its source: the newer of two sets is later
 
 
 @dataclass
@@ -201,3 +202,8 @@ class PoolHealth:
     # lengths) now; `peak` used; `slot_steps_used` and `slot_steps_needed` summed over decode steps (their ratio
     # is the padding's cost).
     cache: dict[str, int] = field(default_factory=dict)
+    reload_failures: int = 0  # reloads that failed (each retried with backoff)
+    reload_pending: str | None = (
+        None  # the source's version not loaded yet (its reload failed, or is running)
+    )
+    last_good: bool = False  # serving the registry source's last good local copy: MLflow could not be read

@@ -195,7 +195,9 @@ class Router:
         self.embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         # Culture names that are no known culture's key are resolved here (bounded lookups, off the loop).
         self.names_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="names")
-        self.snapshot: Catalogue | None = None  # the catalogue last read from the pool, and its names
+        self.snapshot: Catalogue | None = None  # the newest catalogue read from the pool, and its names
+        # Versions older than the snapshot (answers at them come from replicas behind): never adopted again.
+        self.superseded: collections.deque[str] = collections.deque(maxlen=64)
         self.names = CultureIndex([])
         self.loading: asyncio.Task | None = None  # the one catalogue call in flight, shared by its waiters
         self.metrics = RouterMetrics()
@@ -288,10 +290,11 @@ class Router:
     # ---- the pool and its catalogue ----
 
     async def catalogue(self, refresh: bool = False) -> Catalogue:
-        """The experts and survey similarity, as last read from the pool (read now if never, or `refresh`).
+        """The experts and survey similarity, the newest read from the pool (read now if never, or `refresh`).
 
         One call to the pool at a time, whoever asks: callers wait for the one in flight, and requests never
-        queue behind a lock.
+        queue behind a lock. A replica behind the others (its reload failed, or has not run yet) answers with an
+        older set: the catalogue keeps the newer one, so it never flips back.
         """
         if self.snapshot is not None and not refresh:
             return self.snapshot
@@ -303,7 +306,14 @@ class Router:
         return await asyncio.shield(self.loading)
 
     async def _load_catalogue(self) -> Catalogue:
-        catalogue = await self._ask("catalogue")
+        catalogue, current = await self._ask("catalogue"), self.snapshot
+        if current is not None and catalogue.version != current.version:
+            if catalogue.since < current.since:
+                self.superseded.append(catalogue.version)
+                return current
+            self.superseded.append(current.version)
+        if catalogue.version in self.superseded:  # a set served again, reloaded since (an alias moved back)
+            self.superseded.remove(catalogue.version)
         known = [e.culture for e in catalogue.experts] + list(catalogue.similarity)
         names = await asyncio.get_running_loop().run_in_executor(self.names_thread, CultureIndex, known)
         self.snapshot, self.names = catalogue, names
@@ -326,7 +336,7 @@ class Router:
         async with self._pool_errors(response):
             result = await asyncio.wait_for(response, self.section.request_timeout_s)
         version = getattr(result, "experts_version", None)
-        if version and self.snapshot and version != self.snapshot.version:
+        if version and self.snapshot and version != self.snapshot.version and version not in self.superseded:
             task = asyncio.get_running_loop().create_task(self._refresh())  # a replica reloaded
             self.pending.add(task)  # held until done: the loop keeps only weak references to tasks
             task.add_done_callback(self.pending.discard)

@@ -31,7 +31,11 @@ def free_ports(n: int = 1) -> list[int]:
 
 @contextlib.contextmanager
 def mlflow_server(port: int, folder: Path):
-    """A real `mlflow server` on 127.0.0.1:port with its store in `folder`, ready when entered."""
+    """A real `mlflow server` on 127.0.0.1:port with its store in `folder`, ready when entered.
+
+    It waits until the server answers, however long it takes to start; if the server exits first, it fails
+    with the end of the server's log. Stopped (and waited for) on exit.
+    """
     import subprocess
     import sys
     import time
@@ -39,26 +43,39 @@ def mlflow_server(port: int, folder: Path):
     import httpx
 
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
-        + ["--artifacts-destination", str(folder / "server-artifacts"), "--workers", "1"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = folder / "mlflow-server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
+            + ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
+            + ["--artifacts-destination", str(folder / "server-artifacts"), "--workers", "1"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:  # waits for a server to start, not for a timing window
+        while True:  # the process's readiness: it answers /health, or it has exited
+            if server.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited with {server.returncode} before answering: {log.read_text()[-2000:]}"
+                )
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)  # the next look at a server still starting
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
-        server.wait(30)
+        server.wait()
 
 
 @pytest.fixture(scope="session")

@@ -158,21 +158,37 @@ def closed_gate(name: str):
         ray.kill(gate)
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.5):
-    """Poll until predicate() is truthy; return its value, or fail after `timeout` seconds."""
-    deadline = time.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError(f"gave up waiting after {timeout}s")
+def wait_for(predicate, interval: float = 0.5):
+    """Poll until predicate() is truthy and return its value.
+
+    No deadline of its own: what it waits for must happen, however slow the machine; a test that hangs is
+    ended by its own timeout (pytest-timeout), which shows where it waited.
+    """
+    while not (value := predicate()):
         time.sleep(interval)
+    return value
 
 
 def client(url: str, key: str | None = None) -> httpx.Client:
+    """An HTTP client with no deadline of its own: the server's (serve.request_timeout_s) answers a stall."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=url, headers=headers, timeout=60)
+    return httpx.Client(base_url=url, headers=headers, timeout=None)
+
+
+def replicas(http: httpx.Client, count: int, until=lambda states: True) -> dict[str, dict]:
+    """Each pool replica's latest state (/v1/status), by replica id, once `count` replicas have answered and
+    `until(states)` holds."""
+    states: dict[str, dict] = {}
+
+    def seen() -> bool:
+        response = http.get("/v1/status")
+        if response.status_code == 200:  # 503 while a replica is replaced
+            pool = response.json()["pool"]
+            states[pool["replica"]] = pool
+        return len(states) >= count and until(states)
+
+    wait_for(seen, interval=0.1)
+    return states
 
 
 def register(config: ExperimentConfig, expert_file: Path, val_alignment: float) -> dict:

@@ -334,8 +334,7 @@ def test_a_new_expert_is_served_without_a_restart(http, server):
         lambda: (
             (r := http.post("/v1/opinion", json=QUESTION | {"culture": "Peru"})).status_code == 200
             and r.json()
-        ),
-        30,
+        )
     )
     assert answer["committee"][0]["culture"] == "Peru" and answer["committee"][0]["version"].startswith(
         "sha256:"
@@ -343,9 +342,7 @@ def test_a_new_expert_is_served_without_a_restart(http, server):
     assert answer["experts_version"] != version
     generated = http.post("/v1/generate", json={"prompt": "Do you trust", "culture": "Peru"})  # the new bank
     assert generated.status_code == 200 and generated.json()["committee"][0]["culture"] == "Peru"
-    assert wait_for(
-        lambda: http.get("/v1/experts").json()["experts_version"] == answer["experts_version"], 10
-    )
+    assert wait_for(lambda: http.get("/v1/experts").json()["experts_version"] == answer["experts_version"])
 
 
 def test_serve_build_writes_a_config_for_the_exported_app(server, tmp_path, monkeypatch):

@@ -292,7 +292,7 @@ def test_serve_run_refuses_an_open_host_without_a_key(server, tmp_path):
     process, log, _ = _serve_run(tmp_path, server["model"], "0.0.0.0")
     try:
         refusal = "listens on 0.0.0.0, reachable from other machines, and serve.api_key_env is not set"
-        wait_for(lambda: process.poll() is not None or refusal in log.read_text(), timeout=300, interval=1)
+        wait_for(lambda: process.poll() is not None or refusal in log.read_text(), interval=1)
         assert refusal in log.read_text(), log.read_text()[-3000:]
         assert "ExposureError" in log.read_text()
     finally:
@@ -311,7 +311,7 @@ def test_serve_run_serves_the_built_config_on_loopback_with_its_rules(server, tm
             except httpx.HTTPError:
                 return False
 
-        wait_for(up, timeout=300, interval=1)
+        wait_for(up, interval=1)
         body = QUESTION | {"culture": CULTURES[0]}
         assert httpx.post(url + "/v1/opinion", json=body, timeout=60).status_code == 200
         rebound = httpx.post(url + "/v1/opinion", json=body, headers={"host": "attacker.example"}, timeout=60)

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import httpx
@@ -45,8 +44,9 @@ from workers.base_model import load_frozen_base
 GATE = "test-gate"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 # Serve counts a request as queued until a replica takes it: a queue of 4 lets 4 simultaneous arrivals in.
-# The deadline is far above what a tiny model needs even on a busy machine: only the stalled pool meets it.
-ONGOING, QUEUED, TIMEOUT_S = 4, 4, 30
+# The module's deadline is never met: requests wait at a gate as long as a test holds them, however slow the
+# machine. The stalled-pool test has a second application whose router gives the pool DEADLINE_S.
+ONGOING, QUEUED, TIMEOUT_S, DEADLINE_S = 4, 4, 3600, 5
 CACHE_TOKENS = 800  # a committee of two fits with prompts of up to ~390 tokens; one row with any prompt
 
 
@@ -73,14 +73,35 @@ def server(tiny_model_dirs, tmp_path_factory):
     try:
         with local_serve(config, metrics_port=metrics_port) as url:
             with client(url) as http:
-                yield {"url": url, "http": http, "metrics": metrics_port, "model": tiny_model_dirs["llama"]}
+                yield {
+                    "url": url,
+                    "http": http,
+                    "metrics": metrics_port,
+                    "model": tiny_model_dirs["llama"],
+                    "config": config,
+                }
     finally:
         del os.environ[GATE_ENV]
 
 
+@pytest.fixture(scope="module")
+def short_deadline(server):
+    """The URL of a second application of the same graph (under /deadline) whose router waits DEADLINE_S."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    config = server["config"].model_copy(deep=True)
+    config.serve.request_timeout_s = DEADLINE_S
+    config.serve.cpus_per_replica = 0.5
+    serve.run(build_app(config), name="shores-deadline", route_prefix="/deadline")
+    yield server["url"] + "/deadline"
+    serve.delete("shores-deadline")
+
+
 def until(ref):
-    """The value of a gate call; bounded, so that a test fails instead of hanging."""
-    return ray.get(ref, timeout=120)
+    """The value of a gate call, once it comes (a test that hangs is ended by its own timeout)."""
+    return ray.get(ref)
 
 
 def post_all(url: str, bodies: list[tuple[str, dict]]) -> list:
@@ -155,7 +176,7 @@ def test_a_client_that_leaves_a_stream_frees_its_rows(server):
 
     before = pool()
     with closed_gate(GATE + STEP_GATE) as steps:  # the engine stops before each decode step while it is shut
-        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        connection = http.client.HTTPConnection(host, int(port))
         body = {"prompt": "tell me about trust", "culture": "Canada", "max_new_tokens": 16, "stream": True}
         connection.request("POST", "/v1/generate", json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
@@ -167,9 +188,9 @@ def test_a_client_that_leaves_a_stream_frees_its_rows(server):
         assert held["running_requests"] == 1 and held["running_rows"] == 2  # a committee of two
         response.close()
         connection.close()  # the client goes away mid-stream
-        wait_for(lambda: pool()["closed_early"] == before["closed_early"] + 1, timeout=120)
+        wait_for(lambda: pool()["closed_early"] == before["closed_early"] + 1)
         until(steps.open.remote())  # the engine steps again: the cancelled rows leave at this step
-        after = wait_for(lambda: (p := pool())["running_rows"] == 0 and p, timeout=120)
+        after = wait_for(lambda: (p := pool())["running_rows"] == 0 and p)
     assert after["finished"]["cancelled"] == before["finished"]["cancelled"] + 1
     assert after["finished"]["length"] == before["finished"]["length"]  # it did not run on to its end
     answer = http_client.post("/v1/generate", json={"prompt": "hello", "culture": "Japan"})
@@ -186,20 +207,24 @@ def test_bad_bodies_and_limits_are_json_errors(server):
 
 def test_a_flood_gets_503_with_retry_after(server):
     url, opinion = server["url"], ("/v1/opinion", QUESTION | {"culture": "Japan"})
+    answered = server["http"].get("/v1/status").json()["router"]["answered"].get("/v1/opinion", {})
     with closed_gate(GATE) as gate:
-        held = post_all(url, [opinion] * ONGOING)
+        held = post_all(url, [opinion] * ONGOING)  # no deadline runs out while they wait (TIMEOUT_S)
         until(gate.until_waiting.remote(ONGOING))  # the replica is full
-        flood = post_all(url, [opinion] * (QUEUED + 2))  # QUEUED may queue; the rest cannot
-        refused, pending, done = [], set(flood), True
-        while len(refused) < 2 and done:  # nothing else can answer while the gate is shut
-            done, pending = wait(pending, timeout=120, return_when=FIRST_COMPLETED)
+        flood = post_all(url, [opinion] * (QUEUED + 2))  # QUEUED may queue; the other 2 cannot
+        refused, pending = [], set(flood)
+        while len(refused) < 2:  # nothing else can answer while the gate is shut
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             refused += [f.result() for f in done]
         until(gate.open.remote())
         rest = [f.result() for f in [*held, *pending]]
+    assert len(refused) == 2
     for response in refused:
         assert response.status_code == 503, response.text
         assert "overloaded" in response.json()["error"] and response.headers["retry-after"] == "1"
-    assert all(r.status_code == 200 for r in rest), [r.text for r in rest]
+    assert [r.status_code for r in rest] == [200] * (ONGOING + QUEUED), [r.text for r in rest]
+    after = server["http"].get("/v1/status").json()["router"]["answered"]["/v1/opinion"]
+    assert after.get("503", 0) - answered.get("503", 0) == 2  # counted as they were answered
 
 
 def test_a_request_over_the_cache_budget_is_refused_while_its_neighbours_finish(server):
@@ -267,20 +292,20 @@ def test_a_replica_whose_engine_breaks_fails_its_health_check_and_is_replaced(se
                 return None
             return replica if replica != first else None
 
-        wait_for(replaced, timeout=180, interval=1)
+        wait_for(replaced, interval=1)
         answer = generate("hello").result(timeout_s=120)
         assert answer.choices[0].finish_reason in ("stop", "length")
     finally:
         serve.delete("breakable")
 
 
-def test_a_stalled_pool_gets_504_and_the_request_is_cancelled(server):
+def test_a_stalled_pool_gets_504_and_the_request_is_cancelled(server, short_deadline):
     with closed_gate(GATE) as gate:
-        future = post_all(server["url"], [("/v1/opinion", QUESTION | {"culture": "Kenya"})])[0]
+        future = post_all(short_deadline, [("/v1/opinion", QUESTION | {"culture": "Kenya"})])[0]
         until(gate.until_waiting.remote(1))
         response = future.result()  # the gate never opens: the router's deadline answers
         assert response.status_code == 504
-        assert f"did not answer within {float(TIMEOUT_S)} s" in response.json()["error"]
+        assert f"did not answer within {float(DEADLINE_S)} s" in response.json()["error"]
         assert until(gate.until_fewer.remote(1)) == 0  # the router cancelled the pool's work
     assert server["http"].post("/v1/opinion", json=QUESTION).status_code == 200
 
@@ -312,10 +337,7 @@ def test_metrics_reach_prometheus(server):
             )
         ]
 
-    deadline = time.monotonic() + 60  # the export is periodic: wait on the scrape showing it, bounded
-    while (gone := missing()) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert gone == []
+    wait_for(lambda: not missing(), interval=1)  # the export is periodic: until a scrape shows every series
 
 
 def _shores_serve(tmp_path, model, **serve) -> tuple[subprocess.Popen, object]:
@@ -339,7 +361,7 @@ def _shores_serve(tmp_path, model, **serve) -> tuple[subprocess.Popen, object]:
 def test_an_open_host_without_a_key_is_refused(server, tmp_path):
     write_experts(tmp_path / "experts", server["model"], CULTURES[:1])
     process, log = _shores_serve(tmp_path, server["model"], host="0.0.0.0")
-    assert process.wait(120) != 0
+    assert process.wait() != 0
     output = log.read_text()
     assert "serve.host 0.0.0.0 is reachable from other machines" in output and "Traceback" not in output
 
@@ -359,7 +381,7 @@ def test_sigterm_shuts_the_server_down_cleanly(server, tmp_path):
         except httpx.HTTPError:
             return False
 
-    wait_for(up, timeout=180, interval=1)
+    wait_for(up, interval=1)
     family = psutil.Process(process.pid).children(recursive=True)
     agents = [p for p in family if any("agent" in part for part in p.cmdline())]
     assert agents, [p.cmdline()[:3] for p in family]  # DashboardAgent and RuntimeEnvAgent, Ray's own

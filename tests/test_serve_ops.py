@@ -5,6 +5,7 @@ The module starts `shores serve --config C` once, as a user would (its own local
 and talks to it over HTTP on 127.0.0.1 only.
 """
 
+import itertools
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, free_ports
-from tests.serving import SIMILARITY, client, register, serve_config, wait_for, write_experts
+from tests.serving import SIMILARITY, client, register, replicas, serve_config, wait_for, write_experts
 from workers.expert_store import SIMILARITY_FILE
 
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
@@ -69,7 +70,7 @@ def server(tiny_model_dirs, tmp_path_factory):
         except httpx.HTTPError:
             return False
 
-    wait_for(up, timeout=180, interval=1)
+    wait_for(up, interval=1)
     with client(url) as http:
         yield {
             "url": url,
@@ -81,7 +82,7 @@ def server(tiny_model_dirs, tmp_path_factory):
         }
     if process.poll() is None:  # the last test stops it; this only cleans up after a failure
         process.send_signal(signal.SIGINT)
-        process.wait(60)
+        process.wait()
     log.close()
 
 
@@ -103,19 +104,19 @@ def test_registry_champions_are_served_with_their_versions(server):
 
 
 def test_new_champions_are_picked_up_without_a_restart(server):
+    from serve.app import expert_source
+
     http, config, files = server["http"], server["config"], server["files"]
     before = opinion(http, culture="Kenya")["committee"]  # no expert yet: its nearest registered experts
     assert "Kenya" not in [m["culture"] for m in before]
     assert register(config, files["Kenya"], 0.6)["champion"]
     assert register(config, files["Germany"], 0.7)["champion"]  # better: the alias moves to v2
-
-    def every_replica_has_them() -> bool:  # two replicas poll on their own: ask several times
-        answers = [http.post("/v1/opinion", json=QUESTION | {"culture": c}) for c in ["Kenya", "Germany"] * 4]
-        return all(a.status_code == 200 for a in answers) and {
-            a.json()["committee"][0]["version"] for a in answers
-        } == {"shores-kenya v1", "shores-germany v2"}
-
-    wait_for(every_replica_has_them, timeout=60, interval=1)
+    new = expert_source(config).version()
+    # The two replicas poll on their own: until each says it serves the new set, and the router knows it.
+    replicas(http, 2, lambda states: all(s["experts_version"] == new for s in states.values()))
+    wait_for(lambda: http.get("/v1/experts").json()["experts_version"] == new)
+    answers = [opinion(http, culture=c)["committee"][0]["version"] for c in ["Kenya", "Germany"] * 4]
+    assert set(answers) == {"shores-kenya v1", "shores-germany v2"}
     canada = opinion(http, culture="Canada")["committee"]
     assert [m["culture"] for m in canada] == ["Germany", "Kenya", "Japan"]
     assert server["process"].poll() is None  # the same server all along
@@ -179,48 +180,42 @@ def test_bounded_load_across_experts_has_no_errors(server):
 
 def test_a_replica_killed_under_load_is_replaced(server):
     http = server["http"]
-    pids = set()
-    wait_for(
-        lambda: pids.add(http.get("/v1/status").json()["pool"]["pid"]) or len(pids) == 2,
-        timeout=30,
-        interval=0.1,
-    )
+    pids = {state["pid"] for state in replicas(http, 2).values()}
     victim = min(pids)
-    stop, outcomes = threading.Event(), []  # (time, status, JSON error or None)
+    stop, sent, outcomes = (
+        threading.Event(),
+        itertools.count(),
+        [],
+    )  # (order sent, status, error, Retry-After)
 
     def load() -> None:
         with client(server["url"]) as h:
             while not stop.is_set():
+                order = next(sent)
                 response = h.post("/v1/opinion", json=QUESTION | {"culture": "Japan"})
                 error = response.json().get("error") if response.status_code != 200 else None
-                outcomes.append(
-                    (time.time(), response.status_code, error, response.headers.get("retry-after"))
-                )
+                outcomes.append((order, response.status_code, error, response.headers.get("retry-after")))
 
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    wait_for(lambda: len(outcomes) >= 4, timeout=120, interval=0.1)  # the load is on
-    killed_at = time.time()
+    wait_for(lambda: len(outcomes) >= 4, interval=0.1)  # the load is on
     os.kill(victim, signal.SIGKILL)
     try:
-        replacement = wait_for(
-            lambda: ({http.get("/v1/status").json()["pool"]["pid"] for _ in range(6)} - pids) or None,
-            timeout=120,
-            interval=1,
-        )
-        replaced_at = time.time()
-        # Requests sent after the replacement came up: wait for some to be answered.
-        wait_for(lambda: sum(t > replaced_at for t, *_ in outcomes) >= 8, timeout=120, interval=0.1)
+        # Until the replacement answers (the victim cannot: the states are read after the kill).
+        up = replicas(http, 1, lambda states: any(s["pid"] not in pids for s in states.values()))
+        replacement = {s["pid"] for s in up.values()} - pids
+        replaced = next(sent)  # requests sent from now on were sent after the replacement came up
+        wait_for(lambda: sum(order > replaced for order, *_ in outcomes) >= 8, interval=0.1)
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert replacement and victim not in replacement
-    after = [status for t, status, _, _ in outcomes if t > replaced_at]
+    after = [status for order, status, _, _ in outcomes if order > replaced]
     assert after and all(s == 200 for s in after), "requests fail after the replacement came up"
     failed = [(status, error, retry) for _, status, error, retry in outcomes if status != 200]
-    print(f"replaced in {replaced_at - killed_at:.1f} s; {len(failed)} of {len(outcomes)} failed meanwhile")
+    print(f"{len(failed)} of {len(outcomes)} failed while the replica was replaced")
     # What the dead replica was running is answered, not replayed on another: a 503 JSON the client may retry.
     assert all(status == 503 and "stopped" in error and retry for status, error, retry in failed), failed
 

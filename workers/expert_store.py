@@ -28,6 +28,7 @@ from workers.settings import CHAMPION
 T = TypeVar("T")
 SIMILARITY_FILE = "similarity.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"  # inside a PEFT adapter folder; not an expert file
+LAST_GOOD = "last-good"  # a registry source's local copy of the set it last loaded, beside its downloads
 Similarity = dict[str, dict[str, float]]  # culture -> {expert culture: survey similarity}
 
 
@@ -222,6 +223,8 @@ class ExpertSnapshot:
     experts: list[Expert]
     versions: dict[str, str]  # culture -> the version of its expert
     similarity: Similarity
+    # When the set was taken from its source (a last-good copy keeps its own): orders two sets by age.
+    since: float = field(default_factory=time.time)
 
 
 def _digest(parts: list[str]) -> str:
@@ -243,6 +246,10 @@ class DirectorySource:
         return _digest(
             [target] + [f"{p.relative_to(self.directory)} {s.st_size} {s.st_mtime_ns}" for p, s in stats]
         )
+
+    def last_good(self, base: FrozenBase) -> ExpertSnapshot | None:
+        """None: a directory is its own copy, nothing is kept apart."""
+        return None
 
     def load(self, base: FrozenBase) -> ExpertSnapshot:
         """The experts now in the directory, checked against the base model."""
@@ -267,7 +274,7 @@ class RegistrySource:
 
     registry: Registry
     alias: str
-    downloads: Path  # scratch space for downloads; the prompts live in memory once loaded
+    downloads: Path  # downloads, and the last good copy (the prompts live in memory once loaded)
     similarity_path: Path  # training writes survey similarity beside its experts, not into the registry
 
     def champions(self) -> dict[str, tuple[str, int]]:
@@ -284,7 +291,8 @@ class RegistrySource:
         return _digest([f"{c} {m} {v}" for c, (m, v) in sorted(champions.items())])
 
     def load(self, base: FrozenBase) -> ExpertSnapshot:
-        """Download and load the experts under the alias, as one consistent set."""
+        """Download and load the experts under the alias, as one consistent set; keep its files as the last
+        good copy."""
         self.downloads.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # the alias may move during a download: take a set that did not change under us
             before = self.champions()
@@ -294,14 +302,57 @@ class RegistrySource:
             try:
                 download_champions(self.registry, folder, self.alias)
                 experts = load_experts(folder, base)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)  # the prompts are in memory now
-            if self.champions() == before:
+                stable = self.champions() == before
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            if stable:
                 break
+            shutil.rmtree(folder, ignore_errors=True)
         versions = {c: f"{m} v{v}" for c, (m, v) in before.items()}
         missing = [e.meta.culture for e in experts if e.meta.culture not in versions]
         if missing:
+            shutil.rmtree(folder, ignore_errors=True)
             raise ExpertsNotFoundError(
                 f"downloaded experts {missing} are not registered under {self.alias!r}"
             )
-        return ExpertSnapshot(self._version(before), experts, versions, load_similarity(self.similarity_path))
+        snapshot = ExpertSnapshot(
+            self._version(before), experts, versions, load_similarity(self.similarity_path)
+        )
+        self._keep(folder, snapshot)
+        return snapshot
+
+    def _keep(self, folder: Path, snapshot: ExpertSnapshot) -> None:
+        """Make `folder` (the set just loaded) the last good copy: a folder per version, and a manifest
+        replaced atomically; older copies are removed."""
+        kept = self.downloads / f"{LAST_GOOD}-{snapshot.version}"
+        try:
+            folder.rename(kept)
+        except OSError:  # another replica kept this version already
+            shutil.rmtree(folder, ignore_errors=True)
+        manifest = {
+            "version": snapshot.version,
+            "versions": snapshot.versions,
+            "since": snapshot.since,
+            "folder": kept.name,
+        }
+        partial = self.downloads / f".{LAST_GOOD}-{os.getpid()}.json"
+        partial.write_text(json.dumps(manifest))
+        os.replace(partial, self.downloads / f"{LAST_GOOD}.json")
+        for old in self.downloads.glob(f"{LAST_GOOD}-*"):
+            if old.is_dir() and old != kept:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def has_last_good(self) -> bool:
+        """Whether a set loaded from the registry was kept as the last good copy."""
+        return (self.downloads / f"{LAST_GOOD}.json").exists()
+
+    def last_good(self, base: FrozenBase) -> ExpertSnapshot | None:
+        """The set last loaded from the registry, read from its local copy (None if there is none): what a
+        replica starts from while MLflow cannot be read."""
+        if not self.has_last_good():
+            return None
+        kept = json.loads((self.downloads / f"{LAST_GOOD}.json").read_text())
+        experts = load_experts(self.downloads / kept["folder"], base)
+        similarity = load_similarity(self.similarity_path)
+        return ExpertSnapshot(kept["version"], experts, kept["versions"], similarity, kept["since"])
