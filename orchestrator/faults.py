@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,14 @@ class Fault:
 
     @classmethod
     def from_env(cls, output_dir: str | Path) -> Fault | None:
-        """The fault SHORES_FAULT asks for, or None."""
-        spec = os.environ.get(ENV, "").strip()
+        """The fault SHORES_FAULT asks for, or None; a warning naming the variable whenever it is set."""
+        if ENV not in os.environ:
+            return None
+        spec = os.environ[ENV].strip()
+        # A variable leaked from a test session would fail trials on purpose, with advice about a cause
+        # (memory, a lost node) that is not the real one: say so every time, before anything runs.
+        what = f"injects the fault {spec!r} on purpose" if spec else "is empty: no fault is injected"
+        print(f"warning: {ENV} is set: this run {what}; unset {ENV} for a real run", file=sys.stderr)
         return cls.parse(spec, output_dir) if spec else None
 
     def fire_once(self, note: dict | None = None) -> bool:
