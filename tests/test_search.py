@@ -2,6 +2,7 @@
 
 import pytest
 import ray
+from pydantic import ValidationError
 from ray import tune
 
 from orchestrator.config import ConfigError, load_config
@@ -56,11 +57,29 @@ def test_each_sample_trains_with_its_own_seed():
         ("{lr: {grid: [0.1], choice: [0.2]}}", "give exactly one of grid, choice, uniform, loguniform"),
         ("{lr: {normal: [0, 1]}}", "tune.search_space.lr.normal: Extra inputs are not permitted"),
         ("{momentum: [0.9]}", "tune.search_space.momentum"),
+        # Values are validated as the config's own keys are.
+        ("{lr: [0, -0.01]}", "tune.search_space.lr: 0.0: Input should be greater than 0"),
+        ("{lr: {choice: [0.01, -0.01]}}", "tune.search_space.lr: -0.01: Input should be greater than 0"),
+        ("{num_virtual_tokens: [0]}", "tune.search_space.num_virtual_tokens: 0.0: Input should be greater"),
+        ("{num_virtual_tokens: [4.5]}", "tune.search_space.num_virtual_tokens: 4.5: .* fractional part"),
+        ("{batch_size: {uniform: [0, 8]}}", "tune.search_space.batch_size: 0.0: Input should be greater"),
+        ("{weight_decay: {uniform: [-0.1, 0.1]}}", "tune.search_space.weight_decay: -0.1"),
     ],
 )
 def test_a_bad_search_space_is_one_line_naming_the_key(space, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as caught:
         config_with(f"tune.search_space={space}")
+    assert "\n" not in str(caught.value)
+
+
+def test_searched_values_are_checked_with_the_rest_of_the_config_and_when_sampled():
+    # prefix_layers keeps the lower layers fixed, which weight decay would shrink: refused in the search too.
+    with pytest.raises(ConfigError, match="tune.search_space.weight_decay: 0.1: .*prefix_layers"):
+        config_with("train.prefix_layers=2", "tune.search_space={weight_decay: [0, 0.1]}")
+    config = config_with("tune.search_space={lr: {loguniform: [0.001, 0.1]}}")
+    assert trial_config(config, {"group": 0, "sample": 0, "lr": 0.01}).train.lr == 0.01
+    with pytest.raises(ValidationError, match="lr"):  # whatever a sampler hands a trial is checked again
+        trial_config(config, {"group": 0, "sample": 0, "lr": -1.0})
 
 
 def test_the_better_learning_rate_wins_for_every_culture(llama_dir, tmp_path):
