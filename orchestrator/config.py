@@ -55,6 +55,8 @@ class DataSection(Strict):
 
     held_out: list[str] = []
     split: tuple[float, float, float] = SPLIT_FRACTIONS
+    # Mixed into each question's hash: another salt is another split of the same questions.
+    split_salt: str = ""
     max_length: int = Field(default=MAX_LENGTH, ge=8)
 
     @model_validator(mode="after")

@@ -50,6 +50,7 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
     connect()
     # The driver loads the frozen base once; the object store hands the same copy to every trial.
     shared = SharedBase.load(config.base_model.name, config.base_model.dtype)
+    tracker.use_base(lambda: shared.materialise("cpu"))  # the champion gate re-scores with this copy
     trials, failed, prior = [], [], None
     for stage, stage_data in stages(public, data):
         if resume and tune.Tuner.can_restore(experiment_path(stage)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import json
 import math
 import os
@@ -47,6 +48,8 @@ class LoadReport:
     """What a load saw, kept and skipped (reason -> count, only reasons that occurred)."""
 
     path: str
+    file: str = ""  # the file read, absolute (a download's, for the Hub)
+    sha256: str = ""  # of the file's bytes: which survey an expert was trained on
     read: int = 0
     kept: int = 0
     skipped: dict[str, int] = field(default_factory=Counter)
@@ -267,6 +270,18 @@ def _hf_download(repo_id: str, filename: str) -> Path:
     return Path(local)
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise SurveyDataError(f"{path}: cannot read ({_one_line(exc.strerror or exc)})") from exc
+    return digest.hexdigest()
+
+
 def load_survey(source: str | Path) -> tuple[list[SurveyRecord], LoadReport]:
     """Load, validate, de-duplicate and renormalise survey records from a file or the Hugging Face Hub."""
     hf = _hf_target(source)
@@ -289,7 +304,7 @@ def load_survey(source: str | Path) -> tuple[list[SurveyRecord], LoadReport]:
             )
         reader = readers[suffix]
 
-    report = LoadReport(path=label)
+    report = LoadReport(path=label, file=str(path.resolve()), sha256=file_sha256(path))
     skipped: Counter[str] = Counter()
     kept: list[SurveyRecord] = []
     # (culture, question, options) -> (slot in `kept`, rank of the sample there); the best-ranked sample
