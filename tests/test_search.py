@@ -7,8 +7,9 @@ from ray import tune
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.survey import prepare_data
+from orchestrator.tracking import TRIAL_TAG, Store
 from orchestrator.train import train
-from orchestrator.trial import trial_config
+from orchestrator.trial import run_trial, trial_config
 from orchestrator.tune import expected_trials, param_space
 from tests.conftest import OPINIONS, REPO
 from workers.expert_store import load_experts
@@ -115,4 +116,48 @@ def test_the_better_learning_rate_wins_for_every_culture(llama_dir, tmp_path):
     registered = {r.culture: r for r in outcome["registered"]}
     assert {c: round(r.val_alignment, 6) for c, r in registered.items()} == {
         c: round(t["val_alignment"], 6) for c, t in published.items()
+    }
+
+
+def test_asha_stops_a_clearly_worse_trial_and_each_culture_wins_in_its_own_trial(llama_dir, tmp_path):
+    # Two culture groups, each tried at a learning rate that learns and one that cannot move the prompt:
+    # four trials, one at a time, the good rate first. ASHA (one rung, at epoch 1) stops a trial whose gain
+    # is below those recorded there before it, so the trials at 1e-9 end after one epoch of three.
+    config = load_config(
+        TINY,
+        [
+            f"base_model.name={llama_dir}",
+            f"output_dir={tmp_path}",
+            f"data.path={OPINIONS}",
+            "data.cultures=[Germany, Japan]",
+            "tune.experts_per_trial=1",
+            "tune.scheduler=asha",
+            "tune.grace_period=1",
+            "tune.max_concurrent_trials=1",
+            "tune.search_space={lr: {grid: [0.05, 1e-9]}}",
+            "train.epochs=3",
+            "train.length_buckets=1",  # as above: both cultures learn at 0.05 with the plain shuffle
+        ],
+    )
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        outcome = train(config)
+        results = tune.Tuner.restore(str(tmp_path / "tune" / "tiny"), run_trial).get_results()
+    finally:
+        ray.shutdown()
+    assert outcome["experts"] == ["Germany", "Japan"] and not outcome["failed"]
+    trials = {(r.config["group"], r.config["lr"]): r for r in results}
+    epochs = {key: int(r.metrics["epoch"]) for key, r in trials.items()}
+    assert epochs[(0, 1e-9)] == epochs[(1, 1e-9)] == 1, epochs  # stopped by ASHA, not failed
+    assert all(r.error is None for r in results)
+    assert epochs[(0, 0.05)] == 3, epochs  # the first at the rung always goes on
+    # Each culture's winner is its own group's trial at the rate that learns: two different trials.
+    client = Store.from_config(config).client()
+    winner_trials = {
+        row.culture: client.get_model_version(row.model, str(row.version)).tags[TRIAL_TAG]
+        for row in outcome["registered"]
+    }
+    assert winner_trials == {
+        "Germany": trials[(0, 0.05)].metrics["trial_id"],
+        "Japan": trials[(1, 0.05)].metrics["trial_id"],
     }
