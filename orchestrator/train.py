@@ -13,7 +13,7 @@ from ray import tune
 
 from orchestrator.config import ExperimentConfig, load_config
 from orchestrator.publish import publish_experts
-from orchestrator.results import FinishedTrial, best_experts, finished_trials
+from orchestrator.results import FinishedTrial, best_experts, finished_trials, trials_ended
 from orchestrator.survey import ExperimentData, prepare_data
 from orchestrator.tracking import (
     ExperimentTracker,
@@ -58,8 +58,9 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
         else:
             experiment = tuner(stage, stage_data, shared, [tracker.live_metrics()], prior)
         results = experiment.fit()
-        if results.num_terminated + results.num_errors < expected_trials(stage, stage_data):
-            # Ctrl-C: Tune saved its state; finished trials stay finished when the experiment resumes.
+        if trials_ended(results) < expected_trials(stage, stage_data):
+            # Ctrl-C: Tune saved its state; finished trials stay finished when the experiment resumes. (Tune
+            # counts a trial it stopped while running as terminated: only its last result says it was not.)
             print(f"interrupted: continue with `shores train --resume --config ...` ({config.output_dir})")
             return {"experts": [], "registered": [], "interrupted": True}
         stage_trials = finished_trials(results, downloads=checkpoint_downloads(config))
