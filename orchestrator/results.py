@@ -106,12 +106,6 @@ def local_checkpoint(checkpoint: tune.Checkpoint, downloads: Path | None, trial_
     return Path(checkpoint.to_directory(root / trial_id / Path(checkpoint.path).name))
 
 
-def trials_ended(results: tune.ResultGrid) -> int:
-    """How many trials ended: ran to their end or were stopped by the scheduler (their last result says
-    `done`), or failed. A trial Ctrl-C stopped while it ran did neither: its experiment was interrupted."""
-    return sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
-
-
 def finished_trials(results: tune.ResultGrid, downloads: Path | None = None) -> list[FinishedTrial]:
     """Every trial of a result grid, in order; remote checkpoints are downloaded under `downloads`."""
     return [FinishedTrial.from_result(r, downloads) for r in results]

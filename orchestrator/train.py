@@ -13,7 +13,7 @@ from ray import tune
 
 from orchestrator.config import ExperimentConfig, load_config
 from orchestrator.publish import publish_experts
-from orchestrator.results import FinishedTrial, best_experts, finished_trials, trials_ended
+from orchestrator.results import FinishedTrial, best_experts, finished_trials
 from orchestrator.survey import ExperimentData, prepare_data
 from orchestrator.tracking import (
     ExperimentTracker,
@@ -23,7 +23,7 @@ from orchestrator.tracking import (
     restore_credentials,
 )
 from orchestrator.trial import expert_groups, run_trial, validate_deepspeed
-from orchestrator.tune import expected_trials, experiment_path, restore, tuner
+from orchestrator.tune import expected_trials, experiment_path, restore, trials_ended, tuner
 from workers.prompts import Expert, load_expert
 from workers.settings import SHARED
 from workers.shared_base import SharedBase
@@ -58,9 +58,8 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
         else:
             experiment = tuner(stage, stage_data, shared, [tracker.live_metrics()], prior)
         results = experiment.fit()
-        if trials_ended(results) < expected_trials(stage, stage_data):
-            # Ctrl-C: Tune saved its state; finished trials stay finished when the experiment resumes. (Tune
-            # counts a trial it stopped while running as terminated: only its last result says it was not.)
+        if trials_ended(stage) < expected_trials(stage, stage_data):
+            # Ctrl-C: Tune saved its state; finished trials stay finished when the experiment resumes.
             print(f"interrupted: continue with `shores train --resume --config ...` ({config.output_dir})")
             return {"experts": [], "registered": [], "interrupted": True}
         stage_trials = finished_trials(results, downloads=checkpoint_downloads(config))
