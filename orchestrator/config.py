@@ -55,6 +55,8 @@ class DataSection(Strict):
 
     held_out: list[str] = []
     split: tuple[float, float, float] = SPLIT_FRACTIONS
+    # Mixed into each question's hash: another salt is another split of the same questions.
+    split_salt: str = ""
     max_length: int = Field(default=MAX_LENGTH, ge=8)
 
     @model_validator(mode="after")
@@ -120,6 +122,11 @@ class Sampler(Strict):
     @property
     def form(self) -> str:
         return next(name for name in type(self).model_fields if getattr(self, name) is not None)
+
+    @property
+    def bounds(self) -> list[float]:
+        """Every value of a grid or choice, or a distribution's low and high: the values validation checks."""
+        return list(getattr(self, self.form))
 
 
 class TuneSection(Strict):
@@ -254,11 +261,32 @@ class ExperimentConfig(Strict):
             raise ValueError("prompt.init: shared needs the shared prior (shared.enabled: true)")
         if self.prompt.kind == "deep" and self.strategy == "deepspeed":
             raise ValueError("prompt.kind deep trains with strategy packed (ZeRO trains input prompts only)")
+        for key, sampler in self.tune.search_space.items():
+            for value in sampler.bounds:
+                try:
+                    searched_config(self, {key: value})
+                except ValidationError as err:
+                    raise ValueError(
+                        f"tune.search_space.{key}: {value!r}: {err.errors()[0]['msg']}"
+                    ) from None
         return self
 
     @property
     def experts_dir(self) -> Path:
         return Path(self.output_dir) / "experts"
+
+
+def searched_config(config: ExperimentConfig, values: dict) -> ExperimentConfig:
+    """The config with searched values (`lr`, `num_virtual_tokens`, ...) in their sections, validated as the
+    config is: a value the config would refuse raises a ValidationError here too."""
+    train = {k: v for k, v in values.items() if k in TrainConfig.model_fields}
+    prompt = {k: v for k, v in values.items() if k in PromptSection.model_fields}
+    return config.model_copy(
+        update={
+            "train": TrainConfig.model_validate(config.train.model_dump() | train),
+            "prompt": PromptSection.model_validate(config.prompt.model_dump() | prompt),
+        }
+    )
 
 
 def _set(tree: dict, dotted: str, raw: str) -> None:

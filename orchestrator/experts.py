@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.survey import similarity_table
+from orchestrator.survey import data_fingerprint, similarity_table
 from orchestrator.survey.records import SurveyRecord
 from workers.base_model import FrozenBase
 from workers.cultures import slug
@@ -47,7 +47,8 @@ def save_experts(
             hidden_size=base.hidden_size,
             base_model=base.name,
             base_fingerprint=base.fingerprint,
-            training=summaries.get(culture, {}),
+            # What its validation alignment was measured on, so that champions are compared like with like.
+            training=summaries.get(culture, {}) | {"data": data_fingerprint(data, culture).to_dict()},
             descriptor=persona_text(culture),
         )
         expert = bank.expert(i, meta)  # its parts, and their shapes in the metadata

@@ -8,6 +8,9 @@ Kinds (see docs/cluster.md, "Fault injection"):
   retries fail too), until the experiment runs without the fault.
 - `interrupt-after-trial:<group>`: the driver sends itself SIGINT (Ctrl-C) as soon as the trial of
   culture group <group> has finished.
+- `interrupt-after-epoch:<group>:<epoch>`: the driver sends itself SIGINT as soon as it has the epoch-<epoch>
+  report (and checkpoint) of the trial of culture group <group>: an interrupt in the middle of a trial, in
+  whichever stage runs that group (with `prompt.init: shared`, the prior's stage has group 0 only).
 - `await-node-loss:<epoch>`: the first trial running on a node other than the head, right after Tune has
   taken its epoch-<epoch> checkpoint, writes that epoch's report (JSON) to the marker file and waits for
   its node to be removed (the marker is the signal to remove it). It names no group: the scheduler, not
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +42,7 @@ KINDS = {
     "kill-after-checkpoint": ("group", "epoch"),
     "out-of-memory": ("group", "epoch"),
     "interrupt-after-trial": ("group",),
+    "interrupt-after-epoch": ("group", "epoch"),
     "await-node-loss": ("epoch",),
 }
 HEAD_RESOURCE = "node:__internal_head__"  # a resource only Ray's head node has
@@ -71,8 +76,14 @@ class Fault:
 
     @classmethod
     def from_env(cls, output_dir: str | Path) -> Fault | None:
-        """The fault SHORES_FAULT asks for, or None."""
-        spec = os.environ.get(ENV, "").strip()
+        """The fault SHORES_FAULT asks for, or None; a warning naming the variable whenever it is set."""
+        if ENV not in os.environ:
+            return None
+        spec = os.environ[ENV].strip()
+        # A variable leaked from a test session would fail trials on purpose, with advice about a cause
+        # (memory, a lost node) that is not the real one: say so every time, before anything runs.
+        what = f"injects the fault {spec!r} on purpose" if spec else "is empty: no fault is injected"
+        print(f"warning: {ENV} is set: this run {what}; unset {ENV} for a real run", file=sys.stderr)
         return cls.parse(spec, output_dir) if spec else None
 
     def fire_once(self, note: dict | None = None) -> bool:
@@ -127,6 +138,22 @@ class InterruptAfterTrial(tune.Callback):
             os.kill(os.getpid(), signal.SIGINT)  # Tune saves the experiment's state and stops
 
 
+class InterruptAfterEpoch(tune.Callback):
+    """Runs in the driver: Ctrl-C (SIGINT to itself) once it has the fault's trial's report of the fault's epoch."""
+
+    def __init__(self, fault: Fault):
+        self.fault = fault
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        # Not on_trial_result: Tune registers an epoch's checkpoint after its result, and a stop in between
+        # would lose it. Here the checkpoint is registered before the stop takes effect.
+        epoch = int(trial.last_result.get("epoch", 0))
+        mine = trial.config.get("group") == self.fault.group and epoch == self.fault.epoch
+        if mine and self.fault.fire_once():
+            os.kill(os.getpid(), signal.SIGINT)  # Tune saves the experiment's state and stops
+
+
 def driver_callbacks(fault: Fault | None) -> list[tune.Callback]:
     """The Tune callbacks a fault needs in the driver."""
-    return [InterruptAfterTrial(fault)] if fault and fault.kind == "interrupt-after-trial" else []
+    kinds = {"interrupt-after-trial": InterruptAfterTrial, "interrupt-after-epoch": InterruptAfterEpoch}
+    return [kinds[fault.kind](fault)] if fault and fault.kind in kinds else []

@@ -26,7 +26,10 @@ from ray import tune
 
 from orchestrator.config import ConfigError, ExperimentConfig
 from orchestrator.evaluate import METHODS, format_table
+from orchestrator.gate import Rescorer, Verdict, champion_gate, stored_score
 from orchestrator.results import FinishedTrial, Winner, tracked_metrics
+from orchestrator.survey import DataFingerprint
+from workers.base_model import FrozenBase, load_frozen_base
 from workers.cultures import slug
 from workers.expert_store import CHAMPION, REDACTED, ExpertsNotFoundError, Registry, RegistryError, redact
 from workers.prompts import load_expert
@@ -43,8 +46,6 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 # the tag; a link that carries this query opens the model-training view (runs, metrics, model registry).
 UI_VIEW = "workflowType=machine_learning"
 NOTE_TAG = "mlflow.note.content"  # what the UI shows as a run's description (markdown)
-# Tags a champion and its challenger must share to be compared: the same base and the same prompt shape.
-COMPATIBILITY_TAGS = ("base_fingerprint", "num_virtual_tokens", "hidden_size", "prefix_tokens")
 PROMOTION_ATTEMPTS = 5
 
 
@@ -144,9 +145,19 @@ class ExperimentTracker:
         config: ExperimentConfig,
         store: Store | None = None,
         hook: Callable[[str, str], None] | None = None,
+        base: Callable[[], FrozenBase] | None = None,
     ):
         self.config = public_config(config)  # what gets logged
         self.store = store or Store.from_config(config)
+        # The champion gate re-scores experts validated on other data with the base (`base`: a loader of the
+        # one the driver holds; by default the config's, loaded the first time it is needed).
+        section = config.base_model
+        self.rescorer = Rescorer(
+            self.store,
+            base or (lambda: load_frozen_base(section.name, section.dtype, section.device)),
+            config.data.max_length,
+            config.eval.batch_size,
+        )
         self.name = config.name
         # Called with (point, model name) at the steps of a champion promotion, so that tests can
         # make a competing promotion happen exactly there.
@@ -299,7 +310,8 @@ class ExperimentTracker:
             EXPERIMENT_TAG: self.name,
             TRIAL_TAG: winner.trial_id,
         }
-        tags = {k: str(v) for k, v in tags.items()}
+        fingerprint = DataFingerprint.from_dict(meta.training.get("data"))
+        tags = {k: str(v) for k, v in tags.items()} | (fingerprint.tags() if fingerprint else {})
 
         def find_or_create() -> ModelVersion:
             # Idempotent per experiment, trial and culture: `register --from` twice adds nothing.
@@ -330,7 +342,7 @@ class ExperimentTracker:
         if champion:
             self._log_change(name, "promoted", user, version)
         culture = chosen.tags.get("culture", culture)
-        return Registration(culture, name, version, champion, _score(chosen), note)
+        return Registration(culture, name, version, champion, stored_score(chosen), note)
 
     def retire(self, culture: str, user: str = "") -> int:
         """Take a culture's champion alias away (its versions stay registered); tag who and when. Returns the
@@ -384,14 +396,9 @@ class ExperimentTracker:
             current = self._champion(name)
             if _version_of(current) == _version_of(challenger):
                 return True, ""
-            if current is not None:
-                # A champion from before deep prompts has no prefix_tokens tag: it had no prefix ("0").
-                if any(current.tags.get(k, "0") != challenger.tags.get(k, "0") for k in COMPATIBILITY_TAGS):
-                    return False, (
-                        f"not compared: champion v{current.version} was trained on another base or prompt shape"
-                    )
-                if not _score(challenger) > _score(current):
-                    return False, ""
+            verdict = self.gate(challenger, current)
+            if not verdict.promote:
+                return False, verdict.note
             self.hook("champion-read", name)
             if _version_of(self._champion(name)) != _version_of(current):
                 continue  # someone else promoted meanwhile: compare with theirs
@@ -403,6 +410,15 @@ class ExperimentTracker:
                 return True, ""
             # Someone else moved it after our write: compare with theirs.
         raise TrackingError(f"the champion of {name} kept moving; run `shores register --from` again")
+
+    def gate(self, challenger: ModelVersion, champion: ModelVersion | None) -> Verdict:
+        """Whether `challenger` replaces `champion` (`orchestrator.gate`): the same base and prompt shape, and
+        validation alignment on the same records, re-scoring both on the challenger's split where they differ."""
+        return champion_gate(challenger, champion, self.rescorer)
+
+    def use_base(self, base: Callable[[], FrozenBase]) -> None:
+        """Re-score with this base (the one the driver holds) rather than loading the config's again."""
+        self.rescorer.load_base = base
 
     def _champion(self, name: str) -> ModelVersion | None:
         client = self.store.client()
@@ -558,10 +574,6 @@ def report_metrics(report: dict) -> dict[str, float]:
         for method, (low, high) in row.get("ci95", {}).items():
             metrics[f"{method}.{name}.ci95_low"], metrics[f"{method}.{name}.ci95_high"] = low, high
     return metrics
-
-
-def _score(version: ModelVersion) -> float:
-    return float(version.tags.get("val_alignment", "-inf"))
 
 
 def _version_of(version: ModelVersion | None) -> str | None:

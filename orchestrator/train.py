@@ -23,7 +23,7 @@ from orchestrator.tracking import (
     restore_credentials,
 )
 from orchestrator.trial import expert_groups, run_trial, validate_deepspeed
-from orchestrator.tune import expected_trials, experiment_path, restore, tuner
+from orchestrator.tune import expected_trials, experiment_path, restore, trials_ended, tuner
 from workers.prompts import Expert, load_expert
 from workers.settings import SHARED
 from workers.shared_base import SharedBase
@@ -53,6 +53,7 @@ def train(config: ExperimentConfig, resume: bool = False, replace: bool = False)
     connect()
     # The driver loads the frozen base once; the object store hands the same copy to every trial.
     shared = SharedBase.load(config.base_model.name, config.base_model.dtype)
+    tracker.use_base(lambda: shared.materialise("cpu"))  # the champion gate re-scores with this copy
     trials, failed, prior = [], [], None
     for stage, stage_data in stages(public, data):
         if resume and tune.Tuner.can_restore(experiment_path(stage)):
@@ -60,7 +61,7 @@ def train(config: ExperimentConfig, resume: bool = False, replace: bool = False)
         else:
             experiment = tuner(stage, stage_data, shared, [tracker.live_metrics()], prior)
         results = experiment.fit()
-        if results.num_terminated + results.num_errors < expected_trials(stage, stage_data):
+        if trials_ended(stage) < expected_trials(stage, stage_data):
             # Ctrl-C: Tune saved its state; finished trials stay finished when the experiment resumes.
             print(f"interrupted: continue with `shores train --resume --config ...` ({config.output_dir})")
             return {"experts": [], "registered": [], "interrupted": True}

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import ray
@@ -29,7 +30,7 @@ import torch
 from ray import tune
 from ray.train import UserCallback
 
-from orchestrator.config import ConfigError, ExperimentConfig
+from orchestrator.config import ConfigError, ExperimentConfig, SearchKey, searched_config
 from orchestrator.experiment import encoded, initial_bank, prior_train_config, training_summary
 from orchestrator.experts import save_experts
 from orchestrator.faults import Fault, after_checkpoint, before_checkpoint
@@ -46,6 +47,7 @@ TRAINER_STATE = "trainer.pt"  # in every trial checkpoint, beside experts/: what
 EXPERTS = "experts"
 TUNE_CPU_SHARE = 0.1  # what a deepspeed trial function itself holds (zero is refused): it only relays
 PLACEMENT_GROUP_FILE = "placement_group"
+SEARCH_KEYS = set(get_args(SearchKey))  # the hyperparameters a trial's params may carry
 
 # (metrics, checkpoint folder or None): how an epoch leaves the process that trained it.
 Report = Callable[[dict, Path | None], None]
@@ -86,14 +88,10 @@ def expert_groups(data: ExperimentData, experts_per_trial: int) -> list[list[str
 
 def trial_config(config: ExperimentConfig, params: dict) -> ExperimentConfig:
     """The experiment config with one trial's sampled hyperparameters applied."""
-    sampled = {k: v for k, v in params.items() if k in type(config.train).model_fields}
+    sampled = {k: v for k, v in params.items() if k in SEARCH_KEYS}
     # Each sample of the search trains with its own seed, so repeated samples are not repeated runs.
     sampled["seed"] = config.train.seed + int(params.get("sample", 0))
-    train = config.train.model_copy(update=sampled)
-    prompt = config.prompt.model_copy(
-        update={k: int(v) for k, v in params.items() if k == "num_virtual_tokens"}
-    )
-    return config.model_copy(update={"train": train, "prompt": prompt})
+    return searched_config(config, sampled)  # validated: a sampled value the config would refuse fails here
 
 
 def group_data(data: ExperimentData, cultures: list[str]) -> ExperimentData:

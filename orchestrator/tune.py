@@ -136,3 +136,10 @@ def restore(
     fault = Fault.from_env(config.output_dir)
     trainable = make_trainable(config, data, shared, fault, prior) if shared else run_trial
     return tune.Tuner.restore(path, trainable, resume_errored=True)
+
+
+def trials_ended(config: ExperimentConfig) -> int:
+    """How many of the experiment's trials ended (finished, stopped by the scheduler, or failed), as Tune saved
+    them. Not the results `fit` returns: those count a trial that Ctrl-C stopped while it ran as terminated."""
+    saved = tune.Tuner.restore(experiment_path(config), run_trial).get_results()
+    return saved.num_terminated + saved.num_errors

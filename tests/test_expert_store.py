@@ -44,3 +44,13 @@ def test_the_registry_listing_reads_every_page(tmp_path):
     assert [(r["culture"], r["version"]) for r in rows] == [(c, v) for c in cultures for v in (1, 2)]
     assert [r["aliases"] for r in rows] == [[], [CHAMPION]] * 3
     assert rows == registered_experts(registry)
+
+
+def test_the_registry_prefix_is_matched_literally(tmp_path):
+    # `_` and `%` are LIKE's wildcards: a prefix holding them must not take in other prefixes' models.
+    registry = Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", "team_a%", retries=1)
+    client = registry.client()
+    for name in ("team_a%-germany", "teamXaY-japan", "team_a%x-kenya", "teamXa-zz-peru"):
+        client.create_registered_model(name)
+        client.create_model_version(name, (tmp_path / "x").as_uri(), tags={"culture": name})
+    assert [r["model"] for r in registered_experts(registry)] == ["team_a%-germany"]

@@ -1,6 +1,10 @@
 """The shared survey prior: one culture-blind expert trained on every country's answers, whatever the selection."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +165,72 @@ def test_the_ablation_scores_each_design_against_the_prior_on_the_same_records(l
             assert low <= row[f"{split}_gain"] <= high
             prior = np.mean(list(rows[0][f"{split}_by_culture"].values()))
             assert 0 <= row[f"{split}_above_prior"] <= 3 and np.isfinite(prior)
+
+
+def shores_train(sets: list[str], *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """`shores train` in its own process (Ctrl-C reaches only it), with SHORES_FAULT set or unset."""
+    env = {k: v for k, v in os.environ.items() if k != "SHORES_FAULT"} | {"PYTHONUNBUFFERED": "1"}
+    if fault:
+        env["SHORES_FAULT"] = fault
+    args = [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(TINY), *extra]
+    args += [x for s in sets for x in ("--set", s)]
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def trial_results(experiment: Path) -> dict[int, str]:
+    """Each trial's result.json (one line an epoch), by its culture group."""
+    return {
+        json.loads((p.parent / "params.json").read_text())["group"]: p.read_text()
+        for p in experiment.glob("*/result.json")
+    }
+
+
+def checkpoint_epochs(experiment: Path, group: int) -> list[tuple[int, int]]:
+    """(epoch, pid of the process that trained it) of each checkpoint the driver registered for a trial."""
+    from ray import tune
+
+    from orchestrator.trial import run_trial
+
+    results = tune.Tuner.restore(str(experiment), run_trial).get_results()
+    trial = next(r for r in results if r.config["group"] == group)
+    return sorted((int(m["epoch"]), int(m["pid"])) for _, m in trial.best_checkpoints)
+
+
+def test_the_two_stage_run_resumes_after_an_interrupt_in_each_stage(llama_dir, tmp_path):
+    sets = [
+        f"base_model.name={llama_dir}",
+        f"output_dir={tmp_path}",
+        f"data.path={OPINIONS}",
+        "data.cultures=[Germany, Japan]",
+        "shared.enabled=true",
+        "shared.max_questions=16",
+        "prompt.init=shared",
+        "tune.experts_per_trial=1",
+        "tune.max_concurrent_trials=1",
+        "tune.scheduler=fifo",
+    ]  # two epochs a trial (tiny.yaml)
+    prior_stage, cultures_stage = tmp_path / "tune" / f"tiny-{SHARED}", tmp_path / "tune" / "tiny"
+
+    # 1. Ctrl-C once the driver has the prior's epoch-1 checkpoint: the cultures' stage never starts.
+    first = shores_train(sets, fault="interrupt-after-epoch:0:1")
+    assert first.returncode == 130, (first.stdout + first.stderr)[-3000:]
+    assert "interrupted" in first.stdout and "warning: SHORES_FAULT is set" in first.stderr
+    assert not cultures_stage.exists() and not (tmp_path / "experts").exists()
+
+    # 2. Resumed: the prior finishes from its checkpoint, then Ctrl-C once the driver has the epoch-1
+    # checkpoint of Japan's trial (group 1 of the cultures' stage; Germany's, group 0, runs first).
+    second = shores_train(sets, "--resume", fault="interrupt-after-epoch:1:1")
+    assert second.returncode == 130, (second.stdout + second.stderr)[-3000:]
+    assert "interrupted" in second.stdout and not (tmp_path / "experts").exists()
+    prior, germany = trial_results(prior_stage)[0], trial_results(cultures_stage)[0]
+
+    # 3. Resumed again: only Japan's trial trains, from its epoch-1 checkpoint.
+    third = shores_train(sets, "--resume")
+    assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
+    assert trial_results(prior_stage)[0] == prior and trial_results(cultures_stage)[0] == germany
+    for stage, group in ((prior_stage, 0), (cultures_stage, 1)):
+        (one, pid_one), (two, pid_two) = checkpoint_epochs(stage, group)
+        assert (one, two) == (1, 2) and pid_one != pid_two  # epoch 2 continued epoch 1's checkpoint, later
+    experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
+    assert set(experts) == {"Germany", "Japan", SHARED}
+    assert all(e.meta.training["epochs_run"] == 2 for e in experts.values())

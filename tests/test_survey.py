@@ -213,7 +213,11 @@ def test_nothing_usable_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     ("name", "text", "expected"),
     [
-        ("bad.jsonl", json.dumps(row("Germany")) + "\n\n" + '{"country": "France", oops\n', "line 3"),
+        (
+            "bad.jsonl",
+            '{"country": "France", oops\n[\n',
+            "no usable survey records (read 2 records, skipped malformed 2)",
+        ),
         ("bad.json", '[\n{"country": "France"},\n{oops}\n]', "line 3"),
         ("data.txt", "whatever", "unknown format '.txt'"),
         ("bad.csv", "a,b\n1,2\n", "missing columns question, selections, options"),
@@ -228,6 +232,39 @@ def test_file_level_errors_name_the_file(tmp_path, name, text, expected):
         load_survey(path)
     message = str(err.value)
     assert str(path) in message and expected in message and "\n" not in message
+
+
+def test_bad_lines_options_over_the_letters_and_huge_csv_fields_are_skipped_and_counted(tmp_path):
+    many = [f"option {i}" for i in range(27)]  # one more than the letters A-Z
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text(
+        "\n".join(
+            [
+                json.dumps(row("Germany")),
+                '{"country": "France", oops',  # not JSON
+                json.dumps(row("Japan", options=many, distribution=[1] * 27)),
+                json.dumps(row("Japan", options=many[:26], distribution=[1] * 26)),  # 26: kept
+            ]
+        ),
+        encoding="utf-8",
+    )
+    records, report = load_survey(jsonl)
+    assert [r.culture for r in records] == ["Germany", "Japan"]
+    assert report.skipped == {"malformed": 1, "too_many_options": 1}
+    assert "too_many_options 1" in report.summary()
+
+    csv_path = tmp_path / "huge.csv"
+    huge = {f"Country{i}": [0.5, 0.5] for i in range(8000)}  # one field of ~150 KB
+    csv_path.write_text(
+        "question,selections,options,source\n"
+        f"Q1?,\"{huge}\",\"['Yes', 'No']\",GAS\n"
+        "Q2?,\"{'Italy': [0.2, 0.8]}\",\"['Yes', 'No']\",WVS\n",
+        encoding="utf-8",
+    )
+    assert len(csv_path.read_text()) > 131072
+    records, report = load_survey(csv_path)
+    assert [(r.culture, r.question) for r in records] == [("Italy", "Q2?")]
+    assert report.skipped == {"unknown_country": 8000}
 
 
 def test_missing_file(tmp_path):

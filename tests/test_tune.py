@@ -120,6 +120,21 @@ def test_a_fault_fires_once_and_a_bad_one_is_one_clear_line(tmp_path):
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("value", ["out-of-memory:1:2", " "])
+def test_a_set_fault_variable_is_always_a_warning_naming_it(tmp_path, monkeypatch, capsys, value):
+    from orchestrator.faults import Fault
+
+    monkeypatch.delenv("SHORES_FAULT", raising=False)
+    assert Fault.from_env(tmp_path) is None and capsys.readouterr().err == ""
+    monkeypatch.setenv("SHORES_FAULT", value)
+    fault = Fault.from_env(tmp_path)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: SHORES_FAULT is set") and "unset SHORES_FAULT" in line
+    assert (fault is None) == (value.strip() == "")
+    if fault is not None:
+        assert value in line and fault.kind == "out-of-memory"
+
+
 def trial_folder(experiment: Path, group: int) -> Path:
     """The Tune folder of the trial that trained culture group `group`."""
     return next(

@@ -158,13 +158,17 @@ def _every_page(registry: Registry, what: str, search: Callable[[str | None], li
 def registered_experts(registry: Registry, page_size: int = 100) -> list[dict]:
     """Every registered expert version: culture, model, version, aliases, alignment, fingerprint, run id."""
     client = registry.client()
-    models = _every_page(
+    prefix = f"{registry.registry_prefix}-"
+    found = _every_page(
         registry,
         "list models",
         lambda token: client.search_registered_models(
-            f"name LIKE '{registry.registry_prefix}-%'", max_results=page_size, page_token=token
+            f"name LIKE '{prefix}%'", max_results=page_size, page_token=token
         ),
     )
+    # LIKE reads `_` and `%` in the prefix as wildcards (and MLflow's filter has no ESCAPE): it only narrows
+    # the search, and the prefix itself is matched here, literally.
+    models = [m for m in found if m.name.startswith(prefix)]
     rows = []
     for model in models:
         versions = _every_page(

@@ -188,3 +188,15 @@ def option_distributions(
         for row, i in enumerate(rows):
             results[i] = log_probs[row, : questions[i].n_options].exp().cpu().double().numpy()
     return results
+
+
+def mean_alignment(
+    base: FrozenBase,
+    bank: PromptRows | None,
+    questions: Sequence[EncodedQuestion],
+    expert: int = NO_EXPERT,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> float:
+    """One expert's mean alignment over questions that carry their survey targets (validation alignment)."""
+    dists = option_distributions(base, bank, questions, [expert] * len(questions), batch_size)
+    return float(np.mean([alignment(d, q.target) for d, q in zip(dists, questions)]))

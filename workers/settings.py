@@ -11,6 +11,7 @@ MAX_LENGTH = 320  # tokens of an encoded question; longer ones keep their end (t
 # Sentence embeddings of the text router: the embedded name, a folder or a hub id.
 ROUTER_MODEL = "all-MiniLM-L6-v2"
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test shares of the questions
+MAX_OPTIONS = 26  # a question's options are lettered A-Z: no more can be asked or answered
 CHAMPION = "champion"  # the registry alias of each culture's best expert
 # The reserved culture name of the culture-blind shared survey prior: an expert, never a culture of the data.
 SHARED = "shared"

@@ -15,9 +15,8 @@ from workers.base_model import FrozenBase
 from workers.prompts import SoftPromptBank
 from workers.scoring import (
     EncodedQuestion,
-    alignment,
     batch_log_probs,
-    option_distributions,
+    mean_alignment,
     option_token_ids,
 )
 from workers.settings import TrainConfig  # also imported from here: the trainer's settings
@@ -127,9 +126,10 @@ class PackedTrainer:
             questions = self.val.get(culture, [])
             if not questions:
                 continue
-            idx = [self.bank.index(culture)] * len(questions)
-            dists = option_distributions(self.base, self.bank, questions, idx, self.config.eval_batch_size)
-            scores[culture] = float(np.mean([alignment(d, q.target) for d, q in zip(dists, questions)]))
+            expert = self.bank.index(culture)
+            scores[culture] = mean_alignment(
+                self.base, self.bank, questions, expert, self.config.eval_batch_size
+            )
         return scores
 
     def epoch_batches(self) -> list[tuple[list[EncodedQuestion], list[str]]]:

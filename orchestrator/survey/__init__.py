@@ -6,6 +6,7 @@ code used to hold are re-exported here so `from orchestrator.survey import ...` 
 """
 
 from orchestrator.survey.experiment_data import ExperimentData, foreign_data, prepare_data
+from orchestrator.survey.fingerprint import DataFingerprint, data_fingerprint, validation_records
 from orchestrator.survey.loading import HF_DATASET, HF_FILENAME, SKIP_REASONS, LoadReport, load_survey
 from orchestrator.survey.records import SurveyDataError, SurveyRecord, normalise_question
 from orchestrator.survey.selection import CultureSelection, present_cultures, select_cultures
@@ -19,6 +20,7 @@ __all__ = [
     "SKIP_REASONS",
     "SPLITS",
     "CultureSelection",
+    "DataFingerprint",
     "ExperimentData",
     "LoadReport",
     "Split",
@@ -27,6 +29,7 @@ __all__ = [
     "UnknownCultureError",
     "canonical_country",
     "culture_similarity",
+    "data_fingerprint",
     "foreign_data",
     "load_survey",
     "nearest_cultures",
@@ -38,4 +41,5 @@ __all__ = [
     "select_cultures",
     "similarity_table",
     "split_records",
+    "validation_records",
 ]

@@ -11,7 +11,7 @@ from orchestrator.survey.pooling import pooled_records, sample_questions
 from orchestrator.survey.records import SurveyRecord
 from orchestrator.survey.selection import CultureSelection, present_cultures, select_cultures
 from orchestrator.survey.splits import split_records
-from workers.settings import SHARED
+from workers.settings import SHARED, SPLIT_FRACTIONS
 
 
 @dataclass
@@ -25,6 +25,10 @@ class ExperimentData:
     # The shared prior's records by split (every question's answers pooled over all countries); empty
     # when the experiment trains no prior. Kept apart from `records`: `shared` is no culture of the survey.
     pooled: dict[str, list[SurveyRecord]] = field(default_factory=dict)
+    # How the questions were split (train, val, test fractions and the salt): part of every expert's
+    # data fingerprint, so that its validation split can be rebuilt from the file.
+    fractions: tuple[float, float, float] = SPLIT_FRACTIONS
+    salt: str = ""
 
     @property
     def experts(self) -> list[str]:
@@ -57,10 +61,12 @@ def prepare_data(
         records, section.cultures, section.top, section.question_floor, section.held_out
     )
     pooled = {}
+    fractions, salt = section.split, section.split_salt
     if shared is not None and shared.enabled:
-        pooled = split_records(pooled_records(records), section.split)
+        pooled = split_records(pooled_records(records), fractions, salt)
         pooled["train"] = sample_questions(pooled["train"], shared.max_questions)
-    return ExperimentData(records, report, selection, split_records(records, section.split), pooled)
+    splits = split_records(records, fractions, salt)
+    return ExperimentData(records, report, selection, splits, pooled, fractions, salt)
 
 
 def foreign_data(
@@ -69,4 +75,5 @@ def foreign_data(
     """Another survey file's records for experts trained elsewhere: their cultures and the config's
     held-out ones that it holds (notes say what it lacks), split as training splits its own file."""
     selection, notes = present_cultures(records, experts, section.held_out, report.path)
-    return ExperimentData(records, report, selection, split_records(records, section.split)), notes
+    splits = split_records(records, section.split, section.split_salt)
+    return ExperimentData(records, report, selection, splits, {}, section.split, section.split_salt), notes

@@ -3,13 +3,16 @@
 The loader accepts the flattened JSONL/JSON form (one record per country and question), the original
 GlobalOpinionQA CSV (one row per question, a Python-literal dict of country -> shares), or the dataset on the
 Hugging Face Hub. Bad records are skipped and counted rather than fatal, so one odd row in a user's file does
-not stop a run, while the report still says exactly what was dropped and why.
+not stop a run, while the report still says exactly what was dropped and why: a line that is not JSON, a CSV
+row that cannot be read, a question with more than 26 options (the letters A-Z) are each one skipped record.
+Only a file with no usable record at all is an error.
 """
 
 from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import json
 import math
 import os
@@ -22,6 +25,7 @@ from typing import Any
 
 from orchestrator.survey.records import SurveyDataError, SurveyRecord, normalise_question
 from workers.cultures import canonical_country, sample_rank
+from workers.settings import MAX_OPTIONS
 
 HF_DATASET = "Anthropic/llm_global_opinions"
 HF_FILENAME = "data/global_opinions.csv"
@@ -31,6 +35,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "malformed",
     "unknown_country",
     "too_few_options",
+    "too_many_options",
     "length_mismatch",
     "nan_or_negative",
     "zero_sum",
@@ -43,6 +48,8 @@ class LoadReport:
     """What a load saw, kept and skipped (reason -> count, only reasons that occurred)."""
 
     path: str
+    file: str = ""  # the file read, absolute (a download's, for the Hub)
+    sha256: str = ""  # of the file's bytes: which survey an expert was trained on
     read: int = 0
     kept: int = 0
     skipped: dict[str, int] = field(default_factory=Counter)
@@ -109,6 +116,8 @@ def _validate(raw: _Raw | None) -> tuple[str, SurveyRecord | None, int]:
         return "unknown_country", None, 0
     if len(options) < 2:
         return "too_few_options", None, 0
+    if len(options) > MAX_OPTIONS:  # the letters A-Z: a longer question can be neither trained nor asked
+        return "too_many_options", None, 0
     if len(options) != len(distribution):
         return "length_mismatch", None, 0
     shares = [float(v) for v in distribution]
@@ -148,13 +157,14 @@ def _read_text(path: Path, encoding: str = "utf-8") -> str:
 
 
 def _iter_jsonl(path: Path) -> Iterator[_Raw | None]:
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    for line in _read_text(path).splitlines():
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SurveyDataError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from exc
+        except json.JSONDecodeError:
+            yield None  # one bad line is one malformed record: the rest of the file is still good
+            continue
         yield _raw_from_obj(obj)
 
 
@@ -181,29 +191,49 @@ def _literal(text: str) -> Any:
 def _iter_csv(path: Path) -> Iterator[_Raw | None]:
     text = _read_text(path, encoding="utf-8-sig")
     reader = csv.DictReader(text.splitlines(keepends=True))
-    missing = [c for c in ("question", "selections", "options") if c not in (reader.fieldnames or [])]
-    if missing:
-        raise SurveyDataError(
-            f"{path}: not a GlobalOpinionQA CSV (missing column{'s' if len(missing) > 1 else ''} "
-            f"{', '.join(missing)}; expected question, selections, options, source)"
-        )
+    # csv's field limit (128 KB) is a guard for streams; this file is in memory already, so no field of it
+    # can be larger than the text, and one long selections field must not abort the whole load.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))
     try:
-        for row in reader:
-            question = row.get("question")
+        try:
+            fields = reader.fieldnames or []
+        except csv.Error as exc:
+            raise SurveyDataError(f"{path}: line 1: bad CSV header ({_one_line(exc)})") from exc
+        missing = [c for c in ("question", "selections", "options") if c not in fields]
+        if missing:
+            raise SurveyDataError(
+                f"{path}: not a GlobalOpinionQA CSV (missing column{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)}; expected question, selections, options, source)"
+            )
+        while True:
             try:
-                selections = _literal(row.get("selections") or "")
-                options = _literal(row.get("options") or "")
-            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                # An unparseable row is one malformed record: its countries cannot be known.
-                yield None
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error:
+                yield None  # one row csv cannot read is one malformed record; the reader goes on after it
                 continue
-            if not isinstance(selections, dict):
-                yield None
-                continue
-            for country, distribution in selections.items():
-                yield _Raw(country, question, options, distribution)
-    except csv.Error as exc:
-        raise SurveyDataError(f"{path}: line {reader.line_num}: bad CSV ({_one_line(exc)})") from exc
+            yield from _csv_row(row)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_row(row: dict) -> Iterator[_Raw | None]:
+    """One GlobalOpinionQA row's records: one a country, or one malformed record if it cannot be parsed."""
+    question = row.get("question")
+    try:
+        selections = _literal(row.get("selections") or "")
+        options = _literal(row.get("options") or "")
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        # An unparseable row is one malformed record: its countries cannot be known.
+        yield None
+        return
+    if not isinstance(selections, dict):
+        yield None
+        return
+    for country, distribution in selections.items():
+        yield _Raw(country, question, options, distribution)
 
 
 def _hf_target(source: str | Path) -> tuple[str, str] | None:
@@ -240,6 +270,18 @@ def _hf_download(repo_id: str, filename: str) -> Path:
     return Path(local)
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise SurveyDataError(f"{path}: cannot read ({_one_line(exc.strerror or exc)})") from exc
+    return digest.hexdigest()
+
+
 def load_survey(source: str | Path) -> tuple[list[SurveyRecord], LoadReport]:
     """Load, validate, de-duplicate and renormalise survey records from a file or the Hugging Face Hub."""
     hf = _hf_target(source)
@@ -262,7 +304,7 @@ def load_survey(source: str | Path) -> tuple[list[SurveyRecord], LoadReport]:
             )
         reader = readers[suffix]
 
-    report = LoadReport(path=label)
+    report = LoadReport(path=label, file=str(path.resolve()), sha256=file_sha256(path))
     skipped: Counter[str] = Counter()
     kept: list[SurveyRecord] = []
     # (culture, question, options) -> (slot in `kept`, rank of the sample there); the best-ranked sample
