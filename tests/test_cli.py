@@ -190,7 +190,7 @@ def test_eval_on_a_bad_foreign_file_is_one_line_and_nonzero(trained, tmp_path):
     elsewhere = tmp_path / "elsewhere.jsonl"
     elsewhere.write_text("\n".join(opinions_of("France", "Peru")) + "\n")
     for path, message in [
-        (bad, "line 1: invalid JSON"),
+        (bad, "bad.jsonl: no usable survey records (read 1 records, skipped malformed 1)"),
         (elsewhere, "holds no records of the experts' cultures (Germany, Japan, Kenya) or the held-out"),
         (tmp_path / "nope.jsonl", "no such file"),
     ]:

@@ -42,7 +42,7 @@ def trained(base, config, trial_id: str, seed: int, stored: float, fingerprint: 
     folder = Path(config.output_dir) / "trials" / trial_id
     bank = SoftPromptBank.initialise(base, ["Germany"], 4, "random", seed=seed)
     data = prepare_data(config.data)
-    (path,) = save_experts(folder, bank, base, data, {"Germany": {"val_alignment": stored}}, similarity=False)
+    (path,) = save_experts(folder, bank, base, data, {"Germany": {"val_alignment": stored}})
     if not fingerprint:  # an expert from before fingerprints
         expert = load_expert(path)
         training = {k: v for k, v in expert.meta.training.items() if k != "data"}
