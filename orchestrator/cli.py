@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -239,7 +240,7 @@ def _register(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.evaluate import evaluate, format_table, write_report
-    from orchestrator.survey import foreign_data, load_survey, prepare_data
+    from orchestrator.survey import foreign_data, load_survey, prepare_data, present_cultures
     from workers.base_model import load_frozen_base
     from workers.committees import culture_committees
     from workers.cultures import is_shared
@@ -257,11 +258,15 @@ def _eval(args: argparse.Namespace) -> int:
     experts_dir, versions = resolve_experts(config, args.experts)
     experts = load_experts(experts_dir, base)
     names = [e.meta.culture for e in experts]
-    notes = []
+    notes, cultures = [], [c for c in names if not is_shared(c)]
     if args.data:
         # Not the training file: evaluate the experts we have on whatever of their cultures it holds.
-        data, notes = foreign_data(config.data, records, loaded, [c for c in names if not is_shared(c)])
+        data, notes = foreign_data(config.data, records, loaded, cultures)
         versions = {}  # the registry's `<split>_alignment` tags speak of the training file's splits only
+    else:
+        # The published set holds the cultures of every run that added to it, not only this config's.
+        selection, _ = present_cultures(data.records, cultures, config.data.held_out, loaded.path)
+        data = replace(data, selection=selection)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     split = args.split or ("all" if args.data else "test")

@@ -88,6 +88,16 @@ def test_cultures_accumulate_a_worse_retrain_and_a_failed_run_keep_the_served_se
     assert set(similarity["Canada"]) == {"Germany", "Japan", "Kenya"}  # held out: a committee of all three
 
 
+def test_eval_reports_every_published_culture_not_only_the_configs(lifecycle, tmp_path):
+    _, sets, _, _, _ = lifecycle
+    out = tmp_path / "report.json"
+    # The config names Germany alone (the last run's); the published set holds three runs' cultures.
+    args = ["eval", "--config", str(TINY), *sets, "--set", "data.cultures=[Germany]", "--out", str(out)]
+    assert shores_main(args) == 0
+    report = json.loads(out.read_text())["cultures"]
+    assert {c for c, row in report.items() if row["expert"] is not None} == {"Germany", "Japan", "Kenya"}
+
+
 def test_a_failed_run_exits_1_naming_the_culture_and_how_to_resume(lifecycle):
     _, _, codes, _, failure = lifecycle
     assert codes["failed"] == 1
