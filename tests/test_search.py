@@ -12,6 +12,7 @@ from orchestrator.train import train
 from orchestrator.trial import run_trial, trial_config
 from orchestrator.tune import expected_trials, param_space
 from tests.conftest import OPINIONS, REPO
+from tests.test_tune import tiny_config
 from workers.expert_store import load_experts
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -123,21 +124,17 @@ def test_asha_stops_a_clearly_worse_trial_and_each_culture_wins_in_its_own_trial
     # Two culture groups, each tried at a learning rate that learns and one that cannot move the prompt:
     # four trials, one at a time, the good rate first. ASHA (one rung, at epoch 1) stops a trial whose gain
     # is below those recorded there before it, so the trials at 1e-9 end after one epoch of three.
-    config = load_config(
-        TINY,
-        [
-            f"base_model.name={llama_dir}",
-            f"output_dir={tmp_path}",
-            f"data.path={OPINIONS}",
-            "data.cultures=[Germany, Japan]",
-            "tune.experts_per_trial=1",
-            "tune.scheduler=asha",
-            "tune.grace_period=1",
-            "tune.max_concurrent_trials=1",
-            "tune.search_space={lr: {grid: [0.05, 1e-9]}}",
-            "train.epochs=3",
-            "train.length_buckets=1",  # as above: both cultures learn at 0.05 with the plain shuffle
-        ],
+    config, _ = tiny_config(
+        llama_dir,
+        tmp_path,
+        "data.cultures=[Germany, Japan]",
+        "tune.experts_per_trial=1",
+        "tune.scheduler=asha",
+        "tune.grace_period=1",
+        "tune.max_concurrent_trials=1",
+        "tune.search_space={lr: {grid: [0.05, 1e-9]}}",
+        "train.epochs=3",
+        "train.length_buckets=1",  # as above: both cultures learn at 0.05 with the plain shuffle
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
