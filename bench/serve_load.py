@@ -311,8 +311,11 @@ async def run(args: argparse.Namespace, setup: Setup) -> tuple[list[Outcome], di
                 phases[name]["seconds"] += time.perf_counter() - start
 
             await asyncio.gather(timed(), *(task(stop) for task in extra))
+            # The counters, and the engine's cache slots (budget, used and needed, summed over steps).
             phases[name]["pool_status"] = {
-                k: v for k, v in ((await pool_state()) or {}).items() if isinstance(v, (int, float, str))
+                k: v
+                for k, v in ((await pool_state()) or {}).items()
+                if isinstance(v, (int, float, str)) or k == "cache"
             }
 
         async def kill_one(stop: float) -> None:
