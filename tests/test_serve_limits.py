@@ -115,13 +115,18 @@ def post_all(url: str, bodies: list[tuple[str, dict]]) -> list:
     return [threads.submit(post, b) for b in bodies]
 
 
-def test_a_poison_request_fails_alone_in_a_batch_of_good_ones(server):
-    http = server["http"]
+def good_generations(http) -> tuple[list[tuple[str, dict]], list[str]]:
+    """A short generation for each culture, and the text each answers when sent alone."""
     good = [
         ("/v1/generate", {"prompt": "tell me about trust", "culture": c, "max_new_tokens": 4})
         for c in CULTURES
     ]
-    alone = [http.post(path, json=body).json()["text"] for path, body in good]
+    return good, [http.post(path, json=body).json()["text"] for path, body in good]
+
+
+def test_a_poison_request_fails_alone_in_a_batch_of_good_ones(server):
+    http = server["http"]
+    good, alone = good_generations(http)
     too_long = ("/v1/generate", {"prompt": "yes " * 600, "culture": "Japan", "max_new_tokens": 4})
     with closed_gate(GATE) as gate:
         futures = post_all(server["url"], [*good, too_long])
@@ -229,11 +234,7 @@ def test_a_flood_gets_503_with_retry_after(server):
 
 def test_a_request_over_the_cache_budget_is_refused_while_its_neighbours_finish(server):
     http = server["http"]
-    good = [
-        ("/v1/generate", {"prompt": "tell me about trust", "culture": c, "max_new_tokens": 4})
-        for c in CULTURES
-    ]
-    alone = [http.post(path, json=body).json()["text"] for path, body in good]
+    good, alone = good_generations(http)
     # Inside the context window (512), but a committee of two rows of ~450 slots is over the budget.
     tokenizer = load_frozen_base(str(server["model"]), device="cpu").tokenizer
     prompt = tokenizer.decode(tokenizer("yes " * 1000, add_special_tokens=False)["input_ids"][:450])
