@@ -7,6 +7,7 @@ import ctypes
 import gc
 import json
 import platform
+import random
 import socket
 import tempfile
 import threading
@@ -40,10 +41,16 @@ def model_path(name: str) -> str:
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 below the kernel's ephemeral range, so Ray's processes cannot take it first."""
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randrange(20000, 32768)
+        with contextlib.closing(socket.socket()) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class PeakRSS:

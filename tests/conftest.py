@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -21,12 +22,25 @@ OPINIONS = SHARED_DATA / "opinions.jsonl"
 
 
 def free_ports(n: int = 1) -> list[int]:
-    """n distinct free ports on 127.0.0.1 (held open together so no two are the same)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+    """n distinct free ports on 127.0.0.1, outside the kernel's ephemeral range and Ray's worker ports.
+
+    A port the kernel handed out (bind to 0) is free only until the test uses it; in between, Ray's own
+    processes bind ephemeral ports and can take it. Ports from 20000-32767 are never handed out that way
+    (the ephemeral range starts at 32768, Ray's workers use 10002-19999), so only a bind check is needed.
+    """
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randrange(20000, 32768)
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
 
 
 @contextlib.contextmanager

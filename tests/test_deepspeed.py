@@ -11,7 +11,7 @@ import torch
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.trial import trial_resources, validate_deepspeed
-from tests.conftest import OPINIONS, REPO
+from tests.conftest import OPINIONS, REPO, free_ports
 
 TINY = REPO / "configs" / "tiny.yaml"
 # The ~25 s JIT compile of DeepSpeed's CPU comm op is cached here, as `make test` does (Ray workers inherit it).
@@ -96,13 +96,9 @@ def test_good_settings_pass_and_a_trial_holds_only_a_small_cpu_share(llama_dir, 
 @pytest.fixture(scope="module")
 def one_worker_group():
     """torch.distributed with one process (gloo), in this process: DeepSpeed adopts it."""
-    import socket
-
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     env = {
         "RANK": "0",
         "LOCAL_RANK": "0",
