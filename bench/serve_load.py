@@ -5,7 +5,8 @@ The graph is what `shores serve` runs (serve.app.build_app): a Router in front o
 experts of prompt lengths 4 and 8 plus cultures answered by committees. C closed-loop clients send a mix of
 opinion, generate, chat and streaming chat (`stream: true`, OpenAI's server-sent events) requests across
 experts, survey-similarity committees and free-text profiles, each with a client deadline
-(`serve.request_timeout_s` plus a margin). The run has three kinds of phase, each --duration seconds:
+(`serve.deployment.request_timeout_s` plus a margin). The run has three kinds of phase, each --duration
+seconds:
   calm      the C clients alone;
   hostile   the C clients beside H hostile clients, each looping over: a long prompt (3/4 of the context
             window, at most 7000 tokens) with the largest committee allowed, a flood of --unknown-flood
@@ -473,9 +474,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="calm and hostile phases, alternated")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds a phase")
     parser.add_argument("--burst", type=int, default=600, help="requests in the flood, all at once")
-    parser.add_argument("--max-queued", type=int, default=64, help="serve.max_queued_requests of the pool")
+    parser.add_argument(
+        "--max-queued", type=int, default=64, help="serve.deployment.max_queued_requests of the pool"
+    )
     parser.add_argument("--max-tokens", type=int, default=8, help="new tokens of generate and chat requests")
-    parser.add_argument("--request-timeout", type=float, default=30.0, help="serve.request_timeout_s")
+    parser.add_argument(
+        "--request-timeout", type=float, default=30.0, help="serve.deployment.request_timeout_s"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.tiny:
@@ -505,13 +510,17 @@ def main() -> None:
             "base_model": {"name": folder, "device": "cpu"},
             "data": {"path": str(DATA), "cultures": list(EXPERTS), "max_length": 256},
             "serve": {
-                "num_replicas": 2,
-                "cpus_per_replica": 1,
-                "max_batch_size": 32,  # rows in a replica's running batch
-                "max_queued_requests": args.max_queued,
-                "request_timeout_s": args.request_timeout,
-                "reload_interval_s": 1,
-                "max_committee_size": args.hostile_committee,
+                "deployment": {
+                    "num_replicas": 2,
+                    "cpus_per_replica": 1,
+                    "max_queued_requests": args.max_queued,
+                    "request_timeout_s": args.request_timeout,
+                    "reload_interval_s": 1,
+                },
+                "limits": {
+                    "max_batch_size": 32,  # rows in a replica's running batch
+                    "max_committee_size": args.hostile_committee,
+                },
             },
         }
     )

@@ -278,7 +278,11 @@ def _eval(args: argparse.Namespace) -> int:
         similarity_file if similarity_file.exists() else config.experts_dir / SIMILARITY_FILE
     )
     committees = culture_committees(
-        cultures, names, similarity, config.serve.committee_size, config.serve.routing_temperature
+        cultures,
+        names,
+        similarity,
+        config.serve.routing.committee_size,
+        config.serve.routing.routing_temperature,
     )
     report = evaluate(
         base,

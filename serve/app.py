@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 from ray.serve.config import BackpressureConfig
 
 from orchestrator.config import ConfigError, ExperimentConfig, load_config
@@ -38,7 +38,7 @@ CONFIG_ENV = "SHORES_CONFIG"
 DEFAULT_CONFIG = "configs/demo.yaml"
 REPO = Path(__file__).resolve().parents[1]
 APP_NAME = "shores"
-# The router embeds short texts and relays JSON; the pool replicas do the model work.
+# Half a CPU per router replica: it embeds short texts and relays JSON; the pool replicas do the model work.
 ROUTER_CPUS = 0.5
 ROUTER_ONGOING = 256  # requests the router relays at once: it waits on the pool, which does the work
 SERVE_LOGS = "/tmp/ray/session_latest/logs/serve"
@@ -53,16 +53,16 @@ def absolute_paths(config: ExperimentConfig, root: Path) -> ExperimentConfig:
 
     config.output_dir = fix(config.output_dir)
     config.data.path = fix(config.data.path)
-    if config.serve.experts_dir:
-        config.serve.experts_dir = fix(config.serve.experts_dir)
+    if config.serve.deployment.experts_dir:
+        config.serve.deployment.experts_dir = fix(config.serve.deployment.experts_dir)
     if (root / config.base_model.name).exists():  # a local model folder, not a hub id or embedded name
         config.base_model.name = fix(config.base_model.name)
     return config
 
 
 def gpus_per_replica(config: ExperimentConfig) -> float:
-    """`auto`: one GPU a replica where the cluster (or, before Ray starts, this machine) has GPUs."""
-    asked = config.serve.gpus_per_replica
+    """`auto`: one GPU per replica where the cluster (or, before Ray starts, this machine) has GPUs."""
+    asked = config.serve.deployment.gpus_per_replica
     if asked != "auto":
         return float(asked)
     import ray
@@ -76,15 +76,15 @@ def gpus_per_replica(config: ExperimentConfig) -> float:
 
 def experts_dir(config: ExperimentConfig) -> Path:
     """Where the directory source reads experts, and where training leaves survey similarity."""
-    return Path(config.serve.experts_dir or config.experts_dir)
+    return Path(config.serve.deployment.experts_dir or config.experts_dir)
 
 
 def expert_source(config: ExperimentConfig) -> DirectorySource | RegistrySource:
     """Where this config's experts come from."""
-    if config.serve.experts_source == "registry":
+    if config.serve.deployment.experts_source == "registry":
         return RegistrySource(
             Registry.of_experiment(config.output_dir, config.mlflow),
-            config.serve.registry_alias,
+            config.serve.deployment.registry_alias,
             downloads=Path(config.output_dir) / "registry" / "serve",
             similarity_path=experts_dir(config) / SIMILARITY_FILE,
         )
@@ -93,42 +93,46 @@ def expert_source(config: ExperimentConfig) -> DirectorySource | RegistrySource:
 
 def pool_settings(config: ExperimentConfig) -> PoolSettings:
     """What an ExpertPool replica uses from the config."""
-    section = config.serve
+    deployment, limits = config.serve.deployment, config.serve.limits
     return PoolSettings(
         base_model=config.base_model.name,
         dtype=config.base_model.dtype,
         device=config.base_model.device,
         source=expert_source(config),
-        max_rows=section.max_batch_size,
-        per_expert=section.batching == "per_expert",
-        reload_interval_s=section.reload_interval_s,
-        max_cache_tokens=None if section.max_cache_tokens == "auto" else section.max_cache_tokens,
-        cache_memory_fraction=section.cache_memory_fraction,
-        max_tokens_per_step=section.max_tokens_per_step,
+        max_rows=limits.max_batch_size,
+        per_expert=deployment.batching == "per_expert",
+        reload_interval_s=deployment.reload_interval_s,
+        max_cache_tokens=None if limits.max_cache_tokens == "auto" else limits.max_cache_tokens,
+        cache_memory_fraction=limits.cache_memory_fraction,
+        max_tokens_per_step=limits.max_tokens_per_step,
     )
 
 
-def build_app(config: ExperimentConfig) -> Application:
-    """The graph: Router -> ExpertPool, with replicas, batching and resources from `config.serve`."""
+def build_app(config: ExperimentConfig, pool: Deployment = ExpertPool) -> Application:
+    """The graph: Router -> ExpertPool, with replicas, batching and resources from `config.serve`.
+
+    `pool` is the pool's deployment: ExpertPool, or a subclass (the serving tests' holds requests at a gate).
+    """
     section = config.serve
-    scaling = {"num_replicas": section.num_replicas}
-    if section.autoscaling is not None:
-        scaling = {"autoscaling_config": section.autoscaling.model_dump()}
+    deployment = section.deployment
+    scaling = {"num_replicas": deployment.num_replicas}
+    if deployment.autoscaling is not None:
+        scaling = {"autoscaling_config": deployment.autoscaling.model_dump()}
     # Over `max_queued_requests` waiting for a replica, a request is refused at once: 503 with Retry-After.
-    backpressure = BackpressureConfig(status_code=503, retry_after_s=section.retry_after_s)
-    pool = ExpertPool.options(
+    backpressure = BackpressureConfig(status_code=503, retry_after_s=deployment.retry_after_s)
+    pool = pool.options(
         **scaling,
-        # Enough requests a replica for the engine's batch to fill, and more waiting to join it.
-        max_ongoing_requests=section.max_ongoing_requests or max(64, 4 * section.max_batch_size),
-        max_queued_requests=section.max_queued_requests,
+        # Enough requests per replica for the engine's batch to fill, and more waiting to join it.
+        max_ongoing_requests=deployment.max_ongoing_requests or max(64, 4 * section.limits.max_batch_size),
+        max_queued_requests=deployment.max_queued_requests,
         backpressure_config=backpressure,
-        ray_actor_options={"num_cpus": section.cpus_per_replica, "num_gpus": gpus_per_replica(config)},
+        ray_actor_options={"num_cpus": deployment.cpus_per_replica, "num_gpus": gpus_per_replica(config)},
     ).bind(pool_settings(config))
     return Router.options(
         max_ongoing_requests=ROUTER_ONGOING,
         # Serve counts a request as queued until it is assigned a replica, so a queue bound under the router's
         # free slots would refuse simultaneous arrivals that it has room for: the pool's queue is the real bound.
-        max_queued_requests=max(section.max_queued_requests, ROUTER_ONGOING),
+        max_queued_requests=max(deployment.max_queued_requests, ROUTER_ONGOING),
         backpressure_config=backpressure,
         ray_actor_options={"num_cpus": ROUTER_CPUS},
     ).bind(pool, section)
@@ -151,16 +155,17 @@ def __getattr__(name: str) -> Application:
 def preflight(config: ExperimentConfig) -> None:
     """Fail early, in one line, when there is nothing to serve or no key (before Ray and replicas start)."""
     section = config.serve
-    key = section.api_key_env
+    key = section.auth.api_key_env
     if key and not os.environ.get(key):
-        raise ConfigError(f"serve.api_key_env names {key}, which is not set in this environment")
+        raise ConfigError(f"serve.auth.api_key_env names {key}, which is not set in this environment")
     # The router refuses the same (the rule holds for `serve run` and `serve deploy` too); here it fails early.
-    if open_host_refusal(section.host, section):
+    host = section.deployment.host
+    if open_host_refusal(host, section):
         raise ConfigError(
-            f"serve.host {section.host} is reachable from other machines and serve.api_key_env is not set: "
-            "set an API key, or serve.allow_unauthenticated: true"
+            f"serve.deployment.host {host} is reachable from other machines and serve.auth.api_key_env is "
+            "not set: set an API key, or serve.auth.allow_unauthenticated: true"
         )
-    if config.serve.experts_source == "directory":
+    if section.deployment.experts_source == "directory":
         load_experts(experts_dir(config))
         return
     source = expert_source(config)
@@ -171,10 +176,9 @@ def preflight(config: ExperimentConfig) -> None:
             raise
         print(f"warning: {err}; the replicas start from the last good copy of the experts", file=sys.stderr)
         return
-    if not any(config.serve.registry_alias in r["aliases"] for r in rows):
-        raise ExpertsNotFoundError(
-            f"no experts registered under the alias {config.serve.registry_alias!r}; train some first"
-        )
+    alias = section.deployment.registry_alias
+    if not any(alias in r["aliases"] for r in rows):
+        raise ExpertsNotFoundError(f"no experts registered under the alias {alias!r}; train some first")
 
 
 class ServeStartError(RuntimeError):
@@ -198,8 +202,8 @@ def start(config: ExperimentConfig) -> None:
             signal.signal(signal.SIGTERM, _interrupt)  # again: ray.init installs its own, which aborts
         if context.dashboard_url:
             print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
-    section = config.serve
-    serve.start(http_options={"host": section.host, "port": section.port})
+    deployment = config.serve.deployment
+    serve.start(http_options={"host": deployment.host, "port": deployment.port})
     try:
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     except RuntimeError as err:
@@ -231,7 +235,8 @@ def run(config: ExperimentConfig) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         start(config)
-        print(f"serving on http://{config.serve.host}:{config.serve.port} (Ctrl-C to stop)", flush=True)
+        deployment = config.serve.deployment
+        print(f"serving on http://{deployment.host}:{deployment.port} (Ctrl-C to stop)", flush=True)
         print(f"replica logs: {SERVE_LOGS} on the head node", flush=True)
         while True:
             time.sleep(3600)

@@ -4,8 +4,8 @@ A server on loopback without a key is safe from other machines, but not from the
 any web page can send it requests, and a page whose domain is rebound to 127.0.0.1 can read the answers.
 So the router answers only Host names it knows (a rebound page sends its own domain), only JSON bodies
 declared as `application/json` (which a page cannot send to another origin without a CORS preflight), and
-CORS stays off unless `serve.cors_origins` names origins. And a server reachable from other machines needs a
-key: the router refuses to start on such a host without one, however it was started (`shores serve`,
+CORS stays off unless `serve.auth.cors_origins` names origins. And a server reachable from other machines
+needs a key: the router refuses to start on such a host without one, however it was started (`shores serve`,
 `serve run`, `serve deploy`).
 """
 
@@ -35,22 +35,22 @@ def is_loopback(host: str) -> bool:
 
 def open_host_refusal(host: str, section: ServeSection) -> str | None:
     """Why serving on `host` is refused (reachable from other machines, no key, not allowed), else None."""
-    if section.api_key_env or is_loopback(host) or section.allow_unauthenticated:
+    if section.auth.api_key_env or is_loopback(host) or section.auth.allow_unauthenticated:
         return None
     return (
         f"the HTTP proxy listens on {host or 'every interface'}, reachable from other machines, and "
-        "serve.api_key_env is not set: set an API key, or serve.allow_unauthenticated: true"
+        "serve.auth.api_key_env is not set: set an API key, or serve.auth.allow_unauthenticated: true"
     )
 
 
 def allowed_host_names(section: ServeSection, listening: str) -> frozenset[str] | None:
-    """The Host names requests may carry: `serve.allowed_hosts`, by default the loopback names and the address
-    the proxy listens on (unless it listens everywhere); None when any name goes (`["*"]`)."""
-    if section.allowed_hosts is not None:
-        names = {host_name(h) or h.lower() for h in section.allowed_hosts}
+    """The Host names requests may carry: `serve.auth.allowed_hosts`, by default the loopback names and the
+    address the proxy listens on (unless it listens everywhere); None when any name goes (`["*"]`)."""
+    if section.auth.allowed_hosts is not None:
+        names = {host_name(h) or h.lower() for h in section.auth.allowed_hosts}
         return None if ANY_HOST in names else frozenset(names)
     names = set(LOOPBACK_NAMES)
-    for host in (section.host, listening):
+    for host in (section.deployment.host, listening):
         if host not in WILDCARDS:
             names.add(host_name(host) or host.lower())
     return frozenset(names)
@@ -75,7 +75,8 @@ def host_name(header: str) -> str | None:
 async def proxy_host(default: str) -> str:
     """The address Serve's HTTP proxies listen on, as the Serve controller has it (`default` if it cannot say).
 
-    `serve run` and `serve deploy` take it from the Serve config's `http_options`, not from serve.host.
+    `serve run` and `serve deploy` take it from the Serve config's `http_options`, not from
+    serve.deployment.host.
     """
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE

@@ -2,13 +2,13 @@
 
 Requests are OpenAI's, and every field either does what OpenAI's does or is refused with a 400 naming it:
 `refuse_unsupported` runs before validation. Honoured: the text (`messages` of text parts, or `prompt`),
-`max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `seed`, `n` (up to `serve.max_choices`), `stop`,
-`logprobs` / `top_logprobs` (of the committee's mixed distribution), `stream` and `stream_options`; shores
-adds `committee_size`. Accepted and ignored, as they change no output: `user`, `metadata`, `store`,
-`service_tier`, `parallel_tool_calls`, `safety_identifier`, `prompt_cache_key`. Fields that would change the
-output (tools, response formats, logit bias, penalties other than 0, images, audio, ...) are refused unless
-they hold their no-op value (null, `tool_choice: "none"`, `response_format: {"type": "text"}`, ...), and so
-is any field OpenAI does not define, as OpenAI itself answers.
+`max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `seed`, `n` (up to
+`serve.limits.max_choices`), `stop`, `logprobs` / `top_logprobs` (of the committee's mixed distribution),
+`stream` and `stream_options`; shores adds `committee_size`. Accepted and ignored, as they change no output:
+`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`, `safety_identifier`, `prompt_cache_key`.
+Fields that would change the output (tools, response formats, logit bias, penalties other than 0, images,
+audio, ...) are refused unless they hold their no-op value (null, `tool_choice: "none"`, `response_format:
+{"type": "text"}`, ...), and so is any field OpenAI does not define, as OpenAI itself answers.
 
 The router (the `Gateway` here) reads bodies, routes, calls the pool and streams; this module turns requests
 into pool jobs and answers into OpenAI's shapes.
@@ -281,7 +281,7 @@ class OpenAIEndpoints:
     def _job(
         self, body: OpenAIRequest, committee: Committee, max_new_tokens: int, logprobs: int | None, **text
     ) -> GenerateJob:
-        n, cap = body.n or 1, self.gateway.section.max_choices
+        n, cap = body.n or 1, self.gateway.section.limits.max_choices
         if n > cap:
             raise ApiError(422, f"n {n} is over the cap of {cap}", param="n")
         return GenerateJob(

@@ -645,7 +645,7 @@ def _prepared(make: Callable[[], Answer]) -> Answer:
         raise
     except CacheBudgetError as err:
         raise BadRequestError(
-            f"{err} (serve.max_cache_tokens): shorten the prompt, max_new_tokens or the committee"
+            f"{err} (serve.limits.max_cache_tokens): shorten the prompt, max_new_tokens or the committee"
         ) from None
     except ValueError as err:
         raise BadRequestError(str(err)) from None

@@ -133,7 +133,7 @@ def pool_error(err: BaseException, section: ServeSection) -> ApiError | None:
     A replica that dies or shuts down while running a request is not retried (the request may have had effects,
     and a poison request would kill replica after replica): 503 with Retry-After, as for overload.
     """
-    retry = {"Retry-After": str(section.retry_after_s)}
+    retry = {"Retry-After": str(section.deployment.retry_after_s)}
     if isinstance(err, BackPressureError):
         return ApiError(503, "the server is overloaded; retry shortly", retry)
     if isinstance(err, (RayActorError, ActorUnavailableError, DeploymentUnavailableError)):
@@ -180,17 +180,19 @@ class Router:
         self.pool = pool
         self.section = section
         self.started = int(time.time())
-        listening = await proxy_host(section.host)
+        listening = await proxy_host(section.deployment.host)
         refusal = open_host_refusal(listening, section)
         if refusal:
             raise ExposureError(refusal)
         self.hosts = allowed_host_names(section, listening)  # None: any Host header
         self.api_key = None
-        if self.section.api_key_env:
-            self.api_key = os.environ.get(self.section.api_key_env)
+        if self.section.auth.api_key_env:
+            self.api_key = os.environ.get(self.section.auth.api_key_env)
             if not self.api_key:
-                raise RuntimeError(f"serve.api_key_env names {self.section.api_key_env}, which is not set")
-        self.text_router = TextRouter(self.section.router_model)
+                raise RuntimeError(
+                    f"serve.auth.api_key_env names {self.section.auth.api_key_env}, which is not set"
+                )
+        self.text_router = TextRouter(self.section.routing.router_model)
         # Fast tokenizers are not safe to call from two threads at once: one thread embeds.
         self.embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         # Culture names that are no known culture's key are resolved here (bounded lookups, off the loop).
@@ -205,14 +207,14 @@ class Router:
         self.openai = OpenAIEndpoints(self)
         self.pending: set[asyncio.Task] = set()
         self.refresher = None
-        if self.section.reload_interval_s > 0:
+        if self.section.deployment.reload_interval_s > 0:
             self.refresher = asyncio.get_running_loop().create_task(
-                self._refresh_every(self.section.reload_interval_s)
+                self._refresh_every(self.section.deployment.reload_interval_s)
             )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """This replica's FastAPI app: the endpoints bound to it, and the config's Host, CORS and docs rules."""
-        docs = self.section.docs
+        docs = self.section.deployment.docs
         api = FastAPI(
             title="shores",
             description="Cultural experts as soft prompts on one frozen LM, behind a router.",
@@ -223,10 +225,10 @@ class Router:
         api.add_exception_handler(ApiError, _api_error)
         api.add_exception_handler(StarletteHTTPException, _http_error)
         api.middleware("http")(self._observe)
-        if self.section.cors_origins:  # outermost: it answers browsers' preflight requests itself
+        if self.section.auth.cors_origins:  # outermost: it answers browsers' preflight requests itself
             api.add_middleware(
                 CORSMiddleware,
-                allow_origins=self.section.cors_origins,
+                allow_origins=self.section.auth.cors_origins,
                 allow_methods=["GET", "POST"],
                 allow_headers=["Authorization", "Content-Type"],
             )
@@ -267,7 +269,7 @@ class Router:
         return response
 
     def _refuse_host(self, request: Request) -> Response | None:
-        """A 400 or 421 for a Host header that is missing or not one of serve.allowed_hosts (DNS rebinding)."""
+        """A 400 or 421 for a Host header missing or not one of serve.auth.allowed_hosts (DNS rebinding)."""
         if self.hosts is None or request.scope["path"] in OPEN:
             return None
         header = request.headers.get("host")
@@ -275,7 +277,7 @@ class Router:
         if name is None:
             return _error(request, 400, "missing or malformed Host header")
         if name not in self.hosts:
-            error = f"Host {name!r} is not served here (serve.allowed_hosts)"
+            error = f"Host {name!r} is not served here (serve.auth.allowed_hosts)"
             return _error(request, 421, error)
         return None
 
@@ -334,7 +336,7 @@ class Router:
         """Call the pool once, within the request deadline; every failure is one JSON error, never a replay."""
         response = getattr(self.pool, method).remote(*args)
         async with self._pool_errors(response):
-            result = await asyncio.wait_for(response, self.section.request_timeout_s)
+            result = await asyncio.wait_for(response, self.section.deployment.request_timeout_s)
         version = getattr(result, "experts_version", None)
         if version and self.snapshot and version != self.snapshot.version and version not in self.superseded:
             task = asyncio.get_running_loop().create_task(self._refresh())  # a replica reloaded
@@ -347,7 +349,7 @@ class Router:
 
         The deadline holds for each event: a stream may run longer than it, as long as it keeps coming."""
         async with self._pool_errors(events):
-            return await asyncio.wait_for(events.__anext__(), self.section.request_timeout_s)
+            return await asyncio.wait_for(events.__anext__(), self.section.deployment.request_timeout_s)
 
     @asynccontextmanager
     async def _pool_errors(self, response: DeploymentResponse | DeploymentResponseGenerator):
@@ -361,7 +363,7 @@ class Router:
         except TimeoutError:
             response.cancel()  # the replica stops working on it
             raise ApiError(
-                504, f"the expert pool did not answer within {self.section.request_timeout_s} s"
+                504, f"the expert pool did not answer within {self.section.deployment.request_timeout_s} s"
             ) from None
         except Exception as err:
             answer = pool_error(err, self.section)
@@ -397,7 +399,7 @@ class Router:
     # ---- request checks ----
 
     def authorise(self, request: Request) -> None:
-        """A 401 unless the request carries the key (when serve.api_key_env sets one)."""
+        """A 401 unless the request carries the key (when serve.auth.api_key_env sets one)."""
         if self.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -422,7 +424,7 @@ class Router:
             raise ApiError(422, _first_error(err), param=str(where[0]) if where else None) from None
         except RecursionError:
             raise ApiError(400, "the body is nested too deeply") from None
-        asked, cap = getattr(body, "committee_size", None), self.section.max_committee_size
+        asked, cap = getattr(body, "committee_size", None), self.section.limits.max_committee_size
         if asked is not None and asked > cap:
             raise ApiError(422, f"committee_size {asked} is over the cap of {cap}")
         return body
@@ -436,7 +438,7 @@ class Router:
         if media.strip().lower() != JSON or charset not in ("utf-8", "utf8"):
             # A web page can send text/plain to any origin without asking first; JSON it cannot (CORS).
             raise ApiError(415, f"the body must be sent as Content-Type: {JSON} (got {declared[:80]!r})")
-        cap = self.section.max_body_bytes
+        cap = self.section.limits.max_body_bytes
         length = request.headers.get("content-length", "0")
         if not length.isdigit():
             raise ApiError(400, "bad Content-Length header")
@@ -460,10 +462,10 @@ class Router:
 
     def new_tokens(self, asked: int | None) -> int:
         """The new tokens a request may decode: its own ask under the cap (422 over it), else the default."""
-        cap = self.section.max_new_tokens
+        cap = self.section.limits.max_new_tokens
         if asked is not None and asked > cap:
             raise ApiError(422, f"max_new_tokens {asked} is over the cap of {cap}")
-        return asked or self.section.default_max_new_tokens
+        return asked or self.section.limits.default_max_new_tokens
 
     # ---- routing ----
 
@@ -472,12 +474,12 @@ class Router:
     ) -> tuple[Committee, str]:
         """The committee for an explicit culture, else for the text; and the model id that names the choice
         (also the request's `expert` in the metrics)."""
-        committee, model = await self._committee(culture, text, k or self.section.committee_size)
+        committee, model = await self._committee(culture, text, k or self.section.routing.committee_size)
         request.state.expert = model
         return committee, model
 
     async def _committee(self, culture: str | None, text: str, k: int) -> tuple[Committee, str]:
-        temperature = self.section.routing_temperature
+        temperature = self.section.routing.routing_temperature
         catalogue = await self.catalogue()
         names, loop = self.names, asyncio.get_running_loop()
         if culture is not None:
@@ -543,8 +545,10 @@ class Router:
     async def opinion(self, request: Request) -> dict:
         """A committee's distribution over the options of one survey-style question."""
         body = await self.read(request, OpinionRequest)
-        if len(body.options) > self.section.max_options:
-            raise ApiError(422, f"too many options: {len(body.options)} (at most {self.section.max_options})")
+        if len(body.options) > self.section.limits.max_options:
+            raise ApiError(
+                422, f"too many options: {len(body.options)} (at most {self.section.limits.max_options})"
+            )
         committee, model = await self.route(
             request, body.culture, body.profile or body.question, body.committee_size
         )

@@ -122,7 +122,7 @@ class OpenAIRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    n: int | None = Field(default=None, ge=1)  # the cap is serve.max_choices
+    n: int | None = Field(default=None, ge=1)  # the cap is serve.limits.max_choices
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     stop: str | list[str] | None = None
     stream: bool | None = False

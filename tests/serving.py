@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import SERVE_GROUPS, ExperimentConfig
 from tests.conftest import OPINIONS, free_ports
 from workers.base_model import load_frozen_base
 from workers.cultures import slug
@@ -70,14 +70,18 @@ def pool_settings(model_dir: Path, experts: Path):
 
 
 def serve_config(model_dir: Path, out: Path, **serve) -> ExperimentConfig:
-    """A config for the tiny model with the given `serve` section (experts in <out>/experts)."""
+    """A config for the tiny model with the given `serve` keys (experts in <out>/experts); the keys are given
+    flat (`max_new_tokens=16`) and placed in their groups (`serve.limits`)."""
+    section: dict[str, dict] = {"limits": {"max_batch_size": 8}}
+    for key, value in serve.items():
+        section.setdefault(SERVE_GROUPS[key], {})[key] = value
     return ExperimentConfig.model_validate(
         {
             "name": "serve-test",
             "output_dir": str(out),
             "base_model": {"name": str(model_dir), "device": "cpu"},
             "data": {"path": str(OPINIONS), "cultures": CULTURES, "max_length": 128},
-            "serve": {"max_batch_size": 8, **serve},
+            "serve": section,
         }
     )
 
@@ -170,7 +174,8 @@ def wait_for(predicate, interval: float = 0.5):
 
 
 def client(url: str, key: str | None = None) -> httpx.Client:
-    """An HTTP client with no deadline of its own: the server's (serve.request_timeout_s) answers a stall."""
+    """An HTTP client with no deadline of its own: the server's (serve.deployment.request_timeout_s) answers a
+    stall."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=url, headers=headers, timeout=None)
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.config import ConfigError, load_config
 from tests.conftest import OPINIONS, REPO, SHARED_DATA
@@ -210,11 +211,58 @@ def test_eval_on_a_bad_foreign_file_is_one_line_and_nonzero(trained, tmp_path):
         ("train.lr=-1", "train.lr: Input should be greater than 0"),
         ("data.top=3", "give at most one of data.cultures or data.top"),
         ("base_model.dtype=int4", "base_model.dtype"),
+        ("serve.limits.max_new_tokens=0", "serve.limits.max_new_tokens: Input should be greater than"),
+        (
+            "serve.routing.committee_size=9",
+            "serve.routing.committee_size is over serve.limits.max_committee_size",
+        ),
     ],
 )
 def test_bad_config_values_are_rejected_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config(TINY, [override])
+
+
+def test_serve_keys_load_from_their_groups():
+    config = load_config(
+        TINY,
+        [
+            "serve.deployment.port=8100",
+            "serve.limits.max_new_tokens=32",
+            "serve.limits.default_max_new_tokens=8",
+            "serve.routing.committee_size=2",
+            "serve.auth.cors_origins=[https://app.example]",
+        ],
+    )
+    serve = config.serve
+    assert (serve.deployment.port, serve.limits.max_new_tokens, serve.limits.default_max_new_tokens) == (
+        8100,
+        32,
+        8,
+    )
+    assert serve.routing.committee_size == 2 and serve.auth.cors_origins == ["https://app.example"]
+    assert serve.deployment.host == "127.0.0.1" and serve.limits.max_batch_size == 16  # the rest: defaults
+
+
+@pytest.mark.parametrize(
+    "serve, message",
+    [
+        ({"max_new_tokens": 5}, "serve.max_new_tokens moved to serve.limits.max_new_tokens"),
+        ({"host": "0.0.0.0"}, "serve.host moved to serve.deployment.host"),
+        ({"committee_size": 2}, "serve.committee_size moved to serve.routing.committee_size"),
+        ({"api_key_env": "KEY"}, "serve.api_key_env moved to serve.auth.api_key_env"),
+        (
+            {"batch_wait_timeout_s": 0.01},
+            "serve.batch_wait_timeout_s was removed: the pool batches continuously",
+        ),
+    ],
+)
+def test_an_old_flat_serve_key_is_refused_in_one_line_naming_its_new_place(tmp_path, serve, message):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(TINY.read_text()) | {"serve": serve}))
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value) == f"{path}: serve: {message}"
 
 
 def test_cli_errors_are_one_line_and_nonzero(tmp_path):

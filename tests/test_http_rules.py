@@ -104,23 +104,25 @@ def test_host_header_names(header, name):
 
 def test_allowed_host_names_default_to_loopback_and_the_listening_address():
     assert allowed_host_names(ServeSection(), "127.0.0.1") == {"localhost", "127.0.0.1", "::1"}
-    assert allowed_host_names(ServeSection(host="10.0.0.5"), "0.0.0.0") >= {"10.0.0.5", "localhost"}
+    listed = allowed_host_names(ServeSection(deployment={"host": "10.0.0.5"}), "0.0.0.0")
+    assert listed >= {"10.0.0.5", "localhost"}
     assert "0.0.0.0" not in allowed_host_names(ServeSection(), "0.0.0.0")
-    assert allowed_host_names(ServeSection(allowed_hosts=["API.example"]), "0.0.0.0") == {"api.example"}
-    assert allowed_host_names(ServeSection(allowed_hosts=["*"]), "0.0.0.0") is None
+    named = ServeSection(auth={"allowed_hosts": ["API.example"]})
+    assert allowed_host_names(named, "0.0.0.0") == {"api.example"}
+    assert allowed_host_names(ServeSection(auth={"allowed_hosts": ["*"]}), "0.0.0.0") is None
 
 
 def test_an_open_host_needs_a_key_or_a_deliberate_opt_out():
     assert "listens on 0.0.0.0" in open_host_refusal("0.0.0.0", ServeSection())
     assert open_host_refusal("127.0.0.1", ServeSection()) is None
-    assert open_host_refusal("0.0.0.0", ServeSection(api_key_env="KEY")) is None
-    assert open_host_refusal("0.0.0.0", ServeSection(allow_unauthenticated=True)) is None
+    assert open_host_refusal("0.0.0.0", ServeSection(auth={"api_key_env": "KEY"})) is None
+    assert open_host_refusal("0.0.0.0", ServeSection(auth={"allow_unauthenticated": True})) is None
 
 
 def test_a_replica_shutting_down_is_a_503_to_retry():
     from ray.serve.exceptions import BackPressureError
 
-    section = ServeSection(retry_after_s=2)
+    section = ServeSection(deployment={"retry_after_s": 2})
     stopped = pool_error(EngineStopped("the engine stopped"), section)
     assert (
         stopped.status == 503

@@ -38,7 +38,7 @@ def lifecycle(llama_dir, tmp_path_factory):
         "train.epochs=1",
         "tune.scheduler=fifo",
         "tune.experts_per_trial=2",
-        "serve.reload_interval_s=0.2",
+        "serve.deployment.reload_interval_s=0.2",
     ]
     config, sets = tiny_config(llama_dir, out, *common)
     runs = {

@@ -42,7 +42,7 @@ def test_experts_of_lengths_4_and_8_train_serve_and_evaluate_together(llama_dir,
         "tune.scheduler=fifo",
         "tune.search_space={num_virtual_tokens: [4, 8]}",
         "train.epochs=1",
-        "serve.reload_interval_s=0",
+        "serve.deployment.reload_interval_s=0",
     ]
     config = load_config(TINY, sets)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -71,7 +71,9 @@ def test_experts_of_lengths_4_and_8_train_serve_and_evaluate_together(llama_dir,
     }
 
     # Served together: one pool, one bank of both lengths.
-    serving = load_config(TINY, [*sets, f"serve.experts_dir={mixed}", "serve.max_batch_size=8"])
+    serving = load_config(
+        TINY, [*sets, f"serve.deployment.experts_dir={mixed}", "serve.limits.max_batch_size=8"]
+    )
     with local_serve(serving, num_cpus=2) as url, client(url) as http:
         served = {e["culture"]: e["version"] for e in http.get("/v1/experts").json()["experts"]}
         assert served == file_versions  # exactly the pinned files, of lengths 4 and 8

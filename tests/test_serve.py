@@ -66,7 +66,7 @@ def test_health_models_and_experts(http, server):
         health = anonymous.get("/healthz")
         assert health.status_code == 200 and health.json() == {"status": "ok"}
         assert anonymous.get("/v1/status").status_code == 401
-        assert anonymous.get("/docs").status_code == 404  # off unless serve.docs
+        assert anonymous.get("/docs").status_code == 404  # off unless serve.deployment.docs
         assert anonymous.get("/openapi.json").status_code == 404
     assert http.get("/v1/status").json()["pool"]["pid"] > 0
 
@@ -353,7 +353,9 @@ def test_serve_build_writes_a_config_for_the_exported_app(server, tmp_path, monk
     config = tmp_path / "serve.yaml"
     tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     tiny["base_model"]["name"] = str(server["model"])
-    tiny["serve"] = {"autoscaling": {"min_replicas": 1, "max_replicas": 3}, "gpus_per_replica": 0}
+    tiny["serve"] = {
+        "deployment": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}, "gpus_per_replica": 0}
+    }
     config.write_text(yaml.safe_dump(tiny))
     monkeypatch.setenv("SHORES_CONFIG", str(config))
     out = tmp_path / "built.yaml"

@@ -291,7 +291,7 @@ def _stop(process: subprocess.Popen) -> None:
 def test_serve_run_refuses_an_open_host_without_a_key(server, tmp_path):
     process, log, _ = _serve_run(tmp_path, server["model"], "0.0.0.0")
     try:
-        refusal = "listens on 0.0.0.0, reachable from other machines, and serve.api_key_env is not set"
+        refusal = "listens on 0.0.0.0, reachable from other machines, and serve.auth.api_key_env is not set"
         wait_for(lambda: process.poll() is not None or refusal in log.read_text(), interval=1)
         assert refusal in log.read_text(), log.read_text()[-3000:]
         assert "ExposureError" in log.read_text()

@@ -92,8 +92,8 @@ def short_deadline(server):
     from serve.app import build_app
 
     config = server["config"].model_copy(deep=True)
-    config.serve.request_timeout_s = DEADLINE_S
-    config.serve.cpus_per_replica = 0.5
+    config.serve.deployment.request_timeout_s = DEADLINE_S
+    config.serve.deployment.cpus_per_replica = 0.5
     serve.run(build_app(config), name="shores-deadline", route_prefix="/deadline")
     yield server["url"] + "/deadline"
     serve.delete("shores-deadline")
@@ -252,7 +252,9 @@ def test_a_request_over_the_cache_budget_is_refused_while_its_neighbours_finish(
     refused = responses[-1]
     assert refused.status_code == 422, refused.text
     message = refused.json()["error"]
-    assert f"over the cache budget of {CACHE_TOKENS}" in message and "serve.max_cache_tokens" in message
+    assert (
+        f"over the cache budget of {CACHE_TOKENS}" in message and "serve.limits.max_cache_tokens" in message
+    )
     status = http.get("/v1/status").json()
     assert status["router"]["answered"]["/v1/generate"]["422"] == before.get("422", 0) + 1  # counted
     cache = status["pool"]["cache"]
@@ -364,7 +366,10 @@ def test_an_open_host_without_a_key_is_refused(server, tmp_path):
     process, log = _shores_serve(tmp_path, server["model"], host="0.0.0.0")
     assert process.wait() != 0
     output = log.read_text()
-    assert "serve.host 0.0.0.0 is reachable from other machines" in output and "Traceback" not in output
+    assert (
+        "serve.deployment.host 0.0.0.0 is reachable from other machines" in output
+        and "Traceback" not in output
+    )
 
 
 def test_sigterm_shuts_the_server_down_cleanly(server, tmp_path):

@@ -60,7 +60,7 @@ def server(tiny_model_dirs, tmp_path_factory):
         stderr=subprocess.STDOUT,
         env=os.environ | {"HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"},  # its own Ray, never a neighbour's
     )
-    url = f"http://127.0.0.1:{config.serve.port}"
+    url = f"http://127.0.0.1:{config.serve.deployment.port}"
 
     def up() -> bool:
         if process.poll() is not None:
