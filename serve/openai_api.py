@@ -32,6 +32,7 @@ from orchestrator.config import ServeSection
 from serve.errors import OPENAI_PATHS, ApiError, error_body
 from serve.protocol import (
     Catalogue,
+    Choice,
     GenerateAnswer,
     GenerateEnd,
     GenerateJob,
@@ -225,21 +226,7 @@ class OpenAIEndpoints:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         job = self._job(body, committee, max_new_tokens, logprobs, messages=messages)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-        if body.stream:
-            start, rest = await gateway.stream(job)
-            chunks = _ChatChunks(head, start, committee, job, _usage_asked(body), gateway)
-            return StreamingResponse(chunks.events(rest), media_type=EVENT_STREAM)
-        answer = await gateway.complete(job)
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": None if c.logprobs is None else chat_logprobs(c.logprobs),
-                "finish_reason": c.finish_reason,
-            }
-            for c in answer.choices
-        ]
-        return self._whole(head | {"object": "chat.completion"}, choices, answer, committee)
+        return await self._answer(body, job, committee, head, _ChatChunks, "chat.completion", _chat_choice)
 
     async def completions(self, request: Request) -> dict | StreamingResponse:
         """OpenAI legacy completion of a text prompt (streamed with `stream: true`); `shores:auto` routes from
@@ -253,21 +240,29 @@ class OpenAIEndpoints:
         committee, model = await gateway.route(request, culture, body.prompt, body.committee_size)
         job = self._job(body, committee, max_new_tokens, body.logprobs, prompt=body.prompt)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        return await self._answer(
+            body, job, committee, head, _CompletionChunks, "text_completion", _completion_choice
+        )
+
+    async def _answer(
+        self,
+        body: OpenAIRequest,
+        job: GenerateJob,
+        committee: Committee,
+        head: dict,
+        chunks: type[_Chunks],
+        kind: str,
+        content: Callable[[Choice], dict],
+    ) -> dict | StreamingResponse:
+        """The job's answer: streamed as `chunks` events when the body asks, else whole, an object of `kind`
+        whose choices hold `content(choice)` between their index and finish reason."""
         if body.stream:
-            start, rest = await gateway.stream(job)
-            chunks = _CompletionChunks(head, start, committee, job, _usage_asked(body), gateway)
-            return StreamingResponse(chunks.events(rest), media_type=EVENT_STREAM)
-        answer = await gateway.complete(job)
-        choices = [
-            {
-                "index": c.index,
-                "text": c.text,
-                "logprobs": None if c.logprobs is None else completion_logprobs(c.logprobs),
-                "finish_reason": c.finish_reason,
-            }
-            for c in answer.choices
-        ]
-        return self._whole(head | {"object": "text_completion"}, choices, answer, committee)
+            start, rest = await self.gateway.stream(job)
+            events = chunks(head, start, committee, job, _usage_asked(body), self.gateway)
+            return StreamingResponse(events.events(rest), media_type=EVENT_STREAM)
+        answer = await self.gateway.complete(job)
+        choices = [{"index": c.index} | content(c) | {"finish_reason": c.finish_reason} for c in answer.choices]
+        return self._whole(head | {"object": kind}, choices, answer, committee)
 
     def _whole(self, head: dict, choices: list[dict], answer: GenerateAnswer, committee: Committee) -> dict:
         """An answer that is not streamed: its choices, the usage of them all, and shores' committee."""
@@ -317,6 +312,18 @@ def chat_logprobs(entries: list[TokenLogprobs]) -> dict:
 
     content = [candidate(e.chosen) | {"top_logprobs": [candidate(c) for c in e.top]} for e in entries]
     return {"content": content, "refusal": None}
+
+
+def _chat_choice(choice: Choice) -> dict:
+    """A chat completion choice's message and logprobs."""
+    logprobs = None if choice.logprobs is None else chat_logprobs(choice.logprobs)
+    return {"message": {"role": "assistant", "content": choice.text}, "logprobs": logprobs}
+
+
+def _completion_choice(choice: Choice) -> dict:
+    """A legacy completion choice's text and logprobs."""
+    logprobs = None if choice.logprobs is None else completion_logprobs(choice.logprobs)
+    return {"text": choice.text, "logprobs": logprobs}
 
 
 def completion_logprobs(entries: list[TokenLogprobs]) -> dict:

@@ -26,12 +26,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import ray
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 from transformers import PreTrainedTokenizerBase
 
-from serve.protocol import (  # the router-pool protocol; importable from here too
+from serve.protocol import (
     BadRequestError,
     Candidate,
     Catalogue,
@@ -59,12 +58,7 @@ from workers.prompts import Expert, SoftPromptBank, bank_from_experts
 from workers.scoring import EncodedQuestion, encode_question
 
 logger = logging.getLogger("ray.serve")
-# Names an actor that each request waits at before it reaches the engine, and (with STEP_GATE appended) one
-# that the engine waits at before each decode step: tests hold the pool busy at an exact point.
-GATE_ENV = "SHORES_POOL_GATE"
-GATE_NAMESPACE = "shores"
-STEP_GATE = "-steps"
-# Names a file: while it exists, the first replica to reload after it appeared fails every reload (tests: one
+# A fault hook (tests, bench/serve_load.py): names a file: while it exists, the first replica to reload after it appeared fails every reload (tests: one
 # replica held behind the others at an exact point, until the file is removed).
 RELOAD_FAULT_ENV = "SHORES_RELOAD_FAULT"
 BACKOFF_CAP = 32  # a failing reload is retried after 2, 4, 8, ... and at most 32 reload intervals
@@ -95,9 +89,8 @@ class PoolSettings:
     max_rows: int  # rows (committee members) in the engine's running batch
     per_expert: bool  # opinions: one forward pass per expert instead of mixed batches (benchmarks)
     reload_interval_s: float  # 0: never look for new experts
-    max_cache_tokens: int | None = (
-        None  # the engine's cache budget in slots; None: what fits (auto_cache_tokens)
-    )
+    # The engine's cache budget in slots; None: what fits (auto_cache_tokens).
+    max_cache_tokens: int | None = None
     cache_memory_fraction: float = 0.5  # of a GPU's free memory, for the cache budget when it is None
     max_tokens_per_step: int = 2048  # prompt tokens one engine step prefills
 
@@ -182,7 +175,6 @@ class ExpertPool:
         self.loop = asyncio.get_running_loop()
         self.base = load_frozen_base(settings.base_model, settings.dtype, settings.device)
         self.context_window = getattr(self.base.model.config, "max_position_embeddings", None)
-        self.gate = os.environ.get(GATE_ENV)
         self.source = settings.source
         self.stats = PoolStats()
         self.metrics = PoolMetrics()
@@ -199,8 +191,6 @@ class ExpertPool:
             or auto_cache_tokens(self.base, settings.cache_memory_fraction),
         )
         self.engine.on_batch = self._on_batch
-        if self.gate:
-            self.engine.step_hook = self._pass_step_gate
         self.engine.start()
         self.watcher = None
         if settings.reload_interval_s > 0:
@@ -394,9 +384,8 @@ class ExpertPool:
                 generation, text = choices.generations[index], texts[index]
                 if token is None:  # the engine is done with this choice
                     choices.close(index)
-                    if (
-                        generation.error is not None
-                    ):  # EngineStopped (shutdown): an error, never a partial 200
+                    # EngineStopped (shutdown): an error, never a partial 200.
+                    if generation.error is not None:
                         raise generation.error
                     if generation.finish_reason not in ("stop", "length"):
                         raise EngineStopped(f"the generation ended as {generation.finish_reason}")
@@ -434,39 +423,12 @@ class ExpertPool:
 
     @asynccontextmanager
     async def _admitted(self) -> AsyncIterator[None]:
-        """The test gate ($SHORES_POOL_GATE), then the body (which submits the request to the engine).
+        """Around the block that prepares a request and submits it to the engine: nothing here.
 
-        With a gate, the engine admits nothing new from before the gate to the submission, so requests let
-        through together join the running batch together.
+        A subclass may make requests wait before they reach the engine (the serving tests' pool holds them at a
+        gate, tests/serving.py).
         """
-        if not self.gate:
-            yield
-            return
-        with self.engine.held():
-            await self._pass_gate()
-            yield
-
-    async def _pass_gate(self) -> None:
-        """Wait at the gate actor named by $SHORES_POOL_GATE while it exists (tests: the pool held busy)."""
-        try:
-            gate = ray.get_actor(self.gate, namespace=GATE_NAMESPACE)
-        except ValueError:  # no gate up: requests run
-            return
-        passage = gate.passage.remote()
-        try:
-            await passage
-        except asyncio.CancelledError:  # the router gave up on this request: leave the gate too
-            ray.cancel(passage)
-            raise
-
-    def _pass_step_gate(self) -> None:
-        """On the engine thread, before a decode step: wait at the step gate while it exists (tests: a request
-        held mid-decode, so that its client can go away while it runs)."""
-        try:
-            gate = ray.get_actor(self.gate + STEP_GATE, namespace=GATE_NAMESPACE)
-            ray.get(gate.passage.remote())
-        except Exception:  # noqa: BLE001 - no gate up (ValueError), or it went away: steps run
-            return
+        yield
 
     def _on_batch(self, batch: Batch) -> None:
         # On the engine thread: the counters and metrics are kept on the event loop.
@@ -613,9 +575,11 @@ def _cache_stats(engine: DecodeEngine) -> dict[str, int]:
 
 
 def _injected_reload_fault() -> None:
-    """Raise if $SHORES_RELOAD_FAULT names a file that exists and this replica owns (tests).
+    """A fault hook: raise if $SHORES_RELOAD_FAULT names a file that exists and this replica owns.
 
-    The first replica to reload after the file appears writes its pid into it, and owns it until it is removed.
+    The first replica to reload after the file appears writes its pid into it, and owns it until it is removed:
+    one replica's reloads fail while the others load (tests/test_serve_replicas.py, bench/serve_load.py). Like
+    orchestrator/faults.py's $SHORES_FAULT, it does nothing unless the variable is set (docs/serving.md).
     """
     path = os.environ.get(RELOAD_FAULT_ENV)
     if not path:

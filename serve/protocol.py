@@ -203,7 +203,6 @@ class PoolHealth:
     # is the padding's cost).
     cache: dict[str, int] = field(default_factory=dict)
     reload_failures: int = 0  # reloads that failed (each retried with backoff)
-    reload_pending: str | None = (
-        None  # the source's version not loaded yet (its reload failed, or is running)
-    )
+    # The source's version not loaded yet (its reload failed, or is running).
+    reload_pending: str | None = None
     last_good: bool = False  # serving the registry source's last good local copy: MLflow could not be read

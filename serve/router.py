@@ -34,21 +34,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from orchestrator.config import ServeSection
+from serve import protocol
 from serve.errors import ApiError, error_body
 from serve.exposure import allowed_host_names, host_name, open_host_refusal, proxy_host
 from serve.openai_api import AUTO, DONE, EVENT_STREAM, OpenAIEndpoints, event
-from serve.protocol import (
-    BadRequestError,
-    Catalogue,
-    ExpertsNotLoadedError,
-    GenerateAnswer,
-    GenerateEnd,
-    GenerateJob,
-    GenerateStart,
-    OpinionAnswer,
-    OpinionJob,
-    TokenPiece,
-)
 from serve.schemas import MODEL_PREFIX, ChatRequest, CompletionRequest, GenerateRequest, OpinionRequest
 from workers.committees import BASE, Committee, TextRouter, culture_committee
 from workers.cultures import CultureIndex, UnknownCultureError, culture_key, slug
@@ -140,9 +129,9 @@ def pool_error(err: BaseException, section: ServeSection) -> ApiError | None:
         return ApiError(503, "the expert replica answering this request stopped; retry", retry)
     if isinstance(err, EngineStopped):
         return ApiError(503, "the expert replica answering this request is shutting down; retry", retry)
-    if isinstance(err, ExpertsNotLoadedError):
+    if isinstance(err, protocol.ExpertsNotLoadedError):
         return ApiError(409, err.message)
-    if isinstance(err, BadRequestError):
+    if isinstance(err, protocol.BadRequestError):
         return ApiError(422, err.message)
     if isinstance(err, RayTaskError):
         return ApiError(500, f"internal error while answering ({type(err.cause).__name__})")
@@ -158,11 +147,11 @@ class PoolStream:
     def __aiter__(self) -> "PoolStream":
         return self
 
-    async def __anext__(self) -> TokenPiece | GenerateEnd:
+    async def __anext__(self) -> protocol.TokenPiece | protocol.GenerateEnd:
         if not self.left:
             raise StopAsyncIteration
         item = await self.router._next_event(self.events)
-        self.left -= isinstance(item, GenerateEnd)
+        self.left -= isinstance(item, protocol.GenerateEnd)
         return item
 
     async def aclose(self) -> None:
@@ -197,7 +186,8 @@ class Router:
         self.embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         # Culture names that are no known culture's key are resolved here (bounded lookups, off the loop).
         self.names_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="names")
-        self.snapshot: Catalogue | None = None  # the newest catalogue read from the pool, and its names
+        # The newest catalogue read from the pool, and its names.
+        self.snapshot: protocol.Catalogue | None = None
         # Versions older than the snapshot (answers at them come from replicas behind): never adopted again.
         self.superseded: collections.deque[str] = collections.deque(maxlen=64)
         self.names = CultureIndex([])
@@ -291,7 +281,7 @@ class Router:
 
     # ---- the pool and its catalogue ----
 
-    async def catalogue(self, refresh: bool = False) -> Catalogue:
+    async def catalogue(self, refresh: bool = False) -> protocol.Catalogue:
         """The experts and survey similarity, the newest read from the pool (read now if never, or `refresh`).
 
         One call to the pool at a time, whoever asks: callers wait for the one in flight, and requests never
@@ -307,7 +297,7 @@ class Router:
             )
         return await asyncio.shield(self.loading)
 
-    async def _load_catalogue(self) -> Catalogue:
+    async def _load_catalogue(self) -> protocol.Catalogue:
         catalogue, current = await self._ask("catalogue"), self.snapshot
         if current is not None and catalogue.version != current.version:
             if catalogue.since < current.since:
@@ -375,11 +365,11 @@ class Router:
                 logger.warning("pool call failed, not retried: %s", err)
             raise answer from None
 
-    async def complete(self, job: GenerateJob) -> GenerateAnswer:
+    async def complete(self, job: protocol.GenerateJob) -> protocol.GenerateAnswer:
         """A generation, whole."""
         return await self._ask("generate", job)
 
-    async def stream(self, job: GenerateJob) -> tuple[GenerateStart, "PoolStream"]:
+    async def stream(self, job: protocol.GenerateJob) -> tuple[protocol.GenerateStart, "PoolStream"]:
         """Start a streaming generation: its first event (errors in the request are raised here, as ApiErrors,
         before any response is sent) and an iterator over the rest.
 
@@ -509,7 +499,10 @@ class Router:
         return committee, MODEL_PREFIX + AUTO
 
     @staticmethod
-    def members(committee: Committee, answer: OpinionAnswer | GenerateAnswer | GenerateStart) -> list[dict]:
+    def members(
+        committee: Committee,
+        answer: protocol.OpinionAnswer | protocol.GenerateAnswer | protocol.GenerateStart,
+    ) -> list[dict]:
         """A committee as responses show it: each member's culture, weight and the version that answered."""
         return [
             {"culture": c, "weight": round(w, 6), "version": answer.versions.get(c)}
@@ -552,7 +545,9 @@ class Router:
         committee, model = await self.route(
             request, body.culture, body.profile or body.question, body.committee_size
         )
-        answer: OpinionAnswer = await self._ask("opinion", OpinionJob(body.question, body.options, committee))
+        answer: protocol.OpinionAnswer = await self._ask(
+            "opinion", protocol.OpinionJob(body.question, body.options, committee)
+        )
         return {
             "distribution": answer.distribution,
             "committee": self.members(committee, answer),
@@ -567,7 +562,7 @@ class Router:
         committee, model = await self.route(
             request, body.culture, body.profile or body.prompt, body.committee_size
         )
-        job = GenerateJob(
+        job = protocol.GenerateJob(
             committee,
             max_new_tokens,
             prompt=body.prompt,
@@ -592,14 +587,14 @@ class Router:
         }
 
     async def _generate_events(
-        self, start: GenerateStart, rest: AsyncIterator, committee: Committee, model: str
+        self, start: protocol.GenerateStart, rest: AsyncIterator, committee: Committee, model: str
     ) -> AsyncIterator[str]:
         """/v1/generate's events: `{"token", "text"}` a token, then the answer's keys with the text held back
         (`text`, `finish_reason`, `completion_tokens`, `committee`, `model`, `experts_version`), then [DONE]."""
         try:
             async with aclosing(rest):  # closed with this stream, so that a client going away cancels it
                 async for item in rest:
-                    if isinstance(item, TokenPiece):
+                    if isinstance(item, protocol.TokenPiece):
                         yield event({"token": item.token, "text": item.text})
                         continue
                     yield event(

@@ -6,6 +6,7 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -15,6 +16,9 @@ from workers.base_model import load_frozen_base
 from workers.cultures import slug
 from workers.expert_store import SIMILARITY_FILE
 from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text, save_expert
+
+if TYPE_CHECKING:
+    from ray.serve import Deployment
 
 CULTURES = ["Germany", "Japan", "Kenya"]
 # Canada and Brazil have no expert: they are answered by committees of their nearest experts.
@@ -87,30 +91,88 @@ def serve_config(model_dir: Path, out: Path, **serve) -> ExperimentConfig:
 
 
 @contextmanager
-def local_serve(config: ExperimentConfig, num_cpus: int = 4, metrics_port: int | None = None):
+def local_serve(
+    config: ExperimentConfig,
+    num_cpus: int = 4,
+    metrics_port: int | None = None,
+    pool: Deployment | None = None,
+):
     """Ray and Serve on 127.0.0.1 with the graph deployed; yields the base URL; shuts everything down.
 
-    With `metrics_port`, Ray's Prometheus endpoint listens there (http://127.0.0.1:<port>/metrics).
+    With `metrics_port`, Ray's Prometheus endpoint listens there (http://127.0.0.1:<port>/metrics); with
+    `pool`, that deployment serves in place of ExpertPool (`gated_pool()`).
     """
     import ray
     from ray import serve
 
     from serve.app import build_app
+    from serve.pool import ExpertPool
 
     (port,) = free_ports(1)
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **extra)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name="shores", route_prefix="/")
+        serve.run(build_app(config, pool or ExpertPool), name="shores", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
+POOL_GATE = "pool-gate"  # the gate actor that a gated pool's requests wait at before they reach the engine
+STEP_GATE = "pool-gate-steps"  # the one that its engine waits at before each decode step
+GATE_NAMESPACE = "shores-tests"
+
+
+def gated_pool() -> Deployment:
+    """The ExpertPool deployment with the tests' gates: while the POOL_GATE actor exists, each request waits at
+    it before it reaches the engine, and while STEP_GATE exists, the engine waits at it before each decode step
+    (a request held mid-decode, so that its client can go away while it runs).
+
+    The engine admits nothing new from before the gate to a request's submission, so requests let through
+    together join the running batch together."""
+    import asyncio
+    from contextlib import asynccontextmanager
+
+    import ray
+
+    from serve.pool import ExpertPool
+
+    async def pass_gate() -> None:
+        try:
+            gate = ray.get_actor(POOL_GATE, namespace=GATE_NAMESPACE)
+        except ValueError:  # no gate up: requests run
+            return
+        passage = gate.passage.remote()
+        try:
+            await passage
+        except asyncio.CancelledError:  # the router gave up on this request: leave the gate too
+            ray.cancel(passage)
+            raise
+
+    def pass_step_gate() -> None:  # on the engine thread
+        try:
+            ray.get(ray.get_actor(STEP_GATE, namespace=GATE_NAMESPACE).passage.remote())
+        except Exception:  # noqa: BLE001 - no gate up (ValueError), or it went away: steps run
+            return
+
+    class GatedPool(ExpertPool.func_or_class):
+        def __init__(self, settings):
+            super().__init__(settings)
+            self.engine.step_hook = pass_step_gate
+
+        @asynccontextmanager
+        async def _admitted(self):
+            with self.engine.held():
+                await pass_gate()
+                yield
+
+    return ExpertPool.options(func_or_class=GatedPool)
+
+
 class Gate:
-    """A Ray actor that pool requests wait at (the pool's $SHORES_POOL_GATE hook) until the test opens it."""
+    """A Ray actor that a gated pool's requests wait at (`gated_pool`) until the test opens it."""
 
     def __init__(self) -> None:
         import asyncio
@@ -150,8 +212,6 @@ class Gate:
 def closed_gate(name: str):
     """A gate named `name` that pool requests wait at until `.open`; removed on exit (requests then pass)."""
     import ray
-
-    from serve.pool import GATE_NAMESPACE
 
     gate = ray.remote(num_cpus=0)(Gate).options(name=name, namespace=GATE_NAMESPACE).remote()
     ray.get(gate.until_waiting.remote(0))  # up before any request looks for it

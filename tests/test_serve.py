@@ -381,14 +381,8 @@ def test_the_engine_refuses_alone_a_committee_whose_experts_are_not_loaded(tiny_
     error that the router answers with 409, and its neighbours are answered as usual."""
     import asyncio
 
-    from serve.pool import (
-        ExpertPool,
-        ExpertsNotLoadedError,
-        GenerateAnswer,
-        GenerateJob,
-        OpinionAnswer,
-        OpinionJob,
-    )
+    from serve.pool import ExpertPool
+    from serve.protocol import ExpertsNotLoadedError, GenerateAnswer, GenerateJob, OpinionAnswer, OpinionJob
     from workers.committees import Committee
 
     write_experts(tmp_path, tiny_model_dirs["llama"], ["Japan"])

@@ -202,7 +202,8 @@ def test_every_error_is_json_and_counted_by_status(server):
 def test_a_generation_cut_by_the_replicas_shutdown_ends_with_an_error(server, tmp_path):
     """The pool replica's class outside Serve: its engine is stopped (as Serve's shutdown does) while a stream
     runs; the stream ends with EngineStopped (the router's 503), never an end event with partial text."""
-    from serve.pool import ExpertPool, GenerateEnd, GenerateJob, TokenPiece
+    from serve.pool import ExpertPool
+    from serve.protocol import GenerateEnd, GenerateJob, TokenPiece
     from workers.committees import Committee
     from workers.engine import EngineStopped
 

@@ -5,9 +5,9 @@ metrics reach Ray's Prometheus endpoint, and `shores serve` refuses an open host
 cleanly on SIGTERM.
 
 Serve starts once for the module, with tiny limits (a pool replica takes 4 requests, 1 more may queue) and
-a pool whose requests wait at a gate actor that the tests open (the pool's $SHORES_POOL_GATE hook: requests
-let through together join the engine's batch together), and whose engine waits before each decode step at
-a second gate (`<gate>-steps`) while that one exists.
+a pool whose requests wait at a gate actor that the tests open (`tests.serving.gated_pool`: requests let
+through together join the engine's batch together), and whose engine waits before each decode step at a
+second gate while that one exists.
 """
 
 import http.client
@@ -24,15 +24,17 @@ import pytest
 import ray
 import yaml
 
-from serve.pool import GATE_ENV, STEP_GATE
 from tests.conftest import REPO, free_ports
 from tests.serving import (
     BREAKING_PROMPT,
     CULTURES,
+    POOL_GATE,
     SIMILARITY,
+    STEP_GATE,
     breakable_pool,
     client,
     closed_gate,
+    gated_pool,
     local_serve,
     pool_settings,
     serve_config,
@@ -41,7 +43,6 @@ from tests.serving import (
 )
 from workers.base_model import load_frozen_base
 
-GATE = "test-gate"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 # Serve counts a request as queued until a replica takes it: a queue of 4 lets 4 simultaneous arrivals in.
 # The module's deadline is never met: requests wait at a gate as long as a test holds them, however slow the
@@ -69,19 +70,15 @@ def server(tiny_model_dirs, tmp_path_factory):
         max_cache_tokens=CACHE_TOKENS,
     )
     (metrics_port,) = free_ports(1)
-    os.environ[GATE_ENV] = GATE  # before ray.init: the replicas inherit it
-    try:
-        with local_serve(config, metrics_port=metrics_port) as url:
-            with client(url) as http:
-                yield {
-                    "url": url,
-                    "http": http,
-                    "metrics": metrics_port,
-                    "model": tiny_model_dirs["llama"],
-                    "config": config,
-                }
-    finally:
-        del os.environ[GATE_ENV]
+    with local_serve(config, metrics_port=metrics_port, pool=gated_pool()) as url:
+        with client(url) as http:
+            yield {
+                "url": url,
+                "http": http,
+                "metrics": metrics_port,
+                "model": tiny_model_dirs["llama"],
+                "config": config,
+            }
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +91,7 @@ def short_deadline(server):
     config = server["config"].model_copy(deep=True)
     config.serve.deployment.request_timeout_s = DEADLINE_S
     config.serve.deployment.cpus_per_replica = 0.5
-    serve.run(build_app(config), name="shores-deadline", route_prefix="/deadline")
+    serve.run(build_app(config, gated_pool()), name="shores-deadline", route_prefix="/deadline")
     yield server["url"] + "/deadline"
     serve.delete("shores-deadline")
 
@@ -128,7 +125,7 @@ def test_a_poison_request_fails_alone_in_a_batch_of_good_ones(server):
     http = server["http"]
     good, alone = good_generations(http)
     too_long = ("/v1/generate", {"prompt": "yes " * 600, "culture": "Japan", "max_new_tokens": 4})
-    with closed_gate(GATE) as gate:
+    with closed_gate(POOL_GATE) as gate:
         futures = post_all(server["url"], [*good, too_long])
         until(gate.until_waiting.remote(len(futures)))  # all four in the pool, about to batch together
         until(gate.open.remote())
@@ -148,7 +145,7 @@ def test_requests_for_different_experts_share_one_forward_pass(server):
     http = server["http"]
     requests = [QUESTION | {"culture": c} for c in ["Germany", "Japan", "base", "Canada"]]
     alone = [http.post("/v1/opinion", json=r).json()["distribution"] for r in requests]
-    with closed_gate(GATE) as gate:
+    with closed_gate(POOL_GATE) as gate:
         futures = post_all(server["url"], [("/v1/opinion", r) for r in requests])
         until(gate.until_waiting.remote(len(futures)))
         until(gate.open.remote())
@@ -180,7 +177,7 @@ def test_a_client_that_leaves_a_stream_frees_its_rows(server):
         return http_client.get("/v1/status").json()["pool"]
 
     before = pool()
-    with closed_gate(GATE + STEP_GATE) as steps:  # the engine stops before each decode step while it is shut
+    with closed_gate(STEP_GATE) as steps:  # the engine stops before each decode step while it is shut
         connection = http.client.HTTPConnection(host, int(port))
         body = {"prompt": "tell me about trust", "culture": "Canada", "max_new_tokens": 16, "stream": True}
         connection.request("POST", "/v1/generate", json.dumps(body), {"Content-Type": "application/json"})
@@ -213,7 +210,7 @@ def test_bad_bodies_and_limits_are_json_errors(server):
 def test_a_flood_gets_503_with_retry_after(server):
     url, opinion = server["url"], ("/v1/opinion", QUESTION | {"culture": "Japan"})
     answered = server["http"].get("/v1/status").json()["router"]["answered"].get("/v1/opinion", {})
-    with closed_gate(GATE) as gate:
+    with closed_gate(POOL_GATE) as gate:
         held = post_all(url, [opinion] * ONGOING)  # no deadline runs out while they wait (TIMEOUT_S)
         until(gate.until_waiting.remote(ONGOING))  # the replica is full
         flood = post_all(url, [opinion] * (QUEUED + 2))  # QUEUED may queue; the other 2 cannot
@@ -241,7 +238,7 @@ def test_a_request_over_the_cache_budget_is_refused_while_its_neighbours_finish(
     assert 420 < len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) < 480
     over = ("/v1/generate", {"prompt": prompt, "culture": "Canada", "max_new_tokens": 4})
     before = http.get("/v1/status").json()["router"]["answered"].get("/v1/generate", {})
-    with closed_gate(GATE) as gate:
+    with closed_gate(POOL_GATE) as gate:
         futures = post_all(server["url"], [*good, over])
         until(gate.until_waiting.remote(len(futures)))
         until(gate.open.remote())
@@ -266,7 +263,7 @@ def test_a_replica_whose_engine_breaks_fails_its_health_check_and_is_replaced(se
     """A second application on the module's Serve: one pool replica whose engine thread dies on a prompt."""
     from ray import serve
 
-    from serve.pool import GenerateJob
+    from serve.protocol import GenerateJob
     from workers.committees import Committee
 
     write_experts(tmp_path, server["model"], ["Japan"])
@@ -303,7 +300,7 @@ def test_a_replica_whose_engine_breaks_fails_its_health_check_and_is_replaced(se
 
 
 def test_a_stalled_pool_gets_504_and_the_request_is_cancelled(server, short_deadline):
-    with closed_gate(GATE) as gate:
+    with closed_gate(POOL_GATE) as gate:
         future = post_all(short_deadline, [("/v1/opinion", QUESTION | {"culture": "Kenya"})])[0]
         until(gate.until_waiting.remote(1))
         response = future.result()  # the gate never opens: the router's deadline answers
