@@ -261,7 +261,9 @@ class OpenAIEndpoints:
             events = chunks(head, start, committee, job, _usage_asked(body), self.gateway)
             return StreamingResponse(events.events(rest), media_type=EVENT_STREAM)
         answer = await self.gateway.complete(job)
-        choices = [{"index": c.index} | content(c) | {"finish_reason": c.finish_reason} for c in answer.choices]
+        choices = [
+            {"index": c.index} | content(c) | {"finish_reason": c.finish_reason} for c in answer.choices
+        ]
         return self._whole(head | {"object": kind}, choices, answer, committee)
 
     def _whole(self, head: dict, choices: list[dict], answer: GenerateAnswer, committee: Committee) -> dict:
