@@ -145,7 +145,7 @@ def test_init_shared_needs_the_prior():
 
 
 def test_the_ablation_scores_each_design_against_the_prior_on_the_same_records(llama_dir, tmp_path):
-    from orchestrator import ablation
+    from bench.experiments import ablation
 
     out = tmp_path / "ablation.json"
     ablation.main(
