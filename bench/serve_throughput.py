@@ -125,7 +125,6 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
                 "serve": {
                     "batching": variant,
                     "max_batch_size": args.max_batch_size,
-                    "batch_wait_timeout_s": args.batch_wait,
                     "cpus_per_replica": cores,
                     "reload_interval_s": 0,
                 },
@@ -193,7 +192,6 @@ def main() -> None:
     # split into groups that never merge again (each group's replies come back while the other group runs).
     parser.add_argument("--concurrency", type=int, default=32, help="C concurrent clients")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-wait", type=float, default=0.02, help="seconds a batch waits to fill")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path)
