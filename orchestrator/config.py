@@ -128,7 +128,9 @@ def overrides_of(model: type[BaseModel]) -> type[Overrides]:
         )
         for name, info in model.model_fields.items()
     }
-    return create_model(f"{model.__name__}Overrides", __base__=Overrides, __module__=__name__, **fields)
+    # TrainConfig's is TrainOverrides: the name it is bound to here, so pickle finds the class.
+    title = model.__name__.removesuffix("Config") + "Overrides"
+    return create_model(title, __base__=Overrides, __module__=__name__, **fields)
 
 
 TrainOverrides = overrides_of(TrainConfig)
