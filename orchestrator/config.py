@@ -1,12 +1,24 @@
-"""The experiment config: one YAML file, validated before anything heavy starts, with key=value overrides."""
+"""The experiment config: one YAML file, validated before anything heavy starts, with key=value overrides.
+
+A file may `extends: <file>` (relative to itself): the base's keys lie under the file's own, section by section.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from workers.cultures import is_shared
@@ -30,22 +42,43 @@ class Strict(BaseModel):
 
 
 class BaseModelSection(Strict):
-    name: str = "smollm2-135m"  # hub id, local folder, or an embedded name
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"
+    """The frozen language model every expert is trained on and served with."""
+
+    name: str = Field(
+        default="smollm2-135m", description="A Hugging Face hub id, a local folder, or an embedded name."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="The weights' dtype, in training, evaluation and serving."
+    )
+    device: str = Field(
+        default="auto", description="`auto`: the GPU this process was given if there is one, else the CPU."
+    )
 
 
 MIN_QUESTIONS = 30  # a culture's questions for an expert of its own, when the cultures are not named
 
 
 class DataSection(Strict):
-    path: str = "../shared/data/goqa/opinions.jsonl"  # relative to the working directory
-    # Which cultures get experts: those named, the `top` N, or (neither given) every culture with at least
-    # `min_questions` questions; the rest are answered by committees of similar cultures.
-    cultures: list[str] | None = None
-    top: int | None = Field(default=None, ge=1)
-    # null: 30 when choosing the cultures (52 of the GlobalOpinionQA file's 130 countries), none for named ones
-    min_questions: int | None = Field(default=None, ge=0)
+    """The survey file, which cultures get experts, and the split of its questions."""
+
+    path: str = Field(
+        default="../shared/data/goqa/opinions.jsonl",
+        description="The GlobalOpinionQA JSONL file, relative to the working directory.",
+    )
+    # At most one of cultures and top: the others are answered by committees of similar cultures.
+    cultures: list[str] | None = Field(
+        default=None,
+        description="The cultures that get experts. Null: the `top` N, or every culture with `min_questions`.",
+    )
+    top: int | None = Field(
+        default=None, ge=1, description="The N cultures with the most questions get experts."
+    )
+    min_questions: int | None = Field(
+        default=None,
+        ge=0,
+        description="The questions a culture needs for an expert. Null: 30 when the cultures are chosen "
+        "(52 of the survey's 130 countries), none for named ones.",
+    )
 
     @property
     def question_floor(self) -> int:
@@ -54,11 +87,18 @@ class DataSection(Strict):
             return self.min_questions
         return 0 if self.cultures is not None else MIN_QUESTIONS
 
-    held_out: list[str] = []
-    split: tuple[float, float, float] = SPLIT_FRACTIONS
-    # Mixed into each question's hash: another salt is another split of the same questions.
-    split_salt: str = ""
-    max_length: int = Field(default=MAX_LENGTH, ge=8)
+    held_out: list[str] = Field(
+        default=[], description="Cultures kept out of training, answered and evaluated by committees."
+    )
+    split: tuple[float, float, float] = Field(
+        default=SPLIT_FRACTIONS, description="The train, validation and test shares of the questions."
+    )
+    split_salt: str = Field(
+        default="", description="Mixed into each question's hash: another salt is another split."
+    )
+    max_length: int = Field(
+        default=MAX_LENGTH, ge=8, description="Tokens of an encoded question; a longer one keeps its end."
+    )
 
     @model_validator(mode="after")
     def _one_selection(self) -> DataSection:
@@ -67,31 +107,75 @@ class DataSection(Strict):
         return self
 
 
+class Overrides(Strict):
+    """Some of a settings model's fields, set to replace its values; a field not given is not replaced."""
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler) -> dict[str, Any]:
+        # Only what was given: written out and read back (<output_dir>/config.yaml), it overrides the same keys.
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+    def over(self, settings: BaseModel) -> BaseModel:
+        """`settings` with these values in place of its own, validated as `settings` is."""
+        return type(settings).model_validate(settings.model_dump() | self.model_dump())
+
+
+def overrides_of(model: type[BaseModel]) -> type[Overrides]:
+    """An `Overrides` model with every field of `model`, each optional, with the same bounds and description."""
+    fields = {
+        name: (
+            Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation,
+            Field(default=None, description=info.description),
+        )
+        for name, info in model.model_fields.items()
+    }
+    # TrainConfig's is TrainOverrides: the name it is bound to here, so pickle finds the class.
+    title = model.__name__.removesuffix("Config") + "Overrides"
+    return create_model(title, __base__=Overrides, __module__=__name__, **fields)
+
+
+TrainOverrides = overrides_of(TrainConfig)
+
+
 class SharedSection(Strict):
     """The shared survey prior: one culture-blind expert named `shared`, trained on every country's answers."""
 
-    enabled: bool = False
-    # Training questions of the prior (each one's answers pooled over its countries); null: all of them.
-    max_questions: int | None = Field(default=None, ge=1)
+    enabled: bool = Field(
+        default=False,
+        description="Train the prior; its column in every report is the baseline experts must beat.",
+    )
+    max_questions: int | None = Field(
+        default=None,
+        ge=1,
+        description="The prior's training questions (each one's answers pooled over its countries). Null: all.",
+    )
     # The prior's trial trains alone when it comes first (prompt.init: shared): it may take every CPU.
-    cpus_per_trial: float | None = Field(default=None, gt=0)  # null: tune.cpus_per_trial
-    # The prior's own training settings over `train`'s (it has ~15x a culture's rows: bigger batches pay).
-    train: dict[str, float | int | None] = {}
-
-    @field_validator("train")
-    @classmethod
-    def _train_keys(cls, values: dict) -> dict:
-        TrainConfig.model_validate(values)  # unknown keys and bad values fail here, naming the key
-        return values
+    cpus_per_trial: float | None = Field(
+        default=None, gt=0, description="CPUs of the prior's trial. Null: `tune.cpus_per_trial`."
+    )
+    # It has ~15x a culture's rows: bigger batches pay.
+    train: TrainOverrides = Field(
+        default=TrainOverrides(),
+        description="The prior's own `train` settings, each in place of `train`'s (e.g. batch_size, epochs).",
+    )
 
 
 class PromptSection(Strict):
-    # input: L soft tokens before the text (prompt tuning); deep: L virtual keys and values at every layer
-    # (prefix tuning). num_virtual_tokens is L of the kind chosen.
-    kind: Literal["input", "deep"] = "input"
-    num_virtual_tokens: int = Field(default=8, ge=1, le=512)
-    # shared: every culture's expert starts from the shared prior, trained first (needs shared.enabled)
-    init: Literal["persona", "random", "shared"] = "persona"
+    """What a culture's expert is: its kind, its length and where it starts."""
+
+    kind: Literal["input", "deep"] = Field(
+        default="input",
+        description="input: soft tokens before the text (prompt tuning); "
+        "deep: virtual keys and values at every layer (prefix tuning).",
+    )
+    num_virtual_tokens: int = Field(
+        default=8, ge=1, le=512, description="The expert's length in virtual tokens, of the kind chosen."
+    )
+    init: Literal["persona", "random", "shared"] = Field(
+        default="persona",
+        description="persona: the encoding of a text describing the culture; random; "
+        "shared: a copy of the shared prior, trained first (needs shared.enabled).",
+    )
 
 
 SearchKey = Literal["lr", "num_virtual_tokens", "weight_decay", "batch_size"]
@@ -101,10 +185,12 @@ INT_SEARCH_KEYS = ("num_virtual_tokens", "batch_size")
 class Sampler(Strict):
     """One hyperparameter's search, in Tune's forms: exactly one of grid, choice, uniform, loguniform."""
 
-    grid: list[float] | None = None  # every value, crossed with the other grids
-    choice: list[float] | None = None  # one value drawn per sample
-    uniform: tuple[float, float] | None = None  # low, high
-    loguniform: tuple[float, float] | None = None  # low, high; both above 0
+    grid: list[float] | None = Field(default=None, description="Every value, crossed with the other grids.")
+    choice: list[float] | None = Field(default=None, description="One value drawn per sample.")
+    uniform: tuple[float, float] | None = Field(default=None, description="Low and high of a uniform draw.")
+    loguniform: tuple[float, float] | None = Field(
+        default=None, description="Low and high of a log-uniform draw, both above 0."
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> Sampler:
@@ -131,19 +217,37 @@ class Sampler(Strict):
 
 
 class TuneSection(Strict):
-    experts_per_trial: int = Field(default=1, ge=1)  # cultures trained packed in one trial
-    num_samples: int = Field(default=1, ge=1)  # draws of the search space per culture group, seeds seed+i
-    # A list is a grid; {grid|choice|uniform|loguniform: ...} the Tune sampling form of that name.
-    search_space: dict[SearchKey, Sampler] = {}
-    scheduler: Literal["asha", "fifo"] = "asha"
-    grace_period: int = Field(default=1, ge=1)  # epochs before ASHA may stop a trial
-    max_failures: int = Field(default=2, ge=0)  # retries of a trial whose worker died, from its checkpoint
-    max_concurrent_trials: int | None = Field(default=None, ge=1)
-    cpus_per_trial: float = Field(default=1.0, gt=0)
-    gpus_per_trial: float | Literal["auto"] = "auto"  # auto: one GPU where the cluster has GPUs, else none
-    # Where Tune keeps checkpoints: a path or a URI (file:///abs, s3://bucket/prefix, gs://...) that every
-    # node reaches; default <output_dir>/tune.
-    storage: str | None = None
+    """How Ray Tune runs the trials: packing, search, scheduling and resources."""
+
+    experts_per_trial: int = Field(default=1, ge=1, description="Cultures trained packed in one trial.")
+    num_samples: int = Field(
+        default=1, ge=1, description="Draws of the search space per culture group, with seeds seed+i."
+    )
+    search_space: dict[SearchKey, Sampler] = Field(
+        default={},
+        description="Per key (lr, num_virtual_tokens, weight_decay, batch_size): a list (a grid) or "
+        "{grid|choice|uniform|loguniform: ...}, Tune's sampling form of that name.",
+    )
+    scheduler: Literal["asha", "fifo"] = Field(
+        default="asha",
+        description="asha stops trials early on validation alignment; fifo runs every trial out.",
+    )
+    grace_period: int = Field(default=1, ge=1, description="Epochs before ASHA may stop a trial.")
+    max_failures: int = Field(
+        default=2, ge=0, description="Retries of a trial whose worker died, from its last checkpoint."
+    )
+    max_concurrent_trials: int | None = Field(
+        default=None, ge=1, description="Trials running at once. Null: as many as the resources allow."
+    )
+    cpus_per_trial: float = Field(default=1.0, gt=0, description="CPUs of one trial.")
+    gpus_per_trial: float | Literal["auto"] = Field(
+        default="auto", description="GPUs of one trial. auto: one where the cluster has GPUs, else none."
+    )
+    storage: str | None = Field(
+        default=None,
+        description="Where Tune keeps checkpoints: a path or a URI (file:///abs, s3://bucket/prefix, gs://...) "
+        "that every node reaches. Null: <output_dir>/tune.",
+    )
 
     @field_validator("search_space", mode="before")
     @classmethod
@@ -159,28 +263,56 @@ class TuneSection(Strict):
 
 
 class DeepSpeedSection(Strict):
-    num_workers: int = Field(default=2, ge=1)  # Ray Train workers of one trial, each holding a ZeRO shard
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    config: dict = {}  # extra DeepSpeed config keys, checked by DeepSpeed itself before any worker starts
+    """ZeRO training of input prompts on a base too large for one GPU (`strategy: deepspeed`)."""
+
+    num_workers: int = Field(
+        default=2, ge=1, description="Ray Train workers of one trial, each holding a ZeRO shard."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=3, description="The ZeRO stage.")
+    config: dict = Field(
+        default={},
+        description="Extra DeepSpeed config keys, checked by DeepSpeed itself before any worker starts.",
+    )
 
 
 class MlflowSection(Strict):
-    tracking_uri: str | None = None  # default: sqlite:///<output_dir>/mlflow.db
-    artifact_root: str | None = None  # default: <output_dir>/mlartifacts
-    experiment: str | None = None  # default: the config's name
-    registry_prefix: str = "shores"  # registered models are <prefix>-<culture slug>
-    retries: int = Field(default=3, ge=1)
+    """Where runs, metrics, experts and the model registry are recorded."""
+
+    tracking_uri: str | None = Field(
+        default=None,
+        description="The MLflow tracking server or store. Null: sqlite:///<output_dir>/mlflow.db.",
+    )
+    artifact_root: str | None = Field(
+        default=None, description="Where new experiments keep artifacts. Null: <output_dir>/mlartifacts."
+    )
+    experiment: str | None = Field(
+        default=None, description="The MLflow experiment. Null: the config's name."
+    )
+    registry_prefix: str = Field(
+        default="shores", description="Registered models are named <prefix>-<culture slug>."
+    )
+    retries: int = Field(default=3, ge=1, description="Attempts of each call to MLflow before it fails.")
 
 
 class EvalSection(Strict):
-    batch_size: int = Field(default=EVAL_BATCH_SIZE, ge=1)
-    bootstrap: int = Field(default=1000, ge=10)
+    """`shores eval`: scoring and confidence intervals."""
+
+    batch_size: int = Field(
+        default=EVAL_BATCH_SIZE, ge=1, description="Questions in one scoring forward pass."
+    )
+    bootstrap: int = Field(default=1000, ge=10, description="Bootstrap resamples of each 95% interval.")
 
 
 class AutoscalingSection(Strict):
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=2, ge=1)
-    target_ongoing_requests: float = Field(default=16, gt=0)  # per replica: about one full batch
+    """Ray Serve's autoscaling of the expert pool's replicas."""
+
+    min_replicas: int = Field(default=1, ge=0, description="The fewest replicas.")
+    max_replicas: int = Field(default=2, ge=1, description="The most replicas.")
+    target_ongoing_requests: float = Field(
+        default=16,
+        gt=0,
+        description="Ongoing requests per replica Serve scales towards: about one full batch.",
+    )
 
 
 class DeploymentSection(Strict):
@@ -333,16 +465,25 @@ SERVE_GROUPS = {
 class ExperimentConfig(Strict):
     """Everything one experiment needs; unknown keys are errors."""
 
-    name: str = "shores"
-    output_dir: str = "runs/shores"
+    name: str = Field(
+        default="shores", description="The experiment's name: its MLflow experiment by default."
+    )
+    output_dir: str = Field(
+        default="runs/shores", description="Where the experiment keeps its experts, checkpoints and records."
+    )
     base_model: BaseModelSection = BaseModelSection()
     data: DataSection
     prompt: PromptSection = PromptSection()
     shared: SharedSection = SharedSection()
-    train: TrainConfig = TrainConfig()  # the trainer's own settings, validated as a section
+    # The trainer's own settings (workers/settings.py), validated as a section.
+    train: TrainConfig = Field(default=TrainConfig(), description="How each packed trial trains its experts.")
     eval: EvalSection = EvalSection()
     tune: TuneSection = TuneSection()
-    strategy: Literal["packed", "deepspeed"] = "packed"  # deepspeed: a base too large for one GPU
+    strategy: Literal["packed", "deepspeed"] = Field(
+        default="packed",
+        description="packed: a trial trains its experts together on one base; "
+        "deepspeed: ZeRO-sharded over several workers, for a base too large for one GPU.",
+    )
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     mlflow: MlflowSection = MlflowSection()
     serve: ServeSection = ServeSection()
@@ -354,6 +495,11 @@ class ExperimentConfig(Strict):
             raise ValueError(f"{SHARED!r} is the shared prior's reserved name, not a culture (data)")
         if self.prompt.init == SHARED and not self.shared.enabled:
             raise ValueError("prompt.init: shared needs the shared prior (shared.enabled: true)")
+        try:
+            self.shared.train.over(self.train)
+        except ValidationError as err:
+            message = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"shared.train, over train: {message}") from None
         if self.prompt.kind == "deep" and self.strategy == "deepspeed":
             raise ValueError("prompt.kind deep trains with strategy packed (ZeRO trains input prompts only)")
         for key, sampler in self.tune.search_space.items():
@@ -394,17 +540,41 @@ def _set(tree: dict, dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)  # so numbers, lists and null parse as YAML would
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read and validate a YAML config, applying `key.sub=value` overrides first."""
-    path = Path(path)
+def _read_tree(path: Path, extended_by: tuple[Path, ...] = ()) -> dict:
+    """A config file's keys over those of the file it `extends` (relative to it), and so on down the chain."""
+    by = f" (extended by {extended_by[-1]})" if extended_by else ""
+    if path.resolve() in {p.resolve() for p in extended_by}:
+        raise ConfigError(f"{path}: extends itself, through {' -> '.join(map(str, (*extended_by, path)))}")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path}{by}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected a file name, got {base!r}")
+    return _merged(_read_tree(path.parent / base, (*extended_by, path)), tree)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over`'s keys over `base`'s, section by section; any other value (a list too) replaces the base's."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            value = _merged(base[key], value)
+        merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read and validate a YAML config (over the files it extends), applying `key.sub=value` overrides first."""
+    path = Path(path)
+    tree = _read_tree(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

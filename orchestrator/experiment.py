@@ -124,7 +124,7 @@ def fit_length(part: torch.Tensor, length: int) -> torch.Tensor:
 
 def prior_train_config(config: ExperimentConfig) -> TrainConfig:
     """The shared prior's training settings: `shared.train` over `train`."""
-    return TrainConfig.model_validate(config.train.model_dump() | config.shared.train)
+    return config.shared.train.over(config.train)
 
 
 def training_summary(result: TrainResult, config: ExperimentConfig) -> dict[str, dict]:

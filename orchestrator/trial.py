@@ -111,7 +111,7 @@ def trial_spec(
     """The trial Tune is running now: its culture group, and the state to continue from if it has one."""
     config = trial_config(config, params)
     cultures = expert_groups(data, config.tune.experts_per_trial)[params["group"]]
-    if cultures == [SHARED] and config.shared.train:
+    if cultures == [SHARED] and config.shared.train.model_fields_set:
         config = config.model_copy(update={"train": prior_train_config(config)})
     checkpoint = tune.get_checkpoint()
     resume = None

@@ -14,7 +14,7 @@ from orchestrator.config import ConfigError, load_config
 from tests.conftest import OPINIONS, REPO, SHARED_DATA
 from workers.prompts import load_expert, save_expert
 
-TINY = REPO / "configs" / "tiny.yaml"
+TINY = REPO / "tests" / "tiny.yaml"
 SQRT_LN2 = math.sqrt(math.log(2))
 
 

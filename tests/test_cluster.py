@@ -215,7 +215,7 @@ def test_ray_job_submit_trains_and_registers_every_expert(ray_head, llama_dir, t
         "shores",
         "train",
         "--config",
-        "configs/tiny.yaml",
+        "tests/tiny.yaml",
         *[arg for o in overrides for arg in ("--set", o)],
     ]
     started = time.monotonic()
@@ -232,7 +232,7 @@ def test_ray_job_submit_trains_and_registers_every_expert(ray_head, llama_dir, t
     from orchestrator.tracking import Store
     from workers.expert_store import registered_experts
 
-    config = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    config = load_config(REPO / "tests" / "tiny.yaml", overrides)
     rows = registered_experts(Store.from_config(config))
     assert sorted(r["culture"] for r in rows) == sorted(config.data.cultures)
     assert all("champion" in r["aliases"] for r in rows)

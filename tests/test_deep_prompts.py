@@ -390,10 +390,10 @@ def test_engine_rows_of_every_kind_decode_as_each_alone(tiny_base, join_at):
 def test_the_config_chooses_the_prompt_kind():
     from orchestrator.config import ConfigError, load_config
 
-    assert load_config("configs/tiny.yaml").prompt.kind == "input"
-    deep = load_config("configs/tiny.yaml", ["prompt.kind=deep", "prompt.num_virtual_tokens=16"]).prompt
+    assert load_config("tests/tiny.yaml").prompt.kind == "input"
+    deep = load_config("tests/tiny.yaml", ["prompt.kind=deep", "prompt.num_virtual_tokens=16"]).prompt
     assert (deep.kind, deep.num_virtual_tokens) == ("deep", 16)
     with pytest.raises(ConfigError, match=r"prompt\.kind"):
-        load_config("configs/tiny.yaml", ["prompt.kind=prefix"])
+        load_config("tests/tiny.yaml", ["prompt.kind=prefix"])
     with pytest.raises(ConfigError, match="ZeRO trains input prompts only"):
-        load_config("configs/tiny.yaml", ["prompt.kind=deep", "strategy=deepspeed"])
+        load_config("tests/tiny.yaml", ["prompt.kind=deep", "strategy=deepspeed"])

@@ -13,7 +13,7 @@ from orchestrator.config import ConfigError, load_config
 from orchestrator.trial import trial_resources, validate_deepspeed
 from tests.conftest import OPINIONS, REPO, free_ports
 
-TINY = REPO / "configs" / "tiny.yaml"
+TINY = REPO / "tests" / "tiny.yaml"
 # The ~25 s JIT compile of DeepSpeed's CPU comm op is cached here, as `make test` does (Ray workers inherit it).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
 

@@ -19,7 +19,7 @@ from workers.expert_store import CHAMPION
 from workers.prompts import SoftPromptBank, bank_from_experts, load_expert, save_expert
 from workers.scoring import mean_alignment
 
-TINY = REPO / "configs" / "tiny.yaml"
+TINY = REPO / "tests" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tests.serving import client, local_serve
 from workers.cultures import slug
 from workers.expert_store import load_experts
 
-TINY = REPO / "configs" / "tiny.yaml"
+TINY = REPO / "tests" / "tiny.yaml"
 PINNED = {"Germany": 4, "Japan": 8}
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 

@@ -79,7 +79,7 @@ def test_free_text_routes_to_the_expert_whose_descriptor_it_is_nearest():
 
 
 def test_eval_reports_committees_for_held_out_cultures(llama_dir, tmp_path):
-    config = load_config(REPO / "configs" / "tiny.yaml", [f"data.path={OPINIONS}"])
+    config = load_config(REPO / "tests" / "tiny.yaml", [f"data.path={OPINIONS}"])
     data = prepare_data(config.data)
     base = load_frozen_base(str(llama_dir), device="cpu")
     trained = data.selection.trained

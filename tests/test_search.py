@@ -15,7 +15,7 @@ from tests.conftest import OPINIONS, REPO
 from tests.test_tune import tiny_config
 from workers.expert_store import load_experts
 
-TINY = REPO / "configs" / "tiny.yaml"
+TINY = REPO / "tests" / "tiny.yaml"
 
 
 def config_with(*sets):

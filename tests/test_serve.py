@@ -351,7 +351,7 @@ def test_serve_build_writes_a_config_for_the_exported_app(server, tmp_path, monk
     from ray.serve.scripts import cli
 
     config = tmp_path / "serve.yaml"
-    tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    tiny = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
     tiny["base_model"]["name"] = str(server["model"])
     tiny["serve"] = {
         "deployment": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}, "gpus_per_replica": 0}

@@ -20,7 +20,7 @@ from tests.conftest import OPINIONS, REPO
 from workers.expert_store import SIMILARITY_FILE, load_experts, registered_experts
 from workers.settings import SHARED
 
-TINY = REPO / "configs" / "tiny.yaml"
+TINY = REPO / "tests" / "tiny.yaml"
 
 
 def config_with(*sets):
@@ -132,7 +132,7 @@ def test_experts_on_the_prior_may_train_only_its_top_layers(llama_dir, tmp_path)
         "train.prefix_layers=1",
         "shared.train={prefix_layers: null}",  # the prior itself learns at every layer
     )
-    assert config.shared.train == {"prefix_layers": None}
+    assert config.shared.train.model_dump() == {"prefix_layers": None}
     experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
     for culture in ("Germany", "Japan"):
         # Below the top layer an expert is the prior, bit for bit.
@@ -145,7 +145,7 @@ def test_init_shared_needs_the_prior():
 
 
 def test_the_ablation_scores_each_design_against_the_prior_on_the_same_records(llama_dir, tmp_path):
-    from orchestrator import ablation
+    from bench.experiments import ablation
 
     out = tmp_path / "ablation.json"
     ablation.main(

@@ -19,7 +19,7 @@ from workers.cultures import slug
 from workers.expert_store import CHAMPION, SIMILARITY_FILE, load_experts, redact, registered_experts
 from workers.prompts import Expert, ExpertMeta, load_expert, save_expert
 
-TINY = REPO / "configs" / "tiny.yaml"
+TINY = REPO / "tests" / "tiny.yaml"
 SECRET = "s3cr3t-pw"
 
 

@@ -19,7 +19,7 @@ from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
 from workers.expert_store import registered_experts
 from workers.prompts import load_expert
 
-TINY = REPO / "configs" / "tiny.yaml"
+TINY = REPO / "tests" / "tiny.yaml"
 
 
 def tiny_config(model_dir, out, *overrides):

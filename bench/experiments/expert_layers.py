@@ -3,7 +3,7 @@
 K experts trained packed on their cultures' questions, the same batches from the same start in each setting:
 every layer, then only the top ones (backpropagation stops below the lowest trained layer). Read the ratios.
 
-    OMP_NUM_THREADS=2 python -m bench.expert_layers --model smollm2-135m --cultures 12 --steps 8 \
+    OMP_NUM_THREADS=2 python -m bench.experiments.expert_layers --model smollm2-135m --cultures 12 --steps 8 \
         --out runs/bench/expert_layers.json
 """
 

@@ -3,7 +3,7 @@
 Plain shuffled batches vs length-sorted runs (`train.length_buckets`), in float32 and bfloat16, on one base;
 each setting trains the same questions from the same start, so the ratios are the figures to read.
 
-    python -m bench.prior_cost --model smollm2-135m --questions 96 --out runs/bench/prior_cost.json
+    python -m bench.experiments.prior_cost --model smollm2-135m --questions 96 --out runs/bench/prior_cost.json
 """
 
 from __future__ import annotations

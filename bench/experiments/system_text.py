@@ -5,7 +5,7 @@ SmolLM2's inserted their own ("You are a helpful AI assistant named SmolLM, trai
 same cultures' questions are encoded both ways; each way trains the same packed deep experts for the same
 steps (forward and backward) and scores the validation questions with the base alone. Read the ratios.
 
-    python -m bench.system_text --model smollm2-135m --cultures 12 --steps 8 --out runs/bench/system_text.json
+    python -m bench.experiments.system_text --model smollm2-135m --cultures 12 --steps 8 --out runs/bench/system_text.json
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ by validation alignment; the table gives mean validation (what the choice is mad
 and each design's paired gain over the prior on the same records. `--prefix-layers` also trains (b) on only
 the top K layers of its prefix (deep).
 
-    python -m orchestrator.ablation --config configs/demo.yaml --out runs/ablation.json
+    python -m bench.experiments.ablation --config configs/demo.yaml --out runs/ablation.json
 """
 
 from __future__ import annotations
