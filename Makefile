@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench bench-smoke clean
+.PHONY: install demo test lint docs bench bench-smoke clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# The generated reference: every config key and every HTTP endpoint (tests/test_reference.py checks it is current).
+docs: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m orchestrator.reference --out docs/reference
+	HF_HUB_OFFLINE=1 $(PY) -m serve.reference --out docs/reference
 
 bench: $(STAMP)
 	$(PY) -m bench.train_throughput --out runs/bench/train_throughput.json

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict
-from functools import partial
+from operator import attrgetter
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -38,14 +38,14 @@ from serve import protocol
 from serve.errors import ApiError, error_body
 from serve.exposure import allowed_host_names, host_name, open_host_refusal, proxy_host
 from serve.openai_api import AUTO, DONE, EVENT_STREAM, OpenAIEndpoints, event
-from serve.schemas import MODEL_PREFIX, ChatRequest, CompletionRequest, GenerateRequest, OpinionRequest
+from serve.routes import JSON, add_routes
+from serve.schemas import MODEL_PREFIX, GenerateRequest, OpinionRequest
 from workers.committees import BASE, Committee, TextRouter, culture_committee
 from workers.cultures import CultureIndex, UnknownCultureError, culture_key, slug
 from workers.engine import EngineStopped
 
 logger = logging.getLogger("ray.serve")
 Body = TypeVar("Body", bound=BaseModel)
-JSON = "application/json"
 OPEN = ("/healthz",)  # paths answered whatever the Host header and the key: liveness tells nothing
 
 
@@ -82,12 +82,6 @@ async def _api_error(request: Request, err: ApiError) -> JSONResponse:
 
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     return _error(request, err.status_code, str(err.detail), err.headers)
-
-
-def _body_schema(model: type[BaseModel]) -> dict:
-    # Bodies are parsed by hand (see the module docstring); this keeps them in the OpenAPI page at /docs.
-    schema = {JSON: {"schema": model.model_json_schema()}}
-    return {"requestBody": {"content": schema, "required": True}}
 
 
 def _first_error(err: ValidationError) -> str:
@@ -222,16 +216,7 @@ class Router:
                 allow_methods=["GET", "POST"],
                 allow_headers=["Authorization", "Content-Type"],
             )
-        get = partial(api.add_api_route, methods=["GET"], response_model=None)
-        post = partial(api.add_api_route, methods=["POST"], response_model=None)
-        get("/healthz", self.healthz)
-        get("/v1/status", self.status)
-        get("/v1/experts", self.experts)
-        get("/v1/models", self.openai.models)
-        post("/v1/opinion", self.opinion, openapi_extra=_body_schema(OpinionRequest))
-        post("/v1/generate", self.generate, openapi_extra=_body_schema(GenerateRequest))
-        post("/v1/chat/completions", self.openai.chat_completions, openapi_extra=_body_schema(ChatRequest))
-        post("/v1/completions", self.openai.completions, openapi_extra=_body_schema(CompletionRequest))
+        add_routes(api, lambda route: attrgetter(route.handler)(self))
         return api
 
     # ---- every request: Host, errors, metrics ----
