@@ -8,16 +8,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workers.cultures import is_shared
-from workers.settings import (
-    CHAMPION,
-    EVAL_BATCH_SIZE,
-    MAX_LENGTH,
-    ROUTER_MODEL,
-    SHARED,
-    SPLIT_FRACTIONS,
-    TrainConfig,
-)
+from workers.cultures import SHARED, is_shared
+from workers.defaults import CHAMPION, EVAL_BATCH_SIZE, MAX_LENGTH, ROUTER_MODEL, SPLIT_FRACTIONS
+from workers.settings import TrainConfig
 
 
 class ConfigError(ValueError):

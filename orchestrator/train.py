@@ -24,8 +24,8 @@ from orchestrator.tracking import (
 )
 from orchestrator.trial import expert_groups, run_trial, validate_deepspeed
 from orchestrator.tune import expected_trials, experiment_path, restore, trials_ended, tuner
-from workers.prompts import Expert, load_expert
-from workers.settings import SHARED
+from workers.cultures import SHARED
+from workers.expert_file import Expert, load_expert
 from workers.shared_base import SharedBase
 
 

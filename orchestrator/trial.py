@@ -36,9 +36,9 @@ from orchestrator.experts import save_experts
 from orchestrator.faults import Fault, after_checkpoint, before_checkpoint
 from orchestrator.survey import ExperimentData
 from workers.base_model import FrozenBase
+from workers.cultures import SHARED
 from workers.deepspeed_config import ds_config, ensure_extensions_dir
-from workers.prompts import Expert
-from workers.settings import SHARED
+from workers.expert_file import Expert
 from workers.shared_base import SharedBase
 from workers.trainer import EpochReport, PackedTrainer
 from workers.zero import ZeroTrainer

@@ -12,7 +12,7 @@ from orchestrator.config import INT_SEARCH_KEYS, ExperimentConfig, Sampler
 from orchestrator.faults import Fault, driver_callbacks
 from orchestrator.survey import ExperimentData
 from orchestrator.trial import SharedBaseRef, expert_groups, run_trial, trial_resources
-from workers.prompts import Expert
+from workers.expert_file import Expert
 from workers.shared_base import SharedBase
 
 

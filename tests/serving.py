@@ -13,8 +13,9 @@ from orchestrator.config import ExperimentConfig
 from tests.conftest import OPINIONS, free_ports
 from workers.base_model import load_frozen_base
 from workers.cultures import slug
+from workers.expert_file import Expert, ExpertMeta, save_expert
 from workers.expert_store import SIMILARITY_FILE
-from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text, save_expert
+from workers.prompts import SoftPromptBank, persona_text
 
 CULTURES = ["Germany", "Japan", "Kenya"]
 # Canada and Brazil have no expert: they are answered by committees of their nearest experts.
@@ -199,7 +200,7 @@ def register(config: ExperimentConfig, expert_file: Path, val_alignment: float) 
 
     from orchestrator.results import FinishedTrial, Winner
     from orchestrator.tracking import ExperimentTracker
-    from workers.prompts import load_expert
+    from workers.expert_file import load_expert
 
     culture = load_expert(expert_file).meta.culture
     trial_id = f"{slug(culture)}-{val_alignment}"

@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.config import ConfigError, load_config
 from tests.conftest import OPINIONS, REPO, SHARED_DATA
-from workers.prompts import load_expert, save_expert
+from workers.expert_file import load_expert, save_expert
 
 TINY = REPO / "configs" / "tiny.yaml"
 SQRT_LN2 = math.sqrt(math.log(2))

@@ -258,7 +258,8 @@ def _train_on_two_workers_and_compare(llama_dir, tmp_path, epochs: int) -> None:
     from orchestrator.survey import prepare_data
     from orchestrator.trial import load_trainer_state
     from orchestrator.tune import tuner
-    from workers.prompts import SoftPromptBank, load_expert
+    from workers.expert_file import load_expert
+    from workers.prompts import SoftPromptBank
     from workers.shared_base import SharedBase
     from workers.trainer import PackedTrainer
 

@@ -17,8 +17,8 @@ from orchestrator.survey.pooling import pooled_records, sample_questions
 from orchestrator.tracking import Store
 from orchestrator.train import train
 from tests.conftest import OPINIONS, REPO
+from workers.cultures import SHARED
 from workers.expert_store import SIMILARITY_FILE, load_experts, registered_experts
-from workers.settings import SHARED
 
 TINY = REPO / "configs" / "tiny.yaml"
 

@@ -16,8 +16,8 @@ from orchestrator.survey import prepare_data
 from orchestrator.tracking import ExperimentTracker, Store, TrackingError, public_config, restore_credentials
 from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
 from workers.cultures import slug
+from workers.expert_file import Expert, ExpertMeta, load_expert, save_expert
 from workers.expert_store import CHAMPION, SIMILARITY_FILE, load_experts, redact, registered_experts
-from workers.prompts import Expert, ExpertMeta, load_expert, save_expert
 
 TINY = REPO / "configs" / "tiny.yaml"
 SECRET = "s3cr3t-pw"

@@ -16,8 +16,8 @@ from orchestrator.tracking import Store
 from orchestrator.train import train
 from orchestrator.trial import run_trial
 from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
+from workers.expert_file import load_expert
 from workers.expert_store import registered_experts
-from workers.prompts import load_expert
 
 TINY = REPO / "configs" / "tiny.yaml"
 

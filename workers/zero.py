@@ -39,6 +39,8 @@ class EveryExpertRows:
     on every worker, so DeepSpeed reduces the same gradients everywhere.
     """
 
+    trained_layers = None  # input prompts only: no prefix layers to choose among
+
     def __init__(self, bank: SoftPromptBank):
         self.bank = bank
 
@@ -47,6 +49,12 @@ class EveryExpertRows:
             raise ValueError("every row of a ZeRO batch needs an expert")
         weight = self.bank.weight
         return weight[expert_idx.to(weight.device)]
+
+    def prompt_mask(self, expert_idx: torch.Tensor) -> torch.Tensor:
+        return self.bank.prompt_mask(expert_idx)  # prompts of one length: every slot of every row
+
+    def prefix_rows(self, expert_idx: torch.Tensor) -> None:
+        return None  # ZeroTrainer takes input prompts only
 
 
 class PromptedModel(nn.Module):
