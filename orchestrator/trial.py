@@ -187,7 +187,7 @@ def train_group(spec: TrialSpec, shared: SharedBase, report: Report, ds: dict | 
     if ds is None:
         trainer = PackedTrainer(base, bank, train, val, config.train)
     else:
-        trainer = ZeroTrainer(base, bank, train, val, config.train, ds)
+        trainer = ZeroTrainer(base, bank, train, val, config.train, ds=ds)
     if spec.resume is not None:
         trainer.load_state_dict(spec.resume)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray import tune
@@ -50,20 +51,15 @@ def expected_trials(config: ExperimentConfig, data: ExperimentData) -> int:
     return n
 
 
-def make_trainable(
-    config: ExperimentConfig,
-    data: ExperimentData,
-    shared: SharedBase,
-    fault: Fault | None = None,
-    prior: Expert | None = None,
-):
-    """The trial function with its resources; the shared checkpoint and data go into the object store once."""
+def make_trainable(config: ExperimentConfig, data: ExperimentData, shared: SharedBase, **trial: Any):
+    """The trial function with its resources; the shared checkpoint and data go into the object store once.
+
+    `trial`: run_trial's other arguments (`fault`, `prior`).
+    """
     # One copy in the object store; each trial maps its node's copy zero-copy, or (deepspeed) hands the
     # ref on to its Train workers, which do.
     base = SharedBaseRef(ray.put(shared))
-    trainable = tune.with_parameters(
-        run_trial, config=config, data=data, shared=base, fault=fault, prior=prior
-    )
+    trainable = tune.with_parameters(run_trial, config=config, data=data, shared=base, **trial)
     return tune.with_resources(trainable, trial_resources(config))
 
 
@@ -86,7 +82,7 @@ def tuner(
             time_attr="epoch", max_t=config.train.epochs, grace_period=config.tune.grace_period
         )
     return tune.Tuner(
-        make_trainable(config, data, shared, fault, prior),
+        make_trainable(config, data, shared, fault=fault, prior=prior),
         param_space=param_space(config, n_groups),
         tune_config=tune.TuneConfig(
             # The group's mean gain over its own validation alignment before training, not raw alignment:
@@ -134,7 +130,7 @@ def restore(
     if not tune.Tuner.can_restore(path):
         raise FileNotFoundError(f"no experiment to resume at {path}")
     fault = Fault.from_env(config.output_dir)
-    trainable = make_trainable(config, data, shared, fault, prior) if shared else run_trial
+    trainable = make_trainable(config, data, shared, fault=fault, prior=prior) if shared else run_trial
     return tune.Tuner.restore(path, trainable, resume_errored=True)
 
 

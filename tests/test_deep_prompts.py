@@ -247,7 +247,7 @@ def test_zero_training_refuses_deep_experts(llama_base):
 
     bank = SoftPromptBank.initialise(llama_base, ["Germany"], 2, kind="deep")
     with pytest.raises(ValueError, match="input prompts only"):
-        ZeroTrainer(llama_base, bank, {}, {}, _config(), {})
+        ZeroTrainer(llama_base, bank, {}, {}, _config(), ds={})
 
 
 def test_save_load_roundtrip_of_every_kind(tiny_base, tmp_path):

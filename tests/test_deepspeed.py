@@ -160,12 +160,12 @@ def test_every_zero_stage_trains_and_resumes_like_one_process(
     ds = ds_config(SimpleNamespace(num_workers=1, zero_stage=stage, config={}), 4, config.grad_accum)
     # ZeRO-3 turns a base's weights into its shards: one base a trainer.
     zero = ZeroTrainer(
-        llama_shared.materialise("cpu"), SoftPromptBank(cultures, start), train, val, config, ds
+        llama_shared.materialise("cpu"), SoftPromptBank(cultures, start), train, val, config, ds=ds
     )
     states = []
     zero.fit(lambda epoch, trainer: states.append(trainer.state_dict()))
     resumed = ZeroTrainer(
-        llama_shared.materialise("cpu"), SoftPromptBank(cultures, start), train, val, config, ds
+        llama_shared.materialise("cpu"), SoftPromptBank(cultures, start), train, val, config, ds=ds
     )
     resumed.load_state_dict(states[0])
     resumed.fit()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,15 +87,8 @@ class ZeroTrainer(PackedTrainer):
     `FrozenBase` (SharedBase.materialise); the shared arrays themselves are only read.
     """
 
-    def __init__(
-        self,
-        base: FrozenBase,
-        bank: SoftPromptBank,
-        train: dict[str, list[EncodedQuestion]],
-        val: dict[str, list[EncodedQuestion]],
-        config: TrainConfig,
-        ds: dict,
-    ):
+    def __init__(self, base: FrozenBase, bank: SoftPromptBank, *args: Any, ds: dict, **kwargs: Any):
+        """PackedTrainer's arguments (its optimizer aside: one AdamW group per expert) and the DeepSpeed config."""
         if bank.prefixes:
             # EveryExpertRows gives input prompts only; the deep path is single-process (PackedTrainer).
             raise ValueError("ZeRO training takes input prompts only: train deep experts with PackedTrainer")
@@ -102,7 +96,7 @@ class ZeroTrainer(PackedTrainer):
         import deepspeed
         import deepspeed.comm as dist
 
-        super().__init__(base, bank, train, val, config, optimizer=adamw_per_expert)
+        super().__init__(base, bank, *args, optimizer=adamw_per_expert, **kwargs)
         deepspeed.init_distributed(verbose=False)  # adopts the process group that is already there
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.stage = int(ds.get("zero_optimization", {}).get("stage", 0))
