@@ -12,6 +12,7 @@ import yaml
 from ray import tune
 
 from orchestrator.config import ExperimentConfig, load_config
+from orchestrator.deepspeed_trial import validate_deepspeed
 from orchestrator.publish import publish_experts
 from orchestrator.results import FinishedTrial, best_experts, finished_trials
 from orchestrator.survey import ExperimentData, prepare_data
@@ -22,8 +23,8 @@ from orchestrator.tracking import (
     public_config,
     restore_credentials,
 )
-from orchestrator.trial import expert_groups, run_trial, validate_deepspeed
-from orchestrator.tune import expected_trials, experiment_path, restore, trials_ended, tuner
+from orchestrator.trial import expert_groups
+from orchestrator.tune import expected_trials, experiment_path, restore, run_trial, trials_ended, tuner
 from workers.cultures import SHARED
 from workers.expert_file import Expert, load_expert
 from workers.shared_base import SharedBase

@@ -1,4 +1,8 @@
-"""Ray Tune: every culture group trains concurrently as its own trial on one shared frozen checkpoint."""
+"""Ray Tune: every culture group trains concurrently as its own trial on one shared frozen checkpoint.
+
+`run_trial` is the trial function; it runs the group packed (`orchestrator.trial`) or on DeepSpeed workers
+(`orchestrator.deepspeed_trial`), as `strategy` says.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from orchestrator.config import INT_SEARCH_KEYS, ExperimentConfig, Sampler
+from orchestrator.deepspeed_trial import TUNE_CPU_SHARE, run_on_train_workers
 from orchestrator.faults import Fault, driver_callbacks
 from orchestrator.survey import ExperimentData
-from orchestrator.trial import SharedBaseRef, expert_groups, run_trial, trial_resources
+from orchestrator.trial import SharedBaseRef, expert_groups, gpus_per_trial, run_packed, trial_spec
 from workers.expert_file import Expert
 from workers.shared_base import SharedBase
 
@@ -49,6 +54,33 @@ def expected_trials(config: ExperimentConfig, data: ExperimentData) -> int:
     for sampler in config.tune.search_space.values():
         n *= len(sampler.grid or [None])
     return n
+
+
+def run_trial(
+    params: dict,
+    config: ExperimentConfig,
+    data: ExperimentData,
+    shared: SharedBaseRef,
+    fault: Fault | None = None,
+    prior: Expert | None = None,
+) -> None:
+    """The Tune trial function of both strategies: train one culture group, reporting every epoch.
+
+    The base is mapped zero-copy from this node's object store (by the Train workers, for deepspeed); a
+    packed trial reports the object's id as `shared_base`.
+    """
+    spec = trial_spec(params, config, data, prior)
+    if spec.config.strategy == "deepspeed":
+        run_on_train_workers(spec, shared.ref, fault)
+        return
+    run_packed(spec, shared, fault)
+
+
+def trial_resources(config: ExperimentConfig) -> dict:
+    """The trial process's own resources; a deepspeed trial's Train workers ask for theirs when it starts them."""
+    if config.strategy == "deepspeed":
+        return {"cpu": TUNE_CPU_SHARE, "gpu": 0}
+    return {"cpu": config.tune.cpus_per_trial, "gpu": gpus_per_trial(config)}
 
 
 def make_trainable(config: ExperimentConfig, data: ExperimentData, shared: SharedBase, **trial: Any):

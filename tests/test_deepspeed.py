@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.trial import trial_resources, validate_deepspeed
+from orchestrator.deepspeed_trial import validate_deepspeed
+from orchestrator.tune import trial_resources
 from tests.conftest import OPINIONS, REPO, free_ports
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -80,7 +81,7 @@ def test_bad_zero_stage_and_worker_count_are_config_errors(llama_dir, tmp_path):
 
 
 def test_good_settings_pass_and_a_trial_holds_only_a_small_cpu_share(llama_dir, tmp_path):
-    from orchestrator.trial import trial_ds_config, worker_cpus
+    from orchestrator.deepspeed_trial import trial_ds_config, worker_cpus
 
     config = ds_config(
         llama_dir, tmp_path, "deepspeed.config={zero_optimization: {stage: 3, overlap_comm: false}}"

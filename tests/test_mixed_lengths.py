@@ -20,8 +20,7 @@ from orchestrator.publish import publish_experts
 from orchestrator.results import Winner, finished_trials
 from orchestrator.survey import prepare_data
 from orchestrator.train import train
-from orchestrator.trial import run_trial
-from orchestrator.tune import experiment_path
+from orchestrator.tune import experiment_path, run_trial
 from tests.conftest import OPINIONS, REPO
 from tests.serving import client, local_serve
 from workers.cultures import slug

@@ -15,8 +15,7 @@ from ray.cluster_utils import Cluster
 
 from orchestrator.results import local_checkpoint
 from orchestrator.train import train
-from orchestrator.trial import run_trial
-from orchestrator.tune import experiment_path, storage_path
+from orchestrator.tune import experiment_path, run_trial, storage_path
 from tests.test_tune import tiny_config
 
 

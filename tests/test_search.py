@@ -9,8 +9,8 @@ from orchestrator.config import ConfigError, load_config
 from orchestrator.survey import prepare_data
 from orchestrator.tracking import TRIAL_TAG, Store
 from orchestrator.train import train
-from orchestrator.trial import run_trial, trial_config
-from orchestrator.tune import expected_trials, param_space
+from orchestrator.trial import trial_config
+from orchestrator.tune import expected_trials, param_space, run_trial
 from tests.conftest import OPINIONS, REPO
 from tests.test_tune import tiny_config
 from workers.expert_store import load_experts

@@ -189,7 +189,7 @@ def checkpoint_epochs(experiment: Path, group: int) -> list[tuple[int, int]]:
     """(epoch, pid of the process that trained it) of each checkpoint the driver registered for a trial."""
     from ray import tune
 
-    from orchestrator.trial import run_trial
+    from orchestrator.tune import run_trial
 
     results = tune.Tuner.restore(str(experiment), run_trial).get_results()
     trial = next(r for r in results if r.config["group"] == group)

@@ -14,7 +14,7 @@ from orchestrator.cli import main as shores_main
 from orchestrator.config import load_config
 from orchestrator.tracking import Store
 from orchestrator.train import train
-from orchestrator.trial import run_trial
+from orchestrator.tune import run_trial
 from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
 from workers.expert_file import load_expert
 from workers.expert_store import registered_experts
