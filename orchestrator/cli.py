@@ -109,9 +109,9 @@ def _train(args: argparse.Namespace) -> int:
     from orchestrator.train import train
 
     outcome = train(config, resume=args.resume, replace=args.replace)
-    if outcome.get("interrupted"):
+    if outcome.interrupted:
         return 130
-    return 0 if outcome["experts"] and not outcome.get("failed") else 1
+    return 0 if outcome.experts and not outcome.failed else 1
 
 
 def _experts(args: argparse.Namespace) -> int:
@@ -233,7 +233,7 @@ def _register(args: argparse.Namespace) -> int:
 
     original = load_config(args.config) if args.config else None
     outcome = register_from(Path(args.source), original)
-    return 0 if outcome["registered"] else 1
+    return 0 if outcome.registered else 1
 
 
 def _eval(args: argparse.Namespace) -> int:

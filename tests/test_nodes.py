@@ -84,7 +84,7 @@ def test_trials_run_on_both_nodes_and_a_lost_node_s_trial_resumes_on_the_head(
     assert seen["report"]["node_id"] == worker.node_id
     assert sorted(seen["base_nodes"]) == sorted([head, worker.node_id])
     # Every culture's expert published and registered, read back from checkpoints in the file:// storage.
-    assert outcome["experts"] == ["Germany", "Japan"] and len(outcome["registered"]) == 2
+    assert outcome.experts == ["Germany", "Japan"] and len(outcome.registered) == 2
     assert sorted(p.stem for p in (tmp_path / "out" / "experts").glob("*.safetensors")) == [
         "germany",
         "japan",

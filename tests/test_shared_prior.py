@@ -90,7 +90,7 @@ def train_with_prior(llama_dir, tmp_path, *sets):
 
 def test_tune_trains_registers_and_publishes_the_prior_beside_the_experts(llama_dir, tmp_path):
     config, outcome = train_with_prior(llama_dir, tmp_path, "data.cultures=[Germany]")
-    assert outcome["experts"] == ["Germany", SHARED]
+    assert outcome.experts == ["Germany", SHARED]
     experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
     assert set(experts) == {"Germany", SHARED}
     assert "most people around the world" in experts[SHARED].meta.descriptor
@@ -111,7 +111,7 @@ def test_init_shared_trains_the_prior_first_and_starts_every_expert_from_it(kind
         "shared.cpus_per_trial=2",
         "train.lr=1e-9",  # no step moves a prompt: each expert is exactly where it started
     )
-    assert outcome["experts"] == ["Germany", "Japan", SHARED]
+    assert outcome.experts == ["Germany", "Japan", SHARED]
     assert (tmp_path / "tune" / f"tiny-{SHARED}").is_dir()  # the prior's own stage, resumable on its own
     experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
     assert experts[SHARED].meta.kind == kind

@@ -262,7 +262,7 @@ def test_a_store_with_credentials_down_during_training_gets_everything_later_onc
         session = Path(ray._private.worker._global_node.get_session_dir_path())
     finally:
         ray.shutdown()
-    assert outcome["experts"] == ["Germany", "Japan"] and outcome["registered"] == []
+    assert outcome.experts == ["Germany", "Japan"] and outcome.registered == []
     printed = capfd.readouterr()
     assert "user:***@127.0.0.1" in printed.err and SECRET not in printed.out + printed.err
     leaked = subprocess.run(
