@@ -52,8 +52,9 @@ from orchestrator.config import ExperimentConfig
 from serve.pool import RELOAD_FAULT_ENV
 from workers.base_model import load_frozen_base
 from workers.cultures import slug
+from workers.expert_file import Expert, ExpertMeta, save_expert
 from workers.expert_store import SIMILARITY_FILE
-from workers.prompts import Expert, ExpertMeta, persona_text, save_expert
+from workers.prompts import persona_text
 
 EXPERTS = {"Germany": 4, "Japan": 8, "Kenya": 4, "India": 8, "Mexico": 4, "Sweden": 8}  # prompt lengths
 HELD_OUT = ["Canada", "Brazil"]  # no expert: committees of their nearest experts

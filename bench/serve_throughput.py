@@ -32,8 +32,9 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.survey import load_survey
 from workers.base_model import load_frozen_base
 from workers.cultures import slug
+from workers.expert_file import Expert, ExpertMeta, save_expert
 from workers.expert_store import SIMILARITY_FILE
-from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text, save_expert
+from workers.prompts import SoftPromptBank, persona_text
 
 VARIANTS = ("mixed", "per_expert", "base")
 

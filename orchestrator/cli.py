@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -110,9 +109,9 @@ def _train(args: argparse.Namespace) -> int:
     from orchestrator.train import train
 
     outcome = train(config, resume=args.resume, replace=args.replace)
-    if outcome.get("interrupted"):
+    if outcome.interrupted:
         return 130
-    return 0 if outcome["experts"] and not outcome.get("failed") else 1
+    return 0 if outcome.experts and not outcome.failed else 1
 
 
 def _experts(args: argparse.Namespace) -> int:
@@ -234,106 +233,16 @@ def _register(args: argparse.Namespace) -> int:
 
     original = load_config(args.config) if args.config else None
     outcome = register_from(Path(args.source), original)
-    return 0 if outcome["registered"] else 1
+    return 0 if outcome.registered else 1
 
 
 def _eval(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
-    from orchestrator.evaluate import evaluate, format_table, write_report
-    from orchestrator.survey import foreign_data, load_survey, prepare_data, present_cultures
-    from workers.base_model import load_frozen_base
-    from workers.committees import culture_committees
-    from workers.cultures import is_shared
-    from workers.expert_store import SIMILARITY_FILE, load_experts, load_similarity
+    from orchestrator.eval_run import run_evaluation
 
     config = load_config(args.config, args.set)
-    # The data is read before the model loads, so a bad file fails at once.
-    if args.data:
-        records, loaded = load_survey(args.data)
-    else:
-        data = prepare_data(config.data)
-        loaded = data.report
-    print(f"data: {loaded.summary()}", file=sys.stderr)
-    base = load_frozen_base(config.base_model.name, config.base_model.dtype, config.base_model.device)
-    experts_dir, versions = resolve_experts(config, args.experts)
-    experts = load_experts(experts_dir, base)
-    names = [e.meta.culture for e in experts]
-    notes, cultures = [], [c for c in names if not is_shared(c)]
-    if args.data:
-        # Not the training file: evaluate the experts we have on whatever of their cultures it holds.
-        data, notes = foreign_data(config.data, records, loaded, cultures)
-        versions = {}  # the registry's `<split>_alignment` tags speak of the training file's splits only
-    else:
-        # The published set holds the cultures of every run that added to it, not only this config's.
-        selection, _ = present_cultures(data.records, cultures, config.data.held_out, loaded.path)
-        data = replace(data, selection=selection)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    split = args.split or ("all" if args.data else "test")
-    cultures = data.selection.trained + data.selection.held_out
-    # The router's committees: a culture's own expert, else its nearest experts by survey similarity
-    # (written beside the experts at training; registry downloads take it from the config's experts dir).
-    similarity_file = experts_dir / SIMILARITY_FILE
-    similarity = load_similarity(
-        similarity_file if similarity_file.exists() else config.experts_dir / SIMILARITY_FILE
-    )
-    committees = culture_committees(
-        cultures,
-        names,
-        similarity,
-        config.serve.routing.committee_size,
-        config.serve.routing.routing_temperature,
-    )
-    report = evaluate(
-        base,
-        experts,
-        data,
-        split,
-        cultures,
-        committees=committees,
-        batch_size=config.eval.batch_size,
-        max_length=config.data.max_length,
-        n_bootstrap=config.eval.bootstrap,
-    )
-    report["data"] = data.report.path
-    report["notes"] = notes
-    json_path, png_path = write_report(report, Path(args.out))
-    print(format_table(report))
-    print(f"wrote {json_path} and {png_path}")
-    _log_evaluation(config, report, [json_path, png_path], versions)
+    run_evaluation(config, Path(args.out), data_file=args.data, split=args.split, experts_from=args.experts)
     return 0
-
-
-def _log_evaluation(config, report: dict, files: list[Path], versions: dict[str, tuple[str, int]]) -> None:
-    """Log an evaluation into the experiment; a store that is down costs the log, never the report."""
-    from orchestrator.tracking import ExperimentTracker, TrackingError
-
-    tracker = ExperimentTracker(config)
-    try:
-        run_id = tracker.evaluation_finished(report, files, versions)
-    except TrackingError as err:
-        print(f"warning: {err}; the report is only in {files[0]}", file=sys.stderr)
-        return
-    tagged = (
-        f"; tagged {len(versions)} champion versions with {report['split']}_alignment" if versions else ""
-    )
-    print(f"logged to MLflow: run eval-{report['split']} ({tracker.run_url(run_id)}){tagged}")
-
-
-def resolve_experts(config, choice: str | None) -> tuple[Path, dict[str, tuple[str, int]]]:
-    """A directory of experts (the given folder, the config's own, or a registry alias downloaded) and,
-    for an alias, the registered (model, version) of each culture's expert."""
-    if choice is None:
-        return config.experts_dir, {}
-    if Path(choice).is_dir():
-        return Path(choice), {}
-    from workers.expert_store import Registry, download_champions, registered_experts
-
-    registry = Registry.of_experiment(config.output_dir, config.mlflow)
-    # Read before the download: the versions evaluated are the ones the alias named when it started.
-    rows = [r for r in registered_experts(registry) if choice in r["aliases"]]
-    versions = {r["culture"]: (r["model"], r["version"]) for r in rows}
-    return download_champions(registry, Path(config.output_dir) / "registry" / choice, choice), versions
 
 
 COMMANDS = {

@@ -21,16 +21,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from workers.cultures import is_shared
-from workers.settings import (
-    CHAMPION,
-    EVAL_BATCH_SIZE,
-    MAX_LENGTH,
-    ROUTER_MODEL,
-    SHARED,
-    SPLIT_FRACTIONS,
-    TrainConfig,
-)
+from workers.cultures import SHARED, is_shared
+from workers.defaults import CHAMPION, EVAL_BATCH_SIZE, MAX_LENGTH, ROUTER_MODEL, SPLIT_FRACTIONS
+from workers.settings import TrainConfig
 
 
 class ConfigError(ValueError):

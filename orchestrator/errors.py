@@ -5,8 +5,8 @@ from orchestrator.survey import SurveyDataError
 from orchestrator.tracking import TrackingError
 from workers.base_model import BaseModelError
 from workers.cultures import UnknownCultureError
+from workers.expert_file import PromptMismatchError
 from workers.expert_store import ExpertsNotFoundError, RegistryError
-from workers.prompts import PromptMismatchError
 
 USER_ERRORS = (
     ConfigError,

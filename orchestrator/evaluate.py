@@ -13,8 +13,10 @@ from orchestrator.experiment import encode
 from orchestrator.survey import ExperimentData, SurveyDataError, SurveyRecord, normalise_question
 from workers.base_model import FrozenBase
 from workers.committees import Committee
-from workers.cultures import is_shared
-from workers.prompts import NO_EXPERT, Expert, bank_from_experts
+from workers.cultures import SHARED, is_shared
+from workers.defaults import EVAL_BATCH_SIZE, MAX_LENGTH
+from workers.expert_file import Expert
+from workers.prompts import NO_EXPERT, bank_from_experts
 from workers.scoring import (
     alignment,
     bootstrap_ci,
@@ -22,7 +24,6 @@ from workers.scoring import (
     option_distributions,
     paired_bootstrap_ci,
 )
-from workers.settings import EVAL_BATCH_SIZE, MAX_LENGTH, SHARED
 
 METHODS = ("base", "persona", SHARED, "expert", "committee", "uniform", "agnostic")
 PLOT_ROW = 16  # cultures a row of the report's chart

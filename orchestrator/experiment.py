@@ -13,9 +13,11 @@ from orchestrator.publish import publish_experts
 from orchestrator.results import Winner
 from orchestrator.survey import ExperimentData, SurveyRecord, prepare_data
 from workers.base_model import FrozenBase, load_frozen_base
-from workers.prompts import Expert, SoftPromptBank, load_expert, persona_text
+from workers.cultures import SHARED
+from workers.expert_file import Expert, load_expert
+from workers.prompts import SoftPromptBank, persona_text
 from workers.scoring import EncodedQuestion, encode_question
-from workers.settings import SHARED, TrainConfig
+from workers.settings import TrainConfig
 from workers.trainer import EpochReport, PackedTrainer, TrainResult
 
 

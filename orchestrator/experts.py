@@ -14,17 +14,11 @@ from typing import TYPE_CHECKING
 from orchestrator.survey import data_fingerprint, similarity_table
 from orchestrator.survey.records import SurveyRecord
 from workers.base_model import FrozenBase
-from workers.cultures import slug
+from workers.cultures import SHARED, slug
+from workers.expert_file import ExpertMeta, save_expert
 from workers.expert_store import SIMILARITY_FILE, Similarity
-from workers.prompts import (
-    ExpertMeta,
-    PeftExportError,
-    SoftPromptBank,
-    export_peft_adapter,
-    persona_text,
-    save_expert,
-)
-from workers.settings import SHARED
+from workers.peft_export import PeftExportError, export_peft_adapter
+from workers.prompts import SoftPromptBank, persona_text
 
 if TYPE_CHECKING:
     from orchestrator.survey import ExperimentData

@@ -20,8 +20,9 @@ from orchestrator.experiment import encode
 from orchestrator.survey import DataFingerprint, SurveyDataError, validation_records
 from workers.base_model import FrozenBase
 from workers.cultures import slug
+from workers.expert_file import PromptMismatchError, load_expert
 from workers.expert_store import Registry
-from workers.prompts import PromptMismatchError, bank_from_experts, load_expert
+from workers.prompts import bank_from_experts
 from workers.scoring import mean_alignment
 
 # Tags a champion and its challenger must share to be compared: the same base and the same prompt shape.

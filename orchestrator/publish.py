@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from orchestrator.experts import ANSWERS_FILE, Answers, survey_answers, write_similarity
 from workers.cultures import slug
+from workers.defaults import CHAMPION
+from workers.expert_file import ExpertMeta, load_expert
 from workers.expert_store import (
     SIMILARITY_FILE,
     Registry,
@@ -29,8 +31,6 @@ from workers.expert_store import (
     load_similarity,
     registered_experts,
 )
-from workers.prompts import ExpertMeta, load_expert
-from workers.settings import CHAMPION
 
 if TYPE_CHECKING:
     from orchestrator.survey import ExperimentData

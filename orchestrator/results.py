@@ -11,7 +11,7 @@ import ray.exceptions
 from ray import tune
 
 from workers.cultures import slug
-from workers.prompts import ExpertMeta, load_expert
+from workers.expert_file import ExpertMeta, load_expert
 
 # Metrics a trial's MLflow run keeps (the rest of a Tune result is bookkeeping: pid, device, ...).
 TRACKED_METRICS = ("val_gain", "train_loss")

@@ -31,8 +31,8 @@ from orchestrator.results import FinishedTrial, Winner, tracked_metrics
 from orchestrator.survey import DataFingerprint
 from workers.base_model import FrozenBase, load_frozen_base
 from workers.cultures import slug
+from workers.expert_file import load_expert
 from workers.expert_store import CHAMPION, REDACTED, ExpertsNotFoundError, Registry, RegistryError, redact
-from workers.prompts import load_expert
 
 T = TypeVar("T")
 EXPERIMENT_TAG = "shores.experiment"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -12,6 +12,7 @@ import yaml
 from ray import tune
 
 from orchestrator.config import ExperimentConfig, load_config
+from orchestrator.deepspeed_trial import validate_deepspeed
 from orchestrator.publish import publish_experts
 from orchestrator.results import FinishedTrial, best_experts, finished_trials
 from orchestrator.survey import ExperimentData, prepare_data
@@ -22,11 +23,21 @@ from orchestrator.tracking import (
     public_config,
     restore_credentials,
 )
-from orchestrator.trial import expert_groups, run_trial, validate_deepspeed
-from orchestrator.tune import expected_trials, experiment_path, restore, trials_ended, tuner
-from workers.prompts import Expert, load_expert
-from workers.settings import SHARED
+from orchestrator.trial import expert_groups
+from orchestrator.tune import expected_trials, experiment_path, restore, run_trial, trials_ended, tuner
+from workers.cultures import SHARED
+from workers.expert_file import Expert, load_expert
 from workers.shared_base import SharedBase
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What `train` (or `register_from`) did: the cultures with a winner, what it registered, what failed."""
+
+    experts: list[str] = field(default_factory=list)  # the cultures whose best expert was picked, sorted
+    registered: list[Registration] = field(default_factory=list)  # empty when the store was down
+    failed: list[str] = field(default_factory=list)  # the ids of the trials that failed past their retries
+    interrupted: bool = False  # Ctrl-C: Tune saved its state, `--resume` continues
 
 
 def connect() -> None:
@@ -35,7 +46,7 @@ def connect() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, include_dashboard=False)
 
 
-def train(config: ExperimentConfig, resume: bool = False, replace: bool = False) -> dict:
+def train(config: ExperimentConfig, resume: bool = False, replace: bool = False) -> TrainOutcome:
     """Run (or resume) the experiment, then pick, log, register and publish every culture's best expert.
 
     `replace`: the published set becomes this run's experts alone, instead of the previous set with them.
@@ -64,7 +75,7 @@ def train(config: ExperimentConfig, resume: bool = False, replace: bool = False)
         if trials_ended(stage) < expected_trials(stage, stage_data):
             # Ctrl-C: Tune saved its state; finished trials stay finished when the experiment resumes.
             print(f"interrupted: continue with `shores train --resume --config ...` ({config.output_dir})")
-            return {"experts": [], "registered": [], "interrupted": True}
+            return TrainOutcome(failed=failed, interrupted=True)
         stage_trials = finished_trials(results, downloads=checkpoint_downloads(config))
         failed += report_failures(
             config, stage_trials, expert_groups(stage_data, stage.tune.experts_per_trial)
@@ -72,7 +83,7 @@ def train(config: ExperimentConfig, resume: bool = False, replace: bool = False)
         trials += stage_trials
         if stage is not public:
             if failed:  # every culture starts from the prior: it finishes first
-                return {"experts": [], "registered": [], "failed": failed}
+                return TrainOutcome(failed=failed)
             prior = prior_expert(trials)
             if prior is None:  # stopped before its first checkpoint
                 print(
@@ -80,8 +91,9 @@ def train(config: ExperimentConfig, resume: bool = False, replace: bool = False)
                     f"({config.output_dir})",
                     file=sys.stderr,
                 )
-                return {"experts": [], "registered": [], "interrupted": True}
-    return finish(config, data, trials, tracker, replace) | {"failed": failed}
+                return TrainOutcome(failed=failed, interrupted=True)
+    done = finish(config, data, trials, tracker, replace)
+    return TrainOutcome(done.experts, done.registered, failed)
 
 
 def report_failures(
@@ -140,7 +152,7 @@ def finish(
     trials: list[FinishedTrial],
     tracker: ExperimentTracker,
     replace: bool = False,
-) -> dict:
+) -> TrainOutcome:
     """Log and register each culture's best expert, then publish the champions among them.
 
     The registry decides what is served: a winner that does not beat its culture's champion leaves the
@@ -165,7 +177,7 @@ def finish(
                 print(f"{row.culture}: keeping the published expert ({row.model} v{row.version}: {why})")
     if published:
         publish_experts(config.experts_dir, published, data, replace=replace)
-    return {"experts": sorted(winners), "registered": registered}
+    return TrainOutcome(sorted(winners), registered)
 
 
 def checkpoint_downloads(config: ExperimentConfig) -> Path:
@@ -192,7 +204,7 @@ def record(
     return registered
 
 
-def register_from(output_dir: Path, original: ExperimentConfig | None = None) -> dict:
+def register_from(output_dir: Path, original: ExperimentConfig | None = None) -> TrainOutcome:
     """Log and register an experiment from its checkpoints (after an MLflow outage, say).
 
     The experts directory is left as it is: a later experiment may have published its own since.
@@ -212,7 +224,4 @@ def register_from(output_dir: Path, original: ExperimentConfig | None = None) ->
     winners = best_experts(trials)
     if not winners:
         print(f"warning: no finished trial of {path} holds an expert", file=sys.stderr)
-    return {
-        "experts": sorted(winners),
-        "registered": record(config, ExperimentTracker(config), trials, winners),
-    }
+    return TrainOutcome(sorted(winners), record(config, ExperimentTracker(config), trials, winners))

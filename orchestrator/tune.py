@@ -1,18 +1,24 @@
-"""Ray Tune: every culture group trains concurrently as its own trial on one shared frozen checkpoint."""
+"""Ray Tune: every culture group trains concurrently as its own trial on one shared frozen checkpoint.
+
+`run_trial` is the trial function; it runs the group packed (`orchestrator.trial`) or on DeepSpeed workers
+(`orchestrator.deepspeed_trial`), as `strategy` says.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from orchestrator.config import INT_SEARCH_KEYS, ExperimentConfig, Sampler
+from orchestrator.deepspeed_trial import TUNE_CPU_SHARE, run_on_train_workers
 from orchestrator.faults import Fault, driver_callbacks
 from orchestrator.survey import ExperimentData
-from orchestrator.trial import SharedBaseRef, expert_groups, run_trial, trial_resources
-from workers.prompts import Expert
+from orchestrator.trial import SharedBaseRef, expert_groups, gpus_per_trial, run_packed, trial_spec
+from workers.expert_file import Expert
 from workers.shared_base import SharedBase
 
 
@@ -50,20 +56,42 @@ def expected_trials(config: ExperimentConfig, data: ExperimentData) -> int:
     return n
 
 
-def make_trainable(
+def run_trial(
+    params: dict,
     config: ExperimentConfig,
     data: ExperimentData,
-    shared: SharedBase,
+    shared: SharedBaseRef,
     fault: Fault | None = None,
     prior: Expert | None = None,
-):
-    """The trial function with its resources; the shared checkpoint and data go into the object store once."""
+) -> None:
+    """The Tune trial function of both strategies: train one culture group, reporting every epoch.
+
+    The base is mapped zero-copy from this node's object store (by the Train workers, for deepspeed); a
+    packed trial reports the object's id as `shared_base`.
+    """
+    spec = trial_spec(params, config, data, prior)
+    if spec.config.strategy == "deepspeed":
+        run_on_train_workers(spec, shared.ref, fault)
+        return
+    run_packed(spec, shared, fault)
+
+
+def trial_resources(config: ExperimentConfig) -> dict:
+    """The trial process's own resources; a deepspeed trial's Train workers ask for theirs when it starts them."""
+    if config.strategy == "deepspeed":
+        return {"cpu": TUNE_CPU_SHARE, "gpu": 0}
+    return {"cpu": config.tune.cpus_per_trial, "gpu": gpus_per_trial(config)}
+
+
+def make_trainable(config: ExperimentConfig, data: ExperimentData, shared: SharedBase, **trial: Any):
+    """The trial function with its resources; the shared checkpoint and data go into the object store once.
+
+    `trial`: run_trial's other arguments (`fault`, `prior`).
+    """
     # One copy in the object store; each trial maps its node's copy zero-copy, or (deepspeed) hands the
     # ref on to its Train workers, which do.
     base = SharedBaseRef(ray.put(shared))
-    trainable = tune.with_parameters(
-        run_trial, config=config, data=data, shared=base, fault=fault, prior=prior
-    )
+    trainable = tune.with_parameters(run_trial, config=config, data=data, shared=base, **trial)
     return tune.with_resources(trainable, trial_resources(config))
 
 
@@ -86,7 +114,7 @@ def tuner(
             time_attr="epoch", max_t=config.train.epochs, grace_period=config.tune.grace_period
         )
     return tune.Tuner(
-        make_trainable(config, data, shared, fault, prior),
+        make_trainable(config, data, shared, fault=fault, prior=prior),
         param_space=param_space(config, n_groups),
         tune_config=tune.TuneConfig(
             # The group's mean gain over its own validation alignment before training, not raw alignment:
@@ -134,7 +162,7 @@ def restore(
     if not tune.Tuner.can_restore(path):
         raise FileNotFoundError(f"no experiment to resume at {path}")
     fault = Fault.from_env(config.output_dir)
-    trainable = make_trainable(config, data, shared, fault, prior) if shared else run_trial
+    trainable = make_trainable(config, data, shared, fault=fault, prior=prior) if shared else run_trial
     return tune.Tuner.restore(path, trainable, resume_errored=True)
 
 

@@ -52,9 +52,10 @@ from workers.chat import chat_prompt
 from workers.committees import BASE, Committee, member_indices
 from workers.detokenize import Detokenizer, StopStrings, token_text
 from workers.engine import Batch, CacheBudgetError, DecodeEngine, EngineStopped, Generation, auto_cache_tokens
+from workers.expert_file import Expert
 from workers.expert_store import DirectorySource, ExpertSnapshot, RegistryError, RegistrySource, Similarity
 from workers.generation import DecodeRequest, choice_seed, stop_token_ids
-from workers.prompts import Expert, SoftPromptBank, bank_from_experts
+from workers.prompts import SoftPromptBank, bank_from_experts
 from workers.scoring import EncodedQuestion, encode_question
 
 logger = logging.getLogger("ray.serve")

@@ -14,8 +14,9 @@ from orchestrator.config import SERVE_GROUPS, ExperimentConfig
 from tests.conftest import OPINIONS, free_ports
 from workers.base_model import load_frozen_base
 from workers.cultures import slug
+from workers.expert_file import Expert, ExpertMeta, save_expert
 from workers.expert_store import SIMILARITY_FILE
-from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text, save_expert
+from workers.prompts import SoftPromptBank, persona_text
 
 if TYPE_CHECKING:
     from ray.serve import Deployment
@@ -264,7 +265,7 @@ def register(config: ExperimentConfig, expert_file: Path, val_alignment: float) 
 
     from orchestrator.results import FinishedTrial, Winner
     from orchestrator.tracking import ExperimentTracker
-    from workers.prompts import load_expert
+    from workers.expert_file import load_expert
 
     culture = load_expert(expert_file).meta.culture
     trial_id = f"{slug(culture)}-{val_alignment}"

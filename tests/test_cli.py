@@ -12,7 +12,7 @@ import yaml
 
 from orchestrator.config import ConfigError, load_config
 from tests.conftest import OPINIONS, REPO, SHARED_DATA
-from workers.prompts import load_expert, save_expert
+from workers.expert_file import load_expert, save_expert
 
 TINY = REPO / "tests" / "tiny.yaml"
 SQRT_LN2 = math.sqrt(math.log(2))

@@ -11,22 +11,11 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from tests.conftest import PROMPTS, token_ids
 from tests.test_trainer import _data
 from workers.engine import DecodeEngine
+from workers.expert_file import Expert, ExpertMeta, PromptMismatchError, load_expert, save_expert
 from workers.generation import DecodeRequest, committee_generate
+from workers.peft_export import PeftExportError, export_peft_adapter
 from workers.prefix import cache_kwarg, kv_shape
-from workers.prompts import (
-    NO_EXPERT,
-    Expert,
-    ExpertMeta,
-    PeftExportError,
-    PromptMismatchError,
-    SoftPromptBank,
-    bank_from_experts,
-    export_peft_adapter,
-    load_expert,
-    persona_text,
-    prompted_inputs,
-    save_expert,
-)
+from workers.prompts import NO_EXPERT, SoftPromptBank, bank_from_experts, persona_text, prompted_inputs
 from workers.scoring import encode_question, left_pad, option_distributions
 from workers.trainer import PackedTrainer, TrainConfig
 
@@ -258,7 +247,7 @@ def test_zero_training_refuses_deep_experts(llama_base):
 
     bank = SoftPromptBank.initialise(llama_base, ["Germany"], 2, kind="deep")
     with pytest.raises(ValueError, match="input prompts only"):
-        ZeroTrainer(llama_base, bank, {}, {}, _config(), {})
+        ZeroTrainer(llama_base, bank, {}, {}, _config(), ds={})
 
 
 def test_save_load_roundtrip_of_every_kind(tiny_base, tmp_path):

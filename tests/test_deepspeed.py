@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.trial import trial_resources, validate_deepspeed
+from orchestrator.deepspeed_trial import validate_deepspeed
+from orchestrator.tune import trial_resources
 from tests.conftest import OPINIONS, REPO, free_ports
 
 TINY = REPO / "tests" / "tiny.yaml"
@@ -80,7 +81,7 @@ def test_bad_zero_stage_and_worker_count_are_config_errors(llama_dir, tmp_path):
 
 
 def test_good_settings_pass_and_a_trial_holds_only_a_small_cpu_share(llama_dir, tmp_path):
-    from orchestrator.trial import trial_ds_config, worker_cpus
+    from orchestrator.deepspeed_trial import trial_ds_config, worker_cpus
 
     config = ds_config(
         llama_dir, tmp_path, "deepspeed.config={zero_optimization: {stage: 3, overlap_comm: false}}"
@@ -160,12 +161,12 @@ def test_every_zero_stage_trains_and_resumes_like_one_process(
     ds = ds_config(SimpleNamespace(num_workers=1, zero_stage=stage, config={}), 4, config.grad_accum)
     # ZeRO-3 turns a base's weights into its shards: one base a trainer.
     zero = ZeroTrainer(
-        llama_shared.materialise("cpu"), SoftPromptBank(cultures, start), train, val, config, ds
+        llama_shared.materialise("cpu"), SoftPromptBank(cultures, start), train, val, config, ds=ds
     )
     states = []
     zero.fit(lambda epoch, trainer: states.append(trainer.state_dict()))
     resumed = ZeroTrainer(
-        llama_shared.materialise("cpu"), SoftPromptBank(cultures, start), train, val, config, ds
+        llama_shared.materialise("cpu"), SoftPromptBank(cultures, start), train, val, config, ds=ds
     )
     resumed.load_state_dict(states[0])
     resumed.fit()
@@ -258,7 +259,8 @@ def _train_on_two_workers_and_compare(llama_dir, tmp_path, epochs: int) -> None:
     from orchestrator.survey import prepare_data
     from orchestrator.trial import load_trainer_state
     from orchestrator.tune import tuner
-    from workers.prompts import SoftPromptBank, load_expert
+    from workers.expert_file import load_expert
+    from workers.prompts import SoftPromptBank
     from workers.shared_base import SharedBase
     from workers.trainer import PackedTrainer
 

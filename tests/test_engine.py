@@ -10,8 +10,9 @@ import torch
 from tests.conftest import PROMPTS, token_ids
 from workers.committees import committee_distributions
 from workers.engine import DecodeEngine, EngineStopped
+from workers.expert_file import Expert, ExpertMeta
 from workers.generation import DecodeRequest, committee_generate
-from workers.prompts import NO_EXPERT, Expert, ExpertMeta, bank_from_experts
+from workers.prompts import NO_EXPERT, bank_from_experts
 from workers.scoring import encode_question
 
 

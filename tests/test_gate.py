@@ -15,8 +15,9 @@ from orchestrator.survey import prepare_data
 from orchestrator.tracking import ExperimentTracker
 from tests.conftest import OPINIONS, REPO
 from workers.base_model import load_frozen_base
+from workers.expert_file import load_expert, save_expert
 from workers.expert_store import CHAMPION
-from workers.prompts import SoftPromptBank, bank_from_experts, load_expert, save_expert
+from workers.prompts import SoftPromptBank, bank_from_experts
 from workers.scoring import mean_alignment
 
 TINY = REPO / "tests" / "tiny.yaml"

@@ -106,7 +106,7 @@ def test_a_stop_token_ends_a_request_without_being_returned(tiny_base, bank):
 
 
 def test_bad_requests_are_refused(tiny_base, bank):
-    with pytest.raises(ValueError, match="empty committee"):
+    with pytest.raises(ValueError, match="at least one member with a positive weight"):
         committee_generate(tiny_base, bank, [DecodeRequest([1, 2], [], max_new_tokens=2)])
     with pytest.raises(ValueError, match="max_new_tokens"):
         committee_generate(tiny_base, bank, [DecodeRequest([1, 2], [(0, 1.0)], max_new_tokens=0)])

@@ -14,8 +14,8 @@ from orchestrator.cli import main as shores_main
 from orchestrator.tracking import Store
 from tests.serving import client, local_serve, wait_for
 from tests.test_tune import TINY, champions, tiny_config
+from workers.expert_file import load_expert
 from workers.expert_store import SIMILARITY_FILE, RegistrySource, registered_experts
-from workers.prompts import load_expert
 
 
 def content_version(path: Path) -> str:

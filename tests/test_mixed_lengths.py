@@ -20,8 +20,7 @@ from orchestrator.publish import publish_experts
 from orchestrator.results import Winner, finished_trials
 from orchestrator.survey import prepare_data
 from orchestrator.train import train
-from orchestrator.trial import run_trial
-from orchestrator.tune import experiment_path
+from orchestrator.tune import experiment_path, run_trial
 from tests.conftest import OPINIONS, REPO
 from tests.serving import client, local_serve
 from workers.cultures import slug
@@ -51,7 +50,7 @@ def test_experts_of_lengths_4_and_8_train_serve_and_evaluate_together(llama_dir,
         trials = finished_trials(tune.Tuner.restore(experiment_path(config), run_trial).get_results())
     finally:
         ray.shutdown()
-    assert outcome["experts"] == ["Germany", "Japan"]
+    assert outcome.experts == ["Germany", "Japan"]
     assert {e.prompt.shape[0] for e in load_experts(config.experts_dir)} <= {4, 8}
 
     # Every culture was trained at both lengths; pin one length each from those checkpoints.

@@ -15,8 +15,7 @@ from ray.cluster_utils import Cluster
 
 from orchestrator.results import local_checkpoint
 from orchestrator.train import train
-from orchestrator.trial import run_trial
-from orchestrator.tune import experiment_path, storage_path
+from orchestrator.tune import experiment_path, run_trial, storage_path
 from tests.test_tune import tiny_config
 
 
@@ -85,7 +84,7 @@ def test_trials_run_on_both_nodes_and_a_lost_node_s_trial_resumes_on_the_head(
     assert seen["report"]["node_id"] == worker.node_id
     assert sorted(seen["base_nodes"]) == sorted([head, worker.node_id])
     # Every culture's expert published and registered, read back from checkpoints in the file:// storage.
-    assert outcome["experts"] == ["Germany", "Japan"] and len(outcome["registered"]) == 2
+    assert outcome.experts == ["Germany", "Japan"] and len(outcome.registered) == 2
     assert sorted(p.stem for p in (tmp_path / "out" / "experts").glob("*.safetensors")) == [
         "germany",
         "japan",

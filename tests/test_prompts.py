@@ -7,19 +7,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from workers.base_model import fingerprint, load_frozen_base
-from workers.prompts import (
-    NO_EXPERT,
-    Expert,
-    ExpertMeta,
-    PromptMismatchError,
-    SoftPromptBank,
-    bank_from_experts,
-    export_peft_adapter,
-    load_expert,
-    persona_text,
-    prompted_inputs,
-    save_expert,
-)
+from workers.expert_file import Expert, ExpertMeta, PromptMismatchError, load_expert, save_expert
+from workers.peft_export import export_peft_adapter
+from workers.prompts import NO_EXPERT, SoftPromptBank, bank_from_experts, persona_text, prompted_inputs
 from workers.scoring import encode_question, left_pad, option_distributions
 
 TEXTS = ["Do you think people can be trusted?", "Answer: A", "How important is religion in your life? Very"]

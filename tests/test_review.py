@@ -44,7 +44,7 @@ def reviewed(llama_dir, tmp_path_factory):
     # A Ray of our own, even where other clusters run on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        assert train(config)["experts"] == ["Germany", "Japan"]
+        assert train(config).experts == ["Germany", "Japan"]
     finally:
         ray.shutdown()
     report = out / "report.json"

@@ -13,7 +13,8 @@ from tests.conftest import OPINIONS, REPO
 from workers.base_model import load_frozen_base
 from workers.committees import Committee, TextRouter, culture_committee, culture_committees, softmax_weights
 from workers.cultures import UnknownCultureError, find_culture
-from workers.prompts import Expert, ExpertMeta, SoftPromptBank, persona_text
+from workers.expert_file import Expert, ExpertMeta
+from workers.prompts import SoftPromptBank, persona_text
 
 EXPERTS = ["Germany", "Japan", "Kenya", "United Kingdom"]
 SIMILARITY = {"Canada": {"United Kingdom": 0.9, "Germany": 0.8, "Japan": 0.6, "Kenya": 0.5, "Peru": 0.95}}

@@ -9,8 +9,8 @@ from orchestrator.config import ConfigError, load_config
 from orchestrator.survey import prepare_data
 from orchestrator.tracking import TRIAL_TAG, Store
 from orchestrator.train import train
-from orchestrator.trial import run_trial, trial_config
-from orchestrator.tune import expected_trials, param_space
+from orchestrator.trial import trial_config
+from orchestrator.tune import expected_trials, param_space, run_trial
 from tests.conftest import OPINIONS, REPO
 from tests.test_tune import tiny_config
 from workers.expert_store import load_experts
@@ -108,13 +108,13 @@ def test_the_better_learning_rate_wins_for_every_culture(llama_dir, tmp_path):
         outcome = train(config)
     finally:
         ray.shutdown()
-    assert outcome["experts"] == ["Germany", "Japan"]
+    assert outcome.experts == ["Germany", "Japan"]
     published = {e.meta.culture: e.meta.training for e in load_experts(config.experts_dir)}
     for culture, training in published.items():
         assert training["lr"] == 0.05, culture
         # The winner validates above where it started: the learning rate that learns is the better one.
         assert training["val_alignment"] > training["initial_val_alignment"], culture
-    registered = {r.culture: r for r in outcome["registered"]}
+    registered = {r.culture: r for r in outcome.registered}
     assert {c: round(r.val_alignment, 6) for c, r in registered.items()} == {
         c: round(t["val_alignment"], 6) for c, t in published.items()
     }
@@ -142,7 +142,7 @@ def test_asha_stops_a_clearly_worse_trial_and_each_culture_wins_in_its_own_trial
         results = tune.Tuner.restore(str(tmp_path / "tune" / "tiny"), run_trial).get_results()
     finally:
         ray.shutdown()
-    assert outcome["experts"] == ["Germany", "Japan"] and not outcome["failed"]
+    assert outcome.experts == ["Germany", "Japan"] and not outcome.failed
     trials = {(r.config["group"], r.config["lr"]): r for r in results}
     epochs = {key: int(r.metrics["epoch"]) for key, r in trials.items()}
     assert epochs[(0, 1e-9)] == epochs[(1, 1e-9)] == 1, epochs  # stopped by ASHA, not failed
@@ -152,7 +152,7 @@ def test_asha_stops_a_clearly_worse_trial_and_each_culture_wins_in_its_own_trial
     client = Store.from_config(config).client()
     winner_trials = {
         row.culture: client.get_model_version(row.model, str(row.version)).tags[TRIAL_TAG]
-        for row in outcome["registered"]
+        for row in outcome.registered
     }
     assert winner_trials == {
         "Germany": trials[(0, 0.05)].metrics["trial_id"],

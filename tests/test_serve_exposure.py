@@ -37,7 +37,7 @@ from tests.serving import (
     wait_for,
     write_experts,
 )
-from workers.prompts import load_expert, save_expert
+from workers.expert_file import load_expert, save_expert
 
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 JAPAN = QUESTION | {"culture": "Japan"}  # a good request (routing by text could pick the broken expert)

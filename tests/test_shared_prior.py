@@ -17,8 +17,8 @@ from orchestrator.survey.pooling import pooled_records, sample_questions
 from orchestrator.tracking import Store
 from orchestrator.train import train
 from tests.conftest import OPINIONS, REPO
+from workers.cultures import SHARED
 from workers.expert_store import SIMILARITY_FILE, load_experts, registered_experts
-from workers.settings import SHARED
 
 TINY = REPO / "tests" / "tiny.yaml"
 
@@ -90,7 +90,7 @@ def train_with_prior(llama_dir, tmp_path, *sets):
 
 def test_tune_trains_registers_and_publishes_the_prior_beside_the_experts(llama_dir, tmp_path):
     config, outcome = train_with_prior(llama_dir, tmp_path, "data.cultures=[Germany]")
-    assert outcome["experts"] == ["Germany", SHARED]
+    assert outcome.experts == ["Germany", SHARED]
     experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
     assert set(experts) == {"Germany", SHARED}
     assert "most people around the world" in experts[SHARED].meta.descriptor
@@ -111,7 +111,7 @@ def test_init_shared_trains_the_prior_first_and_starts_every_expert_from_it(kind
         "shared.cpus_per_trial=2",
         "train.lr=1e-9",  # no step moves a prompt: each expert is exactly where it started
     )
-    assert outcome["experts"] == ["Germany", "Japan", SHARED]
+    assert outcome.experts == ["Germany", "Japan", SHARED]
     assert (tmp_path / "tune" / f"tiny-{SHARED}").is_dir()  # the prior's own stage, resumable on its own
     experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
     assert experts[SHARED].meta.kind == kind
@@ -189,7 +189,7 @@ def checkpoint_epochs(experiment: Path, group: int) -> list[tuple[int, int]]:
     """(epoch, pid of the process that trained it) of each checkpoint the driver registered for a trial."""
     from ray import tune
 
-    from orchestrator.trial import run_trial
+    from orchestrator.tune import run_trial
 
     results = tune.Tuner.restore(str(experiment), run_trial).get_results()
     trial = next(r for r in results if r.config["group"] == group)

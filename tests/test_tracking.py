@@ -16,8 +16,8 @@ from orchestrator.survey import prepare_data
 from orchestrator.tracking import ExperimentTracker, Store, TrackingError, public_config, restore_credentials
 from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
 from workers.cultures import slug
+from workers.expert_file import Expert, ExpertMeta, load_expert, save_expert
 from workers.expert_store import CHAMPION, SIMILARITY_FILE, load_experts, redact, registered_experts
-from workers.prompts import Expert, ExpertMeta, load_expert, save_expert
 
 TINY = REPO / "tests" / "tiny.yaml"
 SECRET = "s3cr3t-pw"
@@ -262,7 +262,7 @@ def test_a_store_with_credentials_down_during_training_gets_everything_later_onc
         session = Path(ray._private.worker._global_node.get_session_dir_path())
     finally:
         ray.shutdown()
-    assert outcome["experts"] == ["Germany", "Japan"] and outcome["registered"] == []
+    assert outcome.experts == ["Germany", "Japan"] and outcome.registered == []
     printed = capfd.readouterr()
     assert "user:***@127.0.0.1" in printed.err and SECRET not in printed.out + printed.err
     leaked = subprocess.run(

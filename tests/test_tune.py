@@ -14,10 +14,10 @@ from orchestrator.cli import main as shores_main
 from orchestrator.config import load_config
 from orchestrator.tracking import Store
 from orchestrator.train import train
-from orchestrator.trial import run_trial
+from orchestrator.tune import run_trial
 from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
+from workers.expert_file import load_expert
 from workers.expert_store import registered_experts
-from workers.prompts import load_expert
 
 TINY = REPO / "tests" / "tiny.yaml"
 
@@ -50,7 +50,7 @@ def test_train_registers_every_culture_and_moves_champion_only_when_better(
         "tune.search_space={lr: [0.05, 0.2]}",
     )
     outcome = train(config)
-    assert outcome["experts"] == ["Germany", "Japan", "Kenya"]
+    assert outcome.experts == ["Germany", "Japan", "Kenya"]
     assert sorted(p.name for p in (tmp_path / "experts").glob("*.safetensors")) == [
         "germany.safetensors",
         "japan.safetensors",
@@ -148,8 +148,8 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(llama_dir, tmp_path, loca
     config, _ = tiny_config(llama_dir, tmp_path, "data.cultures=[Germany, Japan]")  # 2 epochs
     outcome = train(config)
     assert (tmp_path / "faults" / "kill-after-checkpoint-0-1").exists()  # it fired, and only once
-    assert outcome["experts"] == ["Germany", "Japan"]
-    assert len(outcome["registered"]) == 2
+    assert outcome.experts == ["Germany", "Japan"]
+    assert len(outcome.registered) == 2
     # What the driver recorded with each checkpoint (result.json can miss a line across a retry).
     results = tune.Tuner.restore(str(tmp_path / "tune" / "tiny"), run_trial).get_results()
     killed = next(r for r in results if r.config["group"] == 0)
@@ -168,19 +168,19 @@ def test_a_trial_out_of_memory_is_one_line_of_advice_and_resume_finishes_it(
     )  # fifo: ASHA could stop the trial after epoch 1, before its fault
     outcome = train(config)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trial ")]
-    assert len(lines) == 1 and len(outcome["failed"]) == 1
+    assert len(lines) == 1 and len(outcome.failed) == 1
     assert "(Japan) failed: MemoryError" in lines[0] and "(out of memory)" in lines[0]
     assert "train.batch_size" in lines[0] and "--resume" in lines[0]
     # Nothing is lost: Germany's expert, and Japan's from its epoch-1 checkpoint, are published. (Read from
     # the published expert, not Tune's result.json: a restarted trial's result.json is restored from a storage
     # copy synced on a timer, so its rows depend on timing.)
-    assert outcome["experts"] == ["Germany", "Japan"]
+    assert outcome.experts == ["Germany", "Japan"]
     japan = config.experts_dir / "japan.safetensors"
     assert load_expert(japan).meta.training["epochs_run"] == 1
 
     monkeypatch.delenv("SHORES_FAULT")  # with more memory, say
     resumed = train(config, resume=True)
-    assert resumed["failed"] == [] and resumed["experts"] == ["Germany", "Japan"]
+    assert resumed.failed == [] and resumed.experts == ["Germany", "Japan"]
     assert load_expert(japan).meta.training["epochs_run"] == 2
 
 
@@ -243,7 +243,7 @@ def test_mlflow_outage_loses_nothing_and_register_from_logs_it_later(llama_dir, 
         llama_dir, tmp_path, f"mlflow.tracking_uri={uri}", "data.cultures=[Germany, Japan]"
     )
     outcome = train(config)  # no server is listening yet
-    assert outcome["experts"] == ["Germany", "Japan"] and outcome["registered"] == []
+    assert outcome.experts == ["Germany", "Japan"] and outcome.registered == []
     assert len(list((tmp_path / "experts").glob("*.safetensors"))) == 2
 
     with mlflow_server(port, tmp_path):

@@ -17,12 +17,20 @@ import torch
 
 from workers.base_model import FrozenBase
 from workers.cultures import UnknownCultureError, find_culture, is_shared
+from workers.defaults import ROUTER_MODEL
 from workers.expert_store import Similarity
 from workers.prompts import NO_EXPERT, SoftPromptBank
 from workers.scoring import EncodedQuestion, batch_log_probs, option_token_ids
-from workers.settings import ROUTER_MODEL
 
 BASE = "base"  # the member that is the plain base model, with no prompt
+
+
+def committee_weights(weights: Sequence[float]) -> list[float]:
+    """A committee's weights scaled to sum to 1; ValueError unless there is a member and the weights sum above 0."""
+    total = sum(weights)
+    if not weights or not total > 0:
+        raise ValueError("a committee needs at least one member with a positive weight")
+    return [float(w) / total for w in weights]
 
 
 @dataclass
@@ -32,10 +40,8 @@ class Committee:
     members: list[tuple[str, float]]
 
     def __post_init__(self) -> None:
-        total = sum(w for _, w in self.members)
-        if not self.members or total <= 0:
-            raise ValueError("a committee needs at least one member with a positive weight")
-        self.members = [(c, float(w) / total) for c, w in self.members]
+        weights = committee_weights([w for _, w in self.members])
+        self.members = [(c, w) for (c, _), w in zip(self.members, weights)]
 
     @property
     def cultures(self) -> list[str]:

@@ -14,9 +14,11 @@ from functools import lru_cache
 
 import pycountry
 
-from workers.settings import SHARED
+# The reserved culture name of the culture-blind shared survey prior: an expert, never a culture of the data.
+SHARED = "shared"
 
 __all__ = [
+    "SHARED",
     "CultureIndex",
     "UnknownCultureError",
     "canonical_country",

@@ -50,7 +50,7 @@ import torch
 from transformers import DynamicCache
 
 from workers.base_model import FrozenBase
-from workers.committees import BASE, committee_distributions
+from workers.committees import BASE, committee_distributions, committee_weights
 from workers.generation import (
     Decoded,
     DecodeRequest,
@@ -226,13 +226,12 @@ class DecodeEngine:
         _check_members(request.members, bank)
         per_row = _width(bank) + len(request.prompt_ids) + request.max_new_tokens
         self._check_budget(len(request.members), per_row, "the request")
-        total = sum(w for _, w in request.members)
         generation = Generation(
             next(self._ids),
             request,
             listener,
             bank,
-            weights=[w / total for _, w in request.members],
+            weights=committee_weights([w for _, w in request.members]),
             slots_per_row=per_row,
         )
         generation.generator = sampler(request)
@@ -249,8 +248,7 @@ class DecodeEngine:
         bank: SoftPromptBank | None = CURRENT,
     ) -> Future:
         """Queue an opinion request; the future gets its committee's mixed option distribution."""
-        if not members or not sum(w for _, w in members) > 0:
-            raise ValueError("a committee needs at least one member with a positive weight")
+        committee_weights([w for _, w in members])
         bank = self.bank if bank is CURRENT else bank
         _check_members(members, bank)
         per_row = _width(bank) + len(question.input_ids)

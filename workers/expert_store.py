@@ -22,8 +22,8 @@ from typing import Protocol, TypeVar
 
 from workers.base_model import FrozenBase
 from workers.cultures import slug
-from workers.prompts import Expert, load_expert
-from workers.settings import CHAMPION
+from workers.defaults import CHAMPION
+from workers.expert_file import Expert, load_expert
 
 T = TypeVar("T")
 SIMILARITY_FILE = "similarity.json"

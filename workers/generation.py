@@ -20,13 +20,13 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from workers.base_model import FrozenBase
+from workers.committees import committee_weights
 from workers.prefix import cache_kwarg, start_cache
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import left_pad
 
-SPARE_SLOTS = (
-    32  # free cache slots a decode layer keeps: one copy of its cache every 32 steps, not every step
-)
+# Free cache slots a decode layer keeps: one copy of its cache every 32 steps, not every step.
+SPARE_SLOTS = 32
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / ~0 would be inf, then NaN
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63), what torch.Generator.manual_seed takes without wrapping
 MAX_TOP_LOGPROBS = 20  # alternatives a token's log probabilities may list (OpenAI's cap)
@@ -117,10 +117,7 @@ def with_spare_slots(cache: DynamicCache) -> DynamicCache:
 
 def check_request(request: DecodeRequest) -> None:
     """Refuse a request that cannot be decoded, with one clear line (ValueError)."""
-    if not request.members:
-        raise ValueError("empty committee")
-    if not sum(w for _, w in request.members) > 0:
-        raise ValueError("committee weights must sum to a positive number")
+    committee_weights([w for _, w in request.members])
     if request.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     if not math.isfinite(request.temperature):
@@ -243,11 +240,11 @@ def committee_generate(
             check_request(request)
         except ValueError as error:
             raise ValueError(f"request {i}: {error}") from None
-        total = sum(w for _, w in request.members)
-        for expert, w in request.members:
+        weights = committee_weights([w for _, w in request.members])
+        for (expert, _), w in zip(request.members, weights):
             owner.append(i)
             expert_idx.append(expert)
-            weight.append(w / total)
+            weight.append(w)
             prompts.append(request.prompt_ids)
     ids, mask = left_pad(prompts, base.tokenizer.pad_token_id)
     if all(e == NO_EXPERT for e in expert_idx):

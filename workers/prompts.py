@@ -7,33 +7,21 @@ tuning, deep-only prefix tuning, and both a composed expert (e.g. a shared deep 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
-from peft import PrefixTuningConfig, PromptTuningConfig, TaskType
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from workers.base_model import FrozenBase
-from workers.prefix import cache_kwarg, kv_shape, prefix_cache, random_prefix, text_prefix
-from workers.settings import SHARED
+from workers.cultures import SHARED
+from workers.expert_file import Expert, ExpertMeta, described
+from workers.prefix import cache_kwarg, prefix_cache, random_prefix, text_prefix
+from workers.prompt_rows import PromptRows
 
 NO_EXPERT = -1  # the expert index of a row that gets no prompt (the plain base model)
-FORMAT_VERSION = "2"  # 2: an optional deep prefix (version 1 files load as input-only)
-
-
-class PromptMismatchError(ValueError):
-    """A soft prompt that does not fit the base model it is loaded onto."""
-
-
-class PeftExportError(ValueError):
-    """An expert that no single PEFT adapter can hold (a deep prefix and input tokens together)."""
 
 
 def persona_text(culture: str) -> str:
@@ -43,79 +31,6 @@ def persona_text(culture: str) -> str:
             "You are a person answering a survey. Answer the way most people around the world would answer."
         )
     return f"You are a person from {culture}. Answer the way most people in {culture} would answer."
-
-
-@dataclass
-class ExpertMeta:
-    """What travels with a soft prompt: whose it is, which base model it was trained for, its parts' shapes."""
-
-    culture: str
-    iso: str
-    num_virtual_tokens: int  # the input prompt's tokens, L_i (0: a deep-only expert)
-    hidden_size: int
-    base_model: str
-    base_fingerprint: str
-    training: dict = field(default_factory=dict)  # summary: val alignment, epochs, lr, trial, ...
-    descriptor: str = ""  # text the router embeds to match free-text profiles
-    # The deep prefix: its tokens, L_p (0: none, as in every file from before deep prompts), and the cache
-    # shape it was made for, checked against the base on load.
-    prefix_tokens: int = 0
-    num_layers: int = 0
-    num_key_value_heads: int = 0
-    head_dim: int = 0
-
-    @property
-    def kind(self) -> str:
-        """`input` (prompt tuning), `deep` (prefix tuning) or `composed` (a prefix and input tokens)."""
-        if not self.prefix_tokens:
-            return "input"
-        return "composed" if self.num_virtual_tokens else "deep"
-
-    def to_strings(self) -> dict[str, str]:
-        values = asdict(self) | {"format_version": FORMAT_VERSION, "kind": self.kind}
-        return {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in values.items()}
-
-    @classmethod
-    def from_strings(cls, values: dict[str, str]) -> ExpertMeta:
-        return cls(
-            culture=values["culture"],
-            iso=values["iso"],
-            num_virtual_tokens=int(values["num_virtual_tokens"]),
-            hidden_size=int(values["hidden_size"]),
-            base_model=values["base_model"],
-            base_fingerprint=values["base_fingerprint"],
-            training=json.loads(values.get("training", "{}")),
-            descriptor=values.get("descriptor", ""),
-            **{
-                k: int(values.get(k, 0))
-                for k in ("prefix_tokens", "num_layers", "num_key_value_heads", "head_dim")
-            },
-        )
-
-
-@dataclass
-class Expert:
-    """One culture's trained soft prompt: its input prompt (L_i x D), its deep prefix if it has one, its metadata."""
-
-    prompt: torch.Tensor
-    meta: ExpertMeta
-    prefix: torch.Tensor | None = None  # L_p x num_layers x 2 (key, value) x num_key_value_heads x head_dim
-
-
-def _described(expert: Expert) -> ExpertMeta:
-    """The expert's metadata with its shape fields read off its tensors, so a header always describes its file."""
-    shapes = dict(num_virtual_tokens=expert.prompt.shape[0], hidden_size=expert.prompt.shape[1])
-    tokens, layers, kv_heads, head_dim = 0, 0, 0, 0
-    if expert.prefix is not None:
-        tokens, layers, _, kv_heads, head_dim = expert.prefix.shape
-    return replace(
-        expert.meta,
-        **shapes,
-        prefix_tokens=tokens,
-        num_layers=layers,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-    )
 
 
 def _parameter(t: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
@@ -335,14 +250,14 @@ class SoftPromptBank(nn.Module):
             meta,
             None if prefix is None else prefix.detach().cpu().clone(),
         )
-        return replace(expert, meta=_described(expert))
+        return replace(expert, meta=described(expert))
 
 
 def prompted_inputs(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    bank: SoftPromptBank | None,
+    bank: PromptRows | None,
     expert_idx: torch.Tensor | None,
 ) -> dict[str, torch.Tensor | DynamicCache]:
     """Model kwargs in which every row gets its own expert's prefix and input prompt (or none) before its tokens.
@@ -362,18 +277,15 @@ def prompted_inputs(
         prompt_mask = attention_mask.new_zeros(rows, 0)
     else:
         prompts = bank.rows(expert_idx.cpu()).to(embeds.device, embeds.dtype)
-        if isinstance(bank, SoftPromptBank):
-            prompt_mask = bank.prompt_mask(expert_idx.cpu()).to(attention_mask.device, attention_mask.dtype)
-            prefix = bank.prefix_rows(expert_idx.cpu())
-        else:  # a stand-in (the ZeRO trainer's) whose prompts all have one length, and no prefixes
-            has_prompt = (expert_idx != NO_EXPERT).to(attention_mask.device, attention_mask.dtype)
-            prompt_mask = has_prompt[:, None].expand(-1, prompts.shape[1])
+        prompt_mask = bank.prompt_mask(expert_idx.cpu()).to(attention_mask.device, attention_mask.dtype)
+        prefix = bank.prefix_rows(expert_idx.cpu())
     extra: dict[str, DynamicCache] = {}
     prefix_mask = attention_mask.new_zeros(rows, 0)
     if prefix is not None:
         kv, prefix_mask = prefix
-        trained = bank.trained_layers if isinstance(bank, SoftPromptBank) else None
-        extra[cache_kwarg(model)] = prefix_cache(model, kv.to(embeds.device, embeds.dtype), trained)
+        extra[cache_kwarg(model)] = prefix_cache(
+            model, kv.to(embeds.device, embeds.dtype), bank.trained_layers
+        )
         prefix_mask = prefix_mask.to(attention_mask.device, attention_mask.dtype)
     mask = torch.cat([prefix_mask, prompt_mask, attention_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -384,96 +296,8 @@ def prompted_inputs(
     } | extra
 
 
-def save_expert(path: Path, expert: Expert) -> Path:
-    """Write one expert as safetensors (its input prompt, its prefix if any), its metadata in the header."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tensors = {"prompt": expert.prompt.detach().float().cpu().contiguous()}
-    if expert.prefix is not None:
-        tensors["prefix"] = expert.prefix.detach().float().cpu().contiguous()
-    save_file(tensors, tmp, _described(expert).to_strings())
-    tmp.replace(path)  # atomic: a crash never leaves a half-written expert under its real name
-    return path
-
-
-def load_expert(path: Path, base: FrozenBase | None = None) -> Expert:
-    """Read one expert; refuse it if it was trained for another base model than `base`.
-
-    A file from before deep prompts has no prefix: it loads as an input-only expert.
-    """
-    with safe_open(str(path), framework="pt") as handle:
-        meta = ExpertMeta.from_strings(handle.metadata() or {})
-        prompt = handle.get_tensor("prompt")
-        prefix = handle.get_tensor("prefix") if "prefix" in handle.keys() else None
-    if base is not None and meta.base_fingerprint != base.fingerprint:
-        raise PromptMismatchError(
-            f"expert {meta.culture!r} ({path}) was trained for base model {meta.base_model!r} "
-            f"(fingerprint {meta.base_fingerprint}), not {base.name!r} (fingerprint {base.fingerprint})"
-        )
-    if base is not None and meta.hidden_size != base.hidden_size:
-        raise PromptMismatchError(
-            f"expert {meta.culture!r} has width {meta.hidden_size}, model {base.hidden_size}"
-        )
-    if base is not None and prefix is not None:
-        names = ("num_layers", "num_key_value_heads", "head_dim")
-        have = dict(zip(names, (prefix.shape[1], prefix.shape[3], prefix.shape[4])))
-        for name, want in zip(names, kv_shape(base.model.config)):
-            if have[name] != want:
-                raise PromptMismatchError(
-                    f"expert {meta.culture!r} has a deep prefix for {name}={have[name]}, model has {want}"
-                )
-    return Expert(prompt=prompt, meta=meta, prefix=prefix)
-
-
 def bank_from_experts(experts: list[Expert], device: torch.device | str = "cpu") -> SoftPromptBank:
     """One bank holding the given experts, in order (their kinds and lengths may differ)."""
     return SoftPromptBank(
         [e.meta.culture for e in experts], [e.prompt for e in experts], [e.prefix for e in experts]
     ).to(device)
-
-
-def export_peft_adapter(expert: Expert, model: PreTrainedModel, out_dir: Path) -> Path:
-    """Write an expert as a PEFT adapter that `PeftModel.from_pretrained` loads, giving the same logits.
-
-    Input-only: a PROMPT_TUNING adapter. Deep-only: a PREFIX_TUNING one (no projection). A composed expert
-    has no single PEFT form (PEFT runs one prompt-learning adapter at a time): PeftExportError.
-    """
-    tokens, width = expert.prompt.shape
-    if expert.prefix is not None and tokens:
-        raise PeftExportError(
-            f"expert {expert.meta.culture!r} has a deep prefix and {tokens} input tokens: "
-            "no single PEFT adapter holds both"
-        )
-    if expert.prefix is not None:
-        tokens, layers, _, kv_heads, head_dim = expert.prefix.shape
-        # PEFT's GQA rule (#1901): a prefix token is num_layers x 2 x num_key_value_heads x head_dim.
-        config = PrefixTuningConfig(
-            task_type=TaskType.CAUSAL_LM,
-            num_virtual_tokens=tokens,
-            token_dim=kv_heads * head_dim,
-            num_attention_heads=kv_heads,
-            num_layers=layers,
-            num_transformer_submodules=1,
-            prefix_projection=False,
-            base_model_name_or_path=expert.meta.base_model,
-        )
-        # One row per virtual token, flattened as PEFT views it: (layer, key/value, head, head_dim).
-        weights = expert.prefix.reshape(tokens, -1)
-    else:
-        config = PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM,
-            num_virtual_tokens=tokens,
-            token_dim=width,
-            num_transformer_submodules=1,
-            num_attention_heads=model.config.num_attention_heads,
-            num_layers=model.config.num_hidden_layers,
-            base_model_name_or_path=expert.meta.base_model,
-        )
-        weights = expert.prompt
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out_dir))
-    save_file(
-        {"prompt_embeddings": weights.detach().float().cpu().contiguous()},
-        out_dir / "adapter_model.safetensors",
-    )
-    return out_dir

@@ -14,9 +14,9 @@ from transformers import PreTrainedTokenizerBase
 
 from workers.base_model import FrozenBase
 from workers.chat import chat_prompt
+from workers.defaults import EVAL_BATCH_SIZE
 from workers.prompt_rows import PromptRows
 from workers.prompts import NO_EXPERT, prompted_inputs
-from workers.settings import EVAL_BATCH_SIZE
 
 LETTERS = string.ascii_uppercase
 ANSWER_PREFIX = "Answer:"

@@ -1,4 +1,4 @@
-"""The engine's settings and defaults, torch-free: the orchestrator's config imports them without the model stack."""
+"""The trainer's settings, torch-free: the orchestrator's config imports them without the model stack."""
 
 from __future__ import annotations
 
@@ -6,15 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-EVAL_BATCH_SIZE = 16  # questions in one scoring forward pass (validation, evaluation)
-MAX_LENGTH = 320  # tokens of an encoded question; longer ones keep their end (the options and the answer)
-# Sentence embeddings of the text router: the embedded name, a folder or a hub id.
-ROUTER_MODEL = "all-MiniLM-L6-v2"
-SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test shares of the questions
-MAX_OPTIONS = 26  # a question's options are lettered A-Z: no more can be asked or answered
-CHAMPION = "champion"  # the registry alias of each culture's best expert
-# The reserved culture name of the culture-blind shared survey prior: an expert, never a culture of the data.
-SHARED = "shared"
+from workers.defaults import EVAL_BATCH_SIZE
 
 
 class TrainConfig(BaseModel):

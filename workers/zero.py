@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +40,8 @@ class EveryExpertRows:
     on every worker, so DeepSpeed reduces the same gradients everywhere.
     """
 
+    trained_layers = None  # input prompts only: no prefix layers to choose among
+
     def __init__(self, bank: SoftPromptBank):
         self.bank = bank
 
@@ -47,6 +50,12 @@ class EveryExpertRows:
             raise ValueError("every row of a ZeRO batch needs an expert")
         weight = self.bank.weight
         return weight[expert_idx.to(weight.device)]
+
+    def prompt_mask(self, expert_idx: torch.Tensor) -> torch.Tensor:
+        return self.bank.prompt_mask(expert_idx)  # prompts of one length: every slot of every row
+
+    def prefix_rows(self, expert_idx: torch.Tensor) -> None:
+        return None  # ZeroTrainer takes input prompts only
 
 
 class PromptedModel(nn.Module):
@@ -78,15 +87,8 @@ class ZeroTrainer(PackedTrainer):
     `FrozenBase` (SharedBase.materialise); the shared arrays themselves are only read.
     """
 
-    def __init__(
-        self,
-        base: FrozenBase,
-        bank: SoftPromptBank,
-        train: dict[str, list[EncodedQuestion]],
-        val: dict[str, list[EncodedQuestion]],
-        config: TrainConfig,
-        ds: dict,
-    ):
+    def __init__(self, base: FrozenBase, bank: SoftPromptBank, *args: Any, ds: dict, **kwargs: Any):
+        """PackedTrainer's arguments (its optimizer aside: one AdamW group per expert) and the DeepSpeed config."""
         if bank.prefixes:
             # EveryExpertRows gives input prompts only; the deep path is single-process (PackedTrainer).
             raise ValueError("ZeRO training takes input prompts only: train deep experts with PackedTrainer")
@@ -94,7 +96,7 @@ class ZeroTrainer(PackedTrainer):
         import deepspeed
         import deepspeed.comm as dist
 
-        super().__init__(base, bank, train, val, config, optimizer=adamw_per_expert)
+        super().__init__(base, bank, *args, optimizer=adamw_per_expert, **kwargs)
         deepspeed.init_distributed(verbose=False)  # adopts the process group that is already there
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.stage = int(ds.get("zero_optimization", {}).get("stage", 0))

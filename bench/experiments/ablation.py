@@ -25,9 +25,10 @@ from orchestrator.config import SharedSection, load_config
 from orchestrator.experiment import encoded
 from orchestrator.survey import prepare_data
 from workers.base_model import FrozenBase, load_frozen_base
+from workers.cultures import SHARED
 from workers.prompts import SoftPromptBank
 from workers.scoring import EncodedQuestion, alignment, option_distributions, paired_bootstrap_ci
-from workers.settings import SHARED, TrainConfig
+from workers.settings import TrainConfig
 from workers.trainer import PackedTrainer
 
 VARIANTS = ("persona", "from_shared", "shared+own")

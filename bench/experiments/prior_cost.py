@@ -16,8 +16,9 @@ from orchestrator.config import DataSection, SharedSection
 from orchestrator.experiment import encoded
 from orchestrator.survey import prepare_data
 from workers.base_model import load_frozen_base
+from workers.cultures import SHARED
 from workers.prompts import SoftPromptBank
-from workers.settings import SHARED, TrainConfig
+from workers.settings import TrainConfig
 from workers.trainer import PackedTrainer
 
 SETTINGS = [("float32", 1), ("float32", 8), ("bfloat16", 8)]  # (dtype, length_buckets)

@@ -11,7 +11,8 @@ from orchestrator.survey.pooling import pooled_records, sample_questions
 from orchestrator.survey.records import SurveyRecord
 from orchestrator.survey.selection import CultureSelection, present_cultures, select_cultures
 from orchestrator.survey.splits import split_records
-from workers.settings import SHARED, SPLIT_FRACTIONS
+from workers.cultures import SHARED
+from workers.defaults import SPLIT_FRACTIONS
 
 
 @dataclass

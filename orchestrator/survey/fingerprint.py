@@ -19,7 +19,7 @@ from orchestrator.survey.loading import file_sha256, load_survey
 from orchestrator.survey.pooling import pooled_records
 from orchestrator.survey.records import SurveyDataError, SurveyRecord, normalise_question
 from orchestrator.survey.splits import split_records
-from workers.settings import SHARED
+from workers.cultures import SHARED
 
 if TYPE_CHECKING:
     from orchestrator.survey.experiment_data import ExperimentData

@@ -25,7 +25,9 @@ from typing import Any
 
 from orchestrator.survey.records import SurveyDataError, SurveyRecord, normalise_question
 from workers.cultures import canonical_country, sample_rank
-from workers.settings import MAX_OPTIONS
+
+# A question's options are lettered A-Z (`workers.scoring.LETTERS`): no more can be asked or answered.
+MAX_OPTIONS = 26
 
 HF_DATASET = "Anthropic/llm_global_opinions"
 HF_FILENAME = "data/global_opinions.csv"

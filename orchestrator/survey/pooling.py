@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from orchestrator.survey.records import SurveyRecord, normalise_question
-from workers.settings import SHARED
+from workers.cultures import SHARED
 
 
 def pooled_records(records: Iterable[SurveyRecord]) -> list[SurveyRecord]:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from orchestrator.survey.records import SurveyDataError, SurveyRecord, normalise_question
-from workers.settings import SPLIT_FRACTIONS
+from workers.defaults import SPLIT_FRACTIONS
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
