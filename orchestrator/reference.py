@@ -28,6 +28,8 @@ HEADER = """# Config reference
 Generated from `orchestrator/config.py` by `make docs`: do not edit by hand. Every key of an experiment
 config, per section, with its type, default and meaning. A config names only the keys it changes; an
 unknown key is an error naming it. Override any key on the command line with `--set section.key=value`.
+A config may start with `extends: <file>` (relative to it): that file's keys are merged under its own, as
+configs/demo.yaml and configs/full.yaml extend configs/recipe.yaml.
 How to use them: [training](../training.md), [evaluation](../evaluation.md), [serving](../serving.md).
 """
 
@@ -94,7 +96,13 @@ def _row(key: str, field: FieldInfo) -> str:
         default = ""
     else:
         default = _value(field.default)
-    cells = [f"`{key}`", kind, default, (field.description or "").replace("\n", " ")]
+    # A section without a description of its own is described by its model's first line.
+    about = (
+        field.description or (inspect.getdoc(section) or "").split("\n\n")[0]
+        if section
+        else field.description
+    )
+    cells = [f"`{key}`", kind, default, (about or "").replace("\n", " ")]
     return "| " + " | ".join(c.replace("|", "\\|") if i else c for i, c in enumerate(cells)) + " |"
 
 
