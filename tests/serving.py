@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from orchestrator.config import ExperimentConfig
-from tests.conftest import OPINIONS, free_ports
+from tests.conftest import OPINIONS, free_ports, running_ray
 from workers.base_model import load_frozen_base
 from workers.cultures import slug
 from workers.expert_store import SIMILARITY_FILE
@@ -88,21 +88,19 @@ def local_serve(config: ExperimentConfig, num_cpus: int = 4, metrics_port: int |
 
     With `metrics_port`, Ray's Prometheus endpoint listens there (http://127.0.0.1:<port>/metrics).
     """
-    import ray
     from ray import serve
 
     from serve.app import build_app
 
     (port,) = free_ports(1)
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **extra)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name="shores", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_ray(num_cpus, **extra):
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(config), name="shores", route_prefix="/")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
 
 
 class Gate:

@@ -17,7 +17,7 @@ from orchestrator.results import local_checkpoint
 from orchestrator.train import train
 from orchestrator.trial import run_trial
 from orchestrator.tune import experiment_path, storage_path
-from tests.test_tune import tiny_config
+from tests.conftest import tiny_config
 
 
 @pytest.fixture
@@ -46,6 +46,7 @@ def wait_for_file(path, timeout_s: float) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_trials_run_on_both_nodes_and_a_lost_node_s_trial_resumes_on_the_head(
     llama_dir, tmp_path, two_nodes, monkeypatch
 ):

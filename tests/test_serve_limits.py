@@ -41,6 +41,8 @@ from tests.serving import (
 )
 from workers.base_model import load_frozen_base
 
+pytestmark = pytest.mark.slow  # a local Serve and `serve run` processes
+
 GATE = "test-gate"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 # Serve counts a request as queued until a replica takes it: a queue of 4 lets 4 simultaneous arrivals in.
