@@ -225,6 +225,7 @@ def test_bad_config_values_are_rejected_naming_the_key(override, message):
         load_config(TINY_CONFIG, [override])
 
 
+@pytest.mark.slow  # `shores` in subprocesses, each importing the model stack
 def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     bad = shores("train", "--local", "--config", str(TINY_CONFIG), "--set", "train.epochz=3")
     assert bad.returncode == 2
@@ -242,6 +243,7 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     assert missing.returncode == 2 and "config file not found" in missing.stderr
 
 
+@pytest.mark.slow  # `shores` in subprocesses, each importing the model stack
 def test_eval_without_experts_says_so(tiny_model_dirs, tmp_path):
     sets = ["--set", f"base_model.name={tiny_model_dirs['llama']}", "--set", f"data.path={OPINIONS}"]
     result = shores(
