@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint docs bench bench-smoke clean
+.PHONY: install demo test test-fast lint docs bench bench-smoke clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 	$(MAKE) bench-smoke
+
+# The unit tests alone, the inner loop while editing: no test marked slow (Ray, servers, Serve, a browser,
+# DeepSpeed, or training past a few steps; pyproject's [tool.pytest.ini_options] markers).
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from orchestrator.config import SERVE_GROUPS, ExperimentConfig
-from tests.conftest import OPINIONS, free_ports
+from tests.conftest import OPINIONS, free_ports, running_ray
 from workers.base_model import load_frozen_base
 from workers.cultures import slug
 from workers.expert_file import Expert, ExpertMeta, save_expert
@@ -103,7 +103,6 @@ def local_serve(
     With `metrics_port`, Ray's Prometheus endpoint listens there (http://127.0.0.1:<port>/metrics); with
     `pool`, that deployment serves in place of ExpertPool (`gated_pool()`).
     """
-    import ray
     from ray import serve
 
     from serve.app import build_app
@@ -111,14 +110,13 @@ def local_serve(
 
     (port,) = free_ports(1)
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **extra)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config, pool or ExpertPool), name="shores", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_ray(num_cpus, **extra):
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(config, pool or ExpertPool), name="shores", route_prefix="/")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
 
 
 POOL_GATE = "pool-gate"  # the gate actor that a gated pool's requests wait at before they reach the engine

@@ -11,10 +11,9 @@ import pytest
 import yaml
 
 from orchestrator.config import ConfigError, load_config
-from tests.conftest import OPINIONS, REPO, SHARED_DATA
+from tests.conftest import OPINIONS, REPO, SHARED_DATA, TINY_CONFIG
 from workers.expert_file import load_expert, save_expert
 
-TINY = REPO / "tests" / "tiny.yaml"
 SQRT_LN2 = math.sqrt(math.log(2))
 
 
@@ -33,11 +32,12 @@ def trained(tiny_model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-run")
     sets = [f"base_model.name={tiny_model_dirs['llama']}", f"output_dir={out}", f"data.path={OPINIONS}"]
     args = [x for s in sets for x in ("--set", s)]
-    result = shores("train", "--local", "--config", str(TINY), *args)
+    result = shores("train", "--local", "--config", str(TINY_CONFIG), *args)
     assert result.returncode == 0, result.stderr
     return out, args, result
 
 
+@pytest.mark.slow
 def test_train_local_saves_one_expert_and_adapter_per_culture(trained):
     out, _, result = trained
     assert "saved 3 experts" in result.stdout
@@ -49,10 +49,11 @@ def test_train_local_saves_one_expert_and_adapter_per_culture(trained):
     assert set(similarity["Canada"]) == {"Germany", "Japan", "Kenya"}
 
 
+@pytest.mark.slow
 def test_eval_writes_the_report_contract_table_and_chart(trained):
     out, args, _ = trained
     report_path = out / "report.json"
-    result = shores("eval", "--config", str(TINY), *args, "--split", "test", "--out", str(report_path))
+    result = shores("eval", "--config", str(TINY_CONFIG), *args, "--split", "test", "--out", str(report_path))
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
     assert set(report["cultures"]) == {"Germany", "Japan", "Kenya", "Canada"}
@@ -100,12 +101,13 @@ def with_shared_prior(experts: Path, to: Path, like: str = "germany") -> Path:
     return to
 
 
+@pytest.mark.slow
 def test_eval_scores_the_shared_prior_on_every_record_with_paired_differences(trained, tmp_path):
     out, args, _ = trained
     experts = with_shared_prior(out / "experts", tmp_path / "experts")
     report_path = tmp_path / "report.json"
     result = shores(
-        "eval", "--config", str(TINY), *args, "--experts", str(experts), "--out", str(report_path)
+        "eval", "--config", str(TINY_CONFIG), *args, "--experts", str(experts), "--out", str(report_path)
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
@@ -158,13 +160,16 @@ def opinions_of(*cultures: str, per_culture: int = 6) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 def test_eval_on_a_foreign_file_scores_the_experts_cultures_it_holds(trained, tmp_path):
     out, args, _ = trained
     foreign = tmp_path / "foreign.jsonl"
     # Germany and Japan have experts, France has none and is not held out; Kenya and Canada are absent.
     foreign.write_text("\n".join(opinions_of("Germany", "Japan", "France")) + "\n")
     report_path = tmp_path / "foreign.json"
-    result = shores("eval", "--config", str(TINY), *args, "--data", str(foreign), "--out", str(report_path))
+    result = shores(
+        "eval", "--config", str(TINY_CONFIG), *args, "--data", str(foreign), "--out", str(report_path)
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
     assert set(report["cultures"]) == {"Germany", "Japan"} and "held_out" not in report
@@ -177,13 +182,16 @@ def test_eval_on_a_foreign_file_scores_the_experts_cultures_it_holds(trained, tm
 
     # The original GlobalOpinionQA CSV loads too; one record each of Germany and Japan, every split.
     sample = SHARED_DATA / "format-sample.csv"
-    result = shores("eval", "--config", str(TINY), *args, "--data", str(sample), "--out", str(report_path))
+    result = shores(
+        "eval", "--config", str(TINY_CONFIG), *args, "--data", str(sample), "--out", str(report_path)
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
     assert {c: r["n"] for c, r in report["cultures"].items()} == {"Germany": 1, "Japan": 1}
     assert "not held out): Brazil, Egypt, Mexico, Nigeria" in result.stderr
 
 
+@pytest.mark.slow
 def test_eval_on_a_bad_foreign_file_is_one_line_and_nonzero(trained, tmp_path):
     _, args, _ = trained
     bad = tmp_path / "bad.jsonl"
@@ -196,7 +204,7 @@ def test_eval_on_a_bad_foreign_file_is_one_line_and_nonzero(trained, tmp_path):
         (tmp_path / "nope.jsonl", "no such file"),
     ]:
         result = shores(
-            "eval", "--config", str(TINY), *args, "--data", str(path), "--out", str(tmp_path / "r")
+            "eval", "--config", str(TINY_CONFIG), *args, "--data", str(path), "--out", str(tmp_path / "r")
         )
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith(
@@ -220,12 +228,12 @@ def test_eval_on_a_bad_foreign_file_is_one_line_and_nonzero(trained, tmp_path):
 )
 def test_bad_config_values_are_rejected_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        load_config(TINY, [override])
+        load_config(TINY_CONFIG, [override])
 
 
 def test_serve_keys_load_from_their_groups():
     config = load_config(
-        TINY,
+        TINY_CONFIG,
         [
             "serve.deployment.port=8100",
             "serve.limits.max_new_tokens=32",
@@ -259,14 +267,15 @@ def test_serve_keys_load_from_their_groups():
 )
 def test_an_old_flat_serve_key_is_refused_in_one_line_naming_its_new_place(tmp_path, serve, message):
     path = tmp_path / "old.yaml"
-    path.write_text(yaml.safe_dump(yaml.safe_load(TINY.read_text()) | {"serve": serve}))
+    path.write_text(yaml.safe_dump(yaml.safe_load(TINY_CONFIG.read_text()) | {"serve": serve}))
     with pytest.raises(ConfigError) as refused:
         load_config(path)
     assert str(refused.value) == f"{path}: serve: {message}"
 
 
+@pytest.mark.slow  # `shores` in subprocesses, each importing the model stack
 def test_cli_errors_are_one_line_and_nonzero(tmp_path):
-    bad = shores("train", "--local", "--config", str(TINY), "--set", "train.epochz=3")
+    bad = shores("train", "--local", "--config", str(TINY_CONFIG), "--set", "train.epochz=3")
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "train.epochz" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -275,27 +284,36 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     empty.write_text(
         '{"country": "Germany", "question": "q", "options": ["a", "b"], "distribution": [0, 0]}\n'
     )
-    nodata = shores("train", "--local", "--config", str(TINY), "--set", f"data.path={empty}")
+    nodata = shores("train", "--local", "--config", str(TINY_CONFIG), "--set", f"data.path={empty}")
     assert nodata.returncode == 2 and "zero_sum 1" in nodata.stderr and "Traceback" not in nodata.stderr
 
     missing = shores("train", "--local", "--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "config file not found" in missing.stderr
 
 
+@pytest.mark.slow  # `shores` in subprocesses, each importing the model stack
 def test_eval_without_experts_says_so(tiny_model_dirs, tmp_path):
     sets = ["--set", f"base_model.name={tiny_model_dirs['llama']}", "--set", f"data.path={OPINIONS}"]
     result = shores(
-        "eval", "--config", str(TINY), *sets, "--experts", str(tmp_path), "--out", str(tmp_path / "r.json")
+        "eval",
+        "--config",
+        str(TINY_CONFIG),
+        *sets,
+        "--experts",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "r.json"),
     )
     assert result.returncode == 2 and "no experts" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_local_trains_the_prior_first_and_adds_to_the_published_set(tiny_model_dirs, tmp_path):
     sets = [f"base_model.name={tiny_model_dirs['llama']}", f"output_dir={tmp_path}", f"data.path={OPINIONS}"]
     sets += ["train.epochs=1", "data.cultures=[Germany, Japan]"]
     shared = ["shared.enabled=true", "prompt.init=shared", "shared.max_questions=20"]
     args = [x for s in sets + shared for x in ("--set", s)]
-    first = shores("train", "--local", "--config", str(TINY), *args)
+    first = shores("train", "--local", "--config", str(TINY_CONFIG), *args)
     assert first.returncode == 0, first.stderr[-2000:]
     # The prior trains alone, then every culture's expert starts from it.
     assert first.stdout.index("epoch  1  shared") < first.stdout.index("epoch  1  Germany")
@@ -305,12 +323,12 @@ def test_train_local_trains_the_prior_first_and_adds_to_the_published_set(tiny_m
     assert "shared" not in json.loads((experts / "similarity.json").read_text())["Canada"]
 
     kenya = [x for s in [*sets[:3], "train.epochs=1", "data.cultures=[Kenya]"] for x in ("--set", s)]
-    added = shores("train", "--local", "--config", str(TINY), *kenya)
+    added = shores("train", "--local", "--config", str(TINY_CONFIG), *kenya)
     assert added.returncode == 0, added.stderr[-2000:]
     assert sorted(p.stem for p in experts.glob("*.safetensors")) == ["germany", "japan", "kenya", "shared"]
     similarity = json.loads((experts / "similarity.json").read_text())
     assert set(similarity["Canada"]) == {"Germany", "Japan", "Kenya"}
 
-    alone = shores("train", "--local", "--replace", "--config", str(TINY), *kenya)
+    alone = shores("train", "--local", "--replace", "--config", str(TINY_CONFIG), *kenya)
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert sorted(p.stem for p in experts.glob("*.safetensors")) == ["kenya"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import OPINIONS, REPO, free_ports
+from tests.conftest import OPINIONS, REPO, TINY_CONFIG, free_ports
 
 CLUSTER_YAML = REPO / "cluster.yaml"
 VENV_BIN = Path(sys.executable).parent  # the venv running the tests: its `ray` and its `shores`
@@ -192,6 +192,7 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_ray_job_submit_trains_and_registers_every_expert(ray_head, llama_dir, tmp_path):
     url, env = ray_head
@@ -215,7 +216,7 @@ def test_ray_job_submit_trains_and_registers_every_expert(ray_head, llama_dir, t
         "shores",
         "train",
         "--config",
-        "tests/tiny.yaml",
+        str(TINY_CONFIG.relative_to(REPO)),  # inside the uploaded working dir
         *[arg for o in overrides for arg in ("--set", o)],
     ]
     started = time.monotonic()
@@ -232,7 +233,7 @@ def test_ray_job_submit_trains_and_registers_every_expert(ray_head, llama_dir, t
     from orchestrator.tracking import Store
     from workers.expert_store import registered_experts
 
-    config = load_config(REPO / "tests" / "tiny.yaml", overrides)
+    config = load_config(TINY_CONFIG, overrides)
     rows = registered_experts(Store.from_config(config))
     assert sorted(r["culture"] for r in rows) == sorted(config.data.cultures)
     assert all("champion" in r["aliases"] for r in rows)

@@ -1,13 +1,12 @@
-"""The experiment config: files that extend a shared recipe, and the shared prior's typed `train` overrides."""
+"""The experiment config: each key's checks in one line naming the key, files that extend a shared recipe, and
+the shared prior's typed `train` overrides."""
 
 import pytest
 import yaml
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.experiment import prior_train_config
-from tests.conftest import REPO
-
-TINY = REPO / "tests" / "tiny.yaml"
+from tests.conftest import REPO, TINY_CONFIG, config_with
 
 # demo.yaml and full.yaml as they were, whole, before they extended configs/recipe.yaml: the recipe must not
 # change what either runs.
@@ -80,7 +79,7 @@ def test_a_missing_base_or_a_cycle_is_one_line_naming_the_file(tmp_path):
 
 
 def tiny_with(*sets: str):
-    return load_config(TINY, ["base_model.name=unused", *sets])
+    return load_config(TINY_CONFIG, ["base_model.name=unused", *sets])
 
 
 def test_the_priors_train_settings_replace_only_the_keys_given():
@@ -109,3 +108,24 @@ def test_a_bad_prior_train_setting_is_refused_naming_its_key(value, error):
 def test_prior_settings_that_contradict_train_once_merged_are_refused():
     with pytest.raises(ConfigError, match="shared.train, over train: train.prefix_layers keeps"):
         tiny_with("train.weight_decay=0.1", "shared.train.prefix_layers=2")
+
+
+def test_the_config_chooses_the_prompt_kind():
+    assert load_config(TINY_CONFIG).prompt.kind == "input"
+    deep = load_config(TINY_CONFIG, ["prompt.kind=deep", "prompt.num_virtual_tokens=16"]).prompt
+    assert (deep.kind, deep.num_virtual_tokens) == ("deep", 16)
+    with pytest.raises(ConfigError, match=r"prompt\.kind"):
+        load_config(TINY_CONFIG, ["prompt.kind=prefix"])
+    with pytest.raises(ConfigError, match="ZeRO trains input prompts only"):
+        load_config(TINY_CONFIG, ["prompt.kind=deep", "strategy=deepspeed"])
+
+
+@pytest.mark.parametrize("key", ["data.cultures=[Germany, shared]", "data.held_out=[Shared]"])
+def test_shared_is_no_culture_name(key):
+    with pytest.raises(ConfigError, match="reserved"):
+        config_with(key)
+
+
+def test_init_shared_needs_the_prior():
+    with pytest.raises(ConfigError, match="shared.enabled"):
+        config_with("prompt.init=shared")

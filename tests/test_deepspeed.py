@@ -12,9 +12,10 @@ import torch
 from orchestrator.config import ConfigError, load_config
 from orchestrator.deepspeed_trial import validate_deepspeed
 from orchestrator.tune import trial_resources
-from tests.conftest import OPINIONS, REPO, free_ports
+from tests.conftest import OPINIONS, REPO, TINY_CONFIG, free_ports
+from tests.test_trainer import _config
+from workers.prompts import SoftPromptBank
 
-TINY = REPO / "tests" / "tiny.yaml"
 # The ~25 s JIT compile of DeepSpeed's CPU comm op is cached here, as `make test` does (Ray workers inherit it).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
 
@@ -26,7 +27,7 @@ def ds_config(model_dir, out, *overrides):
         f"data.path={OPINIONS}",
         "strategy=deepspeed",
     ]
-    return load_config(TINY, [*sets, *overrides])
+    return load_config(TINY_CONFIG, [*sets, *overrides])
 
 
 @pytest.mark.parametrize(
@@ -145,6 +146,7 @@ def one_process_run(llama_shared):
     return cultures, train, val, config, start, single
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_zero_stage_trains_and_resumes_like_one_process(
     stage, llama_shared, one_process_run, one_worker_group
@@ -202,15 +204,7 @@ def base_max_change(trainer, reference: dict[str, np.ndarray]) -> float:
     return worst
 
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
+@pytest.mark.slow
 def test_a_killed_zero3_trial_resumes_on_new_workers_to_what_one_process_trains(
     llama_dir, tmp_path, local_ray, monkeypatch
 ):
@@ -225,6 +219,7 @@ def test_a_killed_zero3_trial_resumes_on_new_workers_to_what_one_process_trains(
     _train_on_two_workers_and_compare(llama_dir, tmp_path, epochs=2)
 
 
+@pytest.mark.slow
 def test_a_stopped_zero3_trial_frees_its_workers(llama_dir, tmp_path, local_ray):
     """Tune stops the trial after its first epoch (as ASHA does): its Train workers' resources come back."""
     import ray
@@ -348,3 +343,11 @@ def _train_on_two_workers_and_compare(llama_dir, tmp_path, epochs: int) -> None:
             again.best_prompts[culture], single.best_prompts[culture], atol=1e-4, rtol=0
         )
     print(f"deepspeed trial (killed and resumed): {elapsed:.1f} s")
+
+
+def test_zero_training_refuses_deep_experts(llama_base):
+    from workers.zero import ZeroTrainer
+
+    bank = SoftPromptBank.initialise(llama_base, ["Germany"], 2, kind="deep")
+    with pytest.raises(ValueError, match="input prompts only"):
+        ZeroTrainer(llama_base, bank, {}, {}, _config(), ds={})

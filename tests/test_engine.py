@@ -6,12 +6,14 @@ import threading
 import numpy as np
 import pytest
 import torch
+from transformers import DynamicCache
 
-from tests.conftest import PROMPTS, token_ids
+from tests.conftest import PROMPTS, experts_of_every_kind, random_expert, token_ids
 from workers.committees import committee_distributions
 from workers.engine import DecodeEngine, EngineStopped
 from workers.expert_file import Expert, ExpertMeta
 from workers.generation import DecodeRequest, committee_generate
+from workers.prefix import cache_kwarg
 from workers.prompts import NO_EXPERT, bank_from_experts
 from workers.scoring import encode_question
 
@@ -349,3 +351,62 @@ def test_stopping_the_engine_fails_what_it_holds_never_a_partial_answer(tiny_bas
         assert generation.finish_reason == "error" and isinstance(generation.error, EngineStopped)
         with pytest.raises(EngineStopped):
             generation.decoded()
+
+
+def _reference_greedy(base, prefix, ids, steps):
+    """Greedy decoding with no cache carried over: every step recomputes the whole text after the prefix."""
+    tokens = []
+    for _ in range(steps):
+        cache = DynamicCache(config=base.model.config)
+        for layer in range(prefix.shape[1]):  # prefix: L_p x layers x 2 x heads x head_dim
+            keys, values = (
+                prefix[:, layer, 0].transpose(0, 1)[None],
+                prefix[:, layer, 1].transpose(0, 1)[None],
+            )
+            cache.update(keys, values, layer)
+        text = torch.tensor([ids + tokens])
+        positions = torch.arange(prefix.shape[0], prefix.shape[0] + text.shape[1])[None]
+        mask = torch.ones(1, prefix.shape[0] + text.shape[1], dtype=torch.long)
+        with torch.no_grad():
+            logits = base.model(
+                input_ids=text,
+                attention_mask=mask,
+                position_ids=positions,
+                **{cache_kwarg(base.model): cache},
+            ).logits
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
+def test_engine_greedy_decode_with_a_deep_expert_equals_a_reference_loop(tiny_base):
+    deep = random_expert(tiny_base, "Japan", 0, 5, seed=3)
+    ids = token_ids(tiny_base, PROMPTS[0])
+    engine = DecodeEngine(tiny_base, bank_from_experts([deep]), set())
+    generation = engine.submit(DecodeRequest(ids, [(0, 1.0)], max_new_tokens=8))
+    engine.run_until_done()
+    assert generation.tokens == _reference_greedy(tiny_base, deep.prefix, ids, 8)
+
+
+@pytest.mark.parametrize("join_at", [0, 3])
+def test_engine_rows_of_every_kind_decode_as_each_alone(tiny_base, join_at):
+    bank = bank_from_experts(experts_of_every_kind(tiny_base))
+    requests = [
+        DecodeRequest(token_ids(tiny_base, PROMPTS[0]), [(1, 1.0)], 9),  # deep
+        DecodeRequest(token_ids(tiny_base, PROMPTS[1]), [(0, 1.0)], 6),  # input
+        DecodeRequest(token_ids(tiny_base, PROMPTS[2]), [(2, 0.6), (3, 0.3), (NO_EXPERT, 0.1)], 7),
+        DecodeRequest(token_ids(tiny_base, PROMPTS[1]), [(3, 1.0)], 5),  # a short prefix
+    ]
+    alone = []
+    for request in requests:
+        engine = DecodeEngine(tiny_base, bank, set())
+        generation = engine.submit(request)
+        engine.run_until_done()
+        alone.append(generation.decoded())
+    assert alone == committee_generate(tiny_base, bank, requests, set())
+    engine = DecodeEngine(tiny_base, bank, set())
+    first = [engine.submit(r) for r in requests[:2]]
+    for _ in range(join_at):
+        engine.step()
+    later = [engine.submit(r) for r in requests[2:]]
+    engine.run_until_done()
+    assert [g.decoded() for g in first + later] == alone

@@ -13,14 +13,12 @@ from orchestrator.gate import RESCORED_CHAMPION_SCORE_TAG, RESCORED_CHAMPION_TAG
 from orchestrator.results import FinishedTrial, Winner
 from orchestrator.survey import prepare_data
 from orchestrator.tracking import ExperimentTracker
-from tests.conftest import OPINIONS, REPO
+from tests.conftest import OPINIONS, TINY_CONFIG
 from workers.base_model import load_frozen_base
 from workers.expert_file import load_expert, save_expert
 from workers.expert_store import CHAMPION
 from workers.prompts import SoftPromptBank, bank_from_experts
 from workers.scoring import mean_alignment
-
-TINY = REPO / "tests" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +33,7 @@ def config_of(llama_dir, out: Path, data: Path = OPINIONS, salt: str = ""):
         f"data.path={data}",
         "data.cultures=[Germany]",
     ]
-    return load_config(TINY, [*sets, f"data.split_salt={salt!r}"])
+    return load_config(TINY_CONFIG, [*sets, f"data.split_salt={salt!r}"])
 
 
 def trained(base, config, trial_id: str, seed: int, stored: float, fingerprint: bool = True):

@@ -23,6 +23,7 @@ from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import encode_question, option_distributions
 
 
+@pytest.mark.prompt_kinds("input")  # the reference, `generate` from input embeddings, has no deep prefix
 def test_committee_of_one_is_plain_greedy_generation_with_that_prompt(tiny_base, bank):
     ids = token_ids(tiny_base, PROMPTS[0])
     [ours] = committee_generate(tiny_base, bank, [DecodeRequest(ids, [(1, 1.0)], max_new_tokens=12)], set())

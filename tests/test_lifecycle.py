@@ -8,14 +8,16 @@ from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
-import ray
 
 from orchestrator.cli import main as shores_main
 from orchestrator.tracking import Store
+from tests.conftest import TINY_CONFIG, running_ray, tiny_config
 from tests.serving import client, local_serve, wait_for
-from tests.test_tune import TINY, champions, tiny_config
+from tests.test_tune import champions
 from workers.expert_file import load_expert
 from workers.expert_store import SIMILARITY_FILE, RegistrySource, registered_experts
+
+pytestmark = pytest.mark.slow  # its runs train on a local Ray and serve on Ray Serve
 
 
 def content_version(path: Path) -> str:
@@ -48,21 +50,18 @@ def lifecycle(llama_dir, tmp_path_factory):
         "failed": ["name=failed", "data.cultures=[Germany]", "tune.max_failures=0"],
     }
     codes = {}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with running_ray():
         for run, extra in runs.items():
             args = [*sets, *(x for s in extra for x in ("--set", s))]
             if run == "failed":  # out of memory in epoch 1, before any checkpoint, on every attempt
                 with pytest.MonkeyPatch.context() as patch, redirect_stderr(io.StringIO()) as err:
                     patch.setenv("SHORES_FAULT", "out-of-memory:0:1")
-                    codes[run] = shores_main(["train", "--config", str(TINY), *args])
+                    codes[run] = shores_main(["train", "--config", str(TINY_CONFIG), *args])
                 failure = err.getvalue()
             else:
-                codes[run] = shores_main(["train", "--config", str(TINY), *args])
+                codes[run] = shores_main(["train", "--config", str(TINY_CONFIG), *args])
             if run == "worse":
                 worse_folder = published(config.experts_dir)
-    finally:
-        ray.shutdown()
     return config, sets, codes, worse_folder, failure
 
 
@@ -92,7 +91,16 @@ def test_eval_reports_every_published_culture_not_only_the_configs(lifecycle, tm
     _, sets, _, _, _ = lifecycle
     out = tmp_path / "report.json"
     # The config names Germany alone (the last run's); the published set holds three runs' cultures.
-    args = ["eval", "--config", str(TINY), *sets, "--set", "data.cultures=[Germany]", "--out", str(out)]
+    args = [
+        "eval",
+        "--config",
+        str(TINY_CONFIG),
+        *sets,
+        "--set",
+        "data.cultures=[Germany]",
+        "--out",
+        str(out),
+    ]
     assert shores_main(args) == 0
     report = json.loads(out.read_text())["cultures"]
     assert {c for c, row in report.items() if row["expert"] is not None} == {"Germany", "Japan", "Kenya"}
@@ -122,7 +130,7 @@ def test_retire_and_roll_back_are_served_without_a_restart(lifecycle, capsys):
         }
         assert served() == files
 
-        assert shores_main(["experts", "retire", "Japan", "--config", str(TINY), *sets]) == 0
+        assert shores_main(["experts", "retire", "Japan", "--config", str(TINY_CONFIG), *sets]) == 0
         assert wait_for(lambda: set(served()) == {"Germany", "Kenya"})
         assert registry_source.version() != before and "Japan" not in registry_source.champions()
         model = store.client().get_registered_model("shores-japan")
@@ -130,10 +138,13 @@ def test_retire_and_roll_back_are_served_without_a_restart(lifecycle, capsys):
         assert {r["version"] for r in registered_experts(store) if r["culture"] == "Japan"} == {1}  # kept
 
         # Version 2 validates worse: the champion gate refuses it, unless forced (a roll back).
-        assert shores_main(["experts", "promote", "Germany", "2", "--config", str(TINY), *sets]) == 1
+        assert shores_main(["experts", "promote", "Germany", "2", "--config", str(TINY_CONFIG), *sets]) == 1
         assert "not promoted: shores-germany v2" in capsys.readouterr().err
         assert (
-            shores_main(["experts", "promote", "Germany", "2", "--force", "--config", str(TINY), *sets]) == 0
+            shores_main(
+                ["experts", "promote", "Germany", "2", "--force", "--config", str(TINY_CONFIG), *sets]
+            )
+            == 0
         )
         assert champions(store)["Germany"]["version"] == 2
         rolled_back = content_version(experts / "germany.safetensors")
@@ -144,7 +155,7 @@ def test_retire_and_roll_back_are_served_without_a_restart(lifecycle, capsys):
         assert set(similarity["Canada"]) == {"Germany", "Kenya"}
 
         # Bad input is one line and changes nothing.
-        assert shores_main(["experts", "promote", "Germany", "9", "--config", str(TINY), *sets]) == 2
+        assert shores_main(["experts", "promote", "Germany", "9", "--config", str(TINY_CONFIG), *sets]) == 2
         assert "shores-germany has no version 9; its versions: 1, 2" in capsys.readouterr().err
-        assert shores_main(["publish", "--from-registry", "--config", str(TINY), *sets]) == 0
+        assert shores_main(["publish", "--from-registry", "--config", str(TINY_CONFIG), *sets]) == 0
         assert sorted(published(experts)) == ["germany", "kenya"]  # exactly the champions

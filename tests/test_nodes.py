@@ -16,7 +16,7 @@ from ray.cluster_utils import Cluster
 from orchestrator.results import local_checkpoint
 from orchestrator.train import train
 from orchestrator.tune import experiment_path, run_trial, storage_path
-from tests.test_tune import tiny_config
+from tests.conftest import tiny_config
 
 
 @pytest.fixture
@@ -45,6 +45,7 @@ def wait_for_file(path, timeout_s: float) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_trials_run_on_both_nodes_and_a_lost_node_s_trial_resumes_on_the_head(
     llama_dir, tmp_path, two_nodes, monkeypatch
 ):

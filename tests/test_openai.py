@@ -13,6 +13,8 @@ import pytest
 
 from tests.serving import CULTURES, SIMILARITY, local_serve, serve_config, write_experts
 
+pytestmark = pytest.mark.slow  # a local Serve for the module
+
 MAX_CHOICES = 3
 CHAT = {"model": "shores:kenya", "messages": [{"role": "user", "content": "Do you trust people?"}]}
 

@@ -13,14 +13,12 @@ import time
 import urllib.request
 
 import pytest
-import ray
 
 from orchestrator.cli import main as shores_main
 from orchestrator.config import load_config
 from orchestrator.tracking import CULTURES_TAG, KIND, KIND_TAG, NOTE_TAG, TRIAL_TAG, ExperimentTracker, Store
 from tests import browser
-from tests.conftest import OPINIONS, REPO, free_ports
-from tests.test_tune import TINY, tiny_config
+from tests.conftest import OPINIONS, REPO, TINY_CONFIG, free_ports, running_ray, tiny_config
 from workers.expert_store import CHAMPION, registered_experts
 
 
@@ -42,13 +40,12 @@ def reviewed(llama_dir, tmp_path_factory):
     from orchestrator.train import train
 
     # A Ray of our own, even where other clusters run on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with running_ray():
         assert train(config).experts == ["Germany", "Japan"]
-    finally:
-        ray.shutdown()
     report = out / "report.json"
-    code, stdout, stderr = shores("eval", "--config", TINY, *sets, "--experts", "champion", "--out", report)
+    code, stdout, stderr = shores(
+        "eval", "--config", TINY_CONFIG, *sets, "--experts", "champion", "--out", report
+    )
     assert code == 0, stderr
     return config, sets, json.loads(report.read_text()), stdout
 
@@ -61,6 +58,7 @@ def eval_run(tracker: ExperimentTracker):
     return runs[0]
 
 
+@pytest.mark.slow
 def test_eval_is_logged_into_the_experiment_and_tags_the_champions(reviewed):
     config, _, report, stdout = reviewed
     tracker = ExperimentTracker(config)
@@ -84,6 +82,7 @@ def test_eval_is_logged_into_the_experiment_and_tags_the_champions(reviewed):
         assert tags["test_alignment"] == f"{report['cultures'][row['culture']]['expert']:.4f}"
 
 
+@pytest.mark.slow
 def test_trials_carry_their_cultures_and_the_parent_run_lists_trials_and_winners(reviewed):
     config, *_ = reviewed
     tracker = ExperimentTracker(config)
@@ -100,13 +99,14 @@ def test_trials_carry_their_cultures_and_the_parent_run_lists_trials_and_winners
     assert "[shores-germany v1](#/models/shores-germany/versions/1)" in note and "| yes |" in note
 
 
+@pytest.mark.slow
 def test_eval_with_mlflow_unreachable_warns_and_still_writes_the_report(reviewed, tmp_path):
     config, sets, *_ = reviewed
     (port,) = free_ports()  # nothing listens there
     down = ["--set", f"mlflow.tracking_uri=http://127.0.0.1:{port}", "--set", "mlflow.retries=1"]
     report = tmp_path / "report.json"
     code, stdout, stderr = shores(
-        "eval", "--config", TINY, *sets, *down, "--experts", config.experts_dir, "--out", report
+        "eval", "--config", TINY_CONFIG, *sets, *down, "--experts", config.experts_dir, "--out", report
     )
     assert code == 0, stderr
     assert "warning: MLflow at" in stderr and f"the report is only in {report}" in stderr
@@ -135,12 +135,23 @@ def page_text(url: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", body)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(browser.CHROMIUM is None, reason="needs chromium (apt-get install -y chromium)")
 def test_the_mlflow_ui_shows_the_champions_and_the_evaluation_chart(reviewed, tmp_path):
     config, sets, *_ = reviewed
     (port,) = free_ports()
     ui = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "ui", "--config", str(TINY), *sets, "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "ui",
+            "--config",
+            str(TINY_CONFIG),
+            *sets,
+            "--port",
+            str(port),
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -177,7 +188,7 @@ def test_the_mlflow_ui_shows_the_champions_and_the_evaluation_chart(reviewed, tm
 
 
 def test_an_experiment_made_before_is_marked_model_training_when_opened_again(tmp_path):
-    store = Store.from_config(load_config(TINY, [f"output_dir={tmp_path}", f"data.path={OPINIONS}"]))
+    store = Store.from_config(load_config(TINY_CONFIG, [f"output_dir={tmp_path}", f"data.path={OPINIONS}"]))
     made = store.client().create_experiment(store.experiment, store.artifact_root)  # as older shores did
     assert KIND_TAG not in store.client().get_experiment(made).tags
     assert store.experiment_id() == made

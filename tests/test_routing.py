@@ -9,7 +9,7 @@ from orchestrator.config import load_config
 from orchestrator.evaluate import evaluate, format_table
 from orchestrator.experts import write_similarity
 from orchestrator.survey import prepare_data
-from tests.conftest import OPINIONS, REPO
+from tests.conftest import OPINIONS, TINY_CONFIG
 from workers.base_model import load_frozen_base
 from workers.committees import Committee, TextRouter, culture_committee, culture_committees, softmax_weights
 from workers.cultures import UnknownCultureError, find_culture
@@ -80,7 +80,7 @@ def test_free_text_routes_to_the_expert_whose_descriptor_it_is_nearest():
 
 
 def test_eval_reports_committees_for_held_out_cultures(llama_dir, tmp_path):
-    config = load_config(REPO / "tests" / "tiny.yaml", [f"data.path={OPINIONS}"])
+    config = load_config(TINY_CONFIG, [f"data.path={OPINIONS}"])
     data = prepare_data(config.data)
     base = load_frozen_base(str(llama_dir), device="cpu")
     trained = data.selection.trained

@@ -1,25 +1,27 @@
-"""The search space in Tune's forms, a seed per sample, and each culture's winner across the whole search."""
+"""The search space in Tune's forms, a seed per sample, each culture's winner across the whole search, and
+experts of the searched lengths served and evaluated together."""
 
+import hashlib
+import json
+
+import numpy as np
 import pytest
-import ray
 from pydantic import ValidationError
 from ray import tune
 
+from orchestrator.cli import main as shores
 from orchestrator.config import ConfigError, load_config
+from orchestrator.publish import publish_experts
+from orchestrator.results import Winner, finished_trials
 from orchestrator.survey import prepare_data
 from orchestrator.tracking import TRIAL_TAG, Store
 from orchestrator.train import train
 from orchestrator.trial import trial_config
-from orchestrator.tune import expected_trials, param_space, run_trial
-from tests.conftest import OPINIONS, REPO
-from tests.test_tune import tiny_config
+from orchestrator.tune import expected_trials, experiment_path, param_space, run_trial
+from tests.conftest import OPINIONS, TINY_CONFIG, config_with, running_ray, tiny_config
+from tests.serving import client, local_serve
+from workers.cultures import slug
 from workers.expert_store import load_experts
-
-TINY = REPO / "tests" / "tiny.yaml"
-
-
-def config_with(*sets):
-    return load_config(TINY, ["base_model.name=unused", f"data.path={OPINIONS}", *sets])
 
 
 def test_every_tune_form_becomes_its_tune_domain():
@@ -84,10 +86,11 @@ def test_searched_values_are_checked_with_the_rest_of_the_config_and_when_sample
         trial_config(config, {"group": 0, "sample": 0, "lr": -1.0})
 
 
-def test_the_better_learning_rate_wins_for_every_culture(llama_dir, tmp_path):
+@pytest.mark.slow
+def test_the_better_learning_rate_wins_for_every_culture(llama_dir, tmp_path, local_ray):
     # One group of two cultures, two learning rates: one that learns and one that cannot move the prompt.
     config = load_config(
-        TINY,
+        TINY_CONFIG,
         [
             f"base_model.name={llama_dir}",
             f"output_dir={tmp_path}",
@@ -103,11 +106,7 @@ def test_the_better_learning_rate_wins_for_every_culture(llama_dir, tmp_path):
             "train.length_buckets=1",
         ],
     )
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        outcome = train(config)
-    finally:
-        ray.shutdown()
+    outcome = train(config)
     assert outcome.experts == ["Germany", "Japan"]
     published = {e.meta.culture: e.meta.training for e in load_experts(config.experts_dir)}
     for culture, training in published.items():
@@ -120,7 +119,10 @@ def test_the_better_learning_rate_wins_for_every_culture(llama_dir, tmp_path):
     }
 
 
-def test_asha_stops_a_clearly_worse_trial_and_each_culture_wins_in_its_own_trial(llama_dir, tmp_path):
+@pytest.mark.slow
+def test_asha_stops_a_clearly_worse_trial_and_each_culture_wins_in_its_own_trial(
+    llama_dir, tmp_path, local_ray
+):
     # Two culture groups, each tried at a learning rate that learns and one that cannot move the prompt:
     # four trials, one at a time, the good rate first. ASHA (one rung, at epoch 1) stops a trial whose gain
     # is below those recorded there before it, so the trials at 1e-9 end after one epoch of three.
@@ -136,12 +138,8 @@ def test_asha_stops_a_clearly_worse_trial_and_each_culture_wins_in_its_own_trial
         "train.epochs=3",
         "train.length_buckets=1",  # as above: both cultures learn at 0.05 with the plain shuffle
     )
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        outcome = train(config)
-        results = tune.Tuner.restore(str(tmp_path / "tune" / "tiny"), run_trial).get_results()
-    finally:
-        ray.shutdown()
+    outcome = train(config)
+    results = tune.Tuner.restore(str(tmp_path / "tune" / "tiny"), run_trial).get_results()
     assert outcome.experts == ["Germany", "Japan"] and not outcome.failed
     trials = {(r.config["group"], r.config["lr"]): r for r in results}
     epochs = {key: int(r.metrics["epoch"]) for key, r in trials.items()}
@@ -158,3 +156,103 @@ def test_asha_stops_a_clearly_worse_trial_and_each_culture_wins_in_its_own_trial
         "Germany": trials[(0, 0.05)].metrics["trial_id"],
         "Japan": trials[(1, 0.05)].metrics["trial_id"],
     }
+
+
+PINNED = {"Germany": 4, "Japan": 8}
+QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
+
+
+@pytest.mark.slow
+def test_experts_of_lengths_4_and_8_train_serve_and_evaluate_together(llama_dir, tmp_path):
+    """Experts of different prompt lengths, end to end: a search over num_virtual_tokens, then served and
+    evaluated together (one prompt bank, one batch, committees that mix lengths).
+
+    Which length wins a culture is the validation's choice, so a search alone may publish one length only. To
+    serve both lengths every time, the test pins the winners: from the search's own checkpoints it publishes
+    Germany's 4-token expert and Japan's 8-token one with the same `publish_experts` that training uses.
+    """
+    sets = [
+        f"base_model.name={llama_dir}",
+        f"output_dir={tmp_path / 'run'}",
+        f"data.path={OPINIONS}",
+        "data.cultures=[Germany, Japan]",
+        "tune.experts_per_trial=1",
+        "tune.scheduler=fifo",
+        "tune.search_space={num_virtual_tokens: [4, 8]}",
+        "train.epochs=1",
+        "serve.deployment.reload_interval_s=0",
+    ]
+    config = load_config(TINY_CONFIG, sets)
+    with running_ray():
+        outcome = train(config)
+        trials = finished_trials(tune.Tuner.restore(experiment_path(config), run_trial).get_results())
+    assert outcome.experts == ["Germany", "Japan"]
+    assert {e.prompt.shape[0] for e in load_experts(config.experts_dir)} <= {4, 8}
+
+    # Every culture was trained at both lengths; pin one length each from those checkpoints.
+    trained: dict[tuple[str, int], Winner] = {}
+    for trial in trials:
+        for meta in trial.expert_metas():
+            key = (meta.culture, meta.num_virtual_tokens)
+            trained[key] = Winner(meta.culture, trial.trial_id, trial.experts, meta.training["val_alignment"])
+    assert set(trained) == {(c, n) for c in PINNED for n in (4, 8)}
+    mixed = tmp_path / "mixed"
+    publish_experts(mixed, {c: trained[c, n] for c, n in PINNED.items()}, prepare_data(config.data))
+    experts = {e.meta.culture: e for e in load_experts(mixed)}
+    assert {c: e.prompt.shape[0] for c, e in experts.items()} == PINNED
+    file_versions = {
+        c: "sha256:" + hashlib.sha256((mixed / f"{slug(c)}.safetensors").read_bytes()).hexdigest()[:12]
+        for c in PINNED
+    }
+
+    # Served together: one pool, one bank of both lengths.
+    serving = load_config(
+        TINY_CONFIG, [*sets, f"serve.deployment.experts_dir={mixed}", "serve.limits.max_batch_size=8"]
+    )
+    with local_serve(serving, num_cpus=2) as url, client(url) as http:
+        served = {e["culture"]: e["version"] for e in http.get("/v1/experts").json()["experts"]}
+        assert served == file_versions  # exactly the pinned files, of lengths 4 and 8
+        alone = {}
+        for culture in PINNED:
+            answer = http.post("/v1/opinion", json=QUESTION | {"culture": culture})
+            assert answer.status_code == 200, answer.text
+            alone[culture] = np.array(answer.json()["distribution"])
+            assert abs(alone[culture].sum() - 1) < 1e-6
+        # Canada has no expert: a committee of both, one row of each length in one batch.
+        canada = http.post("/v1/opinion", json=QUESTION | {"culture": "Canada"})
+        assert canada.status_code == 200, canada.text
+        members = {m["culture"]: m["weight"] for m in canada.json()["committee"]}
+        assert set(members) == set(PINNED)
+        mix = sum(w * alone[c] for c, w in members.items())
+        assert np.allclose(canada.json()["distribution"], mix, atol=1e-5)
+        for path, body in [
+            ("/v1/generate", {"prompt": "Do you trust", "culture": "Canada", "max_new_tokens": 4}),
+            ("/v1/generate", {"prompt": "Do you trust", "culture": "Japan", "max_new_tokens": 4}),
+            (
+                "/v1/chat/completions",
+                {"model": "shores:germany", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+            ),
+        ]:
+            response = http.post(path, json=body)
+            assert response.status_code == 200, response.text
+            assert {m["version"] for m in response.json()["committee"]} <= set(file_versions.values())
+
+    # Evaluated together: every culture of the config, the held-out one by a committee of both lengths.
+    report_path = tmp_path / "report.json"
+    overrides = [arg for s in sets for arg in ("--set", s)]
+    command = [
+        "eval",
+        "--config",
+        str(TINY_CONFIG),
+        *overrides,
+        "--experts",
+        str(mixed),
+        "--out",
+        str(report_path),
+    ]
+    assert shores(command) == 0
+    report = json.loads(report_path.read_text())["cultures"]
+    assert set(report) == {"Germany", "Japan", "Canada"}
+    for culture in PINNED:
+        assert report[culture]["expert"] is not None and report[culture]["committee"] is not None
+    assert report["Canada"]["expert"] is None and report["Canada"]["committee"] is not None

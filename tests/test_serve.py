@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_CONFIG
 from tests.serving import (
     CULTURES,
     SIMILARITY,
@@ -23,6 +23,8 @@ from tests.serving import (
     wait_for,
     write_experts,
 )
+
+pytestmark = pytest.mark.slow  # a local Serve for the module (the last test drives a pool replica without it)
 
 KEY_ENV, KEY = "SHORES_TEST_API_KEY", "test-key-123"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
@@ -351,7 +353,7 @@ def test_serve_build_writes_a_config_for_the_exported_app(server, tmp_path, monk
     from ray.serve.scripts import cli
 
     config = tmp_path / "serve.yaml"
-    tiny = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
+    tiny = yaml.safe_load(TINY_CONFIG.read_text())
     tiny["base_model"]["name"] = str(server["model"])
     tiny["serve"] = {
         "deployment": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}, "gpus_per_replica": 0}

@@ -39,6 +39,8 @@ from tests.serving import (
 )
 from workers.expert_file import load_expert, save_expert
 
+pytestmark = pytest.mark.slow  # a local Serve and `serve run` processes
+
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 JAPAN = QUESTION | {"culture": "Japan"}  # a good request (routing by text could pick the broken expert)
 APP = "http://app.example"  # the one origin allowed cross-origin calls

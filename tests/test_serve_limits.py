@@ -43,6 +43,9 @@ from tests.serving import (
 )
 from workers.base_model import load_frozen_base
 
+pytestmark = pytest.mark.slow  # a local Serve and `serve run` processes
+
+GATE = "test-gate"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 # Serve counts a request as queued until a replica takes it: a queue of 4 lets 4 simultaneous arrivals in.
 # The module's deadline is never met: requests wait at a gate as long as a test holds them, however slow the

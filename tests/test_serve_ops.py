@@ -24,6 +24,8 @@ from tests.conftest import REPO, free_ports
 from tests.serving import SIMILARITY, client, register, replicas, serve_config, wait_for, write_experts
 from workers.expert_store import SIMILARITY_FILE
 
+pytestmark = pytest.mark.slow  # a `shores serve` process and an MLflow server
+
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 
 

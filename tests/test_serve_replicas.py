@@ -9,6 +9,7 @@ the first replica to reload after it appeared fails every reload. Every wait is 
 import json
 
 import httpx
+import pytest
 
 from serve.pool import RELOAD_FAULT_ENV
 from tests.conftest import free_ports, mlflow_server
@@ -24,6 +25,8 @@ from tests.serving import (
     write_experts,
 )
 from workers.expert_store import SIMILARITY_FILE
+
+pytestmark = pytest.mark.slow  # Serve with several replicas, and an MLflow server
 
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 

@@ -1,4 +1,5 @@
-"""Tests for orchestrator.survey: loading, splits, culture selection and similarity (names: test_cultures.py)."""
+"""Tests for orchestrator.survey: loading, splits, culture selection, similarity and the pooled prior's records
+(names: test_cultures.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from orchestrator.config import DataSection
@@ -19,13 +21,16 @@ from orchestrator.survey import (
     load_survey,
     nearest_cultures,
     normalise_question,
+    prepare_data,
     present_cultures,
     question_split,
     select_cultures,
     similarity_table,
     split_records,
 )
-from workers.cultures import UnknownCultureError
+from orchestrator.survey.pooling import pooled_records, sample_questions
+from tests.conftest import config_with
+from workers.cultures import SHARED, UnknownCultureError
 
 GOQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "goqa"
 OPINIONS = GOQA / "opinions.jsonl"
@@ -514,3 +519,37 @@ def test_without_cultures_or_top_every_culture_with_enough_questions_gets_an_exp
     assert chosen.trained == ["Germany", "France", "Japan"]  # Kenya is held out; Peru and Chile are thin
     records, _ = load_survey(OPINIONS)
     assert len(select_cultures(records, min_questions=30).trained) == 52  # the config's default: a few dozen
+
+
+def test_pooled_records_average_every_country_of_a_question():
+    records, _ = load_survey(OPINIONS)
+    pooled = {normalise_question(r.question): r for r in pooled_records(records)}
+    question = normalise_question(records[0].question)
+    answers = [r for r in records if normalise_question(r.question) == question]
+    assert len(answers) > 1  # the first record's question was asked in several countries
+    mean = np.mean([r.distribution for r in answers], axis=0)
+    assert pooled[question].culture == SHARED
+    assert np.allclose(pooled[question].distribution, mean) and abs(sum(mean) - 1) < 1e-6
+
+
+def test_the_prior_learns_from_countries_outside_the_selection_and_never_from_test_questions():
+    config = config_with("shared.enabled=true")
+    data = prepare_data(config.data, shared=config.shared)
+    assert data.experts == [SHARED, "Germany", "Japan", "Kenya"]
+    chosen = {normalise_question(r.question) for r in data.splits["train"] if r.culture in data.experts}
+    prior = data.records_of("train", [SHARED])[SHARED]
+    # Questions only other countries answered are in the prior's training data...
+    assert {normalise_question(r.question) for r in prior} - chosen
+    # ...and its splits are the survey's: no test question of any culture is a training question of the prior.
+    test = {normalise_question(r.question) for r in data.splits["test"]}
+    assert not test & {normalise_question(r.question) for r in prior}
+    assert len(prior) == len(
+        {(normalise_question(r.question), r.options) for r in prior}
+    )  # one row a question
+
+
+def test_max_questions_picks_the_same_questions_every_time():
+    records, _ = load_survey(OPINIONS)
+    pooled = pooled_records(records)
+    first, again = sample_questions(pooled, 50), sample_questions(list(reversed(pooled)), 50)
+    assert len(first) == 50 and {r.question for r in first} == {r.question for r in again}

@@ -14,18 +14,17 @@ from orchestrator.publish import publish_experts
 from orchestrator.results import FinishedTrial, Winner
 from orchestrator.survey import prepare_data
 from orchestrator.tracking import ExperimentTracker, Store, TrackingError, public_config, restore_credentials
-from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
+from tests.conftest import OPINIONS, TINY_CONFIG, free_ports, mlflow_server, running_ray
 from workers.cultures import slug
 from workers.expert_file import Expert, ExpertMeta, load_expert, save_expert
 from workers.expert_store import CHAMPION, SIMILARITY_FILE, load_experts, redact, registered_experts
 
-TINY = REPO / "tests" / "tiny.yaml"
 SECRET = "s3cr3t-pw"
 
 
 def config_in(out: Path, *overrides: str):
     sets = [f"output_dir={out}", f"data.path={OPINIONS}", "data.cultures=[Germany, Japan]", *overrides]
-    return load_config(TINY, sets)
+    return load_config(TINY_CONFIG, sets)
 
 
 def expert_folder(
@@ -246,6 +245,7 @@ def test_tracking_errors_and_saved_configs_hold_no_credentials(tmp_path, monkeyp
     assert restore_credentials(saved).mlflow.tracking_uri == uri
 
 
+@pytest.mark.slow
 def test_a_store_with_credentials_down_during_training_gets_everything_later_once(llama_dir, tmp_path, capfd):
     """End to end: no secret in files or Ray's logs; `register --from` needs it back, and twice adds nothing."""
     import ray
@@ -256,12 +256,9 @@ def test_a_store_with_credentials_down_during_training_gets_everything_later_onc
     (port,) = free_ports(1)
     uri = f"http://user:{SECRET}@127.0.0.1:{port}"
     config = config_in(tmp_path, f"base_model.name={llama_dir}", f"mlflow.tracking_uri={uri}")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    try:
+    with running_ray(log_to_driver=True):  # the workers' output reaches the driver: the test reads it there
         outcome = train(config)  # no server is listening yet
         session = Path(ray._private.worker._global_node.get_session_dir_path())
-    finally:
-        ray.shutdown()
     assert outcome.experts == ["Germany", "Japan"] and outcome.registered == []
     printed = capfd.readouterr()
     assert "user:***@127.0.0.1" in printed.err and SECRET not in printed.out + printed.err

@@ -1,4 +1,5 @@
-"""Ray Tune + MLflow end to end on a tiny model: registry, champions, GPU pinning, retries, resume, outages."""
+"""Ray Tune + MLflow end to end on a tiny model: registry, champions, GPU pinning, retries, resume, outages, and
+the shared prior's stage before the cultures'."""
 
 import json
 import os
@@ -8,36 +9,24 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from ray import tune
 
 from orchestrator.cli import main as shores_main
-from orchestrator.config import load_config
 from orchestrator.tracking import Store
 from orchestrator.train import train
 from orchestrator.tune import run_trial
-from tests.conftest import OPINIONS, REPO, free_ports, mlflow_server
+from tests.conftest import OPINIONS, REPO, TINY_CONFIG, free_ports, mlflow_server, running_ray, tiny_config
+from workers.cultures import SHARED
 from workers.expert_file import load_expert
-from workers.expert_store import registered_experts
-
-TINY = REPO / "tests" / "tiny.yaml"
-
-
-def tiny_config(model_dir, out, *overrides):
-    sets = [f"base_model.name={model_dir}", f"output_dir={out}", f"data.path={OPINIONS}", *overrides]
-    return load_config(TINY, sets), [x for s in sets for x in ("--set", s)]
-
-
-@pytest.fixture
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+from workers.expert_store import SIMILARITY_FILE, load_experts, registered_experts
 
 
 def champions(store):
     return {r["culture"]: r for r in registered_experts(store) if "champion" in r["aliases"]}
 
 
+@pytest.mark.slow
 def test_train_registers_every_culture_and_moves_champion_only_when_better(
     llama_dir, tmp_path, local_ray, capsys
 ):
@@ -75,25 +64,25 @@ def test_train_registers_every_culture_and_moves_champion_only_when_better(
     # Evaluation takes the champions from the registry.
     report = tmp_path / "report.json"
     assert (
-        shores_main(["eval", "--config", str(TINY), *sets, "--experts", "champion", "--out", str(report)])
+        shores_main(
+            ["eval", "--config", str(TINY_CONFIG), *sets, "--experts", "champion", "--out", str(report)]
+        )
         == 0
     )
     assert json.loads(report.read_text())["cultures"]["Germany"]["expert"] is not None
-    assert shores_main(["experts", "--config", str(TINY), *sets]) == 0
+    assert shores_main(["experts", "--config", str(TINY_CONFIG), *sets]) == 0
     assert "shores-germany" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_trials_are_pinned_to_their_own_gpu_and_fall_back_to_cpu(llama_dir, tmp_path):
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with running_ray(num_gpus=2):
         config, _ = tiny_config(llama_dir, tmp_path, "data.cultures=[Germany, Japan]", "train.epochs=4")
         from orchestrator.survey import prepare_data
         from orchestrator.tune import tuner
         from workers.shared_base import SharedBase
 
         results = tuner(config, prepare_data(config.data), SharedBase.load(str(llama_dir))).fit()
-    finally:
-        ray.shutdown()
     rows = [r.metrics for r in results]
     assert sorted(r["gpu_id"] for r in rows) == [0.0, 1.0]
     assert all(r["cuda_visible_devices"] == str(int(r["gpu_id"])) for r in rows)
@@ -142,6 +131,7 @@ def trial_folder(experiment: Path, group: int) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_a_killed_trial_is_retried_from_its_checkpoint(llama_dir, tmp_path, local_ray, monkeypatch):
     # The first culture group's trial SIGKILLs itself once Tune has its epoch-1 checkpoint.
     monkeypatch.setenv("SHORES_FAULT", "kill-after-checkpoint:0:1")
@@ -158,6 +148,7 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(llama_dir, tmp_path, loca
     assert history[0][1] != history[1][1]  # ... in a new process
 
 
+@pytest.mark.slow
 def test_a_trial_out_of_memory_is_one_line_of_advice_and_resume_finishes_it(
     llama_dir, tmp_path, local_ray, monkeypatch, capsys
 ):
@@ -204,6 +195,7 @@ def _shores(args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, env=env, **kwargs)
 
 
+@pytest.mark.slow
 def test_resume_continues_without_retraining_finished_trials(llama_dir, tmp_path):
     _, sets = tiny_config(
         llama_dir,
@@ -215,7 +207,7 @@ def test_resume_continues_without_retraining_finished_trials(llama_dir, tmp_path
     # Ctrl-C as soon as the first culture group's trial has finished: Tune saves its state and stops.
     env = dict(os.environ, PYTHONUNBUFFERED="1", SHORES_FAULT="interrupt-after-trial:0")
     first = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(TINY), *sets],
+        [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(TINY_CONFIG), *sets],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -228,7 +220,9 @@ def test_resume_continues_without_retraining_finished_trials(llama_dir, tmp_path
     done_lines = finished.read_text()
     assert len(done_lines.splitlines()) == 2  # all its epochs
 
-    resumed = _shores(["train", "--resume", "--config", str(TINY), *sets], stdout=subprocess.PIPE, text=True)
+    resumed = _shores(
+        ["train", "--resume", "--config", str(TINY_CONFIG), *sets], stdout=subprocess.PIPE, text=True
+    )
     out, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, out[-3000:]
     assert finished.read_text() == done_lines  # the finished trial was not trained again
@@ -236,6 +230,7 @@ def test_resume_continues_without_retraining_finished_trials(llama_dir, tmp_path
     assert sorted(p.stem for p in (tmp_path / "experts").glob("*.safetensors")) == ["germany", "japan"]
 
 
+@pytest.mark.slow
 def test_mlflow_outage_loses_nothing_and_register_from_logs_it_later(llama_dir, tmp_path, local_ray):
     (port,) = free_ports(1)
     uri = f"http://127.0.0.1:{port}"
@@ -257,3 +252,137 @@ def test_mlflow_outage_loses_nothing_and_register_from_logs_it_later(llama_dir, 
         assert (
             len([p for p in downloaded.rglob("*.safetensors") if p.name != "adapter_model.safetensors"]) == 2
         )
+
+
+def train_with_prior(llama_dir, tmp_path, *sets):
+    """`shores train` of the tiny config with a 16-question prior and one epoch (on the test's `local_ray`)."""
+    config, _ = tiny_config(
+        llama_dir, tmp_path, "shared.enabled=true", "shared.max_questions=16", "train.epochs=1", *sets
+    )
+    return config, train(config)
+
+
+@pytest.mark.slow
+def test_tune_trains_registers_and_publishes_the_prior_beside_the_experts(llama_dir, tmp_path, local_ray):
+    config, outcome = train_with_prior(llama_dir, tmp_path, "data.cultures=[Germany]")
+    assert outcome.experts == ["Germany", SHARED]
+    experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
+    assert set(experts) == {"Germany", SHARED}
+    assert "most people around the world" in experts[SHARED].meta.descriptor
+    similarity = json.loads((tmp_path / "experts" / SIMILARITY_FILE).read_text())
+    assert all(SHARED not in row for row in similarity.values())  # committees never draw the prior
+    registered = {r["culture"] for r in registered_experts(Store.from_config(config))}
+    assert registered == {"Germany", SHARED}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["input", "deep"])
+def test_init_shared_trains_the_prior_first_and_starts_every_expert_from_it(
+    kind, llama_dir, tmp_path, local_ray
+):
+    _, outcome = train_with_prior(
+        llama_dir,
+        tmp_path,
+        "data.cultures=[Germany, Japan]",
+        "prompt.init=shared",
+        f"prompt.kind={kind}",
+        "shared.cpus_per_trial=2",
+        "train.lr=1e-9",  # no step moves a prompt: each expert is exactly where it started
+    )
+    assert outcome.experts == ["Germany", "Japan", SHARED]
+    assert (tmp_path / "tune" / f"tiny-{SHARED}").is_dir()  # the prior's own stage, resumable on its own
+    experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
+    assert experts[SHARED].meta.kind == kind
+    for culture in ("Germany", "Japan"):
+        assert torch.allclose(experts[culture].prompt, experts[SHARED].prompt, atol=1e-6)
+        if kind == "deep":
+            assert torch.allclose(experts[culture].prefix, experts[SHARED].prefix, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_experts_on_the_prior_may_train_only_its_top_layers(llama_dir, tmp_path, local_ray):
+    config, outcome = train_with_prior(
+        llama_dir,
+        tmp_path,
+        "data.cultures=[Germany, Japan]",
+        "prompt.init=shared",
+        "prompt.kind=deep",
+        "shared.cpus_per_trial=2",
+        "train.prefix_layers=1",
+        "shared.train={prefix_layers: null}",  # the prior itself learns at every layer
+    )
+    assert config.shared.train.model_dump() == {"prefix_layers": None}
+    experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
+    for culture in ("Germany", "Japan"):
+        # Below the top layer an expert is the prior, bit for bit.
+        assert torch.equal(experts[culture].prefix[:, :-1], experts[SHARED].prefix[:, :-1])
+
+
+def shores_train(sets: list[str], *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """`shores train` in its own process (Ctrl-C reaches only it), with SHORES_FAULT set or unset."""
+    env = {k: v for k, v in os.environ.items() if k != "SHORES_FAULT"} | {"PYTHONUNBUFFERED": "1"}
+    if fault:
+        env["SHORES_FAULT"] = fault
+    args = [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(TINY_CONFIG), *extra]
+    args += [x for s in sets for x in ("--set", s)]
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def trial_results(experiment: Path) -> dict[int, str]:
+    """Each trial's result.json (one line an epoch), by its culture group."""
+    return {
+        json.loads((p.parent / "params.json").read_text())["group"]: p.read_text()
+        for p in experiment.glob("*/result.json")
+    }
+
+
+def checkpoint_epochs(experiment: Path, group: int) -> list[tuple[int, int]]:
+    """(epoch, pid of the process that trained it) of each checkpoint the driver registered for a trial."""
+    from ray import tune
+
+    from orchestrator.tune import run_trial
+
+    results = tune.Tuner.restore(str(experiment), run_trial).get_results()
+    trial = next(r for r in results if r.config["group"] == group)
+    return sorted((int(m["epoch"]), int(m["pid"])) for _, m in trial.best_checkpoints)
+
+
+@pytest.mark.slow
+def test_the_two_stage_run_resumes_after_an_interrupt_in_each_stage(llama_dir, tmp_path):
+    sets = [
+        f"base_model.name={llama_dir}",
+        f"output_dir={tmp_path}",
+        f"data.path={OPINIONS}",
+        "data.cultures=[Germany, Japan]",
+        "shared.enabled=true",
+        "shared.max_questions=16",
+        "prompt.init=shared",
+        "tune.experts_per_trial=1",
+        "tune.max_concurrent_trials=1",
+        "tune.scheduler=fifo",
+    ]  # two epochs a trial (tiny.yaml)
+    prior_stage, cultures_stage = tmp_path / "tune" / f"tiny-{SHARED}", tmp_path / "tune" / "tiny"
+
+    # 1. Ctrl-C once the driver has the prior's epoch-1 checkpoint: the cultures' stage never starts.
+    first = shores_train(sets, fault="interrupt-after-epoch:0:1")
+    assert first.returncode == 130, (first.stdout + first.stderr)[-3000:]
+    assert "interrupted" in first.stdout and "warning: SHORES_FAULT is set" in first.stderr
+    assert not cultures_stage.exists() and not (tmp_path / "experts").exists()
+
+    # 2. Resumed: the prior finishes from its checkpoint, then Ctrl-C once the driver has the epoch-1
+    # checkpoint of Japan's trial (group 1 of the cultures' stage; Germany's, group 0, runs first).
+    second = shores_train(sets, "--resume", fault="interrupt-after-epoch:1:1")
+    assert second.returncode == 130, (second.stdout + second.stderr)[-3000:]
+    assert "interrupted" in second.stdout and not (tmp_path / "experts").exists()
+    prior, germany = trial_results(prior_stage)[0], trial_results(cultures_stage)[0]
+
+    # 3. Resumed again: only Japan's trial trains, from its epoch-1 checkpoint.
+    third = shores_train(sets, "--resume")
+    assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
+    assert trial_results(prior_stage)[0] == prior and trial_results(cultures_stage)[0] == germany
+    for stage, group in ((prior_stage, 0), (cultures_stage, 1)):
+        (one, pid_one), (two, pid_two) = checkpoint_epochs(stage, group)
+        assert (one, two) == (1, 2) and pid_one != pid_two  # epoch 2 continued epoch 1's checkpoint, later
+    experts = {e.meta.culture: e for e in load_experts(tmp_path / "experts")}
+    assert set(experts) == {"Germany", "Japan", SHARED}
+    assert all(e.meta.training["epochs_run"] == 2 for e in experts.values())
