@@ -183,8 +183,8 @@ def random_expert(base, culture: str, tokens: int, prefix_tokens: int, seed: int
     """An expert of random parts: `tokens` input-prompt tokens and a deep prefix of `prefix_tokens` (0: none)."""
     import torch
 
-    from workers.prefix import kv_shape
     from workers.expert_file import Expert, ExpertMeta
+    from workers.prefix import kv_shape
 
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randn(tokens, base.hidden_size, generator=generator) * 0.5
