@@ -7,8 +7,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.evaluate import evaluate, format_table, write_report
-from orchestrator.survey import foreign_data, load_survey, prepare_data, present_cultures
+from orchestrator.evaluate import evaluate_beside_transfer, format_table, write_report
+from orchestrator.survey import (
+    TRANSFER_SPLITS,
+    SurveyDataError,
+    foreign_data,
+    load_survey,
+    prepare_data,
+    present_cultures,
+)
 from orchestrator.tracking import ExperimentTracker, TrackingError
 from workers.base_model import load_frozen_base
 from workers.committees import culture_committees
@@ -33,9 +40,14 @@ def run_evaluation(
     """Score every method on the survey records, write the report (JSON and PNG) to `out`, log it to MLflow.
 
     `data_file`: another survey file (its records of the experts' cultures; default: the config's data).
-    `split`: the questions to score (default: test; with `data_file`: all). `experts_from`: a directory or a
-    registry alias (default: the config's experts directory).
+    `split`: the questions to score (default: test; with `data_file`: all); transfer_val and transfer_test
+    need `data.transfer`, which also adds the transfer split's section beside test and val. `experts_from`: a
+    directory or a registry alias (default: the config's experts directory).
     """
+    if split in TRANSFER_SPLITS and config.data.transfer is None:
+        raise SurveyDataError(
+            f"--split {split} needs a transfer split in the config (data.transfer.hold_out)"
+        )
     # The data is read before the model loads, so a bad file fails at once.
     if data_file:
         records, loaded = load_survey(data_file)
@@ -73,7 +85,7 @@ def run_evaluation(
         config.serve.routing.committee_size,
         config.serve.routing.routing_temperature,
     )
-    report = evaluate(
+    report = evaluate_beside_transfer(
         base,
         experts,
         data,

@@ -3,9 +3,15 @@ train/val/test into transfer_val and transfer_test, and its place in the data fi
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import replace
 
+import pytest
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+
+from orchestrator.cli import main
 from orchestrator.config import ConfigError
+from orchestrator.evaluate import evaluate_beside_transfer, format_table
+from orchestrator.gate import champion_gate
 from orchestrator.survey import (
     SPLITS,
     TRANSFER_SPLITS,
@@ -19,11 +25,15 @@ from orchestrator.survey import (
     prepare_data,
     programme_counts,
     question_programmes,
+    similarity_table,
     split_records,
     validation_records,
 )
 from orchestrator.survey.fingerprint import DataFingerprint
-from tests.conftest import OPINIONS, config_with
+from orchestrator.tracking import report_metrics
+from tests.conftest import OPINIONS, TINY_CONFIG, config_with, random_expert
+from workers.base_model import load_frozen_base
+from workers.committees import culture_committees
 from workers.cultures import SHARED
 
 
@@ -152,3 +162,91 @@ def test_a_transfer_spec_round_trips_and_refuses_nonsense():
     assert Transfer.parse("") is None
     with pytest.raises(SurveyDataError, match="hold_out"):
         Transfer("unknown")
+
+
+def test_eval_reports_the_transfer_split_beside_the_test_split_from_transfer_records_only(
+    llama_dir, tmp_path
+):
+    config = config_with("data.transfer.hold_out=wvs")
+    data = prepare_data(config.data)
+    # Every transfer_test answer made uniform: the section's `uniform` column is exactly 1 on those records
+    # and on no others, so a single record read from elsewhere shows.
+    flat = [
+        replace(r, distribution=tuple(1 / len(r.options) for _ in r.options))
+        for r in data.splits["transfer_test"]
+    ]
+    data = replace(data, splits=data.splits | {"transfer_test": flat})
+    base = load_frozen_base(str(llama_dir), device="cpu")
+    trained = data.selection.trained
+    experts = [random_expert(base, c, 2, 0, seed) for seed, c in enumerate([SHARED, *trained])]
+    cultures = trained + data.selection.held_out
+    similarity = similarity_table(data.records, data.selection.held_out, trained)
+    committees = culture_committees(cultures, trained, similarity, k=2, temperature=0.05)
+
+    report = evaluate_beside_transfer(
+        base, experts, data, "test", cultures, committees=committees, n_bootstrap=20
+    )
+    section = report["transfer"]
+    assert section["split"] == "transfer_test" and section["hold_out"] == "wvs" and report["split"] == "test"
+    assert set(section) == {"hold_out", "split", "cultures", "overall", "held_out"}
+    for culture in cultures:
+        row = section["cultures"][culture]
+        assert row["n"] == len(data.records_of("transfer_test", [culture])[culture]) > 0
+        assert row["uniform"] == pytest.approx(1.0)
+        assert report["cultures"][culture]["uniform"] < 1  # the test split's own records
+        assert row[SHARED] is not None and row["committee"] is not None
+        paired = row["differences"]["expert-shared"]
+        assert (paired is None) == (culture not in trained)
+    pooled = section["overall"]["differences"]["expert-shared"]
+    assert pooled["n"] == sum(section["cultures"][c]["n"] for c in trained)
+    assert pooled["ci95"][0] <= pooled["mean"] <= pooled["ci95"][1]
+    assert section["held_out"]["cultures"] == ["Canada"]
+    table = format_table(report)
+    assert (
+        "transfer split: transfer_test (wvs questions" in table and table.count("overall (with experts)") == 2
+    )
+    # Without a transfer split there is no section; the split of the same role is what is beside it.
+    plain = evaluate_beside_transfer(
+        base, experts, replace(data, transfer=None), "val", cultures, n_bootstrap=20
+    )
+    assert "transfer" not in plain
+    assert "transfer.uniform.overall" in report_metrics(report)
+
+
+def test_the_gate_never_compares_stored_scores_across_a_transfer_split():
+    fingerprint = DataFingerprint("/data.jsonl", "abc", (0.7, 0.15, 0.15), "", "same-records", 10)
+
+    def version(number: int, stored: float, transfer: str) -> ModelVersion:
+        tags = {"val_alignment": str(stored)} | replace(fingerprint, transfer=transfer).tags()
+        return ModelVersion(
+            "shores-germany", str(number), 0, tags=[ModelVersionTag(k, v) for k, v in tags.items()]
+        )
+
+    rescored = []
+
+    def rescore(challenger, champion):
+        rescored.append((challenger.version, champion.version))
+        return 0.4, 0.6
+
+    # The same validation records and no transfer on either side: the stored scores decide, nothing re-scored.
+    assert champion_gate(version(2, 0.9, ""), version(1, 0.5, ""), rescore).promote and not rescored
+    verdict = champion_gate(version(2, 0.9, "wvs:0.5"), version(1, 0.5, ""), rescore)
+    assert rescored == [("2", "1")] and not verdict.promote and verdict.rescored == (0.4, 0.6)
+
+
+def test_eval_of_a_transfer_half_without_a_transfer_split_is_one_line_and_nonzero(tmp_path, capsys):
+    sets = ["--set", "base_model.name=unused", "--set", f"data.path={OPINIONS}"]
+    args = [
+        "eval",
+        "--config",
+        str(TINY_CONFIG),
+        *sets,
+        "--split",
+        "transfer_test",
+        "--out",
+        str(tmp_path / "r.json"),
+    ]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "--split transfer_test needs" in error and "data.transfer.hold_out" in error
+    assert not (tmp_path / "r.json").exists()
