@@ -70,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--split",
-        choices=["test", "val", "train", "all"],
-        help="the questions to score, split as training splits them (default: test; with --data: all)",
+        choices=["test", "val", "train", "all", "transfer_val", "transfer_test"],
+        help="the questions to score, split as training splits them (default: test; with --data: all); "
+        "transfer_val and transfer_test need data.transfer",
     )
     ev.add_argument(
         "--experts",

@@ -51,6 +51,21 @@ class BaseModelSection(Strict):
 MIN_QUESTIONS = 30  # a culture's questions for an expert of its own, when the cultures are not named
 
 
+class TransferSection(Strict):
+    """A transfer split: one survey programme's questions kept out of training, selection and test."""
+
+    hold_out: Literal["pew", "wvs"] = Field(
+        description="The programme held out (`orchestrator/survey/programmes.py`): pew (Pew Global "
+        "Attitudes, coded DK/Refused) or wvs (World Values Survey / EVS, coded Don't know, No answer, Missing)."
+    )
+    val: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="The held-out questions' share in transfer_val (for choosing); the rest are transfer_test.",
+    )
+
+
 class DataSection(Strict):
     """The survey file, which cultures get experts, and the split of its questions."""
 
@@ -91,6 +106,11 @@ class DataSection(Strict):
     )
     max_length: int = Field(
         default=MAX_LENGTH, ge=8, description="Tokens of an encoded question; a longer one keeps its end."
+    )
+    transfer: TransferSection | None = Field(
+        default=None,
+        description="Hold one survey programme's questions out of train/val/test, split into transfer_val "
+        "and transfer_test. Null: every question splits into train/val/test.",
     )
 
     @model_validator(mode="after")
@@ -389,6 +409,12 @@ class RoutingSection(Strict):
     )
     routing_temperature: float = Field(
         default=0.05, gt=0, description="The softmax temperature of committee weights."
+    )
+    prior_weight: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] | None = Field(
+        default=None,
+        description="The shared prior's weight in the committees of cultures without an expert, the nearest "
+        "experts sharing the rest; auto: the weight of 0, 0.1, ..., 1 that scores best on validation records, "
+        "each trained culture answered by the committee of the others. Null: no prior. Read by `shores eval`.",
     )
     router_model: str = Field(
         default=ROUTER_MODEL,

@@ -7,8 +7,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.evaluate import evaluate, format_table, write_report
-from orchestrator.survey import foreign_data, load_survey, prepare_data, present_cultures
+from orchestrator.evaluate import evaluate_beside_transfer, format_table, write_report
+from orchestrator.prior_weight import fit_prior_weight
+from orchestrator.survey import (
+    TRANSFER_SPLITS,
+    SurveyDataError,
+    foreign_data,
+    load_survey,
+    prepare_data,
+    present_cultures,
+)
 from orchestrator.tracking import ExperimentTracker, TrackingError
 from workers.base_model import load_frozen_base
 from workers.committees import culture_committees
@@ -33,9 +41,14 @@ def run_evaluation(
     """Score every method on the survey records, write the report (JSON and PNG) to `out`, log it to MLflow.
 
     `data_file`: another survey file (its records of the experts' cultures; default: the config's data).
-    `split`: the questions to score (default: test; with `data_file`: all). `experts_from`: a directory or a
-    registry alias (default: the config's experts directory).
+    `split`: the questions to score (default: test; with `data_file`: all); transfer_val and transfer_test
+    need `data.transfer`, which also adds the transfer split's section beside test and val. `experts_from`: a
+    directory or a registry alias (default: the config's experts directory).
     """
+    if split in TRANSFER_SPLITS and config.data.transfer is None:
+        raise SurveyDataError(
+            f"--split {split} needs a transfer split in the config (data.transfer.hold_out)"
+        )
     # The data is read before the model loads, so a bad file fails at once.
     if data_file:
         records, loaded = load_survey(data_file)
@@ -66,14 +79,27 @@ def run_evaluation(
     similarity = load_similarity(
         similarity_file if similarity_file.exists() else config.experts_dir / SIMILARITY_FILE
     )
+    routing = config.serve.routing
+    prior_weight = routing.prior_weight
+    if prior_weight == "auto":  # chosen on validation records, before any record of `split` is scored
+        prior_weight = fit_prior_weight(
+            base,
+            experts,
+            data,
+            similarity,
+            routing.committee_size,
+            routing.routing_temperature,
+            config.eval.batch_size,
+            config.data.max_length,
+        )
+        print(
+            f"committees: the shared prior's weight {prior_weight:g}, chosen on the val split",
+            file=sys.stderr,
+        )
     committees = culture_committees(
-        cultures,
-        names,
-        similarity,
-        config.serve.routing.committee_size,
-        config.serve.routing.routing_temperature,
+        cultures, names, similarity, routing.committee_size, routing.routing_temperature, prior_weight
     )
-    report = evaluate(
+    report = evaluate_beside_transfer(
         base,
         experts,
         data,
@@ -85,6 +111,7 @@ def run_evaluation(
         n_bootstrap=config.eval.bootstrap,
     )
     report["data"] = data.report.path
+    report["prior_weight"] = prior_weight
     report["notes"] = notes
     json_path, png_path = write_report(report, out)
     print(format_table(report))

@@ -29,6 +29,8 @@ METHODS = ("base", "persona", SHARED, "expert", "committee", "uniform", "agnosti
 PLOT_ROW = 16  # cultures a row of the report's chart
 # Paired differences over the same records: is a culture's expert worth more than the shared prior, the base?
 DIFFERENCES = (("expert", SHARED), ("expert", "base"))
+# With a transfer split (`data.transfer`), the half of it reported beside each split of the same role.
+TRANSFER_BESIDE = {"test": "transfer_test", "val": "transfer_val"}
 
 
 def agnostic_distribution(record: SurveyRecord, others: dict[str, list[SurveyRecord]]) -> np.ndarray | None:
@@ -120,6 +122,23 @@ def evaluate(
     return report
 
 
+def evaluate_beside_transfer(
+    base: FrozenBase, experts: list[Expert], data: ExperimentData, split: str, cultures: list[str], **options
+) -> dict:
+    """`evaluate` on a split and, where the data holds a transfer split, on its half of the same role
+    (`TRANSFER_BESIDE`): the report's `transfer` section, scored the same way on the held-out programme's
+    questions only."""
+    report = evaluate(base, experts, data, split, cultures, **options)
+    beside = TRANSFER_BESIDE.get(split) if data.transfer is not None else None
+    if beside is not None:
+        section = evaluate(base, experts, data, beside, cultures, **options)
+        kept = ("split", "cultures", "overall", "held_out")
+        report["transfer"] = {"hold_out": data.transfer.hold_out} | {
+            k: section[k] for k in kept if k in section
+        }
+    return report
+
+
 def _pool(scores: dict[str, dict[str, list[float]]], cultures: list[str]) -> dict[str, list[float]]:
     """The cultures' scores as one set of records, method by method (in culture order, so pairs stay paired)."""
     pooled: dict[str, list[float]] = defaultdict(list)
@@ -162,7 +181,7 @@ def _differences(scores: dict[str, list[float]], n_bootstrap: int) -> dict[str, 
 
 def format_table(report: dict) -> str:
     """The report as fixed-width text: one row a culture, one column a method; the overall row on the
-    natural-log scale; then the paired differences with their intervals."""
+    natural-log scale; then the paired differences with their intervals; then the transfer section's tables."""
     header = f"{'culture':<24}{'n':>5}" + "".join(f"{m:>11}" for m in METHODS)
     lines = [header, "-" * len(header)]
     rows = list(report["cultures"].items()) + [("overall", report["overall"])]
@@ -183,6 +202,10 @@ def format_table(report: dict) -> str:
         if any(cells):
             n = next(c["n"] for c in cells if c)
             lines.append(f"{name:<24}{n:>5}" + "".join(_difference_cell(c) for c in cells))
+    if "transfer" in report:
+        section = report["transfer"]
+        title = f"transfer split: {section['split']} ({section['hold_out']} questions, held out of training)"
+        lines += ["", title, "=" * len(title), format_table(section)]
     return "\n".join(lines)
 
 

@@ -67,7 +67,8 @@ def champion_gate(challenger: ModelVersion, champion: ModelVersion | None, resco
             f"not compared: v{challenger.version} has no data fingerprint, so champion v{champion.version} "
             "cannot be scored on its validation split",
         )
-    if theirs is not None and theirs.val_records == ours.val_records:
+    # Stored scores compare only on the same validation records of the same split (a transfer split too).
+    if theirs is not None and (theirs.val_records, theirs.transfer) == (ours.val_records, ours.transfer):
         return Verdict(stored_score(challenger) > stored_score(champion))
     try:
         mine, current = rescore(challenger, champion)

@@ -561,7 +561,8 @@ def trial_cultures(trial: FinishedTrial) -> list[str]:
 
 
 def report_metrics(report: dict) -> dict[str, float]:
-    """An evaluation report as flat metrics: `<method>.<culture>` and its `.ci95_low` / `.ci95_high`."""
+    """An evaluation report as flat metrics: `<method>.<culture>` and its `.ci95_low` / `.ci95_high` (and
+    `transfer.<method>.<culture>` ... for a transfer section)."""
     rows = dict(report["cultures"]) | {"overall": report["overall"]}
     if "held_out" in report:
         rows["held_out"] = report["held_out"]
@@ -573,6 +574,8 @@ def report_metrics(report: dict) -> dict[str, float]:
                 metrics[f"{method}.{name}"] = row[method]
         for method, (low, high) in row.get("ci95", {}).items():
             metrics[f"{method}.{name}.ci95_low"], metrics[f"{method}.{name}.ci95_high"] = low, high
+    if "transfer" in report:  # the transfer split's section, the same metrics under `transfer.`
+        metrics |= {f"transfer.{k}": v for k, v in report_metrics(report["transfer"]).items()}
     return metrics
 
 

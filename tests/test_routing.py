@@ -1,20 +1,36 @@
-"""The router's committees: own expert, nearest experts by survey similarity, sentence-embedding routing; and the
-evaluation's committee column and held-out section built with the same code."""
+"""The router's committees: own expert, nearest experts by survey similarity, sentence-embedding routing, the
+shared prior's weight chosen on validation; and the evaluation's committee column and held-out section built
+with the same code."""
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from orchestrator.config import load_config
 from orchestrator.evaluate import evaluate, format_table
+from orchestrator.experiment import encode
 from orchestrator.experts import write_similarity
-from orchestrator.survey import prepare_data
-from tests.conftest import OPINIONS, TINY_CONFIG
+from orchestrator.prior_weight import fit_prior_weight
+from orchestrator.survey import prepare_data, similarity_table
+from tests.conftest import OPINIONS, TINY_CONFIG, random_expert
 from workers.base_model import load_frozen_base
-from workers.committees import Committee, TextRouter, culture_committee, culture_committees, softmax_weights
-from workers.cultures import UnknownCultureError, find_culture
+from workers.committees import (
+    Committee,
+    TextRouter,
+    choose_prior_weight,
+    committee_distributions,
+    culture_committee,
+    culture_committees,
+    member_indices,
+    softmax_weights,
+    with_prior,
+)
+from workers.cultures import SHARED, UnknownCultureError, find_culture
 from workers.expert_file import Expert, ExpertMeta
-from workers.prompts import SoftPromptBank, persona_text
+from workers.prompts import SoftPromptBank, bank_from_experts, persona_text
+from workers.scoring import alignment
 
 EXPERTS = ["Germany", "Japan", "Kenya", "United Kingdom"]
 SIMILARITY = {"Canada": {"United Kingdom": 0.9, "Germany": 0.8, "Japan": 0.6, "Kenya": 0.5, "Peru": 0.95}}
@@ -105,3 +121,70 @@ def test_eval_reports_committees_for_held_out_cultures(llama_dir, tmp_path):
     assert held["cultures"] == ["Canada"] and held["n"] == canada["n"]
     assert held["committee"] == canada["committee"] and held["base"] == canada["base"]
     assert "held-out cultures" in format_table(report)
+
+
+def test_with_a_prior_weight_a_held_out_culture_s_committee_includes_the_prior():
+    experts = [*EXPERTS, SHARED]
+    plain = culture_committee("Canada", experts, SIMILARITY, k=2, temperature=0.05)
+    mixed = culture_committee("Canada", experts, SIMILARITY, k=2, temperature=0.05, prior_weight=0.3)
+    assert mixed.members[-1] == (SHARED, pytest.approx(0.3))
+    assert [w for _, w in mixed.members[:-1]] == pytest.approx([0.7 * w for _, w in plain.members])
+    # A culture with an expert keeps it alone; without the prior among the experts, nothing changes.
+    assert culture_committee("Japan", experts, SIMILARITY, 2, 0.05, prior_weight=0.3).members == [
+        ("Japan", 1.0)
+    ]
+    assert culture_committee("Canada", EXPERTS, SIMILARITY, 2, 0.05, prior_weight=0.3) == plain
+    assert with_prior(plain, 1.0).members == [(SHARED, 1.0)] and with_prior(plain, 0.0) == plain
+    assert culture_committees(["Canada"], experts, SIMILARITY, 2, 0.05, 0.3) == {"Canada": mixed}
+
+
+def test_a_committee_worse_than_the_prior_on_validation_never_scores_below_it_once_weighted():
+    rng = np.random.default_rng(0)
+
+    def rows(n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        out = []
+        for _ in range(n):
+            survey = rng.dirichlet(np.full(4, 2.0))
+            prior = 0.8 * survey + 0.2 * rng.dirichlet(np.ones(4))  # near the answers
+            committee = rng.dirichlet(np.full(4, 0.3))  # members who know this culture badly
+            out.append((committee, prior, survey))
+        return out
+
+    def score(rows, w: float) -> float:
+        return float(np.mean([alignment((1 - w) * c + w * p, s) for c, p, s in rows]))
+
+    val, test = rows(60), rows(60)
+    assert score(val, 0.0) < score(val, 1.0)  # the committee alone is worse than the prior
+    weight = choose_prior_weight(val)
+    assert weight > 0.5 and score(val, weight) >= score(val, 1.0)
+    assert score(test, weight) >= score(test, 1.0) - 1e-3 and score(test, weight) > score(test, 0.0)
+    with pytest.raises(ValueError):
+        choose_prior_weight([])
+
+
+def test_the_prior_weight_is_chosen_on_validation_records_never_test(llama_dir):
+    config = load_config(TINY_CONFIG, [f"data.path={OPINIONS}", "data.held_out=[]"])
+    data = prepare_data(config.data)
+    base = load_frozen_base(str(llama_dir), device="cpu")
+    trained = data.selection.trained
+    experts = [random_expert(base, c, 4, 0, seed) for seed, c in enumerate([SHARED, *trained])]
+    index = {e.meta.culture: i for i, e in enumerate(experts)}
+    bank = bank_from_experts(experts)
+    similarity = similarity_table(data.records, trained, trained)
+
+    def answered(split: str, committee_of) -> list:
+        """The split's records with the answers that `committee_of(culture)`'s mixture gives."""
+        records = [r for r in data.splits[split] if r.culture in trained]
+        members = [member_indices(committee_of(r.culture), index) for r in records]
+        mixes = committee_distributions(base, bank, encode(base, records, 256), members)
+        return [replace(r, distribution=tuple(float(x) for x in m)) for r, m in zip(records, mixes)]
+
+    def others(culture: str) -> Committee:
+        return culture_committee(culture, [c for c in trained if c != culture], similarity, 2, 0.05)
+
+    # Validation answered exactly as the prior answers, test exactly as the other experts' committees do.
+    val, test = answered("val", lambda c: Committee([(SHARED, 1.0)])), answered("test", others)
+    forged = replace(data, splits=data.splits | {"val": val, "test": test})
+    swapped = replace(data, splits=data.splits | {"val": test, "test": val})
+    assert fit_prior_weight(base, experts, swapped, similarity, 2, 0.05) == 0.0  # what test would choose
+    assert fit_prior_weight(base, experts, forged, similarity, 2, 0.05) == 1.0

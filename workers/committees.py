@@ -4,6 +4,10 @@ A committee is a list of (expert culture, weight) with weights summing to 1. The
 in order: an explicit culture with an expert (that expert alone); a known culture without one (its
 nearest experts by survey similarity); free text, a profile or the query itself (the sentence embedding
 of the text against each expert's descriptor). Both ranked cases take the top k with softmax weights.
+
+A culture without an expert may also have the shared prior in its committee (`with_prior`): the prior
+takes a weight, chosen on validation records (`choose_prior_weight`), and the ranked experts share the rest,
+so that a committee of experts who know the culture badly falls back on the culture-blind prior.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import numpy as np
 import torch
 
 from workers.base_model import FrozenBase
-from workers.cultures import UnknownCultureError, find_culture, is_shared
+from workers.cultures import SHARED, UnknownCultureError, find_culture, is_shared
 from workers.defaults import ROUTER_MODEL
 from workers.expert_store import Similarity
 from workers.prompts import NO_EXPERT, SoftPromptBank
-from workers.scoring import EncodedQuestion, batch_log_probs, option_token_ids
+from workers.scoring import EncodedQuestion, alignment, batch_log_probs, option_token_ids
 
 BASE = "base"  # the member that is the plain base model, with no prompt
+# The prior's weights `choose_prior_weight` tries: 0 (the experts alone) to 1 (the prior alone).
+PRIOR_WEIGHTS = tuple(i / 10 for i in range(11))
 
 
 def committee_weights(weights: Sequence[float]) -> list[float]:
@@ -61,13 +67,46 @@ def ranked_committee(scores: Mapping[str, float], k: int, temperature: float) ->
     return Committee(list(zip([c for c, _ in best], softmax_weights([s for _, s in best], temperature))))
 
 
+def with_prior(committee: Committee, weight: float) -> Committee:
+    """The committee with the shared prior as a member of `weight`, the others scaled to share the rest."""
+    if not 0 <= weight <= 1:
+        raise ValueError(f"the prior's weight must lie in [0, 1], got {weight!r}")
+    members = [(c, w * (1 - weight)) for c, w in committee.members if w * (1 - weight) > 0]
+    return Committee(members + ([(SHARED, weight)] if weight > 0 else []))
+
+
+def choose_prior_weight(
+    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], grid: Sequence[float] = PRIOR_WEIGHTS
+) -> float:
+    """The prior's weight in `grid` whose mixtures score best: rows of (committee, prior, survey) distributions.
+
+    Each row's mixture is (1 - w) committee + w prior, scored by mean alignment with the survey; ties go to
+    the smaller weight. With 1 in the grid the choice never scores below the prior alone on these rows. The
+    rows must be validation records: the caller chooses them, never from test.
+    """
+    if not rows:
+        raise ValueError("no records to choose the prior's weight on")
+
+    def score(w: float) -> float:
+        return float(np.mean([alignment((1 - w) * c + w * p, s) for c, p, s in rows]))
+
+    scores = [score(w) for w in grid]
+    return float(grid[int(np.argmax(scores))])  # argmax: the first (smallest) of equal bests
+
+
 def culture_committee(
-    culture: str, experts: Sequence[str], similarity: Similarity, k: int, temperature: float
+    culture: str,
+    experts: Sequence[str],
+    similarity: Similarity,
+    k: int,
+    temperature: float,
+    prior_weight: float | None = None,
 ) -> Committee:
     """A culture's own expert if it has one, else its k nearest experts by survey similarity.
 
-    The shared prior answers only when asked for by its own name: it is no real culture's own expert or
-    committee member (a culture's committee stands for that culture, the prior for none).
+    The shared prior answers when asked for by its own name, and, with a `prior_weight` (`with_prior`) and
+    the prior among `experts`, in the committees of cultures without an expert; it is never a culture's own
+    expert or a similarity-ranked member (a culture's committee stands for that culture, the prior for none).
     """
     own = find_culture(culture, experts)
     if own is not None:
@@ -79,17 +118,25 @@ def culture_committee(
         raise UnknownCultureError(
             f"unknown culture {culture!r}: no expert, and no survey similarity to the {len(experts)} experts"
         )
-    return ranked_committee(scores, k, temperature)
+    committee = ranked_committee(scores, k, temperature)
+    if prior_weight is None or not any(is_shared(e) for e in experts):
+        return committee
+    return with_prior(committee, prior_weight)
 
 
 def culture_committees(
-    cultures: Sequence[str], experts: Sequence[str], similarity: Similarity, k: int, temperature: float
+    cultures: Sequence[str],
+    experts: Sequence[str],
+    similarity: Similarity,
+    k: int,
+    temperature: float,
+    prior_weight: float | None = None,
 ) -> dict[str, Committee]:
     """Committees for every culture that can have one (the evaluation's `committee` column)."""
     out = {}
     for culture in cultures:
         try:
-            out[culture] = culture_committee(culture, experts, similarity, k, temperature)
+            out[culture] = culture_committee(culture, experts, similarity, k, temperature, prior_weight)
         except UnknownCultureError:
             continue  # reported without a committee column, as before
     return out

@@ -10,7 +10,7 @@ from orchestrator.survey.loading import LoadReport, load_survey
 from orchestrator.survey.pooling import pooled_records, sample_questions
 from orchestrator.survey.records import SurveyRecord
 from orchestrator.survey.selection import CultureSelection, present_cultures, select_cultures
-from orchestrator.survey.splits import split_records
+from orchestrator.survey.splits import Transfer, split_records
 from workers.cultures import SHARED
 from workers.defaults import SPLIT_FRACTIONS
 
@@ -30,6 +30,8 @@ class ExperimentData:
     # data fingerprint, so that its validation split can be rebuilt from the file.
     fractions: tuple[float, float, float] = SPLIT_FRACTIONS
     salt: str = ""
+    # The programme held out in transfer_val / transfer_test (None: no transfer split); in the fingerprint too.
+    transfer: Transfer | None = None
 
     @property
     def experts(self) -> list[str]:
@@ -58,16 +60,17 @@ def prepare_data(
     on their training questions only, since the splits are by question.
     """
     records, report = load_survey(path or section.path)
+    transfer = transfer_of(section)
     selection = select_cultures(
         records, section.cultures, section.top, section.question_floor, section.held_out
     )
     pooled = {}
     fractions, salt = section.split, section.split_salt
     if shared is not None and shared.enabled:
-        pooled = split_records(pooled_records(records), fractions, salt)
+        pooled = split_records(pooled_records(records), fractions, salt, transfer)
         pooled["train"] = sample_questions(pooled["train"], shared.max_questions)
-    splits = split_records(records, fractions, salt)
-    return ExperimentData(records, report, selection, splits, pooled, fractions, salt)
+    splits = split_records(records, fractions, salt, transfer)
+    return ExperimentData(records, report, selection, splits, pooled, fractions, salt, transfer)
 
 
 def foreign_data(
@@ -76,5 +79,12 @@ def foreign_data(
     """Another survey file's records for experts trained elsewhere: their cultures and the config's
     held-out ones that it holds (notes say what it lacks), split as training splits its own file."""
     selection, notes = present_cultures(records, experts, section.held_out, report.path)
-    splits = split_records(records, section.split, section.split_salt)
-    return ExperimentData(records, report, selection, splits, {}, section.split, section.split_salt), notes
+    transfer = transfer_of(section)
+    splits = split_records(records, section.split, section.split_salt, transfer)
+    data = ExperimentData(records, report, selection, splits, {}, section.split, section.split_salt, transfer)
+    return data, notes
+
+
+def transfer_of(section: DataSection) -> Transfer | None:
+    """The config's transfer split (`data.transfer`), or None."""
+    return Transfer(section.transfer.hold_out, section.transfer.val) if section.transfer else None

@@ -1,9 +1,10 @@
 """What an expert was validated on: its survey file, its split, and its validation records, as a fingerprint.
 
 Two experts' validation alignments compare only when they were measured on the same records. The fingerprint
-says which: the file (path and content hash), the split (fractions and salt), and a hash of the culture's
-validation records (question, options and answers). It travels in the expert's metadata and as tags on its
-registered version, and holds enough to rebuild that validation split from the file to score other experts on it.
+says which: the file (path and content hash), the split (fractions, salt and any transfer split), and a hash
+of the culture's validation records (question, options and answers). It travels in the expert's metadata and
+as tags on its registered version, and holds enough to rebuild that validation split from the file to score
+other experts on it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 from orchestrator.survey.loading import file_sha256, load_survey
 from orchestrator.survey.pooling import pooled_records
 from orchestrator.survey.records import SurveyDataError, SurveyRecord, normalise_question
-from orchestrator.survey.splits import split_records
+from orchestrator.survey.splits import Transfer, split_records
 from workers.cultures import SHARED
 
 if TYPE_CHECKING:
@@ -37,10 +38,14 @@ class DataFingerprint:
     split_salt: str
     val_records: str  # sha256 of the culture's validation records (question, options, answers), sorted
     val_questions: int
+    # The programme held out of train/val/test (`Transfer.key`, e.g. "wvs:0.5"); "": none.
+    transfer: str = ""
 
     def to_dict(self) -> dict:
-        """The fingerprint as JSON-ready values (in an expert's metadata, under training["data"])."""
-        return asdict(self) | {"split": list(self.split)}
+        """The fingerprint as JSON-ready values (in an expert's metadata, under training["data"]); no transfer
+        split writes no `transfer`, as before it existed."""
+        values = asdict(self) | {"split": list(self.split)}
+        return values if self.transfer else {k: v for k, v in values.items() if k != "transfer"}
 
     @classmethod
     def from_dict(cls, values: dict | None) -> DataFingerprint | None:
@@ -70,6 +75,7 @@ class DataFingerprint:
                 "split_salt": values["split_salt"],
                 "val_records": values["val_records"],
                 "val_questions": int(values["val_questions"]),
+                "transfer": values.get("transfer", ""),
             }
         )
 
@@ -93,6 +99,7 @@ def data_fingerprint(data: ExperimentData, culture: str) -> DataFingerprint:
         split_salt=data.salt,
         val_records=records_digest(val),
         val_questions=len(val),
+        transfer=data.transfer.key() if data.transfer else "",
     )
 
 
@@ -109,7 +116,9 @@ def validation_records(fingerprint: DataFingerprint, culture: str) -> list[Surve
         records = pooled_records(records)
     val = [
         r
-        for r in split_records(records, fingerprint.split, fingerprint.split_salt)["val"]
+        for r in split_records(
+            records, fingerprint.split, fingerprint.split_salt, Transfer.parse(fingerprint.transfer)
+        )["val"]
         if r.culture == culture
     ]
     if (
