@@ -18,7 +18,7 @@ import ray
 from ray import tune
 
 from bench.common import DATA, machine, model_path, write_report
-from orchestrator.experiment import encode
+from orchestrator.encoding import encode
 from orchestrator.survey import load_survey, select_cultures
 from workers.base_model import load_frozen_base
 from workers.prompts import SoftPromptBank

@@ -18,7 +18,7 @@ import torch
 from peft import PromptTuningConfig, TaskType, get_peft_model
 
 from bench.common import DATA, PeakRSS, machine, model_path, write_report
-from orchestrator.experiment import encode
+from orchestrator.encoding import encode
 from orchestrator.survey import load_survey, select_cultures, split_records
 from workers.base_model import FrozenBase, load_frozen_base
 from workers.prompts import SoftPromptBank

@@ -171,6 +171,13 @@ class SharedSection(Strict):
         default=TrainOverrides(),
         description="The prior's own `train` settings, each in place of `train`'s (e.g. batch_size, epochs).",
     )
+    expert_prior_weight: Literal["auto"] | Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None,
+        description="The prior's share w in each culture's answers, (1 - w) expert + w prior, written into the "
+        "expert file at training. auto: per culture, the w of 0, 0.1, ..., 1 best on the calibration split "
+        "(transfer_val with data.transfer, else val), its own records and all cultures' counted equally. "
+        "Null: 0, the expert alone.",
+    )
 
 
 class PromptSection(Strict):

@@ -97,7 +97,13 @@ def run_evaluation(
             file=sys.stderr,
         )
     committees = culture_committees(
-        cultures, names, similarity, routing.committee_size, routing.routing_temperature, prior_weight
+        cultures,
+        names,
+        similarity,
+        routing.committee_size,
+        routing.routing_temperature,
+        prior_weight,
+        {e.meta.culture: e.meta.prior_weight for e in experts},
     )
     report = evaluate_beside_transfer(
         base,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.experiment import encode
+from orchestrator.encoding import encode
 from orchestrator.survey import ExperimentData, SurveyDataError, SurveyRecord, normalise_question
 from workers.base_model import FrozenBase
-from workers.committees import Committee
+from workers.committees import Committee, with_member_priors
 from workers.cultures import SHARED, is_shared
 from workers.defaults import EVAL_BATCH_SIZE, MAX_LENGTH
 from workers.expert_file import Expert
@@ -57,7 +57,10 @@ def evaluate(
     # The shared prior is scored on every record, and is no culture's own expert.
     shared = next((i for c, i in index.items() if is_shared(c)), None)
     own = {c for c in index if not is_shared(c)}
-    committees = committees or {c: Committee([(c, 1.0)]) for c in cultures if c in own}
+    served = {e.meta.culture: e.meta.prior_weight for e in experts} if shared is not None else {}
+    committees = committees or {
+        c: with_member_priors(Committee([(c, 1.0)]), served) for c in cultures if c in own
+    }
     by_question = defaultdict(list)
     for record in data.records:
         by_question[normalise_question(record.question)].append(record)
@@ -99,11 +102,12 @@ def evaluate(
         for name, d in column_d.items():
             row[name].append(alignment(d[i], survey))
         row["uniform"].append(alignment(np.full(len(survey), 1 / len(survey)), survey))
-        if record.culture in own:
-            row["expert"].append(alignment(members[i][record.culture], survey))
         if record.culture in committees:
+            # A culture's own committee is its expert as served: with its share of the prior, if any.
             mix = sum(w * members[i][m] for m, w in committees[record.culture].members)
             row["committee"].append(alignment(mix, survey))
+            if record.culture in own:
+                row["expert"].append(row["committee"][-1])
         agnostic = agnostic_distribution(record, by_question)
         if agnostic is not None:
             row["agnostic"].append(alignment(agnostic, survey))
@@ -119,6 +123,7 @@ def evaluate(
         report["held_out"]["cultures"] = held_out
     report["split"] = split
     report["experts"] = {e.meta.culture: e.meta.training for e in experts}
+    report["prior_weights"] = {e.meta.culture: e.meta.prior_weight for e in experts if e.meta.prior_weight}
     return report
 
 

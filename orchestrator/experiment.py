@@ -1,4 +1,4 @@
-"""The plain (Ray-free) training path, and the encoding every path shares: records -> encoded examples -> experts."""
+"""The plain (Ray-free) training path: records -> encoded examples -> experts."""
 
 from __future__ import annotations
 
@@ -7,42 +7,19 @@ from pathlib import Path
 
 import torch
 
+from orchestrator.calibration import calibrate_winners
 from orchestrator.config import ExperimentConfig
+from orchestrator.encoding import encoded
 from orchestrator.experts import save_experts
 from orchestrator.publish import publish_experts
 from orchestrator.results import Winner
-from orchestrator.survey import ExperimentData, SurveyRecord, prepare_data
+from orchestrator.survey import ExperimentData, prepare_data
 from workers.base_model import FrozenBase, load_frozen_base
 from workers.cultures import SHARED
 from workers.expert_file import Expert, load_expert
-from workers.prompts import SoftPromptBank, persona_text
-from workers.scoring import EncodedQuestion, encode_question
+from workers.prompts import SoftPromptBank
 from workers.settings import TrainConfig
 from workers.trainer import EpochReport, PackedTrainer, TrainResult
-
-
-def encode(
-    base: FrozenBase, records: list[SurveyRecord], max_length: int, persona: bool = False
-) -> list[EncodedQuestion]:
-    """Records as model-ready questions, optionally under the culture's hard-text persona."""
-    return [
-        encode_question(
-            base.tokenizer,
-            r.question,
-            r.options,
-            r.distribution,
-            persona_text(r.culture) if persona else None,
-            max_length,
-        )
-        for r in records
-    ]
-
-
-def encoded(
-    base: FrozenBase, data: ExperimentData, split: str, cultures: list[str], max_length: int
-) -> dict[str, list[EncodedQuestion]]:
-    """Per culture, its records in a split as model-ready questions: what a trainer trains or selects on."""
-    return {c: encode(base, r, max_length) for c, r in data.records_of(split, cultures).items()}
 
 
 def print_epoch(report: EpochReport, trainer: PackedTrainer) -> None:
@@ -75,6 +52,7 @@ def train_local(config: ExperimentConfig, replace: bool = False) -> list[str]:
             prior = load_expert(winners[SHARED].expert_file)
         cultures = data.selection.trained if prior is not None else data.experts
         winners |= _fit_local(config, base, data, cultures, staging, prior)
+        calibrate_winners(config, data, winners, lambda: base)
         publish_experts(config.experts_dir, winners, data, replace=replace)
     return sorted(winners)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
 
-from orchestrator.experiment import encode
+from orchestrator.encoding import encode
 from orchestrator.survey import DataFingerprint, SurveyDataError, validation_records
 from workers.base_model import FrozenBase
 from workers.cultures import slug

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from orchestrator.config import ConfigError
-from orchestrator.experiment import encode
+from orchestrator.encoding import encode
 from orchestrator.survey import ExperimentData, SurveyDataError
 from workers.base_model import FrozenBase
 from workers.committees import PRIOR_WEIGHTS, choose_prior_weight, culture_committee

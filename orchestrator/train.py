@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import ray
 import yaml
 from ray import tune
 
+from orchestrator.calibration import calibrate_winners
 from orchestrator.config import ExperimentConfig, load_config
 from orchestrator.deepspeed_trial import validate_deepspeed
 from orchestrator.publish import publish_experts
@@ -25,6 +27,7 @@ from orchestrator.tracking import (
 )
 from orchestrator.trial import expert_groups
 from orchestrator.tune import expected_trials, experiment_path, restore, run_trial, trials_ended, tuner
+from workers.base_model import FrozenBase
 from workers.cultures import SHARED
 from workers.expert_file import Expert, load_expert
 from workers.shared_base import SharedBase
@@ -92,7 +95,7 @@ def train(config: ExperimentConfig, resume: bool = False, replace: bool = False)
                     file=sys.stderr,
                 )
                 return TrainOutcome(failed=failed, interrupted=True)
-    done = finish(config, data, trials, tracker, replace)
+    done = finish(config, data, trials, tracker, replace, lambda: shared.materialise("cpu"))
     return TrainOutcome(done.experts, done.registered, failed)
 
 
@@ -152,6 +155,7 @@ def finish(
     trials: list[FinishedTrial],
     tracker: ExperimentTracker,
     replace: bool = False,
+    load_base: Callable[[], FrozenBase] | None = None,
 ) -> TrainOutcome:
     """Log and register each culture's best expert, then publish the champions among them.
 
@@ -161,6 +165,8 @@ def finish(
     `shores publish --from-registry` bring the registry and the folder together again.
     """
     winners = best_experts(trials)
+    if load_base is not None:  # the prior's share in each expert's answers, before anyone reads the files
+        calibrate_winners(config, data, winners, load_base)
     missing = [c for c in data.experts if c not in winners]
     if missing:
         print(

@@ -25,7 +25,8 @@ import torch
 from ray import tune
 
 from orchestrator.config import ExperimentConfig, SearchKey, searched_config
-from orchestrator.experiment import encoded, initial_bank, prior_train_config, training_summary
+from orchestrator.encoding import encoded
+from orchestrator.experiment import initial_bank, prior_train_config, training_summary
 from orchestrator.experts import save_experts
 from orchestrator.faults import Fault, after_checkpoint, before_checkpoint
 from orchestrator.survey import ExperimentData

@@ -291,6 +291,7 @@ class ExpertPool:
                 descriptor=e.meta.descriptor,
                 val_alignment=e.meta.training.get("val_alignment"),
                 base_model=e.meta.base_model,
+                prior_weight=e.meta.prior_weight,
             )
             for e in experts.experts
         ]

@@ -82,6 +82,7 @@ class ExpertCard:
     descriptor: str
     val_alignment: float | None
     base_model: str
+    prior_weight: float = 0.0  # the shared prior's share in this expert's answers (`ExpertMeta.prior_weight`)
 
 
 @dataclass

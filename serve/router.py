@@ -40,8 +40,8 @@ from serve.exposure import allowed_host_names, host_name, open_host_refusal, pro
 from serve.openai_api import AUTO, DONE, EVENT_STREAM, OpenAIEndpoints, event
 from serve.routes import JSON, add_routes
 from serve.schemas import MODEL_PREFIX, GenerateRequest, OpinionRequest
-from workers.committees import BASE, Committee, TextRouter, culture_committee
-from workers.cultures import CultureIndex, UnknownCultureError, culture_key, slug
+from workers.committees import BASE, Committee, TextRouter, culture_committee, with_member_priors
+from workers.cultures import CultureIndex, UnknownCultureError, culture_key, is_shared, slug
 from workers.engine import EngineStopped
 
 logger = logging.getLogger("ray.serve")
@@ -470,7 +470,14 @@ class Router:
                         f"unknown culture {culture!r}: no expert, and no survey similarity to the "
                         f"{len(experts)} experts"
                     )
-                committee = culture_committee(name, experts, catalogue.similarity, k, temperature)
+                committee = culture_committee(
+                    name,
+                    experts,
+                    catalogue.similarity,
+                    k,
+                    temperature,
+                    prior_weights=prior_weights(catalogue),
+                )
             except UnknownCultureError as err:
                 raise ApiError(404, str(err)) from None
             return committee, MODEL_PREFIX + slug(name)
@@ -481,6 +488,8 @@ class Router:
             )
         except UnknownCultureError as err:
             raise ApiError(503, str(err)) from None
+        if any(is_shared(e.culture) for e in catalogue.experts):
+            committee = with_member_priors(committee, prior_weights(catalogue))
         return committee, MODEL_PREFIX + AUTO
 
     @staticmethod
@@ -600,3 +609,8 @@ class Router:
             yield event({"error": "internal error while streaming"})
             return
         yield DONE
+
+
+def prior_weights(catalogue: protocol.Catalogue) -> dict[str, float]:
+    """Each served expert's share of the shared prior in its answers."""
+    return {e.culture: e.prior_weight for e in catalogue.experts if e.prior_weight}

@@ -249,7 +249,7 @@ def test_a_stopped_zero3_trial_frees_its_workers(llama_dir, tmp_path, local_ray)
 
 
 def _train_on_two_workers_and_compare(llama_dir, tmp_path, epochs: int) -> None:
-    from orchestrator.experiment import encoded
+    from orchestrator.encoding import encoded
     from orchestrator.results import best_experts
     from orchestrator.survey import prepare_data
     from orchestrator.trial import load_trainer_state

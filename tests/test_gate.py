@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.experiment import encode
+from orchestrator.encoding import encode
 from orchestrator.experts import save_experts
 from orchestrator.gate import RESCORED_CHAMPION_SCORE_TAG, RESCORED_CHAMPION_TAG, RESCORED_TAG
 from orchestrator.results import FinishedTrial, Winner

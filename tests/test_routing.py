@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from orchestrator.config import load_config
+from orchestrator.encoding import encode
 from orchestrator.evaluate import evaluate, format_table
-from orchestrator.experiment import encode
 from orchestrator.experts import write_similarity
 from orchestrator.prior_weight import fit_prior_weight
 from orchestrator.survey import prepare_data, similarity_table

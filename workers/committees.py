@@ -71,8 +71,26 @@ def with_prior(committee: Committee, weight: float) -> Committee:
     """The committee with the shared prior as a member of `weight`, the others scaled to share the rest."""
     if not 0 <= weight <= 1:
         raise ValueError(f"the prior's weight must lie in [0, 1], got {weight!r}")
-    members = [(c, w * (1 - weight)) for c, w in committee.members if w * (1 - weight) > 0]
-    return Committee(members + ([(SHARED, weight)] if weight > 0 else []))
+    return _merged([(c, w * (1 - weight)) for c, w in committee.members] + [(SHARED, weight)])
+
+
+def _merged(shares: Sequence[tuple[str, float]]) -> Committee:
+    """A committee of the shares, one member a culture (its shares summed), members of no share left out."""
+    members: dict[str, float] = {}
+    for culture, share in shares:
+        if share > 0:
+            members[culture] = members.get(culture, 0.0) + share
+    return Committee(list(members.items()))
+
+
+def with_member_priors(committee: Committee, prior_weights: Mapping[str, float]) -> Committee:
+    """The committee as served: each member answers (1 - w) its expert + w the shared prior, w its expert's
+    `prior_weight` (fitted at training), so the prior's shares join as one member."""
+    shares = []
+    for culture, weight in committee.members:
+        w = prior_weights.get(culture, 0.0)
+        shares += [(culture, weight * (1 - w)), (SHARED, weight * w)]
+    return _merged(shares)
 
 
 def choose_prior_weight(
@@ -101,16 +119,20 @@ def culture_committee(
     k: int,
     temperature: float,
     prior_weight: float | None = None,
+    prior_weights: Mapping[str, float] | None = None,
 ) -> Committee:
     """A culture's own expert if it has one, else its k nearest experts by survey similarity.
 
-    The shared prior answers when asked for by its own name, and, with a `prior_weight` (`with_prior`) and
-    the prior among `experts`, in the committees of cultures without an expert; it is never a culture's own
-    expert or a similarity-ranked member (a culture's committee stands for that culture, the prior for none).
+    With the shared prior among `experts`, each member answers as served (`with_member_priors`: its expert's
+    `prior_weights` share goes to the prior), and a `prior_weight` adds the prior to the committees of
+    cultures without an expert (`with_prior`). The prior answers alone only when asked for by its own name: it
+    is never a similarity-ranked member (a culture's committee stands for that culture, the prior for none).
     """
+    has_prior = any(is_shared(e) for e in experts)
+    served = prior_weights if has_prior and prior_weights else {}
     own = find_culture(culture, experts)
     if own is not None:
-        return Committee([(own, 1.0)])
+        return with_member_priors(Committee([(own, 1.0)]), served)
     members = {e for e in experts if not is_shared(e)}
     known = find_culture(culture, list(similarity))
     scores = {e: s for e, s in similarity.get(known, {}).items() if e in members} if known else {}
@@ -118,8 +140,8 @@ def culture_committee(
         raise UnknownCultureError(
             f"unknown culture {culture!r}: no expert, and no survey similarity to the {len(experts)} experts"
         )
-    committee = ranked_committee(scores, k, temperature)
-    if prior_weight is None or not any(is_shared(e) for e in experts):
+    committee = with_member_priors(ranked_committee(scores, k, temperature), served)
+    if prior_weight is None or not has_prior:
         return committee
     return with_prior(committee, prior_weight)
 
@@ -131,12 +153,15 @@ def culture_committees(
     k: int,
     temperature: float,
     prior_weight: float | None = None,
+    prior_weights: Mapping[str, float] | None = None,
 ) -> dict[str, Committee]:
-    """Committees for every culture that can have one (the evaluation's `committee` column)."""
+    """Committees for every culture that can have one (the evaluation's `expert` and `committee` columns)."""
     out = {}
     for culture in cultures:
         try:
-            out[culture] = culture_committee(culture, experts, similarity, k, temperature, prior_weight)
+            out[culture] = culture_committee(
+                culture, experts, similarity, k, temperature, prior_weight, prior_weights
+            )
         except UnknownCultureError:
             continue  # reported without a committee column, as before
     return out

@@ -42,6 +42,9 @@ class ExpertMeta:
     num_layers: int = 0
     num_key_value_heads: int = 0
     head_dim: int = 0
+    # The shared prior's share in this expert's answers, (1 - w) expert + w prior, fitted at training on
+    # records unlike its training data (`shared.expert_prior_weight`); 0: the expert alone.
+    prior_weight: float = 0.0
 
     @property
     def kind(self) -> str:
@@ -65,6 +68,7 @@ class ExpertMeta:
             base_fingerprint=values["base_fingerprint"],
             training=json.loads(values.get("training", "{}")),
             descriptor=values.get("descriptor", ""),
+            prior_weight=float(values.get("prior_weight", 0.0)),
             **{
                 k: int(values.get(k, 0))
                 for k in ("prefix_tokens", "num_layers", "num_key_value_heads", "head_dim")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from orchestrator.config import SharedSection, load_config
-from orchestrator.experiment import encoded
+from orchestrator.encoding import encoded
 from orchestrator.survey import prepare_data
 from workers.base_model import FrozenBase, load_frozen_base
 from workers.cultures import SHARED

@@ -13,7 +13,7 @@ import argparse
 
 from bench.common import DATA, machine, model_path, seconds_per_row, write_report
 from orchestrator.config import DataSection
-from orchestrator.experiment import encoded
+from orchestrator.encoding import encoded
 from orchestrator.survey import prepare_data
 from workers.base_model import load_frozen_base
 from workers.prompts import SoftPromptBank

@@ -13,7 +13,7 @@ import time
 
 from bench.common import DATA, machine, model_path, write_report
 from orchestrator.config import DataSection, SharedSection
-from orchestrator.experiment import encoded
+from orchestrator.encoding import encoded
 from orchestrator.survey import prepare_data
 from workers.base_model import load_frozen_base
 from workers.cultures import SHARED

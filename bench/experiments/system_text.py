@@ -19,7 +19,7 @@ import numpy as np
 import workers.scoring
 from bench.common import DATA, machine, model_path, seconds_per_row, write_report
 from orchestrator.config import DataSection
-from orchestrator.experiment import encoded
+from orchestrator.encoding import encoded
 from orchestrator.survey import prepare_data
 from workers.base_model import load_frozen_base
 from workers.prompts import SoftPromptBank

@@ -1,0 +1,131 @@
+"""Experts that do no harm: each expert's share of the shared prior, fitted on the calibration split only, kept
+in its file, and used wherever it answers (evaluation, committees, serving)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from orchestrator.calibration import calibration_split, choose_weights, fit_prior_weights
+from orchestrator.encoding import encode
+from orchestrator.evaluate import evaluate
+from orchestrator.survey import prepare_data
+from tests.conftest import config_with, random_expert
+from workers.base_model import load_frozen_base
+from workers.committees import Committee, culture_committee, with_member_priors, with_prior
+from workers.cultures import SHARED
+from workers.expert_file import load_expert, save_expert
+from workers.prompts import bank_from_experts
+from workers.scoring import option_distributions
+
+
+@pytest.fixture
+def prior_and_experts(llama_dir):
+    config = config_with("data.transfer.hold_out=wvs")
+    data = prepare_data(config.data)
+    base = load_frozen_base(str(llama_dir), device="cpu")
+    names = [SHARED, *data.selection.trained]
+    experts = [random_expert(base, c, 2, 2, seed) for seed, c in enumerate(names)]
+    return base, experts, data
+
+
+def answers_of(base, experts, records, culture_of=lambda r: r.culture):
+    """Each record's distribution from the expert `culture_of(record)` names."""
+    index = {e.meta.culture: i for i, e in enumerate(experts)}
+    return option_distributions(
+        base,
+        bank_from_experts(experts, base.device),
+        encode(base, records, 256),
+        [index[culture_of(r)] for r in records],
+    )
+
+
+def surveyed_as(base, experts, records, who):
+    """The records of the experts' cultures with their survey answers replaced by the distributions of
+    `who` (a culture, or 'own'); other cultures' records as they are."""
+    names = {e.meta.culture for e in experts}
+    mine = [r for r in records if r.culture in names]
+    dists = answers_of(base, experts, mine, (lambda r: r.culture) if who == "own" else (lambda r: who))
+    return [replace(r, distribution=tuple(float(x) for x in d)) for r, d in zip(mine, dists)]
+
+
+def test_the_prior_weight_is_fitted_on_the_calibration_split_and_never_on_test(prior_and_experts):
+    base, experts, data = prior_and_experts
+    cultures = data.selection.trained
+    # Calibration records answered exactly as the prior answers, every other split's as the expert does:
+    # fitted on transfer_val, each weight is 1; one record of any other split read would pull it lower.
+    splits = {
+        split: surveyed_as(base, experts, records, SHARED if split == "transfer_val" else "own")
+        for split, records in data.splits.items()
+    }
+    data = replace(data, splits=splits)
+    assert calibration_split(data) == "transfer_val"
+    fits = fit_prior_weights(base, experts, data)
+    assert set(fits) == set(cultures)
+    for culture, fit in fits.items():
+        assert fit.weight == 1.0 and fit.n == len(data.records_of("transfer_val", [culture])[culture])
+        assert fit.mixed > 0.99 > fit.expert  # 1 up to float error (the distance is a square root)
+    # Without a transfer split the calibration split is val: answered as the expert answers, weight 0.
+    plain = replace(data, transfer=None)
+    assert calibration_split(plain) == "val"
+    assert {f.weight for f in fit_prior_weights(base, experts, plain).values()} == {0.0}
+
+
+def test_a_cultures_weight_is_its_own_optimum_shrunk_toward_the_pooled_one():
+    survey, near, far = np.array([0.6, 0.4]), np.array([0.59, 0.41]), np.array([0.1, 0.9])
+
+    def rows(expert, prior, n):
+        return [(expert, prior, survey)] * n
+
+    # A: the expert is right and the prior wrong; B: the reverse. Each culture's own curve alone would give
+    # A 0 and B 1; shrunk toward the pooled curve (which favours the expert: A has more records) B moves.
+    fits = choose_weights({"A": rows(near, far, 30), "B": rows(far, near, 3)})
+    assert fits["A"].weight == 0.0 and fits["A"].mixed == fits["A"].expert
+    assert 0.0 < fits["B"].weight < 1.0
+    assert fits["B"].mixed > fits["B"].expert  # never worse than the expert alone on its own records
+
+
+def test_served_committees_give_each_member_its_share_of_the_prior():
+    committee = Committee([("Germany", 0.75), ("Japan", 0.25)])
+    served = with_member_priors(committee, {"Germany": 0.2, "Japan": 1.0})
+    assert dict(served.members) == pytest.approx({"Germany": 0.6, SHARED: 0.4})
+    assert with_member_priors(committee, {}).members == committee.members
+    # with_prior on a committee that already holds the prior adds to its weight, one member a culture.
+    assert dict(with_prior(served, 0.5).members) == pytest.approx({"Germany": 0.3, SHARED: 0.7})
+    # A culture's own expert answers with its share; without the prior served, alone.
+    experts = ["Germany", "Japan", SHARED]
+    own = culture_committee("Germany", experts, {}, 2, 0.05, prior_weights={"Germany": 0.3})
+    assert dict(own.members) == pytest.approx({"Germany": 0.7, SHARED: 0.3})
+    alone = culture_committee("Germany", experts[:2], {}, 2, 0.05, prior_weights={"Germany": 0.3})
+    assert alone.members == [("Germany", 1.0)]
+
+
+def test_a_committee_with_its_prior_never_scores_below_it_on_a_constructed_case():
+    from workers.committees import choose_prior_weight
+    from workers.scoring import alignment
+
+    # Members who know the culture badly: the weight chosen on validation falls back on the prior.
+    survey, prior, bad = np.array([0.5, 0.3, 0.2]), np.array([0.45, 0.35, 0.2]), np.array([0.05, 0.05, 0.9])
+    w = choose_prior_weight([(bad, prior, survey)] * 5)
+    assert w == 1.0
+    assert alignment((1 - w) * bad + w * prior, survey) >= alignment(prior, survey)
+
+
+def test_the_weight_travels_in_the_expert_file_and_the_report_scores_the_expert_as_served(
+    prior_and_experts, tmp_path
+):
+    base, experts, data = prior_and_experts
+    germany = next(e for e in experts if e.meta.culture == "Germany")
+    path = save_expert(
+        tmp_path / "germany.safetensors", replace(germany, meta=replace(germany.meta, prior_weight=1.0))
+    )
+    assert load_expert(path).meta.prior_weight == 1.0
+    assert load_expert(save_expert(tmp_path / "g0.safetensors", germany)).meta.prior_weight == 0.0
+    served = [load_expert(path) if e.meta.culture == "Germany" else e for e in experts]
+    report = evaluate(base, served, data, "test", ["Germany", "Japan"], n_bootstrap=10)
+    # Germany's expert answers wholly as the prior (weight 1); Japan's, weight 0, as its own prompt.
+    assert report["cultures"]["Germany"]["expert"] == pytest.approx(report["cultures"]["Germany"][SHARED])
+    assert report["cultures"]["Japan"]["expert"] != pytest.approx(report["cultures"]["Japan"][SHARED])
+    assert report["prior_weights"] == {"Germany": 1.0}
