@@ -3,6 +3,7 @@ train/val/test into transfer_val and transfer_test, and its place in the data fi
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -30,6 +31,7 @@ from orchestrator.survey import (
     validation_records,
 )
 from orchestrator.survey.fingerprint import DataFingerprint
+from orchestrator.survey.loading import scale_order
 from orchestrator.tracking import report_metrics
 from tests.conftest import OPINIONS, TINY_CONFIG, config_with, random_expert
 from workers.base_model import load_frozen_base
@@ -250,3 +252,18 @@ def test_eval_of_a_transfer_half_without_a_transfer_split_is_one_line_and_nonzer
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "--split transfer_test needs" in error and "data.transfer.hold_out" in error
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_numbered_scale_listed_out_of_order_is_read_in_numeric_order(tmp_path):
+    # GlobalOpinionQA lists some 0-10 scales with the high anchor third; a respondent saw them in order.
+    options = ["Not important at all", 1.0, "Very important", *[float(i) for i in range(2, 10)]]
+    shares = [0.1, 0.2, 0.3] + [0.05] * 8
+    row = {"country": "Brazil", "question": "How important?", "options": options, "distribution": shares}
+    path = tmp_path / "scale.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (record,), _ = load_survey(path)
+    assert record.options == ("Not important at all", *map(str, range(1, 10)), "Very important")
+    assert record.distribution == pytest.approx((0.1, 0.2, *[0.05] * 8, 0.3))  # shares move with options
+    # Options without a numbered scale keep their order.
+    assert scale_order(["1", "2", "No answer", "Other missing"]) == [0, 1, 2, 3]
+    assert scale_order(["Yes", "No", "DK/Refused"]) == [0, 1, 2]

@@ -98,6 +98,18 @@ def _option_label(option: Any) -> str | None:
     return None
 
 
+def scale_order(labels: list[str]) -> list[int]:
+    """The options' order with a numbered scale's points in numeric order: the text before the first number
+    (the low anchor), the numbers sorted, then the other text. Some GlobalOpinionQA rows list a 0-10 scale as
+    "Not important at all, 1, Very important, 2, ..., 9"; any other option list keeps its order."""
+    numbers = [i for i, label in enumerate(labels) if label.lstrip("-").isdigit()]
+    if len(numbers) < 2:
+        return list(range(len(labels)))
+    first = numbers[0]
+    rest = [i for i in range(first, len(labels)) if i not in numbers]
+    return list(range(first)) + sorted(numbers, key=lambda i: int(labels[i])) + rest
+
+
 def _validate(raw: _Raw | None) -> tuple[str, SurveyRecord | None, int]:
     """Check one raw record; return (skip reason or "", the clean record, sample rank)."""
     if raw is None:
@@ -128,12 +140,13 @@ def _validate(raw: _Raw | None) -> tuple[str, SurveyRecord | None, int]:
     total = math.fsum(shares)
     if total <= 0:
         return "zero_sum", None, 0
+    order = scale_order(labels)
     record = SurveyRecord(
         culture=resolved[0],
         iso=resolved[1],
         question=question,
-        options=tuple(labels),
-        distribution=tuple(v / total for v in shares),
+        options=tuple(labels[i] for i in order),
+        distribution=tuple(shares[i] / total for i in order),
     )
     return "", record, sample_rank(country)
 
