@@ -417,12 +417,6 @@ class RoutingSection(Strict):
     routing_temperature: float = Field(
         default=0.05, gt=0, description="The softmax temperature of committee weights."
     )
-    prior_weight: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] | None = Field(
-        default=None,
-        description="The shared prior's weight in the committees of cultures without an expert, the nearest "
-        "experts sharing the rest; auto: the weight of 0, 0.1, ..., 1 that scores best on validation records, "
-        "each trained culture answered by the committee of the others. Null: no prior. Read by `shores eval`.",
-    )
     router_model: str = Field(
         default=ROUTER_MODEL,
         description=(

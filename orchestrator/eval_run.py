@@ -8,7 +8,6 @@ from pathlib import Path
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.evaluate import evaluate_beside_transfer, format_table, write_report
-from orchestrator.prior_weight import fit_prior_weight
 from orchestrator.survey import (
     TRANSFER_SPLITS,
     SurveyDataError,
@@ -80,29 +79,13 @@ def run_evaluation(
         similarity_file if similarity_file.exists() else config.experts_dir / SIMILARITY_FILE
     )
     routing = config.serve.routing
-    prior_weight = routing.prior_weight
-    if prior_weight == "auto":  # chosen on validation records, before any record of `split` is scored
-        prior_weight = fit_prior_weight(
-            base,
-            experts,
-            data,
-            similarity,
-            routing.committee_size,
-            routing.routing_temperature,
-            config.eval.batch_size,
-            config.data.max_length,
-        )
-        print(
-            f"committees: the shared prior's weight {prior_weight:g}, chosen on the val split",
-            file=sys.stderr,
-        )
+    # Each file's prior weight (fitted at training): the experts' shares, the committees' in the prior's file.
     committees = culture_committees(
         cultures,
         names,
         similarity,
         routing.committee_size,
         routing.routing_temperature,
-        prior_weight,
         {e.meta.culture: e.meta.prior_weight for e in experts},
     )
     report = evaluate_beside_transfer(
@@ -117,7 +100,6 @@ def run_evaluation(
         n_bootstrap=config.eval.bootstrap,
     )
     report["data"] = data.report.path
-    report["prior_weight"] = prior_weight
     report["notes"] = notes
     json_path, png_path = write_report(report, out)
     print(format_table(report))

@@ -312,6 +312,7 @@ def test_train_local_trains_the_prior_first_and_adds_to_the_published_set(tiny_m
     sets = [f"base_model.name={tiny_model_dirs['llama']}", f"output_dir={tmp_path}", f"data.path={OPINIONS}"]
     sets += ["train.epochs=1", "data.cultures=[Germany, Japan]"]
     shared = ["shared.enabled=true", "prompt.init=shared", "shared.max_questions=20"]
+    shared += ["shared.expert_prior_weight=auto", "data.transfer.hold_out=wvs"]
     args = [x for s in sets + shared for x in ("--set", s)]
     first = shores("train", "--local", "--config", str(TINY_CONFIG), *args)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -321,6 +322,15 @@ def test_train_local_trains_the_prior_first_and_adds_to_the_published_set(tiny_m
     assert experts.is_symlink()  # published through the same atomic swap as under Tune
     assert sorted(p.stem for p in experts.glob("*.safetensors")) == ["germany", "japan", "shared"]
     assert "shared" not in json.loads((experts / "similarity.json").read_text())["Canada"]
+    # Each expert's share of the prior, fitted on transfer_val, is in its published file; the committees'
+    # share is in the prior's.
+    for culture in ("Germany", "Japan"):
+        line = next(x for x in first.stdout.splitlines() if x.startswith(f"{culture}: the prior's weight"))
+        assert "transfer_val records" in line
+        weight = float(line.split("weight ")[1].split(",")[0])
+        assert load_expert(experts / f"{culture.lower()}.safetensors").meta.prior_weight == weight
+    line = next(x for x in first.stdout.splitlines() if x.startswith("committees: the prior's weight"))
+    assert load_expert(experts / "shared.safetensors").meta.prior_weight == float(line.split()[4].rstrip(","))
 
     kenya = [x for s in [*sets[:3], "train.epochs=1", "data.cultures=[Kenya]"] for x in ("--set", s)]
     added = shores("train", "--local", "--config", str(TINY_CONFIG), *kenya)

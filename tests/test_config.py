@@ -8,15 +8,16 @@ from orchestrator.config import ConfigError, load_config
 from orchestrator.experiment import prior_train_config
 from tests.conftest import REPO, TINY_CONFIG, config_with
 
-# demo.yaml and full.yaml as they were, whole, before they extended configs/recipe.yaml: the recipe must not
-# change what either runs.
-BEFORE_RECIPE = {
+# demo.yaml and full.yaml whole, as they would be without configs/recipe.yaml: what the recipe gives each.
+WHOLE = {
     "demo": """
 name: demo
 output_dir: runs/demo
 base_model: {name: smollm2-135m, dtype: float32, device: auto}
-data: {path: ../shared/data/goqa/opinions.jsonl, top: 12, min_questions: 60, held_out: [Canada, Australia]}
-shared: {enabled: true, max_questions: 500, cpus_per_trial: 2, train: {batch_size: 8, grad_accum: 1, epochs: 2}}
+data: {path: ../shared/data/goqa/opinions.jsonl, top: 12, min_questions: 60, held_out: [Canada, Australia],
+       transfer: {hold_out: wvs}}
+shared: {enabled: true, max_questions: 500, cpus_per_trial: 2, train: {batch_size: 8, grad_accum: 1, epochs: 2},
+         expert_prior_weight: auto}
 prompt: {kind: deep, num_virtual_tokens: 32, init: shared}
 train: {epochs: 3, batch_size: 2, grad_accum: 2, lr: 0.005, patience: 3, select: group}
 tune: {experts_per_trial: 6, scheduler: fifo, cpus_per_trial: 1}
@@ -25,8 +26,8 @@ tune: {experts_per_trial: 6, scheduler: fifo, cpus_per_trial: 1}
 name: full
 output_dir: runs/full
 base_model: {name: smollm2-135m, dtype: float32, device: auto}
-data: {path: ../shared/data/goqa/opinions.jsonl, min_questions: 30}
-shared: {enabled: true, cpus_per_trial: 2, train: {batch_size: 8, grad_accum: 1, epochs: 2}}
+data: {path: ../shared/data/goqa/opinions.jsonl, min_questions: 30, transfer: {hold_out: wvs}}
+shared: {enabled: true, cpus_per_trial: 2, train: {batch_size: 8, grad_accum: 1, epochs: 2}, expert_prior_weight: auto}
 prompt: {kind: deep, num_virtual_tokens: 32, init: shared}
 train: {epochs: 3, batch_size: 1, grad_accum: 4, lr: 0.005, patience: 3, select: group}
 tune: {experts_per_trial: 13, scheduler: fifo, cpus_per_trial: 1}
@@ -34,10 +35,10 @@ tune: {experts_per_trial: 13, scheduler: fifo, cpus_per_trial: 1}
 }
 
 
-@pytest.mark.parametrize("name", sorted(BEFORE_RECIPE))
-def test_demo_and_full_run_the_settings_they_ran_before_sharing_the_recipe(name, tmp_path):
+@pytest.mark.parametrize("name", sorted(WHOLE))
+def test_demo_and_full_run_the_recipe_and_their_own_settings(name, tmp_path):
     before = tmp_path / f"{name}.yaml"
-    before.write_text(BEFORE_RECIPE[name])
+    before.write_text(WHOLE[name])
     config = load_config(REPO / "configs" / f"{name}.yaml")
     assert config.model_dump() == load_config(before).model_dump()
     # What training writes to <output_dir>/config.yaml reads back as the same config.

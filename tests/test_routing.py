@@ -1,5 +1,5 @@
 """The router's committees: own expert, nearest experts by survey similarity, sentence-embedding routing, the
-shared prior's weight chosen on validation; and the evaluation's committee column and held-out section built
+shared prior's weight in committees chosen on the calibration split; and the evaluation's committee column and held-out section built
 with the same code."""
 
 import json
@@ -8,11 +8,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from orchestrator.calibration import fit_committee_prior_weight
 from orchestrator.config import load_config
 from orchestrator.encoding import encode
 from orchestrator.evaluate import evaluate, format_table
 from orchestrator.experts import write_similarity
-from orchestrator.prior_weight import fit_prior_weight
 from orchestrator.survey import prepare_data, similarity_table
 from tests.conftest import OPINIONS, TINY_CONFIG, random_expert
 from workers.base_model import load_frozen_base
@@ -126,16 +126,17 @@ def test_eval_reports_committees_for_held_out_cultures(llama_dir, tmp_path):
 def test_with_a_prior_weight_a_held_out_culture_s_committee_includes_the_prior():
     experts = [*EXPERTS, SHARED]
     plain = culture_committee("Canada", experts, SIMILARITY, k=2, temperature=0.05)
-    mixed = culture_committee("Canada", experts, SIMILARITY, k=2, temperature=0.05, prior_weight=0.3)
+    weights = {SHARED: 0.3}  # the prior's file's weight: its share in committees
+    mixed = culture_committee("Canada", experts, SIMILARITY, k=2, temperature=0.05, prior_weights=weights)
     assert mixed.members[-1] == (SHARED, pytest.approx(0.3))
     assert [w for _, w in mixed.members[:-1]] == pytest.approx([0.7 * w for _, w in plain.members])
     # A culture with an expert keeps it alone; without the prior among the experts, nothing changes.
-    assert culture_committee("Japan", experts, SIMILARITY, 2, 0.05, prior_weight=0.3).members == [
+    assert culture_committee("Japan", experts, SIMILARITY, 2, 0.05, prior_weights=weights).members == [
         ("Japan", 1.0)
     ]
-    assert culture_committee("Canada", EXPERTS, SIMILARITY, 2, 0.05, prior_weight=0.3) == plain
+    assert culture_committee("Canada", EXPERTS, SIMILARITY, 2, 0.05, prior_weights=weights) == plain
     assert with_prior(plain, 1.0).members == [(SHARED, 1.0)] and with_prior(plain, 0.0) == plain
-    assert culture_committees(["Canada"], experts, SIMILARITY, 2, 0.05, 0.3) == {"Canada": mixed}
+    assert culture_committees(["Canada"], experts, SIMILARITY, 2, 0.05, weights) == {"Canada": mixed}
 
 
 def test_a_committee_worse_than_the_prior_on_validation_never_scores_below_it_once_weighted():
@@ -186,5 +187,7 @@ def test_the_prior_weight_is_chosen_on_validation_records_never_test(llama_dir):
     val, test = answered("val", lambda c: Committee([(SHARED, 1.0)])), answered("test", others)
     forged = replace(data, splits=data.splits | {"val": val, "test": test})
     swapped = replace(data, splits=data.splits | {"val": test, "test": val})
-    assert fit_prior_weight(base, experts, swapped, similarity, 2, 0.05) == 0.0  # what test would choose
-    assert fit_prior_weight(base, experts, forged, similarity, 2, 0.05) == 1.0
+    assert (
+        fit_committee_prior_weight(base, experts, swapped, similarity, 2, 0.05) == 0.0
+    )  # what test would choose
+    assert fit_committee_prior_weight(base, experts, forged, similarity, 2, 0.05) == 1.0

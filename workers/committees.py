@@ -5,9 +5,10 @@ in order: an explicit culture with an expert (that expert alone); a known cultur
 nearest experts by survey similarity); free text, a profile or the query itself (the sentence embedding
 of the text against each expert's descriptor). Both ranked cases take the top k with softmax weights.
 
-A culture without an expert may also have the shared prior in its committee (`with_prior`): the prior
-takes a weight, chosen on validation records (`choose_prior_weight`), and the ranked experts share the rest,
-so that a committee of experts who know the culture badly falls back on the culture-blind prior.
+Where the shared prior is served, it shapes every answer with the weights fitted at training
+(`orchestrator/calibration.py`): each expert answers with its share of the prior (`with_member_priors`), and a
+culture without an expert has the prior in its committee (`with_prior`), so a committee of experts who know
+the culture badly falls back on the culture-blind prior.
 """
 
 from __future__ import annotations
@@ -118,18 +119,17 @@ def culture_committee(
     similarity: Similarity,
     k: int,
     temperature: float,
-    prior_weight: float | None = None,
     prior_weights: Mapping[str, float] | None = None,
 ) -> Committee:
     """A culture's own expert if it has one, else its k nearest experts by survey similarity.
 
-    With the shared prior among `experts`, each member answers as served (`with_member_priors`: its expert's
-    `prior_weights` share goes to the prior), and a `prior_weight` adds the prior to the committees of
-    cultures without an expert (`with_prior`). The prior answers alone only when asked for by its own name: it
-    is never a similarity-ranked member (a culture's committee stands for that culture, the prior for none).
+    With the shared prior among `experts`, `prior_weights` (each file's `prior_weight`) shape the answer:
+    each member answers as served (`with_member_priors`), and the prior joins the committees of cultures
+    without an expert with its own file's weight (`with_prior`). The prior answers alone only when asked for
+    by its own name: it is never a similarity-ranked member (a committee stands for a culture, the prior for
+    none).
     """
-    has_prior = any(is_shared(e) for e in experts)
-    served = prior_weights if has_prior and prior_weights else {}
+    served = prior_weights if prior_weights and any(is_shared(e) for e in experts) else {}
     own = find_culture(culture, experts)
     if own is not None:
         return with_member_priors(Committee([(own, 1.0)]), served)
@@ -141,9 +141,7 @@ def culture_committee(
             f"unknown culture {culture!r}: no expert, and no survey similarity to the {len(experts)} experts"
         )
     committee = with_member_priors(ranked_committee(scores, k, temperature), served)
-    if prior_weight is None or not has_prior:
-        return committee
-    return with_prior(committee, prior_weight)
+    return with_prior(committee, served.get(SHARED, 0.0))
 
 
 def culture_committees(
@@ -152,16 +150,13 @@ def culture_committees(
     similarity: Similarity,
     k: int,
     temperature: float,
-    prior_weight: float | None = None,
     prior_weights: Mapping[str, float] | None = None,
 ) -> dict[str, Committee]:
     """Committees for every culture that can have one (the evaluation's `expert` and `committee` columns)."""
     out = {}
     for culture in cultures:
         try:
-            out[culture] = culture_committee(
-                culture, experts, similarity, k, temperature, prior_weight, prior_weights
-            )
+            out[culture] = culture_committee(culture, experts, similarity, k, temperature, prior_weights)
         except UnknownCultureError:
             continue  # reported without a committee column, as before
     return out

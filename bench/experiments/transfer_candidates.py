@@ -1,14 +1,15 @@
 """Ways to keep an expert from harming answers off its training distribution, side by side on the same splits.
 
-The shared prior, each culture's expert and its committee's members score every record of test, transfer_val
-and transfer_test once. Each candidate is then fitted on transfer_val alone (never test, never transfer_test)
-and scored on every split:
+The shared prior, each culture's expert and its committee's members score every record of val, test,
+transfer_val and transfer_test once. Each candidate is then fitted on transfer_val alone (never test, never
+transfer_test) and scored on every split. The choice is the candidate with the best gain over the prior on transfer_val
+out of sample: fitted on one half of each culture's records, scored on the other (`cross_fitted`).
 
 - `raw`: the expert as trained;
 - `mix pooled`: (1 - w) expert + w prior, one w for every culture;
-- `mix per culture`: the same with each culture's own w;
-- `mix per culture, shrunk`: each culture's w best on its own records and all records, counted equally (what
-  `shores train` fits with `shared.expert_prior_weight: auto`, `orchestrator/calibration.py`);
+- `mix per culture`: the same with each culture's own w (what `shores train` fits with
+  `shared.expert_prior_weight: auto`, `orchestrator/calibration.py`);
+- `mix per culture, shrunk`: each culture's w best on its own records and all records, counted equally;
 - `log-linear pooled`: prior^(1 - a) expert^a, renormalised, one a in [0, 1.5] (a > 1 extrapolates);
 - `temperature pooled`: expert^(1 / T), renormalised, one T.
 
@@ -23,6 +24,7 @@ leave-one-culture-out on transfer_val. It also prints the prior's alignment by n
 from __future__ import annotations
 
 import argparse
+import pickle
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -43,8 +45,8 @@ from workers.prompts import bank_from_experts
 from workers.scoring import alignment, paired_bootstrap_ci
 from workers.scoring import option_distributions as model_distributions
 
-SPLITS = ("test", "transfer_val", "transfer_test")
-FIT = "transfer_val"
+SPLITS = ("val", "test", "transfer_val", "transfer_test")
+FITS = {"transfer_val": ("transfer_val",), "val+transfer_val": ("val", "transfer_val")}
 MIX_GRID = PRIOR_WEIGHTS
 LOGLINEAR_GRID = tuple(i / 10 for i in range(16))
 TEMPERATURES = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0)
@@ -115,14 +117,21 @@ def candidates(fit_rows: list[dict], own: list[str]) -> dict[str, Callable[[dict
         return r["by_expert"][SHARED]
 
     w_pool = best(MIX_GRID, lambda w: mean_score(own_rows, lambda r: mix(expert(r), prior(r), w)))
-    w_culture = {
-        c: best(MIX_GRID, lambda w, rows=rows: mean_score(rows, lambda r: mix(expert(r), prior(r), w)))
-        for c, rows in by_culture.items()
-    }
+    # Per culture: what `shores train` fits (orchestrator/calibration.py).
     fits = choose_weights(
         {c: [(expert(r), prior(r), r["survey"]) for r in rows] for c, rows in by_culture.items()}
     )
-    w_shrunk = {c: fit.weight for c, fit in fits.items()}
+    w_culture = {c: fit.weight for c, fit in fits.items()}
+    w_shrunk = {
+        c: best(
+            MIX_GRID,
+            lambda w, rows=rows: (
+                mean_score(rows, lambda r: mix(expert(r), prior(r), w))
+                + mean_score(own_rows, lambda r: mix(expert(r), prior(r), w))
+            ),
+        )
+        for c, rows in by_culture.items()
+    }
     a_pool = best(LOGLINEAR_GRID, lambda a: mean_score(own_rows, lambda r: loglinear(expert(r), prior(r), a)))
     t_pool = best(TEMPERATURES, lambda t: mean_score(own_rows, lambda r: tempered(expert(r), t)))
     return {
@@ -139,6 +148,27 @@ def candidates(fit_rows: list[dict], own: list[str]) -> dict[str, Callable[[dict
         "log-linear pooled": (lambda r: loglinear(expert(r), prior(r), a_pool), {"a": a_pool}),
         "temperature pooled": (lambda r: tempered(expert(r), t_pool), {"T": t_pool}),
     }
+
+
+def cross_fitted(rows: list[dict], own: list[str], repeats: int = 20, seed: int = 0) -> dict[str, float]:
+    """Each candidate's mean paired gain over the prior on one half of each culture's `rows` when fitted on
+    the other half (2-fold, `repeats` random halvings): the choice by transfer validation, out of sample."""
+    rng = np.random.default_rng(seed)
+    gains = defaultdict(list)
+    for _ in range(repeats):
+        folds = [[], []]
+        for culture in own:
+            mine = [r for r in rows if r["culture"] == culture]
+            for j, i in enumerate(rng.permutation(len(mine))):
+                folds[j % 2].append(mine[i])
+        for k in range(2):
+            for name, (answer, _) in candidates(folds[k], own).items():
+                held = folds[1 - k]
+                shared = [alignment(r["by_expert"][SHARED], r["survey"]) for r in held]
+                gains[name].append(
+                    float(np.mean([alignment(answer(r), r["survey"]) for r in held]) - np.mean(shared))
+                )
+    return {name: float(np.mean(v)) for name, v in gains.items()}
 
 
 def summary(rows: list[dict], answer, own: list[str]) -> dict:
@@ -180,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--experts", required=True, help="a directory of experts with the shared prior")
     parser.add_argument("--set", action="append", default=[], help="config overrides, key=value")
+    parser.add_argument("--fit", choices=sorted(FITS), default="transfer_val", help="the records fitted on")
+    parser.add_argument(
+        "--cache", default=None, help="a pickle of the scored records: written, or read if there"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
@@ -204,22 +238,33 @@ def main(argv: list[str] | None = None) -> None:
     held = committees_for(config.data.held_out, own)
     loco = committees_for(own, own)
     members = {c: committee.cultures for c, committee in (loco | held).items()}
-    scored = score_all(config, experts, base, members)
-    fitted = candidates(scored[FIT], own)
+    if args.cache and Path(args.cache).exists():
+        scored = pickle.loads(Path(args.cache).read_bytes())
+    else:
+        scored = score_all(config, experts, base, members)
+        if args.cache:
+            Path(args.cache).write_bytes(pickle.dumps(scored))
+    fit_rows = [r for split in FITS[args.fit] for r in scored[split]]
+    fitted = candidates(fit_rows, own)
+    chosen_by = cross_fitted(fit_rows, own)
     table = {
-        name: {"fitted": params, **{s: summary(scored[s], answer, own) for s in SPLITS}}
+        name: {
+            "fitted": params,
+            "cross_fitted": chosen_by[name],
+            **{s: summary(scored[s], answer, own) for s in SPLITS},
+        }
         for name, (answer, params) in fitted.items()
     }
-    print(f"{'candidate':<26}" + "".join(f"{s:>36}" for s in SPLITS))
+    print(f"{'candidate':<26}{'cross-fitted':>13}  " + "".join(f"{s:<38}" for s in SPLITS))
     for name, row in table.items():
         cells = [
             f"{row[s]['expert']:.3f} {row[s]['diff']:+.3f} [{row[s]['ci95'][0]:+.3f},{row[s]['ci95'][1]:+.3f}] "
             f"{row[s]['above']} {row[s]['below_ci']}"
             for s in SPLITS
         ]
-        print(f"{name:<26}" + "".join(f"{c:>36}" for c in cells))
+        print(f"{name:<26}{row['cross_fitted']:>+13.4f}  " + "".join(f"{c:<38}" for c in cells))
 
-    w_mix = fitted["mix per culture, shrunk"][1]["w"]  # what shores train fits
+    w_mix = fitted["mix per culture"][1]["w"]  # what shores train fits
 
     def raw_member(r, m):
         return r["by_expert"][m]
@@ -229,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
 
     prior_w = best(
         MIX_GRID,
-        lambda w: float(np.mean([a for a, _ in committee_rows(scored[FIT], loco, mixed_member, w)])),
+        lambda w: float(np.mean([a for a, _ in committee_rows(fit_rows, loco, mixed_member, w)])),
     )
     committees = {}
     for name, member, w in [
@@ -279,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             "machine": machine(),
             "config": args.config,
             "hold_out": config.data.transfer.hold_out,
+            "fit": args.fit,
             "candidates": table,
             "committees": committees,
             "committee_prior_weight": prior_w,
