@@ -33,9 +33,15 @@ SIMILARITY = {
 
 
 def write_experts(
-    directory: Path, model_dir: Path, cultures: list[str], seed: int = 0, similarity: dict | None = None
+    directory: Path,
+    model_dir: Path,
+    cultures: list[str],
+    seed: int = 0,
+    similarity: dict | None = None,
+    prior_weight: float = 0.0,
 ) -> list[Path]:
-    """Save one random-prompt expert a culture for the model in `model_dir`, plus a similarity table."""
+    """Save one random-prompt expert a culture for the model in `model_dir` (each with `prior_weight`), plus
+    a similarity table."""
     base = load_frozen_base(str(model_dir), device="cpu")
     bank = SoftPromptBank.initialise(base, cultures, 4, init="random", seed=seed)
     paths = []
@@ -49,6 +55,7 @@ def write_experts(
             base_fingerprint=base.fingerprint,
             training={"val_alignment": 0.5 + i / 100},
             descriptor=persona_text(culture),
+            prior_weight=prior_weight,
         )
         paths.append(
             save_expert(directory / f"{slug(culture)}.safetensors", Expert(bank.prompts[i].detach(), meta))

@@ -23,6 +23,7 @@ from tests.serving import (
     wait_for,
     write_experts,
 )
+from workers.cultures import SHARED
 
 pytestmark = pytest.mark.slow  # a local Serve for the module (the last test drives a pool replica without it)
 
@@ -345,6 +346,32 @@ def test_a_new_expert_is_served_without_a_restart(http, server):
     generated = http.post("/v1/generate", json={"prompt": "Do you trust", "culture": "Peru"})  # the new bank
     assert generated.status_code == 200 and generated.json()["committee"][0]["culture"] == "Peru"
     assert wait_for(lambda: http.get("/v1/experts").json()["experts_version"] == answer["experts_version"])
+
+
+def test_an_expert_answers_with_its_share_of_the_shared_prior(http, server):
+    # The prior, then Chile's expert fitted to keep a quarter of it: Chile is answered by both, mixed.
+    write_experts(server["out"] / "experts", server["model"], [SHARED], seed=11)
+    prior = wait_for(
+        lambda: (
+            (r := http.post("/v1/opinion", json=QUESTION | {"culture": SHARED})).status_code == 200
+            and r.json()
+        )
+    )
+    write_experts(server["out"] / "experts", server["model"], ["Chile"], seed=12, prior_weight=0.25)
+    answer = wait_for(
+        lambda: (
+            (r := http.post("/v1/opinion", json=QUESTION | {"culture": "Chile"})).status_code == 200
+            and r.json()
+        )
+    )
+    assert {m["culture"]: m["weight"] for m in answer["committee"]} == {"Chile": 0.75, SHARED: 0.25}
+    assert answer["model"] == "shores:chile" and abs(sum(answer["distribution"]) - 1) < 1e-6
+    assert not np.allclose(answer["distribution"], prior["distribution"])
+    cards = {e["culture"]: e for e in http.get("/v1/experts").json()["experts"]}
+    assert cards["Chile"]["prior_weight"] == 0.25 and cards["Germany"]["prior_weight"] == 0.0
+    # The prior's own weight (0 here) keeps it out of committees; Germany, weight 0, still answers alone.
+    assert SHARED not in {m["culture"] for m in opinion(http, culture="Canada")["committee"]}
+    assert [m["culture"] for m in opinion(http, culture="Germany")["committee"]] == ["Germany"]
 
 
 def test_serve_build_writes_a_config_for_the_exported_app(server, tmp_path, monkeypatch):
