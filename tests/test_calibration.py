@@ -3,6 +3,7 @@ in its file, and used wherever it answers (evaluation, committees, serving)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -11,12 +12,13 @@ import pytest
 from orchestrator.calibration import calibration_split, choose_weights, fit_prior_weights
 from orchestrator.encoding import encode
 from orchestrator.evaluate import evaluate
-from orchestrator.survey import prepare_data
-from tests.conftest import config_with, random_expert
+from orchestrator.survey import prepare_data, similarity_table
+from tests.conftest import OPINIONS, TINY_CONFIG, config_with, random_expert
 from workers.base_model import load_frozen_base
 from workers.committees import Committee, culture_committee, with_member_priors, with_prior
-from workers.cultures import SHARED
+from workers.cultures import SHARED, slug
 from workers.expert_file import load_expert, save_expert
+from workers.expert_store import SIMILARITY_FILE
 from workers.prompts import bank_from_experts
 from workers.scoring import option_distributions
 
@@ -120,3 +122,52 @@ def test_the_weight_travels_in_the_expert_file_and_the_report_scores_the_expert_
     assert report["cultures"]["Germany"]["expert"] == pytest.approx(report["cultures"]["Germany"][SHARED])
     assert report["cultures"]["Japan"]["expert"] != pytest.approx(report["cultures"]["Japan"][SHARED])
     assert report["prior_weights"] == {"Germany": 1.0}
+
+
+def test_the_candidates_experiment_fits_on_transfer_val_what_training_fits(prior_and_experts, tmp_path):
+    from bench.experiments.transfer_candidates import main as candidates_main
+
+    base, experts, data = prior_and_experts
+    folder = tmp_path / "experts"
+    for expert in experts:
+        save_expert(folder / f"{slug(expert.meta.culture)}.safetensors", expert)
+    trained = data.selection.trained
+    (folder / SIMILARITY_FILE).write_text(
+        json.dumps(similarity_table(data.records, [*trained, "Canada"], trained))
+    )
+    out = tmp_path / "candidates.json"
+    sets = [f"base_model.name={base.name}", f"data.path={OPINIONS}", "data.transfer.hold_out=wvs"]
+    candidates_main(
+        [
+            "--config",
+            str(TINY_CONFIG),
+            *[x for s in sets for x in ("--set", s)],
+            "--experts",
+            str(folder),
+            "--out",
+            str(out),
+        ]
+    )
+    report = json.loads(out.read_text())
+    table = report["candidates"]
+    assert set(table) == {
+        "raw",
+        "mix pooled",
+        "mix per culture",
+        "mix per culture, shrunk",
+        "log-linear pooled",
+        "temperature pooled",
+    }
+    fitted = {c: f.weight for c, f in fit_prior_weights(base, experts, data).items()}
+    assert table["mix per culture"]["fitted"]["w"] == fitted  # the weights shores train writes
+    for row in table.values():
+        assert {"val", "test", "transfer_val", "transfer_test", "cross_fitted"} <= set(row)
+        assert row["transfer_test"]["n"] == sum(
+            len(r) for r in data.records_of("transfer_test", trained).values()
+        )
+    # Fitted on transfer_val, the per-culture mixture is never below the prior there, culture by culture.
+    assert (
+        table["mix per culture"]["transfer_val"]["diff"] >= 0
+        and table["mix per culture"]["transfer_val"]["below_ci"] == 0
+    )
+    assert set(report["committees"]) and "Canada" not in report["prior_by_options"]
