@@ -27,8 +27,9 @@ from workers.scoring import (
 
 METHODS = ("base", "persona", SHARED, "expert", "committee", "uniform", "agnostic")
 PLOT_ROW = 16  # cultures a row of the report's chart
-# Paired differences over the same records: is a culture's expert worth more than the shared prior, the base?
-DIFFERENCES = (("expert", SHARED), ("expert", "base"))
+# Paired differences over the same records: is a culture's expert, or its committee, worth more than the
+# shared prior; is the expert worth more than the base?
+DIFFERENCES = (("expert", SHARED), ("committee", SHARED), ("expert", "base"))
 # With a transfer split (`data.transfer`), the half of it reported beside each split of the same role.
 TRANSFER_BESIDE = {"test": "transfer_test", "val": "transfer_val"}
 
@@ -83,6 +84,8 @@ def evaluate(
     member_rows = []
     for i, r in enumerate(records):
         for member in committees[r.culture].cultures if r.culture in committees else []:
+            if member == SHARED and SHARED in columns:
+                continue  # the prior as a member answers with its column's own rows: the same numbers
             member_rows.append((i, member))
             questions.append(plain[i])
             expert_idx.append(index[member])
@@ -94,6 +97,9 @@ def evaluate(
     members = defaultdict(dict)
     for (i, culture), d in zip(member_rows, dists[len(columns) * n :]):
         members[i][culture] = d
+    if SHARED in column_d:
+        for i, d in enumerate(column_d[SHARED]):
+            members[i][SHARED] = d
 
     scores: dict[str, dict[str, list[float]]] = {c: defaultdict(list) for c in cultures}
     for i, record in enumerate(records):
@@ -202,6 +208,8 @@ def format_table(report: dict) -> str:
     header = f"{'paired difference':<24}{'n':>5}" + "".join(f"{name:>28}" for name in names)
     lines += ["", header, "-" * len(header)]
     rows = list(report["cultures"].items()) + [("overall (with experts)", report["overall"])]
+    if "held_out" in report:
+        rows.append(("held-out cultures", report["held_out"]))
     for name, row in rows:
         cells = [row.get("differences", {}).get(f"{column}-{baseline}") for column, baseline in DIFFERENCES]
         if any(cells):

@@ -116,10 +116,11 @@ def test_eval_scores_the_shared_prior_on_every_record_with_paired_differences(tr
     for culture, row in cultures.items():
         assert 0 < row["shared"] <= 1 and "shared" in row["ci95"]  # every record, held-out ones too
         if culture == "Canada":  # its committee comes from the culture experts alone
-            assert row["expert"] is None and row["differences"] == {
-                "expert-shared": None,
-                "expert-base": None,
-            }
+            assert row["expert"] is None
+            assert row["differences"]["expert-shared"] is None and row["differences"]["expert-base"] is None
+            committee = row["differences"]["committee-shared"]  # its committee against the prior, paired
+            assert committee["n"] == row["n"]
+            assert committee["mean"] == pytest.approx(row["committee"] - row["shared"], abs=1e-9)
             assert report["held_out"]["shared"] == row["shared"]
             continue
         for name, baseline in (("expert-shared", "shared"), ("expert-base", "base")):
