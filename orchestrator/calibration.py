@@ -29,13 +29,19 @@ from orchestrator.encoding import encode
 from orchestrator.results import Winner
 from orchestrator.survey import ExperimentData, SurveyDataError, similarity_table
 from workers.base_model import FrozenBase
-from workers.committees import PRIOR_WEIGHTS, choose_prior_weight, culture_committee, with_member_priors
+from workers.committees import (
+    PRIOR_WEIGHTS,
+    choose_prior_weight,
+    culture_committee,
+    mixture_scores,
+    with_member_priors,
+)
 from workers.cultures import SHARED, UnknownCultureError, is_shared
 from workers.defaults import EVAL_BATCH_SIZE, MAX_LENGTH
 from workers.expert_file import Expert, load_expert, save_expert
 from workers.expert_store import Similarity
 from workers.prompts import bank_from_experts
-from workers.scoring import alignment, option_distributions
+from workers.scoring import option_distributions
 
 
 def calibration_split(data: ExperimentData) -> str:
@@ -51,14 +57,6 @@ class PriorWeightFit:
     n: int
     expert: float
     mixed: float
-
-
-def mixture_scores(
-    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], grid: Sequence[float]
-) -> np.ndarray:
-    """Mean alignment of (1 - w) expert + w prior with the survey, for each w of `grid`: rows of (expert,
-    prior, survey) distributions."""
-    return np.array([np.mean([alignment((1 - w) * e + w * p, s) for e, p, s in rows]) for w in grid])
 
 
 def choose_weights(
@@ -202,7 +200,7 @@ def calibrate_experts(
     else:
         weights = {c: float(setting) for c in experts}
     calibrated = {c: replace(e, meta=replace(e.meta, prior_weight=weights[c])) for c, e in experts.items()}
-    committee = 0.0 if setting == "auto" else float(setting)
+    committee = float(setting) if setting != "auto" else 0.0
     if setting == "auto":
         similarity = similarity_table(data.records, list(experts), list(experts))
         try:

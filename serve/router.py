@@ -40,8 +40,8 @@ from serve.exposure import allowed_host_names, host_name, open_host_refusal, pro
 from serve.openai_api import AUTO, DONE, EVENT_STREAM, OpenAIEndpoints, event
 from serve.routes import JSON, add_routes
 from serve.schemas import MODEL_PREFIX, GenerateRequest, OpinionRequest
-from workers.committees import BASE, Committee, TextRouter, culture_committee, with_member_priors, with_prior
-from workers.cultures import SHARED, CultureIndex, UnknownCultureError, culture_key, is_shared, slug
+from workers.committees import BASE, Committee, TextRouter, culture_committee, served_committee
+from workers.cultures import CultureIndex, UnknownCultureError, culture_key, is_shared, slug
 from workers.engine import EngineStopped
 
 logger = logging.getLogger("ray.serve")
@@ -489,8 +489,7 @@ class Router:
         except UnknownCultureError as err:
             raise ApiError(503, str(err)) from None
         if any(is_shared(e.culture) for e in catalogue.experts):  # as a culture without an expert is answered
-            weights = prior_weights(catalogue)
-            committee = with_prior(with_member_priors(committee, weights), weights.get(SHARED, 0.0))
+            committee = served_committee(committee, prior_weights(catalogue))
         return committee, MODEL_PREFIX + AUTO
 
     @staticmethod

@@ -94,23 +94,30 @@ def with_member_priors(committee: Committee, prior_weights: Mapping[str, float])
     return _merged(shares)
 
 
+def mixture_scores(
+    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], grid: Sequence[float] = PRIOR_WEIGHTS
+) -> np.ndarray:
+    """Mean alignment with the survey of (1 - w) answer + w prior, for each w of `grid`: rows of (answer,
+    prior, survey) distributions, the answer an expert's or a committee's."""
+    return np.array([np.mean([alignment((1 - w) * a + w * p, s) for a, p, s in rows]) for w in grid])
+
+
 def choose_prior_weight(
     rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], grid: Sequence[float] = PRIOR_WEIGHTS
 ) -> float:
-    """The prior's weight in `grid` whose mixtures score best: rows of (committee, prior, survey) distributions.
-
-    Each row's mixture is (1 - w) committee + w prior, scored by mean alignment with the survey; ties go to
-    the smaller weight. With 1 in the grid the choice never scores below the prior alone on these rows. The
-    rows must be validation records: the caller chooses them, never from test.
+    """The prior's weight in `grid` whose mixtures score best (`mixture_scores`); ties go to the smaller
+    weight. With 1 in the grid the choice never scores below the prior alone on these rows. The rows must be
+    validation records: the caller chooses them, never from test.
     """
     if not rows:
         raise ValueError("no records to choose the prior's weight on")
+    return float(grid[int(np.argmax(mixture_scores(rows, grid)))])  # argmax: the first of equal bests
 
-    def score(w: float) -> float:
-        return float(np.mean([alignment((1 - w) * c + w * p, s) for c, p, s in rows]))
 
-    scores = [score(w) for w in grid]
-    return float(grid[int(np.argmax(scores))])  # argmax: the first (smallest) of equal bests
+def served_committee(committee: Committee, prior_weights: Mapping[str, float]) -> Committee:
+    """A committee that stands for a culture without an expert, as served: its members with their shares of
+    the prior (`with_member_priors`), and the prior itself at its own file's weight (`with_prior`)."""
+    return with_prior(with_member_priors(committee, prior_weights), prior_weights.get(SHARED, 0.0))
 
 
 def culture_committee(
@@ -140,8 +147,7 @@ def culture_committee(
         raise UnknownCultureError(
             f"unknown culture {culture!r}: no expert, and no survey similarity to the {len(experts)} experts"
         )
-    committee = with_member_priors(ranked_committee(scores, k, temperature), served)
-    return with_prior(committee, served.get(SHARED, 0.0))
+    return served_committee(ranked_committee(scores, k, temperature), served)
 
 
 def culture_committees(
