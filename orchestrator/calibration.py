@@ -1,17 +1,21 @@
-"""The shared prior's weights: each expert's share of it, and its share in the committees, fitted on records
-unlike the training data.
+"""The shared prior's weights: each expert's share of it, and its share in the committees, fitted on
+validation records.
 
 An expert fitted to ~50 questions of one survey can learn that survey's questions rather than its culture,
 and then answers another survey's questions worse than the culture-blind prior. So an expert answers as
 (1 - w) expert + w prior, its distributions mixed. Its w (`ExpertMeta.prior_weight`) is the weight of
-PRIOR_WEIGHTS whose mixture scores best on its culture's records of the calibration split: `transfer_val`,
-the held-out programme's questions, with `data.transfer`; else `val`.
+PRIOR_WEIGHTS whose mixture scores best on its culture's `val` records.
+
+With a transfer split (`data.transfer`) an expert gets a second weight, for questions whose answer formats are
+unlike the training data's: fitted the same way on `transfer_val`, the held-out programme's questions, and
+kept in its `FormatGate` with the familiarity that tells `val` from `transfer_val` (`workers/answer_formats.py`).
 
 A culture without an expert is answered by the committee of its nearest experts, and the prior joins that
-committee with the weight written in the prior's own file. That weight is chosen the same way, for every
-trained culture answered by the committee of the *other* experts (leave one culture out).
+committee with the weight written in the prior's own file. That weight is chosen on the calibration split
+(`transfer_val`, else `val`) for every trained culture answered by the committee of the *other* experts
+(leave one culture out).
 
-Test and transfer_test are never read: `calibration_split` is the only split these functions score.
+Test and transfer_test are never read: `fit_prior_weights` refuses them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,13 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.encoding import encode
 from orchestrator.results import Winner
 from orchestrator.survey import ExperimentData, SurveyDataError, similarity_table
+from workers.answer_formats import (
+    FormatGate,
+    familiarity,
+    prior_weights,
+    separating_threshold,
+    training_grams,
+)
 from workers.base_model import FrozenBase
 from workers.committees import (
     PRIOR_WEIGHTS,
@@ -79,6 +90,20 @@ def choose_weights(
     return out
 
 
+def fit_format_gate(data: ExperimentData, cultures: list[str]) -> FormatGate | None:
+    """The answer formats of the training split's questions, and the familiarity that best tells the
+    cultures' `val` records (like them) from their `transfer_val` records (another programme's); None
+    without records on both sides."""
+    grams = training_grams(r.options for r in data.splits["train"])
+    scores = {
+        split: [familiarity(r.options, grams) for rs in data.records_of(split, cultures).values() for r in rs]
+        for split in ("val", "transfer_val")
+    }
+    if not scores["val"] or not scores["transfer_val"]:
+        return None
+    return FormatGate(grams, separating_threshold(scores["val"], scores["transfer_val"]), 0.0)
+
+
 def fit_prior_weights(
     base: FrozenBase,
     experts: list[Expert],
@@ -86,17 +111,21 @@ def fit_prior_weights(
     grid: Sequence[float] = PRIOR_WEIGHTS,
     batch_size: int = EVAL_BATCH_SIZE,
     max_length: int = MAX_LENGTH,
+    split: str | None = None,
 ) -> dict[str, PriorWeightFit]:
-    """Each culture's expert's weight of the prior, fitted on its records of the calibration split.
+    """Each culture's expert's weight of the prior, fitted on its records of `split` (default: the
+    calibration split).
 
-    `experts` must hold the shared prior; a culture without calibration records gets no fit (its expert
-    answers alone).
+    `experts` must hold the shared prior; a culture without records there gets no fit (its expert answers
+    alone).
     """
     index = {e.meta.culture: i for i, e in enumerate(experts)}
     if SHARED not in index:
         raise ValueError("fitting the prior's weights needs the shared prior among the experts")
+    if split in ("test", "transfer_test"):
+        raise ValueError(f"the prior's weights are never fitted on {split}")
     cultures = [c for c in index if not is_shared(c)]
-    split = calibration_split(data)
+    split = split or calibration_split(data)
     records = [r for rs in data.records_of(split, cultures).values() for r in rs]
     if not records:
         return {}
@@ -134,34 +163,33 @@ def fit_committee_prior_weight(
     if SHARED not in index:
         raise ValueError("fitting the committees' prior weight needs the shared prior among the experts")
     own = [c for c in index if not is_shared(c)]
-    served = {e.meta.culture: e.meta.prior_weight for e in experts if not is_shared(e.meta.culture)}
+    metas = [e.meta for e in experts if not is_shared(e.meta.culture)]
     committees = {}
     for culture in own:
         others = [c for c in own if c != culture]
         try:
-            committee = culture_committee(culture, others, similarity, k, temperature)
+            committees[culture] = culture_committee(culture, others, similarity, k, temperature)
         except UnknownCultureError:
             continue  # no similarity to any other expert: no held-out-like committee to measure
-        committees[culture] = with_member_priors(committee, served)
     split = calibration_split(data)
     records = [r for rs in data.records_of(split, list(committees)).values() for r in rs]
     if not records:
         raise SurveyDataError(f"no {split} records of a trained culture with a committee of other experts")
     plain = encode(base, records, max_length)
-    # One batched pass: per record, a row of the prior, then a row of each committee member.
-    questions, expert_idx, starts = [], [], []
+    # One batched pass: per record, a row of the prior, then a row of each member as served on its options.
+    questions, expert_idx, served = [], [], []
     for i, record in enumerate(records):
-        members = [index[SHARED]] + [index[m] for m in committees[record.culture].cultures]
-        starts.append(len(questions))
+        committee = with_member_priors(committees[record.culture], prior_weights(metas, record.options))
+        members = [SHARED] + committee.cultures
+        served.append((len(questions), committee))
         questions += [plain[i]] * len(members)
-        expert_idx += members
+        expert_idx += [index[m] for m in members]
     dists = option_distributions(
         base, bank_from_experts(experts, base.device), questions, expert_idx, batch_size
     )
     rows = []
-    for record, start in zip(records, starts):
-        weights = [w for _, w in committees[record.culture].members]
-        mix = sum(w * dists[start + 1 + j] for j, w in enumerate(weights))
+    for record, (start, committee) in zip(records, served):
+        mix = sum(w * dists[start + 1 + j] for j, (_, w) in enumerate(committee.members))
         rows.append((mix, dists[start], np.asarray(record.distribution)))
     return choose_prior_weight(rows, grid)
 
@@ -184,22 +212,44 @@ def calibrate_experts(
     prior = load_expert(prior_file)
     split = calibration_split(data)
     if setting == "auto":
-        fits = fit_prior_weights(
-            base, [prior, *experts.values()], data, batch_size=batch_size, max_length=max_length
-        )
-        for culture, fit in sorted(fits.items()):
-            print(
-                f"{culture}: the prior's weight {fit.weight:g}, fitted on {fit.n} {split} records "
-                f"(alignment {fit.expert:.4f} alone, {fit.mixed:.4f} mixed)",
-                flush=True,
+
+        def fitted(on: str) -> dict[str, float]:
+            fits = fit_prior_weights(
+                base, [prior, *experts.values()], data, batch_size=batch_size, max_length=max_length, split=on
             )
-        missing = sorted(c for c in experts if c not in fits)
-        if missing:
-            print(f"warning: no {split} records of {missing}: they answer alone", file=sys.stderr)
-        weights = {c: fits[c].weight if c in fits else 0.0 for c in experts}
+            for culture, fit in sorted(fits.items()):
+                print(
+                    f"{culture}: the prior's weight {fit.weight:g}, fitted on {fit.n} {on} records "
+                    f"(alignment {fit.expert:.4f} alone, {fit.mixed:.4f} mixed)",
+                    flush=True,
+                )
+            missing = sorted(c for c in experts if c not in fits)
+            if missing:
+                print(f"warning: no {on} records of {missing}: they answer alone there", file=sys.stderr)
+            return {c: fits[c].weight if c in fits else 0.0 for c in experts}
+
+        familiar = fitted("val")
+        gates: dict[str, FormatGate | None] = dict.fromkeys(experts)
+        # A transfer split: a second weight, for questions whose answer formats are unlike the training data.
+        gate = fit_format_gate(data, list(experts)) if split != "val" else None
+        if gate is not None:
+            print(
+                f"format gate: familiar from {gate.threshold:.3f} of {len(gate.grams)} training option words "
+                f"and pairs (val against {split})"
+            )
+            gates = {c: replace(gate, unfamiliar_weight=w) for c, w in fitted(split).items()}
+        elif split != "val":
+            print(f"warning: no format gate without val and {split} records", file=sys.stderr)
+        calibrated = {
+            c: replace(e, meta=replace(e.meta, prior_weight=familiar[c], format_gate=gates[c]))
+            for c, e in experts.items()
+        }
     else:
-        weights = {c: float(setting) for c in experts}
-    calibrated = {c: replace(e, meta=replace(e.meta, prior_weight=weights[c])) for c, e in experts.items()}
+        calibrated = {
+            c: replace(e, meta=replace(e.meta, prior_weight=float(setting), format_gate=None))
+            for c, e in experts.items()
+        }
+    weights = {c: e.meta.prior_weight for c, e in calibrated.items()}
     committee = float(setting) if setting != "auto" else 0.0
     if setting == "auto":
         similarity = similarity_table(data.records, list(experts), list(experts))

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.evaluate import evaluate_beside_transfer, format_table, write_report
+from orchestrator.evaluate import evaluate_beside_transfer, format_table, served_committees, write_report
 from orchestrator.survey import (
     TRANSFER_SPLITS,
     SurveyDataError,
@@ -18,7 +18,6 @@ from orchestrator.survey import (
 )
 from orchestrator.tracking import ExperimentTracker, TrackingError
 from workers.base_model import load_frozen_base
-from workers.committees import culture_committees
 from workers.cultures import is_shared
 from workers.expert_store import (
     SIMILARITY_FILE,
@@ -79,15 +78,9 @@ def run_evaluation(
         similarity_file if similarity_file.exists() else config.experts_dir / SIMILARITY_FILE
     )
     routing = config.serve.routing
-    # Each file's prior weight (fitted at training): the experts' shares, the committees' in the prior's file.
-    committees = culture_committees(
-        cultures,
-        names,
-        similarity,
-        routing.committee_size,
-        routing.routing_temperature,
-        {e.meta.culture: e.meta.prior_weight for e in experts},
-    )
+    # Each file's prior weights (fitted at training): the experts' shares, per question's answer formats,
+    # and the committees' in the prior's file.
+    committees = served_committees(experts, similarity, routing.committee_size, routing.routing_temperature)
     report = evaluate_beside_transfer(
         base,
         experts,

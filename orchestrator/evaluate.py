@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,11 @@ import numpy as np
 from orchestrator.encoding import encode
 from orchestrator.survey import ExperimentData, SurveyDataError, SurveyRecord, normalise_question
 from workers.base_model import FrozenBase
-from workers.committees import Committee, with_member_priors
-from workers.cultures import SHARED, is_shared
+from workers.committees import Committee, question_committee
+from workers.cultures import SHARED, UnknownCultureError, is_shared
 from workers.defaults import EVAL_BATCH_SIZE, MAX_LENGTH
 from workers.expert_file import Expert
+from workers.expert_store import Similarity
 from workers.prompts import NO_EXPERT, bank_from_experts
 from workers.scoring import (
     alignment,
@@ -41,13 +43,29 @@ def agnostic_distribution(record: SurveyRecord, others: dict[str, list[SurveyRec
     return np.mean([r.distribution for r in peers], axis=0) if peers else None
 
 
+def served_committees(
+    experts: list[Expert], similarity: Similarity, k: int, temperature: float
+) -> Callable[[SurveyRecord], Committee | None]:
+    """Each record's committee as the router serves its question: its culture's own expert, else its nearest
+    experts, each with its share of the prior on the record's options; None for a culture with neither."""
+    metas = [e.meta for e in experts]
+
+    def committee(record: SurveyRecord) -> Committee | None:
+        try:
+            return question_committee(record.culture, record.options, metas, similarity, k, temperature)
+        except UnknownCultureError:
+            return None
+
+    return committee
+
+
 def evaluate(
     base: FrozenBase,
     experts: list[Expert],
     data: ExperimentData,
     split: str,
     cultures: list[str],
-    committees: dict[str, Committee] | None = None,
+    committees: Callable[[SurveyRecord], Committee | None] | None = None,
     batch_size: int = EVAL_BATCH_SIZE,
     max_length: int = MAX_LENGTH,
     n_bootstrap: int = 1000,
@@ -58,10 +76,7 @@ def evaluate(
     # The shared prior is scored on every record, and is no culture's own expert.
     shared = next((i for c, i in index.items() if is_shared(c)), None)
     own = {c for c in index if not is_shared(c)}
-    served = {e.meta.culture: e.meta.prior_weight for e in experts} if shared is not None else {}
-    committees = committees or {
-        c: with_member_priors(Committee([(c, 1.0)]), served) for c in cultures if c in own
-    }
+    committees = committees or served_committees(experts, {}, 1, 1.0)  # each culture's own expert, as served
     by_question = defaultdict(list)
     for record in data.records:
         by_question[normalise_question(record.question)].append(record)
@@ -81,9 +96,10 @@ def evaluate(
     for encoded, expert in columns.values():
         questions += encoded
         expert_idx += [expert] * len(encoded)
+    served = [committees(r) for r in records]
     member_rows = []
-    for i, r in enumerate(records):
-        for member in committees[r.culture].cultures if r.culture in committees else []:
+    for i, committee in enumerate(served):
+        for member in committee.cultures if committee is not None else []:
             if member == SHARED and SHARED in columns:
                 continue  # the prior as a member answers with its column's own rows: the same numbers
             member_rows.append((i, member))
@@ -108,9 +124,9 @@ def evaluate(
         for name, d in column_d.items():
             row[name].append(alignment(d[i], survey))
         row["uniform"].append(alignment(np.full(len(survey), 1 / len(survey)), survey))
-        if record.culture in committees:
+        if served[i] is not None:
             # A culture's own committee is its expert as served: with its share of the prior, if any.
-            mix = sum(w * members[i][m] for m, w in committees[record.culture].members)
+            mix = sum(w * members[i][m] for m, w in served[i].members)
             row["committee"].append(alignment(mix, survey))
             if record.culture in own:
                 row["expert"].append(row["committee"][-1])
@@ -130,6 +146,9 @@ def evaluate(
     report["split"] = split
     report["experts"] = {e.meta.culture: e.meta.training for e in experts}
     report["prior_weights"] = {e.meta.culture: e.meta.prior_weight for e in experts if e.meta.prior_weight}
+    report["unfamiliar_prior_weights"] = {
+        e.meta.culture: e.meta.format_gate.unfamiliar_weight for e in experts if e.meta.format_gate
+    }
     return report
 
 

@@ -14,10 +14,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from operator import attrgetter
 from typing import TypeVar
 
@@ -40,6 +40,7 @@ from serve.exposure import allowed_host_names, host_name, open_host_refusal, pro
 from serve.openai_api import AUTO, DONE, EVENT_STREAM, OpenAIEndpoints, event
 from serve.routes import JSON, add_routes
 from serve.schemas import MODEL_PREFIX, GenerateRequest, OpinionRequest
+from workers.answer_formats import prior_weights
 from workers.committees import BASE, Committee, TextRouter, culture_committee, served_committee
 from workers.cultures import CultureIndex, UnknownCultureError, culture_key, is_shared, slug
 from workers.engine import EngineStopped
@@ -445,17 +446,28 @@ class Router:
     # ---- routing ----
 
     async def route(
-        self, request: Request, culture: str | None, text: str, k: int | None
+        self,
+        request: Request,
+        culture: str | None,
+        text: str,
+        k: int | None,
+        options: Sequence[str] | None = None,
     ) -> tuple[Committee, str]:
-        """The committee for an explicit culture, else for the text; and the model id that names the choice
-        (also the request's `expert` in the metrics)."""
-        committee, model = await self._committee(culture, text, k or self.section.routing.committee_size)
+        """The committee for an explicit culture, else for the text, with each member's share of the prior on
+        a question with these options (None: free text); and the model id that names the choice (also the
+        request's `expert` in the metrics)."""
+        committee, model = await self._committee(
+            culture, text, k or self.section.routing.committee_size, options
+        )
         request.state.expert = model
         return committee, model
 
-    async def _committee(self, culture: str | None, text: str, k: int) -> tuple[Committee, str]:
+    async def _committee(
+        self, culture: str | None, text: str, k: int, options: Sequence[str] | None
+    ) -> tuple[Committee, str]:
         temperature = self.section.routing.routing_temperature
         catalogue = await self.catalogue()
+        weights = prior_weights(catalogue.experts, options)
         names, loop = self.names, asyncio.get_running_loop()
         if culture is not None:
             if culture_key(culture) == BASE:
@@ -476,7 +488,7 @@ class Router:
                     catalogue.similarity,
                     k,
                     temperature,
-                    prior_weights=prior_weights(catalogue),
+                    prior_weights=weights,
                 )
             except UnknownCultureError as err:
                 raise ApiError(404, str(err)) from None
@@ -489,7 +501,7 @@ class Router:
         except UnknownCultureError as err:
             raise ApiError(503, str(err)) from None
         if any(is_shared(e.culture) for e in catalogue.experts):  # as a culture without an expert is answered
-            committee = served_committee(committee, prior_weights(catalogue))
+            committee = served_committee(committee, weights)
         return committee, MODEL_PREFIX + AUTO
 
     @staticmethod
@@ -523,7 +535,7 @@ class Router:
         catalogue = await self.catalogue()
         own = {e.culture for e in catalogue.experts}
         return {
-            "experts": [asdict(e) for e in catalogue.experts],
+            "experts": [listed(e) for e in catalogue.experts],
             "committee_cultures": sorted(c for c in catalogue.similarity if c not in own),
             "base_model": catalogue.base_model,
             "experts_version": catalogue.version,
@@ -537,7 +549,7 @@ class Router:
                 422, f"too many options: {len(body.options)} (at most {self.section.limits.max_options})"
             )
         committee, model = await self.route(
-            request, body.culture, body.profile or body.question, body.committee_size
+            request, body.culture, body.profile or body.question, body.committee_size, body.options
         )
         answer: protocol.OpinionAnswer = await self._ask(
             "opinion", protocol.OpinionJob(body.question, body.options, committee)
@@ -611,6 +623,10 @@ class Router:
         yield DONE
 
 
-def prior_weights(catalogue: protocol.Catalogue) -> dict[str, float]:
-    """Each served expert's share of the shared prior in its answers; the prior's own: its committee weight."""
-    return {e.culture: e.prior_weight for e in catalogue.experts if e.prior_weight}
+def listed(card: protocol.ExpertCard) -> dict:
+    """An expert as GET /v1/experts shows it: its format gate's threshold and share, not its word list."""
+    gate = card.format_gate
+    return asdict(replace(card, format_gate=None)) | {
+        "format_gate": gate
+        and {"threshold": gate.threshold, "unfamiliar_prior_weight": gate.unfamiliar_weight}
+    }

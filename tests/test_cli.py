@@ -323,13 +323,17 @@ def test_train_local_trains_the_prior_first_and_adds_to_the_published_set(tiny_m
     assert experts.is_symlink()  # published through the same atomic swap as under Tune
     assert sorted(p.stem for p in experts.glob("*.safetensors")) == ["germany", "japan", "shared"]
     assert "shared" not in json.loads((experts / "similarity.json").read_text())["Canada"]
-    # Each expert's share of the prior, fitted on transfer_val, is in its published file; the committees'
-    # share is in the prior's.
+    # Each expert's shares of the prior are in its published file: on familiar answer formats, fitted on val;
+    # on unfamiliar ones, fitted on transfer_val and kept in its format gate. The committees' is in the prior's.
+    assert "format gate: familiar from" in first.stdout
     for culture in ("Germany", "Japan"):
-        line = next(x for x in first.stdout.splitlines() if x.startswith(f"{culture}: the prior's weight"))
-        assert "transfer_val records" in line
-        weight = float(line.split("weight ")[1].split(",")[0])
-        assert load_expert(experts / f"{culture.lower()}.safetensors").meta.prior_weight == weight
+        fitted = {}
+        for line in first.stdout.splitlines():
+            if line.startswith(f"{culture}: the prior's weight"):
+                fitted[line.split(" records")[0].split()[-1]] = float(line.split("weight ")[1].split(",")[0])
+        meta = load_expert(experts / f"{culture.lower()}.safetensors").meta
+        assert meta.prior_weight == fitted["val"]
+        assert meta.format_gate.unfamiliar_weight == fitted["transfer_val"]
     line = next(x for x in first.stdout.splitlines() if x.startswith("committees: the prior's weight"))
     assert load_expert(experts / "shared.safetensors").meta.prior_weight == float(line.split()[4].rstrip(","))
 

@@ -11,7 +11,7 @@ import pytest
 from orchestrator.calibration import fit_committee_prior_weight
 from orchestrator.config import load_config
 from orchestrator.encoding import encode
-from orchestrator.evaluate import evaluate, format_table
+from orchestrator.evaluate import evaluate, format_table, served_committees
 from orchestrator.experts import write_similarity
 from orchestrator.survey import prepare_data, similarity_table
 from tests.conftest import OPINIONS, TINY_CONFIG, random_expert
@@ -22,7 +22,6 @@ from workers.committees import (
     choose_prior_weight,
     committee_distributions,
     culture_committee,
-    culture_committees,
     member_indices,
     softmax_weights,
     with_prior,
@@ -64,10 +63,6 @@ def test_unknown_cultures_and_empty_committees_are_refused():
     assert (
         find_culture("UNITED_KINGDOM", EXPERTS) == "United Kingdom" and find_culture("Peru", EXPERTS) is None
     )
-    assert set(culture_committees(["Canada", "Atlantis", "Japan"], EXPERTS, SIMILARITY, 2, 0.05)) == {
-        "Canada",
-        "Japan",
-    }
 
 
 def test_the_shared_prior_is_no_real_cultures_expert_or_committee_member():
@@ -109,8 +104,9 @@ def test_eval_reports_committees_for_held_out_cultures(llama_dir, tmp_path):
     ]
     similarity = json.loads(write_similarity(tmp_path, data, trained).read_text())
     cultures = trained + data.selection.held_out
-    committees = culture_committees(cultures, trained, similarity, k=2, temperature=0.05)
-    assert len(committees["Canada"].members) == 2 and "Canada" not in committees["Canada"].cultures
+    committees = served_committees(experts, similarity, k=2, temperature=0.05)
+    canada = next(r for r in data.splits["test"] if r.culture == "Canada")
+    assert len(committees(canada).members) == 2 and "Canada" not in committees(canada).cultures
 
     report = evaluate(base, experts, data, "test", cultures, committees=committees, n_bootstrap=50)
     canada = report["cultures"]["Canada"]
@@ -136,7 +132,6 @@ def test_with_a_prior_weight_a_held_out_culture_s_committee_includes_the_prior()
     ]
     assert culture_committee("Canada", EXPERTS, SIMILARITY, 2, 0.05, prior_weights=weights) == plain
     assert with_prior(plain, 1.0).members == [(SHARED, 1.0)] and with_prior(plain, 0.0) == plain
-    assert culture_committees(["Canada"], experts, SIMILARITY, 2, 0.05, weights) == {"Canada": mixed}
 
 
 def test_a_committee_worse_than_the_prior_on_validation_never_scores_below_it_once_weighted():

@@ -11,7 +11,7 @@ from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
 from orchestrator.cli import main
 from orchestrator.config import ConfigError
-from orchestrator.evaluate import evaluate_beside_transfer, format_table
+from orchestrator.evaluate import evaluate_beside_transfer, format_table, served_committees
 from orchestrator.gate import champion_gate
 from orchestrator.survey import (
     SPLITS,
@@ -35,7 +35,6 @@ from orchestrator.survey.loading import scale_order
 from orchestrator.tracking import report_metrics
 from tests.conftest import OPINIONS, TINY_CONFIG, config_with, random_expert
 from workers.base_model import load_frozen_base
-from workers.committees import culture_committees
 from workers.cultures import SHARED
 
 
@@ -183,7 +182,7 @@ def test_eval_reports_the_transfer_split_beside_the_test_split_from_transfer_rec
     experts = [random_expert(base, c, 2, 0, seed) for seed, c in enumerate([SHARED, *trained])]
     cultures = trained + data.selection.held_out
     similarity = similarity_table(data.records, data.selection.held_out, trained)
-    committees = culture_committees(cultures, trained, similarity, k=2, temperature=0.05)
+    committees = served_committees(experts, similarity, k=2, temperature=0.05)
 
     report = evaluate_beside_transfer(
         base, experts, data, "test", cultures, committees=committees, n_bootstrap=20

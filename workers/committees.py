@@ -8,7 +8,9 @@ of the text against each expert's descriptor). Both ranked cases take the top k 
 Where the shared prior is served, it shapes every answer with the weights fitted at training
 (`orchestrator/calibration.py`): each expert answers with its share of the prior (`with_member_priors`), and a
 culture without an expert has the prior in its committee (`with_prior`), so a committee of experts who know
-the culture badly falls back on the culture-blind prior.
+the culture badly falls back on the culture-blind prior. An expert's share can depend on the question: on
+answer formats unlike its training data it takes its format gate's share (`workers/answer_formats.py`), so
+committees are built per question (`question_committee`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from workers.answer_formats import Served, prior_weights
 from workers.base_model import FrozenBase
 from workers.cultures import SHARED, UnknownCultureError, find_culture, is_shared
 from workers.defaults import ROUTER_MODEL
@@ -150,22 +153,18 @@ def culture_committee(
     return served_committee(ranked_committee(scores, k, temperature), served)
 
 
-def culture_committees(
-    cultures: Sequence[str],
-    experts: Sequence[str],
+def question_committee(
+    culture: str,
+    options: Sequence[str] | None,
+    experts: Sequence[Served],
     similarity: Similarity,
     k: int,
     temperature: float,
-    prior_weights: Mapping[str, float] | None = None,
-) -> dict[str, Committee]:
-    """Committees for every culture that can have one (the evaluation's `expert` and `committee` columns)."""
-    out = {}
-    for culture in cultures:
-        try:
-            out[culture] = culture_committee(culture, experts, similarity, k, temperature, prior_weights)
-        except UnknownCultureError:
-            continue  # reported without a committee column, as before
-    return out
+) -> Committee:
+    """`culture_committee` for one question: each member with its share of the prior on these options
+    (`answer_formats.prior_weights`; None: free text)."""
+    names = [e.culture for e in experts]
+    return culture_committee(culture, names, similarity, k, temperature, prior_weights(experts, options))
 
 
 class TextRouter:
