@@ -1,8 +1,8 @@
 """Ways to keep an expert from harming answers off its training distribution, side by side on the same splits.
 
 The shared prior, each culture's expert and its committee's members score every record of val, test,
-transfer_val and transfer_test once. Each candidate is then fitted on transfer_val alone (never test, never
-transfer_test) and scored on every split. The choice is the candidate with the best gain over the prior on transfer_val
+transfer_val and transfer_test once. Each candidate is then fitted on transfer_val (the format-gated one also
+on val; never test, never transfer_test) and scored on every split. The choice is the candidate with the best gain over the prior on transfer_val
 out of sample: fitted on one half of each culture's records, scored on the other (`cross_fitted`).
 
 - `raw`: the expert as trained;
@@ -10,6 +10,9 @@ out of sample: fitted on one half of each culture's records, scored on the other
 - `mix per culture`: the same with each culture's own w (what `shores train` fits with
   `shared.expert_prior_weight: auto`, `orchestrator/calibration.py`);
 - `mix per culture, shrunk`: each culture's w best on its own records and all records, counted equally;
+- `mix per culture, format-gated`: two w per culture, one fitted on val for questions whose answer formats are
+  like the training data's, one on transfer_val for the others (what `shores train` fits with a transfer
+  split: `workers/answer_formats.py`);
 - `log-linear pooled`: prior^(1 - a) expert^a, renormalised, one a in [0, 1.5] (a > 1 extrapolates);
 - `temperature pooled`: expert^(1 / T), renormalised, one T.
 
@@ -32,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine, write_report
-from orchestrator.calibration import choose_weights
+from orchestrator.calibration import choose_weights, fit_format_gate
 from orchestrator.config import load_config
 from orchestrator.encoding import encode
 from orchestrator.survey import prepare_data
@@ -70,6 +73,7 @@ def score_all(config, experts: list[Expert], base, members: dict[str, list[str]]
         out[split] = [
             {
                 "culture": r.culture,
+                "options": r.options,
                 "survey": np.asarray(r.distribution),
                 "by_expert": {n: next(dists) for n in names},
             }
@@ -103,8 +107,11 @@ def mean_score(rows, answer: Callable[[dict], np.ndarray]) -> float:
     return float(np.mean([alignment(answer(r), r["survey"]) for r in rows])) if rows else float("nan")
 
 
-def candidates(fit_rows: list[dict], own: list[str]) -> dict[str, Callable[[dict], np.ndarray]]:
-    """Each candidate's answer function for a trained culture's record, fitted on `fit_rows` only."""
+def candidates(
+    fit_rows: list[dict], own: list[str], val_rows: list[dict]
+) -> dict[str, Callable[[dict], np.ndarray]]:
+    """Each candidate's answer function for a trained culture's record, fitted on `fit_rows` only (the
+    format-gated one also on `val_rows`, for familiar questions; rows carry `familiar`)."""
     own_rows = [r for r in fit_rows if r["culture"] in own]
     by_culture = defaultdict(list)
     for r in own_rows:
@@ -122,6 +129,19 @@ def candidates(fit_rows: list[dict], own: list[str]) -> dict[str, Callable[[dict
         {c: [(expert(r), prior(r), r["survey"]) for r in rows] for c, rows in by_culture.items()}
     )
     w_culture = {c: fit.weight for c, fit in fits.items()}
+    val_fits = choose_weights(
+        {
+            c: [(expert(r), prior(r), r["survey"]) for r in val_rows if r["culture"] == c]
+            for c in own
+            if any(r["culture"] == c for r in val_rows)
+        }
+    )
+    w_familiar = {c: fit.weight for c, fit in val_fits.items()}
+
+    def gated(r):
+        w = w_familiar.get(r["culture"], 0.0) if r["familiar"] else w_culture.get(r["culture"], w_pool)
+        return mix(expert(r), prior(r), w)
+
     w_shrunk = {
         c: best(
             MIX_GRID,
@@ -145,12 +165,15 @@ def candidates(fit_rows: list[dict], own: list[str]) -> dict[str, Callable[[dict
             lambda r: mix(expert(r), prior(r), w_shrunk.get(r["culture"], w_pool)),
             {"w": w_shrunk},
         ),
+        "mix per culture, format-gated": (gated, {"w familiar": w_familiar, "w unfamiliar": w_culture}),
         "log-linear pooled": (lambda r: loglinear(expert(r), prior(r), a_pool), {"a": a_pool}),
         "temperature pooled": (lambda r: tempered(expert(r), t_pool), {"T": t_pool}),
     }
 
 
-def cross_fitted(rows: list[dict], own: list[str], repeats: int = 20, seed: int = 0) -> dict[str, float]:
+def cross_fitted(
+    rows: list[dict], own: list[str], val_rows: list[dict], repeats: int = 20, seed: int = 0
+) -> dict[str, float]:
     """Each candidate's mean paired gain over the prior on one half of each culture's `rows` when fitted on
     the other half (2-fold, `repeats` random halvings): the choice by transfer validation, out of sample."""
     rng = np.random.default_rng(seed)
@@ -162,7 +185,7 @@ def cross_fitted(rows: list[dict], own: list[str], repeats: int = 20, seed: int 
             for j, i in enumerate(rng.permutation(len(mine))):
                 folds[j % 2].append(mine[i])
         for k in range(2):
-            for name, (answer, _) in candidates(folds[k], own).items():
+            for name, (answer, _) in candidates(folds[k], own, val_rows).items():
                 held = folds[1 - k]
                 shared = [alignment(r["by_expert"][SHARED], r["survey"]) for r in held]
                 gains[name].append(
@@ -244,9 +267,14 @@ def main(argv: list[str] | None = None) -> None:
         scored = score_all(config, experts, base, members)
         if args.cache:
             Path(args.cache).write_bytes(pickle.dumps(scored))
+    # The format gate `shores train` fits: the training split's answer formats, val told from transfer_val.
+    gate = fit_format_gate(prepare_data(config.data), own)
+    for rows in scored.values():
+        for r in rows:
+            r["familiar"] = gate is not None and gate.familiar(r["options"])
     fit_rows = [r for split in FITS[args.fit] for r in scored[split]]
-    fitted = candidates(fit_rows, own)
-    chosen_by = cross_fitted(fit_rows, own)
+    fitted = candidates(fit_rows, own, scored["val"])
+    chosen_by = cross_fitted(fit_rows, own, scored["val"])
     table = {
         name: {
             "fitted": params,
@@ -264,13 +292,14 @@ def main(argv: list[str] | None = None) -> None:
         ]
         print(f"{name:<26}{row['cross_fitted']:>+13.4f}  " + "".join(f"{c:<38}" for c in cells))
 
-    w_mix = fitted["mix per culture"][1]["w"]  # what shores train fits
+    served = fitted["mix per culture, format-gated"][1]  # what shores train fits
 
     def raw_member(r, m):
         return r["by_expert"][m]
 
     def mixed_member(r, m):
-        return mix(r["by_expert"][m], r["by_expert"][SHARED], w_mix.get(m, 0.0))
+        weights = served["w familiar"] if r["familiar"] else served["w unfamiliar"]
+        return mix(r["by_expert"][m], r["by_expert"][SHARED], weights.get(m, 0.0))
 
     prior_w = best(
         MIX_GRID,
@@ -328,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
             "candidates": table,
             "committees": committees,
             "committee_prior_weight": prior_w,
+            "format_gate": gate and {"threshold": gate.threshold, "grams": len(gate.grams)},
             "prior_by_options": by_options,
         },
         args.out,
