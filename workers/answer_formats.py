@@ -12,7 +12,7 @@ splits apart (`orchestrator/calibration.py`). Chosen over one weight for all que
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,10 +25,9 @@ def option_grams(options: Sequence[str]) -> set[str]:
     return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
 
 
-def familiarity(options: Sequence[str], known: Iterable[str] | frozenset[str]) -> float:
+def familiarity(options: Sequence[str], known: Set[str]) -> float:
     """The share of the options' words and word pairs among `known`: 1 for options seen in training."""
     grams = option_grams(options)
-    known = known if isinstance(known, frozenset) else frozenset(known)
     return len(grams & known) / len(grams) if grams else 0.0
 
 
@@ -37,12 +36,13 @@ def separating_threshold(familiar: Sequence[float], unfamiliar: Sequence[float])
     the fewest of `unfamiliar` at or above it, each counted as a share of its set; ties go to the lowest."""
     if not familiar or not unfamiliar:
         raise ValueError("a threshold needs familiar and unfamiliar questions")
-    f, u = sorted(familiar), sorted(unfamiliar)
 
     def errors(t: float) -> float:
-        return sum(x < t for x in f) / len(f) + sum(x >= t for x in u) / len(u)
+        return sum(x < t for x in familiar) / len(familiar) + sum(x >= t for x in unfamiliar) / len(
+            unfamiliar
+        )
 
-    return min(sorted(set(f) | set(u)), key=errors)
+    return min(sorted({*familiar, *unfamiliar}), key=errors)
 
 
 @dataclass(frozen=True)
