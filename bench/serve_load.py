@@ -8,9 +8,10 @@ experts, survey-similarity committees and free-text profiles, each with a client
 (`serve.deployment.request_timeout_s` plus a margin). The run has three kinds of phase, each --duration
 seconds:
   calm      the C clients alone;
-  hostile   the C clients beside H hostile clients, each looping over: a long prompt (3/4 of the context
-            window, at most 7000 tokens) with the largest committee allowed, a flood of --unknown-flood
-            requests for cultures that do not exist, and a `text/plain` post (a browser's simple request);
+  hostile   the C clients beside H hostile clients (in a process of their own, as an attacker's are),
+            each looping over: a long prompt (3/4 of the context window, at most 7000 tokens) with the largest
+            committee allowed, a flood of --unknown-flood requests for cultures that do not exist, and a
+            `text/plain` post (a browser's simple request);
             in the first hostile phase a new expert is published and the first replica to reload it fails
             once (the pool's $SHORES_RELOAD_FAULT hook, removed once /v1/status shows the failure);
   faults    the C clients; at 1/3 one ExpertPool replica is killed (`ray.kill`, found with
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -49,6 +50,7 @@ import torch
 
 from bench.common import DATA, free_port, machine, model_path, write_report
 from orchestrator.config import ExperimentConfig
+from serve.edge import EDGE_ENV, EDGE_IMPORT_PATH
 from serve.pool import RELOAD_FAULT_ENV
 from workers.base_model import load_frozen_base
 from workers.cultures import slug
@@ -241,11 +243,10 @@ async def run(args: argparse.Namespace, setup: Setup) -> tuple[list[Outcome], di
     import ray
 
     mix = request_mix(args.max_tokens)
-    hostile = hostile_mix(setup.long_words, args.hostile_committee, args.unknown_flood)
     outcomes: list[Outcome] = []
     events: dict = {}
     phases: dict = defaultdict(lambda: {"seconds": 0.0})
-    connections = args.clients + args.hostile_clients * (args.unknown_flood + 1) + args.burst + 8
+    connections = args.clients + args.burst + 8
     limits = httpx.Limits(max_connections=connections)
     async with httpx.AsyncClient(base_url=setup.url, timeout=setup.deadline, limits=limits) as client:
         t0 = time.perf_counter()
@@ -268,16 +269,28 @@ async def run(args: argparse.Namespace, setup: Setup) -> tuple[list[Outcome], di
             await asyncio.gather(*(one(c) for c in range(args.clients)))
 
         async def hostile_clients(stop: float) -> None:
-            long, *unknown, plain = hostile
-
-            async def one() -> None:
-                while time.perf_counter() < stop:
-                    outcomes.append(await send(client, t0, *long, phase="hostile", hostile=True))
-                    flood = [send(client, t0, *u, phase="hostile", hostile=True) for u in unknown]
-                    outcomes.extend(await asyncio.gather(*flood))
-                    outcomes.append(await send(client, t0, *plain, phase="hostile", hostile=True))
-
-            await asyncio.gather(*(one() for _ in range(args.hostile_clients)))
+            # Another process, as an attacker is: its event loop and interpreter are not the clients'.
+            began = time.perf_counter() - t0
+            command = [sys.executable, "-m", "bench.serve_load", "--hostile-worker", setup.url]
+            command += [
+                "--worker-seconds",
+                str(stop - time.perf_counter()),
+                "--worker-words",
+                str(setup.long_words),
+            ]
+            command += [
+                "--hostile-clients",
+                str(args.hostile_clients),
+                "--unknown-flood",
+                str(args.unknown_flood),
+            ]
+            command += ["--hostile-committee", str(args.hostile_committee)]
+            command += ["--request-timeout", str(args.request_timeout)]
+            worker = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+            lines, _ = await worker.communicate()
+            for line in lines.decode().splitlines():
+                o = Outcome(**json.loads(line))  # times from the worker's start: moved to this run's clock
+                outcomes.append(replace(o, start=o.start + began, end=o.end + began))
 
         async def failing_reload(give_up: float) -> None:
             """Publish an expert; the first replica to reload it fails until /v1/status shows the failure."""
@@ -353,6 +366,28 @@ async def run(args: argparse.Namespace, setup: Setup) -> tuple[list[Outcome], di
         await phase("faults", kill_one, flood)
         events["wall_s"] = time.perf_counter() - t0
     return outcomes, events, dict(phases)
+
+
+async def hostile_worker(args: argparse.Namespace) -> None:
+    """The hostile clients' process: loops of hostile_mix for --worker-seconds; prints each outcome as a JSON line."""
+    long, *unknown, plain = hostile_mix(args.worker_words, args.hostile_committee, args.unknown_flood)
+    deadline = args.request_timeout + 15
+    limits = httpx.Limits(max_connections=args.hostile_clients * (args.unknown_flood + 1) + 8)
+    outcomes: list[Outcome] = []
+    async with httpx.AsyncClient(base_url=args.hostile_worker, timeout=deadline, limits=limits) as client:
+        t0 = time.perf_counter()
+        stop = t0 + args.worker_seconds
+
+        async def one() -> None:
+            while time.perf_counter() < stop:
+                outcomes.append(await send(client, t0, *long, phase="hostile", hostile=True))
+                flood = [send(client, t0, *u, phase="hostile", hostile=True) for u in unknown]
+                outcomes.extend(await asyncio.gather(*flood))
+                outcomes.append(await send(client, t0, *plain, phase="hostile", hostile=True))
+
+        await asyncio.gather(*(one() for _ in range(args.hostile_clients)))
+    for o in outcomes:
+        print(json.dumps(asdict(o)))
 
 
 def window(outcome: Outcome, events: dict) -> str:
@@ -483,7 +518,14 @@ def main() -> None:
         "--request-timeout", type=float, default=30.0, help="serve.deployment.request_timeout_s"
     )
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--hostile-worker", metavar="URL", help=argparse.SUPPRESS
+    )  # the hostile clients' process
+    parser.add_argument("--worker-seconds", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-words", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hostile_worker:
+        return asyncio.run(hostile_worker(args))
     if args.tiny:
         args.model, args.clients, args.duration, args.burst, args.max_queued = "tiny", 4, 6.0, 200, 8
         args.hostile_clients, args.unknown_flood = 2, 20
@@ -492,6 +534,9 @@ def main() -> None:
     os.environ.setdefault(
         "RAY_worker_niceness", "0"
     )  # as in serve_throughput: replicas not starved by neighbours
+    os.environ.setdefault(
+        EDGE_ENV, EDGE_IMPORT_PATH
+    )  # as `shores serve`: the proxy refuses what it can judge
 
     import ray
     from ray import serve

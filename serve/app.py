@@ -20,9 +20,11 @@ from ray.serve import Application, Deployment
 from ray.serve.config import BackpressureConfig
 
 from orchestrator.config import ConfigError, ExperimentConfig, load_config
+from serve.edge import EDGE_ENV, EDGE_IMPORT_PATH
 from serve.exposure import open_host_refusal
 from serve.pool import ExpertPool, PoolSettings
 from serve.router import Router
+from serve.routes import APP_NAME
 from workers.expert_store import (
     SIMILARITY_FILE,
     DirectorySource,
@@ -37,7 +39,6 @@ from workers.expert_store import (
 CONFIG_ENV = "SHORES_CONFIG"
 DEFAULT_CONFIG = "configs/demo.yaml"
 REPO = Path(__file__).resolve().parents[1]
-APP_NAME = "shores"
 # Half a CPU per router replica: it embeds short texts and relays JSON; the pool replicas do the model work.
 ROUTER_CPUS = 0.5
 ROUTER_ONGOING = 256  # requests the router relays at once: it waits on the pool, which does the work
@@ -190,6 +191,8 @@ def start(config: ExperimentConfig) -> None:
     import ray
 
     if not ray.is_initialized():
+        # The proxy answers the refusals it can judge itself (serve/edge.py); its processes inherit this.
+        os.environ.setdefault(EDGE_ENV, EDGE_IMPORT_PATH)
         # Replica logs stay in Ray's log folder: the terminal keeps one line a state and the one-line errors.
         # The dashboard (and Prometheus metrics) listen on loopback only.
         context = ray.init(

@@ -9,7 +9,6 @@ names it answers, CORS, the docs pages. The OpenAI-compatible endpoints are in s
 
 import asyncio
 import collections
-import hmac
 import json
 import logging
 import os
@@ -35,10 +34,21 @@ from starlette.routing import Match
 
 from orchestrator.config import ServeSection
 from serve import protocol
+from serve.edge import EXPERTS_VERSION_HEADER, EdgeRules
 from serve.errors import ApiError, error_body
-from serve.exposure import allowed_host_names, host_name, open_host_refusal, proxy_host
+from serve.exposure import allowed_host_names, open_host_refusal, proxy_host
 from serve.openai_api import AUTO, DONE, EVENT_STREAM, OpenAIEndpoints, event
-from serve.routes import JSON, add_routes
+from serve.request_checks import (
+    bearer_refusal,
+    host_refusal,
+    key_digest,
+    limit_refusal,
+    media_type_refusal,
+    new_tokens_refusal,
+    text_refusal,
+    unknown_culture,
+)
+from serve.routes import add_routes
 from serve.schemas import MODEL_PREFIX, GenerateRequest, OpinionRequest
 from workers.answer_formats import prior_weights
 from workers.committees import BASE, Committee, TextRouter, culture_committee, served_committee
@@ -90,25 +100,6 @@ def _first_error(err: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "body"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{where}: {first['msg']}{more}"
-
-
-def _check_text(data: object) -> None:
-    """A 400 if a string of the parsed body holds a lone surrogate (`"\\ud800"`): JSON allows the escape, but
-    it is no text, and the tokenizers and the sentence embedder fail on it."""
-    pending = [data]
-    while pending:  # not recursive: bodies may nest deeply
-        item = pending.pop()
-        if isinstance(item, dict):
-            pending += [*item.keys(), *item.values()]
-        elif isinstance(item, list):
-            pending += item
-        elif isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ApiError(
-                    400, "malformed JSON: a string holds a lone surrogate (\\ud800-\\udfff)"
-                ) from None
 
 
 def pool_error(err: BaseException, section: ServeSection) -> ApiError | None:
@@ -169,13 +160,14 @@ class Router:
         if refusal:
             raise ExposureError(refusal)
         self.hosts = allowed_host_names(section, listening)  # None: any Host header
-        self.api_key = None
+        self.key_digest = None  # the API key's SHA-256 (None: no key needed)
         if self.section.auth.api_key_env:
-            self.api_key = os.environ.get(self.section.auth.api_key_env)
-            if not self.api_key:
+            key = os.environ.get(self.section.auth.api_key_env)
+            if not key:
                 raise RuntimeError(
                     f"serve.auth.api_key_env names {self.section.auth.api_key_env}, which is not set"
                 )
+            self.key_digest = key_digest(key)
         self.text_router = TextRouter(self.section.routing.router_model)
         # Fast tokenizers are not safe to call from two threads at once: one thread embeds.
         self.embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
@@ -232,6 +224,8 @@ class Router:
             logger.exception("request %s %s failed", request.method, request.url.path)
             response = _error(request, 500, "internal error while answering")
         status = response.status_code
+        if status == 200 and self.snapshot is not None:  # the edge catches up when it sees a newer set
+            response.headers[EXPERTS_VERSION_HEADER] = self.snapshot.version
         endpoint = self._endpoint(request)
         expert = getattr(request.state, "expert", "none")  # the model id routing chose (shores:<culture>)
         tags = {"endpoint": endpoint, "expert": expert, "status": str(status)}
@@ -246,16 +240,10 @@ class Router:
 
     def _refuse_host(self, request: Request) -> Response | None:
         """A 400 or 421 for a Host header missing or not one of serve.auth.allowed_hosts (DNS rebinding)."""
-        if self.hosts is None or request.scope["path"] in OPEN:
+        if request.scope["path"] in OPEN:
             return None
-        header = request.headers.get("host")
-        name = host_name(header) if header is not None else None
-        if name is None:
-            return _error(request, 400, "missing or malformed Host header")
-        if name not in self.hosts:
-            error = f"Host {name!r} is not served here (serve.auth.allowed_hosts)"
-            return _error(request, 421, error)
-        return None
+        refusal = host_refusal(request.headers.get("host"), self.hosts)
+        return _error(request, refusal.status, refusal.message) if refusal else None
 
     @staticmethod
     def _endpoint(request: Request) -> str:
@@ -376,13 +364,9 @@ class Router:
 
     def authorise(self, request: Request) -> None:
         """A 401 unless the request carries the key (when serve.auth.api_key_env sets one)."""
-        if self.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        ):
-            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <key>)")
+        refusal = bearer_refusal(request.headers.get("authorization", ""), self.key_digest)
+        if refusal:
+            raise refusal
 
     async def read(
         self, request: Request, schema: type[Body], check: Callable[[dict], None] | None = None
@@ -400,20 +384,15 @@ class Router:
             raise ApiError(422, _first_error(err), param=str(where[0]) if where else None) from None
         except RecursionError:
             raise ApiError(400, "the body is nested too deeply") from None
-        asked, cap = getattr(body, "committee_size", None), self.section.limits.max_committee_size
-        if asked is not None and asked > cap:
-            raise ApiError(422, f"committee_size {asked} is over the cap of {cap}")
+        refusal = limit_refusal(body, self.section.limits)
+        if refusal:
+            raise refusal
         return body
 
     async def _json(self, request: Request) -> dict:
-        declared = request.headers.get("content-type", "")
-        media, _, parameters = declared.partition(";")
-        charset = (
-            parameters.strip().lower().removeprefix("charset=").strip('"') if parameters.strip() else "utf-8"
-        )
-        if media.strip().lower() != JSON or charset not in ("utf-8", "utf8"):
-            # A web page can send text/plain to any origin without asking first; JSON it cannot (CORS).
-            raise ApiError(415, f"the body must be sent as Content-Type: {JSON} (got {declared[:80]!r})")
+        refusal = media_type_refusal(request.headers.get("content-type", ""))
+        if refusal:
+            raise refusal
         cap = self.section.limits.max_body_bytes
         length = request.headers.get("content-length", "0")
         if not length.isdigit():
@@ -433,14 +412,16 @@ class Router:
             raise ApiError(400, "malformed JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
-        _check_text(data)
+        refusal = text_refusal(data)
+        if refusal:
+            raise refusal
         return data
 
     def new_tokens(self, asked: int | None) -> int:
         """The new tokens a request may decode: its own ask under the cap (422 over it), else the default."""
-        cap = self.section.limits.max_new_tokens
-        if asked is not None and asked > cap:
-            raise ApiError(422, f"max_new_tokens {asked} is over the cap of {cap}")
+        refusal = new_tokens_refusal(asked, self.section.limits)
+        if refusal:
+            raise refusal
         return asked or self.section.limits.default_max_new_tokens
 
     # ---- routing ----
@@ -478,10 +459,7 @@ class Router:
             experts = [e.culture for e in catalogue.experts]
             try:
                 if name is None:
-                    raise UnknownCultureError(
-                        f"unknown culture {culture!r}: no expert, and no survey similarity to the "
-                        f"{len(experts)} experts"
-                    )
+                    raise unknown_culture(culture, len(experts))
                 committee = culture_committee(
                     name,
                     experts,
@@ -515,6 +493,19 @@ class Router:
             for c, w in committee.members
         ]
 
+    async def edge_rules(self) -> EdgeRules:
+        """What the edge in Serve's proxy needs to refuse requests as this router would (serve/edge.py)."""
+        catalogue = await self.catalogue()
+        return EdgeRules(
+            version=catalogue.version,
+            hosts=self.hosts,
+            key_digest=self.key_digest,
+            cors=bool(self.section.auth.cors_origins),
+            limits=self.section.limits,
+            cultures=tuple(self.names.known),
+            experts=len(catalogue.experts),
+        )
+
     # ---- endpoints ----
 
     async def healthz(self) -> dict:
@@ -544,10 +535,6 @@ class Router:
     async def opinion(self, request: Request) -> dict:
         """A committee's distribution over the options of one survey-style question."""
         body = await self.read(request, OpinionRequest)
-        if len(body.options) > self.section.limits.max_options:
-            raise ApiError(
-                422, f"too many options: {len(body.options)} (at most {self.section.limits.max_options})"
-            )
         committee, model = await self.route(
             request, body.culture, body.profile or body.question, body.committee_size, body.options
         )

@@ -15,6 +15,9 @@ from pydantic import BaseModel
 from serve.schemas import ChatRequest, CompletionRequest, GenerateRequest, OpinionRequest
 
 JSON = "application/json"
+APP_NAME = (
+    "shores"  # the Serve application: `shores serve`, the Serve config, the edge's handle to the router
+)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from workers.generation import MAX_TOP_LOGPROBS, SEED_LIMIT
+from workers.defaults import MAX_TOP_LOGPROBS, SEED_LIMIT
 
 MODEL_PREFIX = "shores:"  # model ids are shores:<culture>, shores:auto and shores:base
 MAX_NAME_CHARS = 100  # culture names (the longest country name has 56 characters)

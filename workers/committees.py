@@ -24,13 +24,12 @@ import torch
 
 from workers.answer_formats import Served, prior_weights
 from workers.base_model import FrozenBase
-from workers.cultures import SHARED, UnknownCultureError, find_culture, is_shared
+from workers.cultures import BASE, SHARED, UnknownCultureError, find_culture, is_shared
 from workers.defaults import ROUTER_MODEL
 from workers.expert_store import Similarity
 from workers.prompts import NO_EXPERT, SoftPromptBank
 from workers.scoring import EncodedQuestion, alignment, batch_log_probs, option_token_ids
 
-BASE = "base"  # the member that is the plain base model, with no prompt
 # The prior's weights `choose_prior_weight` tries: 0 (the experts alone) to 1 (the prior alone).
 PRIOR_WEIGHTS = tuple(i / 10 for i in range(11))
 

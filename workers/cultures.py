@@ -16,8 +16,11 @@ import pycountry
 
 # The reserved culture name of the culture-blind shared survey prior: an expert, never a culture of the data.
 SHARED = "shared"
+# The reserved name of the plain base model, with no prompt: a committee member and a model id, not a culture.
+BASE = "base"
 
 __all__ = [
+    "BASE",
     "SHARED",
     "CultureIndex",
     "UnknownCultureError",

@@ -1,4 +1,5 @@
-"""Defaults the experiment config shares with the engine, torch-free: the config imports them without the model stack."""
+"""Defaults the experiment config and the HTTP schemas share with the engine, torch-free: they import them without
+the model stack."""
 
 from __future__ import annotations
 
@@ -8,3 +9,5 @@ MAX_LENGTH = 320  # tokens of an encoded question; longer ones keep their end (t
 ROUTER_MODEL = "all-MiniLM-L6-v2"
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test shares of the questions
 CHAMPION = "champion"  # the registry alias of each culture's best expert
+SEED_LIMIT = 2**63  # seeds are in [0, 2**63), what torch.Generator.manual_seed takes without wrapping
+MAX_TOP_LOGPROBS = 20  # alternatives a token's log probabilities may list (OpenAI's cap)

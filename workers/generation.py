@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicLayer
 
 from workers.base_model import FrozenBase
 from workers.committees import committee_weights
+from workers.defaults import MAX_TOP_LOGPROBS, SEED_LIMIT
 from workers.prefix import cache_kwarg, start_cache
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import left_pad
@@ -28,8 +29,6 @@ from workers.scoring import left_pad
 # Free cache slots a decode layer keeps: one copy of its cache every 32 steps, not every step.
 SPARE_SLOTS = 32
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / ~0 would be inf, then NaN
-SEED_LIMIT = 2**63  # seeds are in [0, 2**63), what torch.Generator.manual_seed takes without wrapping
-MAX_TOP_LOGPROBS = 20  # alternatives a token's log probabilities may list (OpenAI's cap)
 LOGPROB_FLOOR = -9999.0  # the log probability reported for a token of probability 0 (JSON has no -inf)
 
 
