@@ -42,6 +42,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -269,27 +270,11 @@ async def run(args: argparse.Namespace, setup: Setup) -> tuple[list[Outcome], di
             await asyncio.gather(*(one(c) for c in range(args.clients)))
 
         async def hostile_clients(stop: float) -> None:
-            # Another process, as an attacker is: its event loop and interpreter are not the clients'.
             began = time.perf_counter() - t0
-            command = [sys.executable, "-m", "bench.serve_load", "--hostile-worker", setup.url]
-            command += [
-                "--worker-seconds",
-                str(stop - time.perf_counter()),
-                "--worker-words",
-                str(setup.long_words),
-            ]
-            command += [
-                "--hostile-clients",
-                str(args.hostile_clients),
-                "--unknown-flood",
-                str(args.unknown_flood),
-            ]
-            command += ["--hostile-committee", str(args.hostile_committee)]
-            command += ["--request-timeout", str(args.request_timeout)]
-            worker = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
-            lines, _ = await worker.communicate()
-            for line in lines.decode().splitlines():
-                o = Outcome(**json.loads(line))  # times from the worker's start: moved to this run's clock
+            worker.stdin.write(f"{stop - time.perf_counter()}\n".encode())
+            await worker.stdin.drain()
+            while (line := (await worker.stdout.readline()).decode().strip()) != "end":
+                o = Outcome(**json.loads(line))  # times from the worker's go: moved to this run's clock
                 outcomes.append(replace(o, start=o.start + began, end=o.end + began))
 
         async def failing_reload(give_up: float) -> None:
@@ -359,35 +344,106 @@ async def run(args: argparse.Namespace, setup: Setup) -> tuple[list[Outcome], di
             outcomes.extend(await asyncio.gather(*sent))
             events["burst_done_s"] = time.perf_counter() - t0
 
+        # The hostile clients run in another process, as an attacker's do: their event loop and interpreter are
+        # not the clients'. It starts (imports, connects) before the first phase, then waits for each go.
+        command = [sys.executable, "-m", "bench.serve_load", "--hostile-worker", setup.url]
+        command += ["--worker-words", str(setup.long_words), "--hostile-clients", str(args.hostile_clients)]
+        command += [
+            "--unknown-flood",
+            str(args.unknown_flood),
+            "--hostile-committee",
+            str(args.hostile_committee),
+        ]
+        command += ["--request-timeout", str(args.request_timeout)]
+        worker = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        await worker.stdout.readline()  # ready
         for round_ in range(args.rounds):
             await phase("calm")
             reload = [lambda stop: failing_reload(stop + setup.deadline)] if round_ == 0 else []
             await phase("hostile", hostile_clients, *reload)
+        used = psutil.Process(worker.pid).cpu_times()
+        events["hostile_worker_cpu_s"] = round(used.user + used.system, 1)  # the attacker's own CPU, here
+        worker.stdin.close()
+        await worker.wait()
         await phase("faults", kill_one, flood)
         events["wall_s"] = time.perf_counter() - t0
     return outcomes, events, dict(phases)
 
 
 async def hostile_worker(args: argparse.Namespace) -> None:
-    """The hostile clients' process: loops of hostile_mix for --worker-seconds; prints each outcome as a JSON line."""
-    long, *unknown, plain = hostile_mix(args.worker_words, args.hostile_committee, args.unknown_flood)
+    """The hostile clients' process: for each line read (seconds), loops of hostile_mix that long, then each
+    outcome as a JSON line and `end`. Its requests go over plain sockets, encoded in advance: an attacker's
+    client costs little CPU, and on this one machine its CPU is the server's."""
+    hostile = hostile_mix(args.worker_words, args.hostile_committee, args.unknown_flood)
+    parts = urlsplit(args.hostile_worker)
     deadline = args.request_timeout + 15
-    limits = httpx.Limits(max_connections=args.hostile_clients * (args.unknown_flood + 1) + 8)
-    outcomes: list[Outcome] = []
-    async with httpx.AsyncClient(base_url=args.hostile_worker, timeout=deadline, limits=limits) as client:
+    print("ready", flush=True)
+    while seconds := await asyncio.to_thread(sys.stdin.readline):
+        outcomes: list[Outcome] = []
         t0 = time.perf_counter()
-        stop = t0 + args.worker_seconds
+        stop = t0 + float(seconds)
+        loops = [
+            hostile_loop(parts.hostname, parts.port, deadline, t0, stop, hostile, outcomes)
+            for _ in range(args.hostile_clients)
+        ]
+        await asyncio.gather(*loops)
+        print("\n".join([*(json.dumps(asdict(o)) for o in outcomes), "end"]), flush=True)
 
-        async def one() -> None:
-            while time.perf_counter() < stop:
-                outcomes.append(await send(client, t0, *long, phase="hostile", hostile=True))
-                flood = [send(client, t0, *u, phase="hostile", hostile=True) for u in unknown]
-                outcomes.extend(await asyncio.gather(*flood))
-                outcomes.append(await send(client, t0, *plain, phase="hostile", hostile=True))
 
-        await asyncio.gather(*(one() for _ in range(args.hostile_clients)))
-    for o in outcomes:
-        print(json.dumps(asdict(o)))
+async def hostile_loop(
+    host: str, port: int, deadline: float, t0: float, stop: float, hostile: list, outcomes: list
+) -> None:
+    """One hostile client until `stop`: the long prompt, the flood all at once (a connection each), the
+    `text/plain` post; again."""
+    long, *unknown, plain = hostile
+    connections = [RawConnection(host, port) for _ in range(max(1, len(unknown)))]
+
+    async def one(connection: RawConnection, kind: str, path: str, body: dict | str) -> Outcome:
+        start = time.perf_counter() - t0
+        content_type = "text/plain" if isinstance(body, str) else "application/json"
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        try:
+            status, answer = await asyncio.wait_for(connection.post(path, data, content_type), deadline)
+            error = "" if status == 200 else answer.decode(errors="replace")[:120]
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as err:
+            status, error = 0, f"{type(err).__name__}: {err}"
+            connection.close()  # a fresh connection for the next request
+        return Outcome(kind, status, start, time.perf_counter() - t0, "hostile", True, error=error)
+
+    while time.perf_counter() < stop:
+        outcomes.append(await one(connections[0], *long))
+        outcomes.extend(await asyncio.gather(*(one(c, *u) for c, u in zip(connections, unknown))))
+        outcomes.append(await one(connections[0], *plain))
+    for connection in connections:
+        connection.close()
+
+
+class RawConnection:
+    """One kept-alive HTTP/1.1 connection that POSTs and reads answers with a Content-Length."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {content_type}\r\n"
+        writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        length = next(
+            int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")
+        )
+        return int(lines[0].split()[1]), await reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
 
 
 def window(outcome: Outcome, events: dict) -> str:
@@ -517,11 +573,16 @@ def main() -> None:
     parser.add_argument(
         "--request-timeout", type=float, default=30.0, help="serve.deployment.request_timeout_s"
     )
+    parser.add_argument(
+        "--edge-refusals-per-s",
+        type=float,
+        default=50,
+        help="serve.limits.edge_refusals_per_s (0: no limit); RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH= runs without the edge",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument(
         "--hostile-worker", metavar="URL", help=argparse.SUPPRESS
     )  # the hostile clients' process
-    parser.add_argument("--worker-seconds", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--worker-words", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hostile_worker:
@@ -566,6 +627,7 @@ def main() -> None:
                 "limits": {
                     "max_batch_size": 32,  # rows in a replica's running batch
                     "max_committee_size": args.hostile_committee,
+                    "edge_refusals_per_s": args.edge_refusals_per_s,
                 },
             },
         }

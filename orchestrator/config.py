@@ -406,6 +406,15 @@ class LimitsSection(Strict):
     max_options: int = Field(default=26, ge=2, le=26, description="Option letters A-Z.")
     max_committee_size: int = Field(default=8, ge=1, description="The cap on a request's committee_size.")
     max_choices: int = Field(default=4, ge=1, description="The cap on an OpenAI request's `n`.")
+    edge_refusals_per_s: float = Field(
+        default=50,
+        ge=0,
+        description=(
+            "Refusals the edge in Serve's proxy answers one client address a second, after a burst of as "
+            "many; past that it holds each refusal until its turn (at most 5 s), so a client that floods "
+            "bad requests runs at this rate. 0: no limit."
+        ),
+    )
 
 
 class RoutingSection(Strict):

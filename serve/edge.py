@@ -1,8 +1,8 @@
 """The edge: refusals answered inside Serve's HTTP proxy, before a request is handed to the router.
 
-Each request the proxy hands to the router costs about 3.5 ms of CPU in the proxy and as much again in the
+Each request the proxy hands to the router costs about 3 ms of CPU in the proxy and as much again in the
 router, whatever the answer. So a flood of requests that the router only refuses takes the CPU the engine decodes
-on. The edge answers these refusals in the proxy itself, for about 0.1 ms each:
+on. The edge answers these refusals in the proxy itself, for a fraction of that (docs/benchmarks.md):
 - a Host header not served here (400, 421);
 - a missing or wrong key (401);
 - a body not declared as JSON (415);
@@ -27,8 +27,11 @@ in Ray's metrics as `shores_edge_refusals`, by endpoint and status, and carry th
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextvars
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
@@ -57,6 +60,8 @@ EDGE_IMPORT_PATH = "serve.edge:middlewares"
 EXPERTS_VERSION_HEADER = "x-shores-experts-version"
 EDGE_HEADER = "x-shores-edge"  # on the edge's refusals: "refused"
 REFRESH_S = 1.0
+MAX_HOLD_S = 5.0  # the longest a refusal is held (see RefusalPace)
+MAX_CLIENTS = 10_000  # client addresses whose refusal rate is tracked
 ROUTED: dict[str, type[BaseModel]] = {"/v1/opinion": OpinionRequest, "/v1/generate": GenerateRequest}
 
 
@@ -90,12 +95,14 @@ class Edge:
         self.handle = None
         self.refusals = None  # the metric, made at the first refusal (Ray is up in the proxy by then)
         self.failing = False  # the last rules call failed (warned once until one succeeds)
+        self.pace = RefusalPace()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.refresher is None:  # the proxy's event loop runs by the first request
-            self.refresher = asyncio.get_running_loop().create_task(self._refresh_every())
+            loop = asyncio.get_running_loop()
+            self.refresher = loop.create_task(self._refresh_every(), context=contextvars.Context())
         schema = ROUTED.get(scope["path"]) if scope["method"] == "POST" else None
         rules = self.rules
         if schema is not None and rules is not None:
@@ -103,6 +110,10 @@ class Edge:
             if not (rules.cors and "origin" in headers):
                 refusal, messages = await self._judge(schema, rules, headers, receive)
                 if refusal is not None:
+                    client = scope["client"][0] if scope.get("client") else ""
+                    wait = self.pace.wait(client, rules.limits.edge_refusals_per_s, time.monotonic())
+                    if wait > 0:  # a client refused too often: its answer waits its turn (see RefusalPace)
+                        await asyncio.sleep(wait)
                     return await self._refuse(scope["path"], refusal, send)
                 receive = _replay(messages, receive)
         await self.app(scope, receive, self._watching(send))
@@ -138,7 +149,7 @@ class Edge:
         culture = getattr(body, "culture", None)
         if limit_refusal(body, rules.limits) or culture is None or culture_key(culture) == BASE:
             return None, messages
-        if self.index.find(culture) is None:
+        if self.index.find(culture) is None:  # bounded: names have at most 100 characters (about 50 µs)
             return unknown_culture(culture, rules.experts), messages
         return None, messages
 
@@ -186,7 +197,10 @@ class Edge:
         """
         for _ in range(2):
             if self.loading is None or self.loading.done():
-                self.loading = asyncio.get_running_loop().create_task(self._load())
+                # A context of its own: one copied from a request (as in `send`) would make Serve take the call
+                # for that HTTP request.
+                loop = asyncio.get_running_loop()
+                self.loading = loop.create_task(self._load(), context=contextvars.Context())
             await asyncio.shield(self.loading)
             if version is None or (self.rules is not None and self.rules.version == version):
                 return
@@ -212,6 +226,30 @@ class Edge:
         while True:
             await self.refresh()
             await asyncio.sleep(REFRESH_S)
+
+
+class RefusalPace:
+    """When each client address may get its next refusal: `rate` a second, after a burst of a second's worth.
+
+    A tarpit: a client that floods bad requests and waits for each answer (as most do) then runs at `rate`,
+    and a flood costs the proxy `rate` refusals a second, whatever its clients could send. Good requests are
+    never held.
+    """
+
+    def __init__(self, max_clients: int = MAX_CLIENTS):
+        self.max_clients = max_clients
+        self.due: collections.OrderedDict[str, float] = collections.OrderedDict()  # the least recent first
+
+    def wait(self, client: str, rate: float, now: float) -> float:
+        """Seconds this refusal waits (at most MAX_HOLD_S); 0 with `rate` 0 (no limit)."""
+        if rate <= 0:
+            return 0.0
+        burst = 1.0  # seconds of refusals at `rate` answered at once
+        due = max(self.due.pop(client, now), now)  # when its next refusal would be due with no burst
+        self.due[client] = min(due + 1 / rate, now + MAX_HOLD_S + burst)
+        while len(self.due) > self.max_clients:
+            self.due.popitem(last=False)
+        return min(max(0.0, due - now - burst), MAX_HOLD_S)
 
 
 def _replay(messages: list[dict], receive):

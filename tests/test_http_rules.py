@@ -1,12 +1,21 @@
 """The HTTP surface's rules on their own (no Serve): which OpenAI fields are honoured or refused, which Host
-names are answered, where the open-host rule refuses, and what a failed pool call becomes."""
+names are answered, where the open-host rule refuses, what a failed pool call becomes, the checks the router
+and the edge share, and how the edge paces a client's refusals."""
 
 import pytest
 
 from orchestrator.config import ServeSection
+from serve.edge import MAX_HOLD_S, RefusalPace
 from serve.errors import ApiError
 from serve.exposure import allowed_host_names, host_name, open_host_refusal
 from serve.openai_api import refuse_unsupported
+from serve.request_checks import (
+    bearer_refusal,
+    host_refusal,
+    key_digest,
+    media_type_refusal,
+    text_refusal,
+)
 from serve.router import pool_error
 from workers.engine import EngineStopped
 
@@ -131,3 +140,29 @@ def test_a_replica_shutting_down_is_a_503_to_retry():
     )
     assert pool_error(BackPressureError(num_queued_requests=1, max_queued_requests=1), section).status == 503
     assert pool_error(KeyError("a bug"), section) is None  # not the pool's: re-raised, a counted JSON 500
+
+
+def test_the_edge_paces_one_clients_refusals_after_a_burst():
+    pace = RefusalPace(max_clients=3)
+    waits = [pace.wait("10.0.0.1", 10, now=0.0) for _ in range(15)]
+    assert waits[:11] == [0.0] * 11  # a second's worth at once
+    assert waits[11:] == pytest.approx([0.1, 0.2, 0.3, 0.4])  # then 10 a second
+    assert pace.wait("10.0.0.2", 10, now=0.0) == 0.0  # each address has its own pace
+    assert pace.wait("10.0.0.1", 10, now=60.0) == 0.0  # a client that stopped gets its burst back
+    flood = [pace.wait("10.0.0.3", 10, now=0.0) for _ in range(500)]
+    assert max(flood) == MAX_HOLD_S  # held at most this long, however many wait
+    assert pace.wait("10.0.0.4", 0, now=0.0) == 0.0  # rate 0: no limit
+    assert len(pace.due) == 3  # the least recently refused address is forgotten
+
+
+def test_the_shared_checks_answer_as_the_router_does():
+    digest = key_digest("s3cret")
+    assert bearer_refusal("Bearer s3cret", digest) is None
+    assert bearer_refusal("Bearer s3cret", None) is None
+    assert bearer_refusal("Basic s3cret", digest).status == 401
+    assert media_type_refusal("application/json; charset=UTF-8") is None
+    assert media_type_refusal("text/plain").status == 415
+    assert host_refusal("evil.example:80", frozenset({"localhost"})).status == 421
+    assert host_refusal(None, frozenset({"localhost"})).status == 400
+    assert host_refusal("evil.example", None) is None
+    assert text_refusal({"a": ["ok", "\ud800"]}).status == 400
