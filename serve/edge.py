@@ -106,7 +106,9 @@ class Edge:
         schema = ROUTED.get(scope["path"]) if scope["method"] == "POST" else None
         rules = self.rules
         if schema is not None and rules is not None:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            headers: dict[str, str] = {}
+            for name, value in scope["headers"]:  # the first of a repeated header, as the router reads it
+                headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
             if not (rules.cors and "origin" in headers):
                 refusal, messages = await self._judge(schema, rules, headers, receive)
                 if refusal is not None:
