@@ -50,6 +50,7 @@ import psutil
 import torch
 
 from bench.common import DATA, free_port, machine, model_path, write_report
+from bench.raw_http import RawConnection
 from orchestrator.config import ExperimentConfig
 from serve.edge import EDGE_ENV, EDGE_IMPORT_PATH
 from serve.pool import RELOAD_FAULT_ENV
@@ -374,8 +375,8 @@ async def run(args: argparse.Namespace, setup: Setup) -> tuple[list[Outcome], di
 
 async def hostile_worker(args: argparse.Namespace) -> None:
     """The hostile clients' process: for each line read (seconds), loops of hostile_mix that long, then each
-    outcome as a JSON line and `end`. Its requests go over plain sockets, encoded in advance: an attacker's
-    client costs little CPU, and on this one machine its CPU is the server's."""
+    outcome as a JSON line and `end`. Its requests go over plain sockets: an attacker's client costs little
+    CPU, and on this one machine its CPU is the server's."""
     hostile = hostile_mix(args.worker_words, args.hostile_committee, args.unknown_flood)
     parts = urlsplit(args.hostile_worker)
     deadline = args.request_timeout + 15
@@ -418,32 +419,6 @@ async def hostile_loop(
         outcomes.append(await one(connections[0], *plain))
     for connection in connections:
         connection.close()
-
-
-class RawConnection:
-    """One kept-alive HTTP/1.1 connection that POSTs and reads answers with a Content-Length."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        if self.streams is None:
-            self.streams = await asyncio.open_connection(self.host, self.port)
-        reader, writer = self.streams
-        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {content_type}\r\n"
-        writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        await writer.drain()
-        lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        length = next(
-            int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")
-        )
-        return int(lines[0].split()[1]), await reader.readexactly(length)
-
-    def close(self) -> None:
-        if self.streams is not None:
-            self.streams[1].close()
-            self.streams = None
 
 
 def window(outcome: Outcome, events: dict) -> str:
@@ -577,12 +552,12 @@ def main() -> None:
         "--edge-refusals-per-s",
         type=float,
         default=50,
-        help="serve.limits.edge_refusals_per_s (0: no limit); RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH= runs without the edge",
+        help="serve.limits.edge_refusals_per_s (0: no limit); "
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH= runs without the edge",
     )
     parser.add_argument("--out", type=Path)
-    parser.add_argument(
-        "--hostile-worker", metavar="URL", help=argparse.SUPPRESS
-    )  # the hostile clients' process
+    # The hostile clients' process (see hostile_worker).
+    parser.add_argument("--hostile-worker", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--worker-words", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hostile_worker:
@@ -595,9 +570,8 @@ def main() -> None:
     os.environ.setdefault(
         "RAY_worker_niceness", "0"
     )  # as in serve_throughput: replicas not starved by neighbours
-    os.environ.setdefault(
-        EDGE_ENV, EDGE_IMPORT_PATH
-    )  # as `shores serve`: the proxy refuses what it can judge
+    # As `shores serve`: the proxy refuses what it can judge (serve/edge.py).
+    os.environ.setdefault(EDGE_ENV, EDGE_IMPORT_PATH)
 
     import ray
     from ray import serve

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import select
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import httpx
 import psutil
 
 from bench.common import machine, write_report
+from bench.raw_http import RawConnection
 
 QUESTION = {"question": "Do you think most people can be trusted?", "options": ["Yes", "No", "Don't know"]}
 SHORT = ["Germany", "Japan", "Nigeria", "Brazil", "Mexico", "Kenya"]
@@ -42,22 +44,11 @@ async def flood_once(host: str, port: int, bodies: list[bytes], connections: int
     pending, statuses = list(bodies), []
 
     async def connection() -> None:
-        reader, writer = await asyncio.open_connection(host, port)
+        raw = RawConnection(host, port)
         while pending:
-            body = pending.pop()
-            head = (
-                f"POST /v1/opinion HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-            lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-            statuses.append(int(lines[0].split()[1]))
-            length = next(
-                int(line.split(":")[1]) for line in lines if line.lower().startswith("content-length")
-            )
-            await reader.readexactly(length)
-        writer.close()
+            status, _ = await raw.post("/v1/opinion", pending.pop(), "application/json")
+            statuses.append(status)
+        raw.close()
 
     await asyncio.gather(*(connection() for _ in range(connections)))
     return statuses
@@ -69,6 +60,7 @@ def flooder(url: str, count: int, connections: int, sustained: bool) -> None:
     bodies = [json.dumps(QUESTION | {"culture": f"Atlantis {i}"}).encode() for i in range(count)]
     floods = statuses = 0
     refused: dict[int, int] = {}
+    print("ready", flush=True)  # imports done: they take CPU the good requests measured alone would share
     for _ in iter(sys.stdin.readline, ""):  # a line: go
         started = time.perf_counter()
         while True:
@@ -84,8 +76,6 @@ def flooder(url: str, count: int, connections: int, sustained: bool) -> None:
 
 
 def _stdin_ready() -> bool:
-    import select
-
     return bool(select.select([sys.stdin], [], [], 0)[0])
 
 
@@ -121,6 +111,7 @@ def floods(args: argparse.Namespace, http: httpx.Client, sustained: bool) -> dic
     command += ["--flood", str(args.flood), "--connections", str(args.connections)]
     command += ["--sustained"] if sustained else []
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    process.stdout.readline()  # ready
     alone, during, flood_seconds = [], [], []
     cpu = dict.fromkeys(SERVER_PROCESSES, 0.0)
     for _ in range(args.rounds):

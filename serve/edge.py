@@ -48,14 +48,13 @@ from serve.request_checks import (
     unknown_culture,
 )
 from serve.routes import APP_NAME
-from serve.schemas import GenerateRequest, OpinionRequest
+from serve.schemas import MAX_NAME_CHARS, GenerateRequest, OpinionRequest
 from workers.cultures import BASE, CultureIndex, culture_key
 
 logger = logging.getLogger("ray.serve")
 
-EDGE_ENV = (
-    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # Ray's hook: a callable that returns proxy middlewares
-)
+# Ray's hook: the import path of a callable that returns the proxy's middlewares.
+EDGE_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 EDGE_IMPORT_PATH = "serve.edge:middlewares"
 EXPERTS_VERSION_HEADER = "x-shores-experts-version"
 EDGE_HEADER = "x-shores-edge"  # on the edge's refusals: "refused"
@@ -143,17 +142,21 @@ class Edge:
                 break
         try:
             data = json.loads(raw)
-            if not isinstance(data, dict) or text_refusal(data) is not None:
-                return None, messages
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None, messages  # the router's 400
+        culture = data.get("culture") if isinstance(data, dict) else None
+        if not isinstance(culture, str) or len(culture) > MAX_NAME_CHARS or text_refusal(data) is not None:
+            return None, messages  # no name, or one the router refuses otherwise (422, 400)
+        if culture_key(culture) == BASE or self.index.find(culture) is not None:  # bounded by the length cap
+            return None, messages  # a name the router resolves: its answer, not a refusal here
+        # An unknown name: refused here only if the router would get that far (a valid body within the caps).
+        try:
             body = schema.model_validate(data)
-        except (ValueError, UnicodeDecodeError, RecursionError, ValidationError):
-            return None, messages  # the router's 400 or 422
-        culture = getattr(body, "culture", None)
-        if limit_refusal(body, rules.limits) or culture is None or culture_key(culture) == BASE:
+        except (ValidationError, RecursionError):
+            return None, messages  # the router's 422
+        if limit_refusal(body, rules.limits) is not None:
             return None, messages
-        if self.index.find(culture) is None:  # bounded: names have at most 100 characters (about 50 µs)
-            return unknown_culture(culture, rules.experts), messages
-        return None, messages
+        return unknown_culture(culture, rules.experts), messages
 
     async def _refuse(self, path: str, refusal: ApiError, send) -> None:
         body = json.dumps(

@@ -15,9 +15,8 @@ from pydantic import BaseModel
 from serve.schemas import ChatRequest, CompletionRequest, GenerateRequest, OpinionRequest
 
 JSON = "application/json"
-APP_NAME = (
-    "shores"  # the Serve application: `shores serve`, the Serve config, the edge's handle to the router
-)
+# The Serve application: `shores serve`, the Serve config, the edge's handle to the router.
+APP_NAME = "shores"
 
 
 @dataclass(frozen=True)
