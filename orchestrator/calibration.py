@@ -1,21 +1,20 @@
-"""The shared prior's weights: each expert's share of it, and its share in the committees, fitted on
-validation records.
+"""The shared prior's weights: each expert's share of it, and its share in the committees, fitted on every
+rendering of the validation records.
 
-An expert fitted to ~50 questions of one survey can learn that survey's questions rather than its culture,
-and then answers another survey's questions worse than the culture-blind prior. So an expert answers as
-(1 - w) expert + w prior, its distributions mixed. Its w (`ExpertMeta.prior_weight`) is the weight of
-PRIOR_WEIGHTS whose mixture scores best on its culture's `val` records.
-
-With a transfer split (`data.transfer`) an expert gets a second weight, for questions whose answer formats are
-unlike the training data's: fitted the same way on `transfer_val`, the held-out programme's questions, and
-kept in its `FormatGate` with the familiarity that tells `val` from `transfer_val` (`workers/answer_formats.py`).
+An expert fitted to ~50 questions of one survey can learn how that survey writes its questions rather than its
+culture, and then answers a questionnaire written another way worse than the culture-blind prior. So an expert
+answers as (1 - w) expert + w prior, its distributions mixed. Its w (`ExpertMeta.prior_weight`) is the weight of
+PRIOR_WEIGHTS whose mixture's worst rendering scores best on its culture's `val` records: each record written
+each way of RENDERINGS (missing-value codes dropped, options reversed, a scale's points numbered;
+`workers/renderings.py`), the mean alignment per rendering, the lowest of those. A w that helps on questions as
+written but harms once their codes are dropped is not chosen; and since the weight is one number per expert,
+nothing about how a question is written changes it.
 
 A culture without an expert is answered by the committee of its nearest experts, and the prior joins that
-committee with the weight written in the prior's own file. That weight is chosen on the calibration split
-(`transfer_val`, else `val`) for every trained culture answered by the committee of the *other* experts
-(leave one culture out).
+committee with the weight written in the prior's own file, chosen the same way for every trained culture
+answered by the committee of the *other* experts (leave one culture out).
 
-Test and transfer_test are never read: `fit_prior_weights` refuses them.
+Only `val` is read: test and the transfer split are for reporting.
 """
 
 from __future__ import annotations
@@ -31,38 +30,32 @@ import numpy as np
 from orchestrator.config import ExperimentConfig
 from orchestrator.encoding import encode
 from orchestrator.results import Winner
-from orchestrator.survey import ExperimentData, SurveyDataError, similarity_table
-from workers.answer_formats import (
-    FormatGate,
-    familiarity,
-    prior_weights,
-    separating_threshold,
-    training_grams,
-)
+from orchestrator.survey import ExperimentData, SurveyDataError, SurveyRecord, similarity_table
 from workers.base_model import FrozenBase
 from workers.committees import (
     PRIOR_WEIGHTS,
     choose_prior_weight,
     culture_committee,
-    mixture_scores,
+    prior_weights,
     with_member_priors,
+    worst_rendering_scores,
 )
 from workers.cultures import SHARED, UnknownCultureError, is_shared
 from workers.defaults import EVAL_BATCH_SIZE, MAX_LENGTH
 from workers.expert_file import Expert, load_expert, save_expert
 from workers.expert_store import Similarity
 from workers.prompts import bank_from_experts
-from workers.scoring import option_distributions
+from workers.renderings import RENDERINGS
+from workers.scoring import EncodedQuestion, option_distributions
 
-
-def calibration_split(data: ExperimentData) -> str:
-    """Where the prior's weights are fitted: the transfer split's validation half, else validation."""
-    return "transfer_val" if data.transfer is not None else "val"
+CALIBRATION_SPLIT = "val"
+Rows = list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (answer, prior, survey) a record
 
 
 @dataclass(frozen=True)
 class PriorWeightFit:
-    """One culture's fitted weight, the records it was fitted on, and their mean alignment at w = 0 and w."""
+    """One culture's fitted weight, the records it was fitted on, and their worst rendering's mean alignment
+    at w = 0 and at w."""
 
     weight: float
     n: int
@@ -71,37 +64,45 @@ class PriorWeightFit:
 
 
 def choose_weights(
-    rows: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]],
-    grid: Sequence[float] = PRIOR_WEIGHTS,
+    rows: Mapping[str, Mapping[str, Rows]], grid: Sequence[float] = PRIOR_WEIGHTS
 ) -> dict[str, PriorWeightFit]:
-    """Each culture's weight of `grid` whose mixtures score best on its own records; ties go to the smaller
-    weight (the expert's own answer). With 1 in the grid, no culture scores below the prior on these records.
-
-    Chosen over one weight for all cultures and over a culture's curve averaged with the pooled one, by 2-fold
-    cross-fitting on the demo's transfer_val (docs/results.md).
-    """
+    """Each culture's weight of `grid` whose worst rendering scores best on its own records (rows by culture,
+    then by rendering); ties go to the smaller weight (the expert's own answer). With 1 in the grid, no
+    culture scores below the prior on any rendering of these records."""
     out = {}
-    for culture, culture_rows in rows.items():
-        scores = mixture_scores(culture_rows, grid)
+    for culture, by_rendering in rows.items():
+        scores = worst_rendering_scores(by_rendering, grid)
         best = int(np.argmax(scores))  # argmax: the first (smallest) of equal bests
-        out[culture] = PriorWeightFit(
-            float(grid[best]), len(culture_rows), float(scores[0]), float(scores[best])
-        )
+        n = len(next(iter(by_rendering.values())))
+        out[culture] = PriorWeightFit(float(grid[best]), n, float(scores[0]), float(scores[best]))
     return out
 
 
-def fit_format_gate(data: ExperimentData, cultures: list[str]) -> FormatGate | None:
-    """The answer formats of the training split's questions, and the familiarity that best tells the
-    cultures' `val` records (like them) from their `transfer_val` records (another programme's); None
-    without records on both sides."""
-    grams = training_grams(r.options for r in data.splits["train"])
-    scores = {
-        split: [familiarity(r.options, grams) for rs in data.records_of(split, cultures).values() for r in rs]
-        for split in ("val", "transfer_val")
+def rendered_answers(
+    base: FrozenBase,
+    experts: list[Expert],
+    records: list[SurveyRecord],
+    members: Callable[[SurveyRecord], Sequence[str]],
+    batch_size: int,
+    max_length: int,
+) -> dict[str, list[tuple[EncodedQuestion, list[np.ndarray]]]]:
+    """Per rendering, each record encoded that way and the answers of the experts `members(record)` names, in
+    one batched pass (a row asked twice, e.g. a rendering that leaves a question as written, runs once)."""
+    index = {e.meta.culture: i for i, e in enumerate(experts)}
+    encoded = {name: encode(base, records, max_length, shown=name) for name in RENDERINGS}
+    questions, expert_idx = [], []
+    for shown in encoded.values():
+        for q, record in zip(shown, records):
+            names = members(record)
+            questions += [q] * len(names)
+            expert_idx += [index[m] for m in names]
+    dists = iter(
+        option_distributions(base, bank_from_experts(experts, base.device), questions, expert_idx, batch_size)
+    )
+    return {
+        name: [(q, [next(dists) for _ in members(record)]) for q, record in zip(shown, records)]
+        for name, shown in encoded.items()
     }
-    if not scores["val"] or not scores["transfer_val"]:
-        return None
-    return FormatGate(grams, separating_threshold(scores["val"], scores["transfer_val"]), 0.0)
 
 
 def fit_prior_weights(
@@ -111,33 +112,22 @@ def fit_prior_weights(
     grid: Sequence[float] = PRIOR_WEIGHTS,
     batch_size: int = EVAL_BATCH_SIZE,
     max_length: int = MAX_LENGTH,
-    split: str | None = None,
 ) -> dict[str, PriorWeightFit]:
-    """Each culture's expert's weight of the prior, fitted on its records of `split` (default: the
-    calibration split).
+    """Each culture's expert's weight of the prior, fitted on every rendering of its `val` records.
 
-    `experts` must hold the shared prior; a culture without records there gets no fit (its expert answers
-    alone).
+    `experts` must hold the shared prior; a culture without val records gets no fit (its expert answers alone).
     """
-    index = {e.meta.culture: i for i, e in enumerate(experts)}
-    if SHARED not in index:
+    cultures = [e.meta.culture for e in experts if not is_shared(e.meta.culture)]
+    if len(cultures) == len(experts):
         raise ValueError("fitting the prior's weights needs the shared prior among the experts")
-    if split in ("test", "transfer_test"):
-        raise ValueError(f"the prior's weights are never fitted on {split}")
-    cultures = [c for c in index if not is_shared(c)]
-    split = split or calibration_split(data)
-    records = [r for rs in data.records_of(split, cultures).values() for r in rs]
+    records = [r for rs in data.records_of(CALIBRATION_SPLIT, cultures).values() for r in rs]
     if not records:
         return {}
-    plain = encode(base, records, max_length)
-    questions = [q for q in plain for _ in range(2)]
-    expert_idx = [i for r in records for i in (index[r.culture], index[SHARED])]
-    dists = option_distributions(
-        base, bank_from_experts(experts, base.device), questions, expert_idx, batch_size
-    )
-    rows = defaultdict(list)
-    for k, record in enumerate(records):
-        rows[record.culture].append((dists[2 * k], dists[2 * k + 1], np.asarray(record.distribution)))
+    answers = rendered_answers(base, experts, records, lambda r: (r.culture, SHARED), batch_size, max_length)
+    rows: dict[str, dict[str, Rows]] = defaultdict(lambda: defaultdict(list))
+    for name, shown in answers.items():
+        for record, (q, (expert, prior)) in zip(records, shown):
+            rows[record.culture][name].append((expert, prior, np.asarray(q.target)))
     return choose_weights(rows, grid)
 
 
@@ -152,45 +142,39 @@ def fit_committee_prior_weight(
     max_length: int = MAX_LENGTH,
     grid: Sequence[float] = PRIOR_WEIGHTS,
 ) -> float:
-    """The prior's weight in `grid` that maximises the mean alignment of leave-one-culture-out committees
-    (each trained culture answered by its nearest other experts as served, mixed with the prior) on the
-    calibration split.
+    """The prior's weight in `grid` whose worst rendering scores best for leave-one-culture-out committees
+    (each trained culture answered by its nearest other experts as served, mixed with the prior) on `val`.
 
     ValueError without the shared prior among the experts; SurveyDataError without a trained culture that
-    has calibration records and a committee of other experts.
+    has val records and a committee of other experts.
     """
-    index = {e.meta.culture: i for i, e in enumerate(experts)}
-    if SHARED not in index:
+    names = [e.meta.culture for e in experts]
+    if SHARED not in names:
         raise ValueError("fitting the committees' prior weight needs the shared prior among the experts")
-    own = [c for c in index if not is_shared(c)]
-    metas = [e.meta for e in experts if not is_shared(e.meta.culture)]
+    own = [c for c in names if not is_shared(c)]
+    served = prior_weights(e.meta for e in experts if not is_shared(e.meta.culture))
     committees = {}
     for culture in own:
         others = [c for c in own if c != culture]
         try:
-            committees[culture] = culture_committee(culture, others, similarity, k, temperature)
+            committee = culture_committee(culture, others, similarity, k, temperature)
         except UnknownCultureError:
             continue  # no similarity to any other expert: no held-out-like committee to measure
-    split = calibration_split(data)
-    records = [r for rs in data.records_of(split, list(committees)).values() for r in rs]
+        committees[culture] = with_member_priors(committee, served)
+    records = [r for rs in data.records_of(CALIBRATION_SPLIT, list(committees)).values() for r in rs]
     if not records:
-        raise SurveyDataError(f"no {split} records of a trained culture with a committee of other experts")
-    plain = encode(base, records, max_length)
-    # One batched pass: per record, a row of the prior, then a row of each member as served on its options.
-    questions, expert_idx, served = [], [], []
-    for i, record in enumerate(records):
-        committee = with_member_priors(committees[record.culture], prior_weights(metas, record.options))
-        members = [SHARED] + committee.cultures
-        served.append((len(questions), committee))
-        questions += [plain[i]] * len(members)
-        expert_idx += [index[m] for m in members]
-    dists = option_distributions(
-        base, bank_from_experts(experts, base.device), questions, expert_idx, batch_size
+        raise SurveyDataError(
+            f"no {CALIBRATION_SPLIT} records of a trained culture with a committee of other experts"
+        )
+    # Per record: the prior's row, then a row of each member (the prior among them answers with its own row).
+    answers = rendered_answers(
+        base, experts, records, lambda r: [SHARED, *committees[r.culture].cultures], batch_size, max_length
     )
-    rows = []
-    for record, (start, committee) in zip(records, served):
-        mix = sum(w * dists[start + 1 + j] for j, (_, w) in enumerate(committee.members))
-        rows.append((mix, dists[start], np.asarray(record.distribution)))
+    rows: dict[str, Rows] = defaultdict(list)
+    for name, shown in answers.items():
+        for record, (q, (prior, *members)) in zip(records, shown):
+            mix = sum(w * d for (_, w), d in zip(committees[record.culture].members, members))
+            rows[name].append((mix, prior, np.asarray(q.target)))
     return choose_prior_weight(rows, grid)
 
 
@@ -210,54 +194,32 @@ def calibrate_experts(
     (the committees' under the prior's name)."""
     experts = {c: load_expert(path) for c, path in expert_files.items()}
     prior = load_expert(prior_file)
-    split = calibration_split(data)
+    weights = dict.fromkeys(experts, 0.0 if setting == "auto" else float(setting))
+    committee = 0.0 if setting == "auto" else float(setting)
     if setting == "auto":
-
-        def fitted(on: str) -> dict[str, float]:
-            fits = fit_prior_weights(
-                base, [prior, *experts.values()], data, batch_size=batch_size, max_length=max_length, split=on
-            )
-            for culture, fit in sorted(fits.items()):
-                print(
-                    f"{culture}: the prior's weight {fit.weight:g}, fitted on {fit.n} {on} records "
-                    f"(alignment {fit.expert:.4f} alone, {fit.mixed:.4f} mixed)",
-                    flush=True,
-                )
-            missing = sorted(c for c in experts if c not in fits)
-            if missing:
-                print(f"warning: no {on} records of {missing}: they answer alone there", file=sys.stderr)
-            return {c: fits[c].weight if c in fits else 0.0 for c in experts}
-
-        familiar = fitted("val")
-        gates: dict[str, FormatGate | None] = dict.fromkeys(experts)
-        # A transfer split: a second weight, for questions whose answer formats are unlike the training data.
-        gate = fit_format_gate(data, list(experts)) if split != "val" else None
-        if gate is not None:
+        fits = fit_prior_weights(
+            base, [prior, *experts.values()], data, batch_size=batch_size, max_length=max_length
+        )
+        for culture, fit in sorted(fits.items()):
+            weights[culture] = fit.weight
             print(
-                f"format gate: familiar from {gate.threshold:.3f} of {len(gate.grams)} training option words "
-                f"and pairs (val against {split})"
+                f"{culture}: the prior's weight {fit.weight:g}, fitted on {fit.n} {CALIBRATION_SPLIT} records in "
+                f"{len(RENDERINGS)} renderings (worst rendering {fit.expert:.4f} alone, {fit.mixed:.4f} mixed)",
+                flush=True,
             )
-            gates = {c: replace(gate, unfamiliar_weight=w) for c, w in fitted(split).items()}
-        elif split != "val":
-            print(f"warning: no format gate without val and {split} records", file=sys.stderr)
-        calibrated = {
-            c: replace(e, meta=replace(e.meta, prior_weight=familiar[c], format_gate=gates[c]))
-            for c, e in experts.items()
-        }
-    else:
-        calibrated = {
-            c: replace(e, meta=replace(e.meta, prior_weight=float(setting), format_gate=None))
-            for c, e in experts.items()
-        }
-    weights = {c: e.meta.prior_weight for c, e in calibrated.items()}
-    committee = float(setting) if setting != "auto" else 0.0
+        missing = sorted(c for c in experts if c not in fits)
+        if missing:
+            print(f"warning: no {CALIBRATION_SPLIT} records of {missing}: they answer alone", file=sys.stderr)
+    calibrated = {c: replace(e, meta=replace(e.meta, prior_weight=weights[c])) for c, e in experts.items()}
     if setting == "auto":
         similarity = similarity_table(data.records, list(experts), list(experts))
         try:
             committee = fit_committee_prior_weight(
                 base, [prior, *calibrated.values()], data, similarity, k, temperature, batch_size, max_length
             )
-            print(f"committees: the prior's weight {committee:g}, fitted leave one culture out on {split}")
+            print(
+                f"committees: the prior's weight {committee:g}, fitted leave one culture out on every rendering"
+            )
         except SurveyDataError as err:
             print(f"warning: committees without the prior: {err}", file=sys.stderr)
     for culture, expert in calibrated.items():

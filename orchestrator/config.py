@@ -174,8 +174,8 @@ class SharedSection(Strict):
     expert_prior_weight: Literal["auto"] | Annotated[float, Field(ge=0, le=1)] | None = Field(
         default=None,
         description="The prior's share w in each culture's answers, (1 - w) expert + w prior, written into the "
-        "expert file at training. auto: per culture, the w of 0, 0.1, ..., 1 best on the calibration split "
-        "(transfer_val with data.transfer, else val), its own records and all cultures' counted equally. "
+        "expert file at training. auto: per culture, the w of 0, 0.1, ..., 1 whose worst rendering of the "
+        "culture's val questions (codes dropped, order reversed, scale numbered) scores best. "
         "Null: 0, the expert alone.",
     )
 

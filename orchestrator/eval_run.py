@@ -16,7 +16,7 @@ from orchestrator.survey import (
     prepare_data,
     present_cultures,
 )
-from orchestrator.tracking import ExperimentTracker, TrackingError
+from orchestrator.tracking import ExperimentTracker, TrackingError, evaluation_run_name
 from workers.base_model import load_frozen_base
 from workers.cultures import is_shared
 from workers.expert_store import (
@@ -93,6 +93,7 @@ def run_evaluation(
         n_bootstrap=config.eval.bootstrap,
     )
     report["data"] = data.report.path
+    report["data_file"] = data_file  # None: the config's own data, split as training split it
     report["notes"] = notes
     json_path, png_path = write_report(report, out)
     print(format_table(report))
@@ -114,7 +115,7 @@ def log_evaluation(
     tagged = (
         f"; tagged {len(versions)} champion versions with {report['split']}_alignment" if versions else ""
     )
-    print(f"logged to MLflow: run eval-{report['split']} ({tracker.run_url(run_id)}){tagged}")
+    print(f"logged to MLflow: run {evaluation_run_name(report)} ({tracker.run_url(run_id)}){tagged}")
 
 
 def resolve_experts(config: ExperimentConfig, choice: str | None) -> tuple[Path, dict[str, tuple[str, int]]]:

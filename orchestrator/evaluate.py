@@ -13,12 +13,13 @@ import numpy as np
 from orchestrator.encoding import encode
 from orchestrator.survey import ExperimentData, SurveyDataError, SurveyRecord, normalise_question
 from workers.base_model import FrozenBase
-from workers.committees import Committee, question_committee
+from workers.committees import Committee, culture_committee, prior_weights
 from workers.cultures import SHARED, UnknownCultureError, is_shared
 from workers.defaults import EVAL_BATCH_SIZE, MAX_LENGTH
 from workers.expert_file import Expert
 from workers.expert_store import Similarity
 from workers.prompts import NO_EXPERT, bank_from_experts
+from workers.renderings import AS_WRITTEN, RENDERINGS
 from workers.scoring import (
     alignment,
     bootstrap_ci,
@@ -28,6 +29,8 @@ from workers.scoring import (
 )
 
 METHODS = ("base", "persona", SHARED, "expert", "committee", "uniform", "agnostic")
+# The methods each rendering reports (the persona and the agnostic oracle: as written only).
+RENDERED_METHODS = ("base", SHARED, "expert", "committee", "uniform")
 PLOT_ROW = 16  # cultures a row of the report's chart
 # Paired differences over the same records: is a culture's expert, or its committee, worth more than the
 # shared prior; is the expert worth more than the base?
@@ -46,13 +49,13 @@ def agnostic_distribution(record: SurveyRecord, others: dict[str, list[SurveyRec
 def served_committees(
     experts: list[Expert], similarity: Similarity, k: int, temperature: float
 ) -> Callable[[SurveyRecord], Committee | None]:
-    """Each record's committee as the router serves its question: its culture's own expert, else its nearest
-    experts, each with its share of the prior on the record's options; None for a culture with neither."""
-    metas = [e.meta for e in experts]
+    """Each record's committee as the router serves its culture: its own expert, else its nearest experts, each
+    with its share of the prior; None for a culture with neither."""
+    names, weights = [e.meta.culture for e in experts], prior_weights(e.meta for e in experts)
 
     def committee(record: SurveyRecord) -> Committee | None:
         try:
-            return question_committee(record.culture, record.options, metas, similarity, k, temperature)
+            return culture_committee(record.culture, names, similarity, k, temperature, weights)
         except UnknownCultureError:
             return None
 
@@ -70,86 +73,111 @@ def evaluate(
     max_length: int = MAX_LENGTH,
     n_bootstrap: int = 1000,
 ) -> dict:
-    """Score every method of METHODS on each culture's records in a split, and the paired differences."""
-    bank = bank_from_experts(experts, base.device) if experts else None
-    index = {e.meta.culture: i for i, e in enumerate(experts)}
-    # The shared prior is scored on every record, and is no culture's own expert.
-    shared = next((i for c, i in index.items() if is_shared(c)), None)
-    own = {c for c in index if not is_shared(c)}
+    """Score every method of METHODS on each culture's records in a split, and the paired differences; then
+    base, shared, expert, committee and uniform on each rendering of the same records (`renderings`), with the
+    worst rendering named."""
+    own = {e.meta.culture for e in experts if not is_shared(e.meta.culture)}
     committees = committees or served_committees(experts, {}, 1, 1.0)  # each culture's own expert, as served
-    by_question = defaultdict(list)
-    for record in data.records:
-        by_question[normalise_question(record.question)].append(record)
-
     per_culture = data.records_of(split, cultures)
     records = [r for c in cultures for r in per_culture[c]]
     if not records:
         raise SurveyDataError(
             f"no records of {', '.join(cultures)} in the {split} split of {data.report.path}"
         )
-    plain, persona = encode(base, records, max_length), encode(base, records, max_length, persona=True)
-    # One batched pass for every column and every expert any committee needs: rows carry their own expert.
-    columns = {"base": (plain, NO_EXPERT), "persona": (persona, NO_EXPERT)}
-    if shared is not None:
-        columns[SHARED] = (plain, shared)
-    questions, expert_idx = [], []
-    for encoded, expert in columns.values():
-        questions += encoded
-        expert_idx += [expert] * len(encoded)
-    served = [committees(r) for r in records]
-    member_rows = []
-    for i, committee in enumerate(served):
-        for member in committee.cultures if committee is not None else []:
-            if member == SHARED and SHARED in columns:
-                continue  # the prior as a member answers with its column's own rows: the same numbers
-            member_rows.append((i, member))
-            questions.append(plain[i])
-            expert_idx.append(index[member])
-    dists = option_distributions(
-        base, bank, questions, expert_idx, batch_size, progress=f"eval {split} ({len(questions)} rows)"
-    )
-    n = len(records)
-    column_d = {name: dists[k * n : (k + 1) * n] for k, name in enumerate(columns)}
-    members = defaultdict(dict)
-    for (i, culture), d in zip(member_rows, dists[len(columns) * n :]):
-        members[i][culture] = d
-    if SHARED in column_d:
-        for i, d in enumerate(column_d[SHARED]):
-            members[i][SHARED] = d
-
-    scores: dict[str, dict[str, list[float]]] = {c: defaultdict(list) for c in cultures}
-    for i, record in enumerate(records):
-        survey = np.asarray(record.distribution)
-        row = scores[record.culture]
-        for name, d in column_d.items():
-            row[name].append(alignment(d[i], survey))
-        row["uniform"].append(alignment(np.full(len(survey), 1 / len(survey)), survey))
-        if served[i] is not None:
-            # A culture's own committee is its expert as served: with its share of the prior, if any.
-            mix = sum(w * members[i][m] for m, w in served[i].members)
-            row["committee"].append(alignment(mix, survey))
-            if record.culture in own:
-                row["expert"].append(row["committee"][-1])
+    wanted = {name: RENDERED_METHODS for name in RENDERINGS} | {AS_WRITTEN: METHODS}
+    scored = _scores(base, experts, records, [committees(r) for r in records], wanted, batch_size, max_length)
+    by_question = defaultdict(list)
+    for record in data.records:
+        by_question[normalise_question(record.question)].append(record)
+    for record in records:
         agnostic = agnostic_distribution(record, by_question)
         if agnostic is not None:
-            row["agnostic"].append(alignment(agnostic, survey))
-    report = {"cultures": {c: _summarise(scores[c], len(per_culture[c]), n_bootstrap) for c in cultures}}
-    # Pooled differences pair records of the cultures with experts only: the others have no expert score.
-    with_experts = _pool(scores, [c for c in cultures if c in own])
-    report["overall"] = _summarise(_pool(scores, cultures), n, n_bootstrap, paired=with_experts)
-    # Cultures with no expert of their own, answered by committees of other cultures' experts.
-    held_out = [c for c in cultures if c not in own]
-    if held_out:
-        pooled = _pool(scores, held_out)
-        report["held_out"] = _summarise(pooled, sum(len(per_culture[c]) for c in held_out), n_bootstrap)
-        report["held_out"]["cultures"] = held_out
+            scored[AS_WRITTEN][record.culture]["agnostic"].append(alignment(agnostic, record.distribution))
+
+    def section(scores: dict[str, dict[str, list[float]]]) -> dict:
+        out = {"cultures": {c: _summarise(scores[c], len(per_culture[c]), n_bootstrap) for c in cultures}}
+        # Pooled differences pair records of the cultures with experts only: the others have no expert score.
+        with_experts = _pool(scores, [c for c in cultures if c in own])
+        out["overall"] = _summarise(_pool(scores, cultures), len(records), n_bootstrap, paired=with_experts)
+        # Cultures with no expert of their own, answered by committees of other cultures' experts.
+        held_out = [c for c in cultures if c not in own]
+        if held_out:
+            pooled = _pool(scores, held_out)
+            out["held_out"] = _summarise(pooled, sum(len(per_culture[c]) for c in held_out), n_bootstrap)
+            out["held_out"]["cultures"] = held_out
+        return out
+
+    report = section(scored[AS_WRITTEN])
+    report["renderings"] = {name: section(scored[name]) for name in RENDERINGS}
+    report["worst_rendering"] = worst_renderings(report["renderings"])
     report["split"] = split
     report["experts"] = {e.meta.culture: e.meta.training for e in experts}
     report["prior_weights"] = {e.meta.culture: e.meta.prior_weight for e in experts if e.meta.prior_weight}
-    report["unfamiliar_prior_weights"] = {
-        e.meta.culture: e.meta.format_gate.unfamiliar_weight for e in experts if e.meta.format_gate
-    }
     return report
+
+
+def _scores(
+    base: FrozenBase,
+    experts: list[Expert],
+    records: list[SurveyRecord],
+    served: list[Committee | None],
+    wanted: dict[str, tuple[str, ...]],
+    batch_size: int,
+    max_length: int,
+) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Per rendering, culture and method, the records' alignments: every rendering's rows in one batched pass
+    (a row the renderings share, a question one leaves as written, runs once)."""
+    bank = bank_from_experts(experts, base.device) if experts else None
+    index = {e.meta.culture: i for i, e in enumerate(experts)}
+    # The shared prior is scored on every record, and is no culture's own expert.
+    shared = next((i for c, i in index.items() if is_shared(c)), None)
+    questions, expert_idx, asked = [], [], []
+    for name, methods in wanted.items():
+        plain = encode(base, records, max_length, shown=name)
+        persona = encode(base, records, max_length, persona=True, shown=name) if "persona" in methods else []
+        for i, record in enumerate(records):
+            rows = {}
+            columns = [("base", NO_EXPERT, plain), ("persona", NO_EXPERT, persona), (SHARED, shared, plain)]
+            members = served[i].cultures if served[i] is not None else []
+            # The prior as a member answers with its column's own row: the same numbers.
+            columns += [(m, index[m], plain) for m in members if m != SHARED or shared is None]
+            for key, expert, encoded in columns:
+                if (key in methods or key in members) and expert is not None and encoded:
+                    rows[key] = len(questions)
+                    questions.append(encoded[i])
+                    expert_idx.append(expert)
+            asked.append((name, record, plain[i], rows))
+    dists = option_distributions(
+        base, bank, questions, expert_idx, batch_size, progress=f"eval ({len(questions)} rows)"
+    )
+    scores = {name: {r.culture: defaultdict(list) for r in records} for name in wanted}
+    for (name, record, question, rows), committee in zip(asked, served * len(wanted)):
+        survey, row = np.asarray(question.target), scores[name][record.culture]
+        for method in ("base", "persona", SHARED):
+            if method in rows and method in wanted[name]:
+                row[method].append(alignment(dists[rows[method]], survey))
+        row["uniform"].append(alignment(np.full(len(survey), 1 / len(survey)), survey))
+        if committee is not None:
+            # A culture's own committee is its expert as served: with its share of the prior, if any.
+            mix = sum(w * dists[rows[m]] for m, w in committee.members)
+            row["committee"].append(alignment(mix, survey))
+            if record.culture in index and not is_shared(record.culture):
+                row["expert"].append(row["committee"][-1])
+    return scores
+
+
+def worst_renderings(sections: dict[str, dict]) -> dict[str, str | None]:
+    """The rendering where the experts (`expert`) and the held-out cultures' committees (`committee`) gain
+    least over the shared prior: the one that counts."""
+    out = {}
+    for key, part, column in (("expert", "overall", "expert"), ("committee", "held_out", "committee")):
+        gains = {
+            name: diff["mean"]
+            for name, s in sections.items()
+            if (diff := s.get(part, {}).get("differences", {}).get(f"{column}-{SHARED}"))
+        }
+        out[key] = min(gains, key=gains.get) if gains else None
+    return out
 
 
 def evaluate_beside_transfer(
@@ -234,11 +262,49 @@ def format_table(report: dict) -> str:
         if any(cells):
             n = next(c["n"] for c in cells if c)
             lines.append(f"{name:<24}{n:>5}" + "".join(_difference_cell(c) for c in cells))
+    if "renderings" in report:
+        lines += ["", *format_renderings(report)]
     if "transfer" in report:
         section = report["transfer"]
         title = f"transfer split: {section['split']} ({section['hold_out']} questions, held out of training)"
         lines += ["", title, "=" * len(title), format_table(section)]
     return "\n".join(lines)
+
+
+def format_renderings(report: dict) -> list[str]:
+    """One row a rendering: pooled alignment of the cultures with experts, the paired gain over the prior, the
+    experts whose interval lies below 0, and the held-out cultures' committees' gain; the worst named."""
+    worst = report.get("worst_rendering", {})
+    title = (
+        f"renderings (the worst counts: experts {worst.get('expert')}, committees {worst.get('committee')})"
+    )
+    header = (
+        f"{'rendering':<24}{'n':>5}"
+        + "".join(f"{m:>9}" for m in ("base", SHARED, "expert", "uniform"))
+        + f"{'expert - shared':>28}  {'below 0':<8}{'committee - shared':>28}"
+    )
+    lines = [title, header, "-" * len(header)]
+    for name, section in report["renderings"].items():
+        overall = section["overall"]
+        below = [
+            c
+            for c, row in section["cultures"].items()
+            if (d := row["differences"].get(f"expert-{SHARED}")) and d["ci95"][1] < 0
+        ]
+        held = section.get("held_out", {}).get("differences", {}).get(f"committee-{SHARED}")
+        lines.append(
+            f"{name:<24}{overall['n']:>5}"
+            + "".join(
+                f"{overall[m]:>9.3f}" if overall[m] is not None else f"{'-':>9}"
+                for m in ("base", SHARED, "expert", "uniform")
+            )
+            + _difference_cell(overall["differences"].get(f"expert-{SHARED}"))
+            + f"  {len(below):<8}"
+            + _difference_cell(held)
+        )
+        if below:
+            lines.append(f"{'':<29}below the prior: {', '.join(below)}")
+    return lines
 
 
 def _cell(value: float | None) -> str:

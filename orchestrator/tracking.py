@@ -131,6 +131,13 @@ class Registration:
     note: str = ""  # why it is not the champion, when that is not simply a lower score
 
 
+def evaluation_run_name(report: dict) -> str:
+    """`eval-<split>` on the experiment's own data; `eval-<file stem>-<split>` on another file (`--data`), so
+    evaluations of several questionnaires tell apart in the MLflow UI."""
+    other = report.get("data_file")
+    return f"eval-{Path(other).stem}-{report['split']}" if other else f"eval-{report['split']}"
+
+
 class ExperimentTracker:
     """The experiment's MLflow records: the driver says what happened, the tracker logs and registers it.
 
@@ -226,24 +233,30 @@ class ExperimentTracker:
     def evaluation_finished(
         self, report: dict, files: list[Path], champions: dict[str, tuple[str, int]] | None = None
     ) -> str:
-        """Log an evaluation as a run `eval-<split>` (metrics with intervals, table, files); tag champions.
+        """Log an evaluation as a run named by `evaluation_run_name` (metrics with intervals, table, files, the
+        data file and split as params); tag champions.
 
         `champions` maps each evaluated culture to its registered (model, version), when the experts came
         from the registry: each such version gets a `<split>_alignment` tag. Returns the run's id.
         """
         client, experiment_id, split = self.store.client(), self.store.experiment_id(), report["split"]
-        table = format_table(report)
+        table, name = format_table(report), evaluation_run_name(report)
         tags = {
-            "mlflow.runName": f"eval-{split}",
+            "mlflow.runName": name,
             SPLIT_TAG: split,
             NOTE_TAG: f"Alignment on the {split} split (1 - JS distance, 95% bootstrap intervals "
             f"in the metrics `*.ci95_low` / `*.ci95_high`):\n\n```\n{table}\n```",
         }
         # A new run each evaluation: the champions evaluated may differ from one to the next.
         run_id = self.store.call(
-            f"open run eval-{split}", lambda: client.create_run(experiment_id, tags=tags).info.run_id
+            f"open run {name}", lambda: client.create_run(experiment_id, tags=tags).info.run_id
         )
-        self._log_params(run_id, {"split": split, "experts": sorted(report.get("experts", {}))})
+        params = {
+            "split": split,
+            "data": report.get("data", ""),
+            "experts": sorted(report.get("experts", {})),
+        }
+        self._log_params(run_id, params)
         self._log_metrics(run_id, report_metrics(report), 0)
         with tempfile.TemporaryDirectory() as tmp:
             staging = Path(tmp)

@@ -292,7 +292,6 @@ class ExpertPool:
                 val_alignment=e.meta.training.get("val_alignment"),
                 base_model=e.meta.base_model,
                 prior_weight=e.meta.prior_weight,
-                format_gate=e.meta.format_gate,
             )
             for e in experts.experts
         ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from workers.answer_formats import FormatGate
 from workers.committees import Committee
 from workers.expert_store import Similarity
 
@@ -84,8 +83,6 @@ class ExpertCard:
     val_alignment: float | None
     base_model: str
     prior_weight: float = 0.0  # the shared prior's share in this expert's answers (`ExpertMeta.prior_weight`)
-    # Its share on questions whose answer formats are unlike its training data's (`ExpertMeta.format_gate`).
-    format_gate: FormatGate | None = None
 
 
 @dataclass

@@ -13,10 +13,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from operator import attrgetter
 from typing import TypeVar
 
@@ -50,8 +50,14 @@ from serve.request_checks import (
 )
 from serve.routes import add_routes
 from serve.schemas import MODEL_PREFIX, GenerateRequest, OpinionRequest
-from workers.answer_formats import prior_weights
-from workers.committees import BASE, Committee, TextRouter, culture_committee, served_committee
+from workers.committees import (
+    BASE,
+    Committee,
+    TextRouter,
+    culture_committee,
+    prior_weights,
+    served_committee,
+)
 from workers.cultures import CultureIndex, UnknownCultureError, culture_key, is_shared, slug
 from workers.engine import EngineStopped
 
@@ -432,23 +438,17 @@ class Router:
         culture: str | None,
         text: str,
         k: int | None,
-        options: Sequence[str] | None = None,
     ) -> tuple[Committee, str]:
-        """The committee for an explicit culture, else for the text, with each member's share of the prior on
-        a question with these options (None: free text); and the model id that names the choice (also the
-        request's `expert` in the metrics)."""
-        committee, model = await self._committee(
-            culture, text, k or self.section.routing.committee_size, options
-        )
+        """The committee for an explicit culture, else for the text, each member with its share of the prior;
+        and the model id that names the choice (also the request's `expert` in the metrics)."""
+        committee, model = await self._committee(culture, text, k or self.section.routing.committee_size)
         request.state.expert = model
         return committee, model
 
-    async def _committee(
-        self, culture: str | None, text: str, k: int, options: Sequence[str] | None
-    ) -> tuple[Committee, str]:
+    async def _committee(self, culture: str | None, text: str, k: int) -> tuple[Committee, str]:
         temperature = self.section.routing.routing_temperature
         catalogue = await self.catalogue()
-        weights = prior_weights(catalogue.experts, options)
+        weights = prior_weights(catalogue.experts)
         names, loop = self.names, asyncio.get_running_loop()
         if culture is not None:
             if culture_key(culture) == BASE:
@@ -526,7 +526,7 @@ class Router:
         catalogue = await self.catalogue()
         own = {e.culture for e in catalogue.experts}
         return {
-            "experts": [listed(e) for e in catalogue.experts],
+            "experts": [asdict(e) for e in catalogue.experts],
             "committee_cultures": sorted(c for c in catalogue.similarity if c not in own),
             "base_model": catalogue.base_model,
             "experts_version": catalogue.version,
@@ -536,7 +536,7 @@ class Router:
         """A committee's distribution over the options of one survey-style question."""
         body = await self.read(request, OpinionRequest)
         committee, model = await self.route(
-            request, body.culture, body.profile or body.question, body.committee_size, body.options
+            request, body.culture, body.profile or body.question, body.committee_size
         )
         answer: protocol.OpinionAnswer = await self._ask(
             "opinion", protocol.OpinionJob(body.question, body.options, committee)
@@ -608,12 +608,3 @@ class Router:
             yield event({"error": "internal error while streaming"})
             return
         yield DONE
-
-
-def listed(card: protocol.ExpertCard) -> dict:
-    """An expert as GET /v1/experts shows it: its format gate's threshold and share, not its word list."""
-    gate = card.format_gate
-    return asdict(replace(card, format_gate=None)) | {
-        "format_gate": gate
-        and {"threshold": gate.threshold, "unfamiliar_prior_weight": gate.unfamiliar_weight}
-    }

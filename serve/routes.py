@@ -49,7 +49,7 @@ ROUTES: tuple[Route, ...] = (
         "/v1/experts",
         "experts",
         "The experts served and the cultures answered by committees.",
-        '{"experts": [{culture, iso, version, descriptor, val_alignment, base_model, prior_weight, format_gate}], "committee_cultures": [..], '
+        '{"experts": [{culture, iso, version, descriptor, val_alignment, base_model, prior_weight}], "committee_cultures": [..], '
         '"base_model", "experts_version"}',
     ),
     Route(

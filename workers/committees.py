@@ -8,21 +8,20 @@ of the text against each expert's descriptor). Both ranked cases take the top k 
 Where the shared prior is served, it shapes every answer with the weights fitted at training
 (`orchestrator/calibration.py`): each expert answers with its share of the prior (`with_member_priors`), and a
 culture without an expert has the prior in its committee (`with_prior`), so a committee of experts who know
-the culture badly falls back on the culture-blind prior. An expert's share can depend on the question: on
-answer formats unlike its training data it takes its format gate's share (`workers/answer_formats.py`), so
-committees are built per question (`question_committee`).
+the culture badly falls back on the culture-blind prior. The shares are fitted on every rendering of the validation questions
+(`workers/renderings.py`), so they key on nothing in how a question is written.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from workers.answer_formats import Served, prior_weights
 from workers.base_model import FrozenBase
 from workers.cultures import BASE, SHARED, UnknownCultureError, find_culture, is_shared
 from workers.defaults import ROUTER_MODEL
@@ -32,6 +31,18 @@ from workers.scoring import EncodedQuestion, alignment, batch_log_probs, option_
 
 # The prior's weights `choose_prior_weight` tries: 0 (the experts alone) to 1 (the prior alone).
 PRIOR_WEIGHTS = tuple(i / 10 for i in range(11))
+
+
+class Served(Protocol):
+    """An expert as a committee uses it: `ExpertMeta`, or serving's `ExpertCard`."""
+
+    culture: str
+    prior_weight: float
+
+
+def prior_weights(experts: Iterable[Served]) -> dict[str, float]:
+    """Each expert's share of the prior, those above 0 (the prior's own file holds the committees' share)."""
+    return {e.culture: e.prior_weight for e in experts if e.prior_weight}
 
 
 def committee_weights(weights: Sequence[float]) -> list[float]:
@@ -104,16 +115,26 @@ def mixture_scores(
     return np.array([np.mean([alignment((1 - w) * a + w * p, s) for a, p, s in rows]) for w in grid])
 
 
-def choose_prior_weight(
-    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], grid: Sequence[float] = PRIOR_WEIGHTS
-) -> float:
-    """The prior's weight in `grid` whose mixtures score best (`mixture_scores`); ties go to the smaller
-    weight. With 1 in the grid the choice never scores below the prior alone on these rows. The rows must be
-    validation records: the caller chooses them, never from test.
-    """
-    if not rows:
+def worst_rendering_scores(
+    rows: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+    grid: Sequence[float] = PRIOR_WEIGHTS,
+) -> np.ndarray:
+    """For each w of `grid`, the lowest over renderings of the mixtures' mean alignment (`mixture_scores`):
+    `rows` holds each rendering's (answer, prior, survey) rows."""
+    if not rows or not all(rows.values()):
         raise ValueError("no records to choose the prior's weight on")
-    return float(grid[int(np.argmax(mixture_scores(rows, grid)))])  # argmax: the first of equal bests
+    return np.min([mixture_scores(r, grid) for r in rows.values()], axis=0)
+
+
+def choose_prior_weight(
+    rows: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+    grid: Sequence[float] = PRIOR_WEIGHTS,
+) -> float:
+    """The prior's weight in `grid` whose worst rendering scores best (`worst_rendering_scores`); ties go to the
+    smaller weight. With 1 in the grid the choice never scores below the prior alone on any rendering of these
+    rows. The rows must be validation records: the caller chooses them, never from test.
+    """
+    return float(grid[int(np.argmax(worst_rendering_scores(rows, grid)))])  # argmax: the first of equal bests
 
 
 def served_committee(committee: Committee, prior_weights: Mapping[str, float]) -> Committee:
@@ -150,20 +171,6 @@ def culture_committee(
             f"unknown culture {culture!r}: no expert, and no survey similarity to the {len(experts)} experts"
         )
     return served_committee(ranked_committee(scores, k, temperature), served)
-
-
-def question_committee(
-    culture: str,
-    options: Sequence[str] | None,
-    experts: Sequence[Served],
-    similarity: Similarity,
-    k: int,
-    temperature: float,
-) -> Committee:
-    """`culture_committee` for one question: each member with its share of the prior on these options
-    (`answer_formats.prior_weights`; None: free text)."""
-    names = [e.culture for e in experts]
-    return culture_committee(culture, names, similarity, k, temperature, prior_weights(experts, options))
 
 
 class TextRouter:
@@ -217,32 +224,37 @@ def committee_distributions(
 ) -> list[np.ndarray]:
     """Each question's option distribution as its committee's weighted mixture, members as rows.
 
-    All rows of all questions go through one forward pass, each row with its own expert's prompt. With
+    All rows of all questions go through one forward pass, each row with its own expert's prompt, and a
+    question asked in both option orders has a row per order (their answers averaged). With
     `per_expert` the rows are grouped by expert instead and each group is its own forward pass: what
     batching by model id does; kept to measure what mixing saves. `letter_ids` (`option_token_ids`) may be
     given by a caller that runs this off the thread that uses the tokenizer.
     """
-    rows = [(q, expert, w) for q, members in enumerate(committees) for expert, w in members]
+    # A row per member and option order (`EncodedQuestion.orders`); each order's answer counts equally.
+    rows = [
+        (q, expert, w / len(questions[q].orders()), EncodedQuestion(ids, questions[q].n_options), rev)
+        for q, members in enumerate(committees)
+        for expert, w in members
+        for ids, rev in questions[q].orders()
+    ]
     letter_ids = option_token_ids(base.tokenizer) if letter_ids is None else letter_ids
     groups = [list(range(len(rows)))]
     if per_expert:
         by_expert: dict[int, list[int]] = {}
-        for r, (_, expert, _) in enumerate(rows):
-            by_expert.setdefault(expert, []).append(r)
+        for r, row in enumerate(rows):
+            by_expert.setdefault(row[1], []).append(r)
         groups = list(by_expert.values())
     row_probs: list[np.ndarray | None] = [None] * len(rows)
     for group in groups:
         experts = [rows[r][1] for r in group]
         # Rows that are all the plain base model need no prompt slots at all, not masked ones.
         group_bank = bank if any(e != NO_EXPERT for e in experts) else None
-        log_probs = batch_log_probs(
-            base, group_bank, [questions[rows[r][0]] for r in group], experts, letter_ids
-        )
+        log_probs = batch_log_probs(base, group_bank, [rows[r][3] for r in group], experts, letter_ids)
         for slot, r in enumerate(group):
-            n = questions[rows[r][0]].n_options
-            row_probs[r] = log_probs[slot, :n].exp().cpu().double().numpy()
+            probs = log_probs[slot, : rows[r][3].n_options].exp().cpu().double().numpy()
+            row_probs[r] = probs[::-1] if rows[r][4] else probs
     mixed = [np.zeros(q.n_options) for q in questions]
-    for r, (q, _, w) in enumerate(rows):
+    for r, (q, _, w, _, _) in enumerate(rows):
         mixed[q] += w * row_probs[r]
     return [m / m.sum() for m in mixed]
 

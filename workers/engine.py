@@ -156,7 +156,7 @@ class _Opinion:
 
     @property
     def rows(self) -> int:
-        return len(self.members)
+        return len(self.members) * len(self.question.orders())
 
 
 class DecodeEngine:
@@ -251,8 +251,8 @@ class DecodeEngine:
         committee_weights([w for _, w in members])
         bank = self.bank if bank is CURRENT else bank
         _check_members(members, bank)
-        per_row = _width(bank) + len(question.input_ids)
-        self._check_budget(len(members), per_row, "the question")
+        per_row = _width(bank) + max(len(ids) for ids, _ in question.orders())
+        self._check_budget(len(members) * len(question.orders()), per_row, "the question")
         opinion = _Opinion(question, list(members), Future(), bank, per_row)
         with self._lock:
             self._check_running()

@@ -14,7 +14,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from workers.answer_formats import FormatGate
 from workers.base_model import FrozenBase
 from workers.prefix import kv_shape
 
@@ -44,10 +43,8 @@ class ExpertMeta:
     num_key_value_heads: int = 0
     head_dim: int = 0
     # The shared prior's share in this expert's answers, (1 - w) expert + w prior, fitted at training
-    # (`shared.expert_prior_weight`); 0: the expert alone. With a format gate it is the share on questions
-    # whose options are like the training data's, and the gate holds the share on the others.
+    # (`shared.expert_prior_weight`); 0: the expert alone.
     prior_weight: float = 0.0
-    format_gate: FormatGate | None = None
 
     @property
     def kind(self) -> str:
@@ -57,11 +54,7 @@ class ExpertMeta:
         return "composed" if self.num_virtual_tokens else "deep"
 
     def to_strings(self) -> dict[str, str]:
-        values = asdict(replace(self, format_gate=None)) | {
-            "format_version": FORMAT_VERSION,
-            "kind": self.kind,
-        }
-        values["format_gate"] = self.format_gate.to_json() if self.format_gate else {}
+        values = asdict(self) | {"format_version": FORMAT_VERSION, "kind": self.kind}
         return {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in values.items()}
 
     @classmethod
@@ -76,9 +69,6 @@ class ExpertMeta:
             training=json.loads(values.get("training", "{}")),
             descriptor=values.get("descriptor", ""),
             prior_weight=float(values.get("prior_weight", 0.0)),
-            format_gate=FormatGate.from_json(gate)
-            if (gate := json.loads(values.get("format_gate", "{}")))
-            else None,
             **{
                 k: int(values.get(k, 0))
                 for k in ("prefix_tokens", "num_layers", "num_key_value_heads", "head_dim")

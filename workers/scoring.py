@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -114,11 +114,23 @@ def paired_bootstrap_ci(
 
 @dataclass
 class EncodedQuestion:
-    """A question ready for the model: token ids, its number of options, and the survey target if known."""
+    """A question ready for the model: token ids, its number of options, and the survey target if known.
+
+    `reversed_ids` is the same question with its options in reverse order. Where it is set, the question's
+    answer is the mean of both orders' answers (`both_orders`): the model's preference for a letter's position
+    cancels, so the answer does not depend on which end of a scale is written first. `renderings` are other
+    ways to write the same question (with their targets), from which training draws one each epoch.
+    """
 
     input_ids: list[int]
     n_options: int
     target: list[float] | None = None
+    reversed_ids: list[int] | None = None
+    renderings: list[EncodedQuestion] = field(default_factory=list)
+
+    def orders(self) -> list[tuple[list[int], bool]]:
+        """The token ids the answer reads, each with whether its options are reversed."""
+        return [(self.input_ids, False)] + ([(self.reversed_ids, True)] if self.reversed_ids else [])
 
 
 def encode_question(
@@ -128,12 +140,25 @@ def encode_question(
     target: Sequence[float] | None = None,
     persona: str | None = None,
     max_length: int = 512,
+    both_orders: bool = True,
 ) -> EncodedQuestion:
-    """Tokenise one question (keeping its end if it is too long)."""
-    ids = tokenizer(question_text(tokenizer, question, options, persona), add_special_tokens=False)[
-        "input_ids"
-    ]
-    return EncodedQuestion(ids[-max_length:], len(options), list(target) if target is not None else None)
+    """Tokenise one question (keeping its end if it is too long), and with `both_orders` its options reversed."""
+
+    def ids(shown: Sequence[str]) -> list[int]:
+        text = question_text(tokenizer, question, shown, persona)
+        return tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
+
+    return EncodedQuestion(
+        ids(options),
+        len(options),
+        list(target) if target is not None else None,
+        ids(list(reversed(options))) if both_orders and len(options) > 1 else None,
+    )
+
+
+def order_averaged(probs: Sequence[np.ndarray], reversed_flags: Sequence[bool]) -> np.ndarray:
+    """The mean of one question's answers in several option orders, each mapped back to the written order."""
+    return np.mean([p[::-1] if rev else p for p, rev in zip(probs, reversed_flags)], axis=0)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,20 +199,26 @@ def option_distributions(
     batch_size: int = EVAL_BATCH_SIZE,
     progress: str | None = None,
 ) -> list[np.ndarray]:
-    """The model's distribution over each question's options, batched (rows sorted by length)."""
+    """The model's distribution over each question's options, batched (rows sorted by length), each the mean
+    over its option orders (`EncodedQuestion.orders`). A row asked twice (the same ids and expert) runs once."""
     expert_idx = list(expert_idx) if expert_idx is not None else [NO_EXPERT] * len(questions)
     letter_ids = option_token_ids(base.tokenizer)
-    order = sorted(range(len(questions)), key=lambda i: len(questions[i].input_ids))
-    results: list[np.ndarray | None] = [None] * len(questions)
-    starts = range(0, len(order), batch_size)
+    rows: dict[tuple[tuple[int, ...], int], EncodedQuestion] = {}
+    for q, expert in zip(questions, expert_idx):
+        for ids, _ in q.orders():
+            rows.setdefault((tuple(ids), expert), EncodedQuestion(ids, q.n_options))
+    keys = sorted(rows, key=lambda key: len(key[0]))
+    probs: dict[tuple[tuple[int, ...], int], np.ndarray] = {}
+    starts = range(0, len(keys), batch_size)
     for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch", leave=False):
-        rows = order[start : start + batch_size]
-        log_probs = batch_log_probs(
-            base, bank, [questions[i] for i in rows], [expert_idx[i] for i in rows], letter_ids
-        )
-        for row, i in enumerate(rows):
-            results[i] = log_probs[row, : questions[i].n_options].exp().cpu().double().numpy()
-    return results
+        chunk = keys[start : start + batch_size]
+        log_probs = batch_log_probs(base, bank, [rows[k] for k in chunk], [k[1] for k in chunk], letter_ids)
+        for row, key in enumerate(chunk):
+            probs[key] = log_probs[row, : rows[key].n_options].exp().cpu().double().numpy()
+    return [
+        order_averaged([probs[(tuple(ids), e)] for ids, _ in q.orders()], [rev for _, rev in q.orders()])
+        for q, e in zip(questions, expert_idx)
+    ]
 
 
 def mean_alignment(

@@ -152,10 +152,18 @@ class PackedTrainer:
             rows, cultures = [], []
             for culture, order in orders.items():
                 chunk = order[step * size : (step + 1) * size]
-                rows += [self.train[culture][i] for i in chunk]
+                rows += [self.rendered(self.train[culture][i], culture) for i in chunk]
                 cultures += [culture] * len(chunk)
             batches.append((rows, cultures))
         return batches
+
+    def rendered(self, question: EncodedQuestion, culture: str) -> EncodedQuestion:
+        """One of the question's renderings, drawn from its culture's generator (the question itself if it has
+        none): an expert then learns what survives how a questionnaire writes the question."""
+        if not question.renderings:
+            return question
+        pick = int(torch.randint(len(question.renderings), (1,), generator=self.generators[culture]))
+        return question.renderings[pick]
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over every active expert's examples; returns each one's mean training loss."""
