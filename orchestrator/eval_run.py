@@ -78,8 +78,7 @@ def run_evaluation(
         similarity_file if similarity_file.exists() else config.experts_dir / SIMILARITY_FILE
     )
     routing = config.serve.routing
-    # Each file's prior weights (fitted at training): the experts' shares, per question's answer formats,
-    # and the committees' in the prior's file.
+    # Each file's prior weight (fitted at training): the experts' shares, and the committees' in the prior's file.
     committees = served_committees(experts, similarity, routing.committee_size, routing.routing_temperature)
     report = evaluate_beside_transfer(
         base,

@@ -190,7 +190,7 @@ def evaluate_beside_transfer(
     beside = TRANSFER_BESIDE.get(split) if data.transfer is not None else None
     if beside is not None:
         section = evaluate(base, experts, data, beside, cultures, **options)
-        kept = ("split", "cultures", "overall", "held_out")
+        kept = ("split", "cultures", "overall", "held_out", "renderings", "worst_rendering")
         report["transfer"] = {"hold_out": data.transfer.hold_out} | {
             k: section[k] for k in kept if k in section
         }

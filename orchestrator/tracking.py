@@ -575,7 +575,8 @@ def trial_cultures(trial: FinishedTrial) -> list[str]:
 
 def report_metrics(report: dict) -> dict[str, float]:
     """An evaluation report as flat metrics: `<method>.<culture>` and its `.ci95_low` / `.ci95_high` (and
-    `transfer.<method>.<culture>` ... for a transfer section)."""
+    `transfer.<method>.<culture>` ... for a transfer section, `rendering.<name>.<method>.overall` ... for each
+    rendering)."""
     rows = dict(report["cultures"]) | {"overall": report["overall"]}
     if "held_out" in report:
         rows["held_out"] = report["held_out"]
@@ -587,6 +588,19 @@ def report_metrics(report: dict) -> dict[str, float]:
                 metrics[f"{method}.{name}"] = row[method]
         for method, (low, high) in row.get("ci95", {}).items():
             metrics[f"{method}.{name}.ci95_low"], metrics[f"{method}.{name}.ci95_high"] = low, high
+    # Each rendering's pooled rows and paired gains: `rendering.<name>.<method>.overall`, ...
+    for name, section in report.get("renderings", {}).items():
+        for part in ("overall", "held_out"):
+            row = section.get(part)
+            for method in METHODS if row else ():
+                if row.get(method) is not None:
+                    metrics[f"rendering.{name}.{method}.{part}"] = row[method]
+            for diff, value in (row or {}).get("differences", {}).items():
+                if value is not None:
+                    metrics[f"rendering.{name}.{diff}.{part}"] = value["mean"]
+                    low, high = value["ci95"]
+                    metrics[f"rendering.{name}.{diff}.{part}.ci95_low"] = low
+                    metrics[f"rendering.{name}.{diff}.{part}.ci95_high"] = high
     if "transfer" in report:  # the transfer split's section, the same metrics under `transfer.`
         metrics |= {f"transfer.{k}": v for k, v in report_metrics(report["transfer"]).items()}
     return metrics

@@ -12,7 +12,6 @@ import httpx
 
 from orchestrator.config import SERVE_GROUPS, ExperimentConfig
 from tests.conftest import OPINIONS, free_ports, running_ray
-from workers.answer_formats import FormatGate
 from workers.base_model import load_frozen_base
 from workers.cultures import slug
 from workers.expert_file import Expert, ExpertMeta, save_expert
@@ -40,10 +39,9 @@ def write_experts(
     seed: int = 0,
     similarity: dict | None = None,
     prior_weight: float = 0.0,
-    format_gate: FormatGate | None = None,
 ) -> list[Path]:
-    """Save one random-prompt expert a culture for the model in `model_dir` (each with `prior_weight` and
-    `format_gate`), plus a similarity table."""
+    """Save one random-prompt expert a culture for the model in `model_dir` (each with `prior_weight`), plus a
+    similarity table."""
     base = load_frozen_base(str(model_dir), device="cpu")
     bank = SoftPromptBank.initialise(base, cultures, 4, init="random", seed=seed)
     paths = []
@@ -58,7 +56,6 @@ def write_experts(
             training={"val_alignment": 0.5 + i / 100},
             descriptor=persona_text(culture),
             prior_weight=prior_weight,
-            format_gate=format_gate,
         )
         paths.append(
             save_expert(directory / f"{slug(culture)}.safetensors", Expert(bank.prompts[i].detach(), meta))

@@ -1,39 +1,25 @@
-"""Experts that do no harm: each expert's shares of the shared prior, fitted on validation splits only, kept in
-its file, and used wherever it answers (evaluation, committees, serving), per question's answer formats."""
+"""Experts that do no harm: each expert's share of the shared prior, fitted on every rendering of the validation
+split only, kept in its file, and used wherever it answers (evaluation, committees, serving), whatever the
+question's options."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from orchestrator.calibration import (
-    calibrate_experts,
-    calibration_split,
-    choose_weights,
-    fit_format_gate,
-    fit_prior_weights,
-)
+from orchestrator.calibration import calibrate_experts, choose_weights, fit_prior_weights
 from orchestrator.encoding import encode
-from orchestrator.evaluate import evaluate, evaluate_beside_transfer
+from orchestrator.evaluate import evaluate, served_committees
 from orchestrator.survey import prepare_data, similarity_table
-from tests.conftest import OPINIONS, TINY_CONFIG, config_with, random_expert
-from workers.answer_formats import (
-    FormatGate,
-    familiarity,
-    option_grams,
-    prior_weights,
-    separating_threshold,
-    training_grams,
-)
+from tests.conftest import config_with, random_expert
 from workers.base_model import load_frozen_base
 from workers.committees import Committee, culture_committee, with_member_priors, with_prior
 from workers.cultures import SHARED, slug
 from workers.expert_file import load_expert, save_expert
-from workers.expert_store import SIMILARITY_FILE
 from workers.prompts import bank_from_experts
+from workers.renderings import without_missing
 from workers.scoring import option_distributions
 
 
@@ -67,29 +53,29 @@ def surveyed_as(base, experts, records, who):
     return [replace(r, distribution=tuple(float(x) for x in d)) for r, d in zip(mine, dists)]
 
 
-def test_the_prior_weight_is_fitted_on_the_calibration_split_and_never_on_test(prior_and_experts):
+def test_the_prior_weights_read_val_alone(prior_and_experts, tmp_path):
     base, experts, data = prior_and_experts
-    cultures = data.selection.trained
-    # Calibration records answered exactly as the prior answers, every other split's as the expert does:
-    # fitted on transfer_val, each weight is 1; one record of any other split read would pull it lower.
-    splits = {
-        split: surveyed_as(base, experts, records, SHARED if split == "transfer_val" else "own")
-        for split, records in data.splits.items()
-    }
-    data = replace(data, splits=splits)
-    assert calibration_split(data) == "transfer_val"
-    fits = fit_prior_weights(base, experts, data)
-    assert set(fits) == set(cultures)
-    for culture, fit in fits.items():
-        assert fit.weight == 1.0 and fit.n == len(data.records_of("transfer_val", [culture])[culture])
-        assert fit.mixed > 0.99 > fit.expert  # 1 up to float error (the distance is a square root)
-    # Without a transfer split the calibration split is val: answered as the expert answers, weight 0.
-    plain = replace(data, transfer=None)
-    assert calibration_split(plain) == "val"
-    assert {f.weight for f in fit_prior_weights(base, experts, plain).values()} == {0.0}
+
+    def weights(who: dict[str, str]) -> dict[str, float]:
+        splits = {
+            s: surveyed_as(base, experts, rs, who[s]) if s in who else rs for s, rs in data.splits.items()
+        }
+        forged = replace(data, splits=splits)
+        return {c: f.weight for c, f in fit_prior_weights(base, experts, forged).items()}
+
+    # val answered as the prior: every weight leans on the prior; val answered as each expert: none does.
+    # Test and the transfer split are answered the other way round each time: were they read, the weights
+    # would follow them.
+    prior_val = weights({"val": SHARED, "test": "own", "transfer_val": "own", "transfer_test": "own"})
+    own_val = weights({"val": "own", "test": SHARED, "transfer_val": SHARED, "transfer_test": SHARED})
+    assert set(prior_val) == set(own_val) == set(data.selection.trained)
+    assert all(prior_val[c] > own_val[c] for c in prior_val)
+    assert set(own_val.values()) == {0.0}
+    # Moving test and transfer data alone moves nothing.
+    assert weights({"val": "own", "test": "own", "transfer_val": "own", "transfer_test": "own"}) == own_val
 
 
-def test_each_cultures_weight_is_its_own_optimum_and_never_below_the_prior_on_its_records():
+def test_each_cultures_weight_is_best_on_its_worst_rendering_and_never_below_the_prior_there():
     survey, near, far = np.array([0.6, 0.4]), np.array([0.59, 0.41]), np.array([0.1, 0.9])
     between = np.array([0.35, 0.65])
 
@@ -97,12 +83,40 @@ def test_each_cultures_weight_is_its_own_optimum_and_never_below_the_prior_on_it
         return [(expert, prior, survey)] * n
 
     # A: the expert is right, the prior wrong; B: the reverse; C: both off, on either side of the answers.
-    fits = choose_weights({"A": rows(near, far, 30), "B": rows(far, near, 3), "C": rows(between, near, 2)})
+    fits = choose_weights(
+        {
+            "A": {"as_written": rows(near, far, 30), "no_missing": rows(near, far, 30)},
+            "B": {"as_written": rows(far, near, 3)},
+            "C": {"as_written": rows(between, near, 2)},
+            # D: right as written, wrong once the codes go: the worst rendering decides, so the prior.
+            "D": {"as_written": rows(near, far, 5), "no_missing": rows(far, near, 5)},
+        }
+    )
     assert fits["A"].weight == 0.0 and fits["A"].mixed == fits["A"].expert
     assert fits["B"].weight == 1.0 and fits["B"].mixed > fits["B"].expert
     assert 0.0 < fits["C"].weight <= 1.0
+    assert 0.0 < fits["D"].weight < 1.0  # the mix that is best where it is worst
     for fit in fits.values():
         assert fit.n > 0 and fit.mixed >= fit.expert
+
+
+def test_dropping_a_questions_codes_changes_no_weight_in_its_committee(prior_and_experts):
+    base, experts, data = prior_and_experts
+    experts = [replace(e, meta=replace(e.meta, prior_weight=0.3)) for e in experts]
+    trained = data.selection.trained
+    committee_of = served_committees(
+        experts, similarity_table(data.records, [*trained, "Canada"], trained), 2, 0.05
+    )
+    coded = [r for r in data.splits["transfer_test"] if without_missing(r.options) and r.culture in trained]
+    assert coded
+    for record in (
+        coded[:20] + [r for r in data.records if r.culture == "Canada" and without_missing(r.options)][:5]
+    ):
+        dropped = without_missing(record.options)
+        bare = replace(
+            record, options=dropped.options, distribution=tuple(dropped.target(record.distribution))
+        )
+        assert committee_of(bare).members == committee_of(record).members
 
 
 def test_served_committees_give_each_member_its_share_of_the_prior():
@@ -138,128 +152,20 @@ def test_the_weight_travels_in_the_expert_file_and_the_report_scores_the_expert_
     assert report["prior_weights"] == {"Germany": 1.0}
 
 
-def test_the_candidates_experiment_fits_on_transfer_val_what_training_fits(prior_and_experts, tmp_path):
-    from bench.experiments.transfer_candidates import main as candidates_main
-
-    base, experts, data = prior_and_experts
-    folder = tmp_path / "experts"
-    for expert in experts:
-        save_expert(folder / f"{slug(expert.meta.culture)}.safetensors", expert)
-    trained = data.selection.trained
-    (folder / SIMILARITY_FILE).write_text(
-        json.dumps(similarity_table(data.records, [*trained, "Canada"], trained))
-    )
-    out = tmp_path / "candidates.json"
-    sets = [f"base_model.name={base.name}", f"data.path={OPINIONS}", "data.transfer.hold_out=wvs"]
-    candidates_main(
-        [
-            "--config",
-            str(TINY_CONFIG),
-            *[x for s in sets for x in ("--set", s)],
-            "--experts",
-            str(folder),
-            "--out",
-            str(out),
-        ]
-    )
-    report = json.loads(out.read_text())
-    table = report["candidates"]
-    assert set(table) == {
-        "raw",
-        "mix pooled",
-        "mix per culture",
-        "mix per culture, shrunk",
-        "mix per culture, format-gated",
-        "log-linear pooled",
-        "temperature pooled",
-    }
-    fitted = {c: f.weight for c, f in fit_prior_weights(base, experts, data).items()}
-    assert table["mix per culture"]["fitted"]["w"] == fitted
-    # The weights shores train writes: on familiar answer formats fitted on val, on the others on transfer_val.
-    familiar = {c: f.weight for c, f in fit_prior_weights(base, experts, data, split="val").items()}
-    gated = table["mix per culture, format-gated"]["fitted"]
-    assert gated == {"w familiar": familiar, "w unfamiliar": fitted}
-    assert report["format_gate"]["threshold"] == fit_format_gate(data, trained).threshold
-    for row in table.values():
-        assert {"val", "test", "transfer_val", "transfer_test", "cross_fitted"} <= set(row)
-        assert row["transfer_test"]["n"] == sum(
-            len(r) for r in data.records_of("transfer_test", trained).values()
-        )
-    # Fitted on transfer_val, the per-culture mixture is never below the prior there, culture by culture.
-    assert (
-        table["mix per culture"]["transfer_val"]["diff"] >= 0
-        and table["mix per culture"]["transfer_val"]["below_ci"] == 0
-    )
-    assert set(report["committees"]) and "Canada" not in report["prior_by_options"]
-
-
-def test_a_question_is_familiar_when_its_option_words_were_seen_in_training():
-    grams = training_grams([["Strongly agree", "Agree", "Disagree"], ["Yes", "No", "DK/Refused"]])
-    assert option_grams(["Yes", "No"]) == {"yes", "no", "yes no"}
-    assert familiarity(["Agree", "Disagree"], grams) == 1.0  # "agree disagree" is a pair of the first list
-    assert familiarity(["Yes", "No answer"], grams) == pytest.approx(3 / 5)  # not "answer", "no answer"
-    assert familiarity([], grams) == 0.0
-    # The threshold that tells the two sets apart with the fewest errors; ties to the lowest.
-    assert separating_threshold([1.0, 0.95, 0.9, 0.8], [0.2, 0.4, 0.85]) == 0.9  # 1/4 below it, none above
-    assert separating_threshold([1.0, 0.9, 0.5], [0.2, 0.4, 0.6]) == 0.5  # 0.9 errs as much
-    assert separating_threshold([1.0], [0.2]) == 1.0
-    with pytest.raises(ValueError):
-        separating_threshold([], [0.2])
-    gate = FormatGate(grams, 0.8, unfamiliar_weight=1.0)
-    assert gate.familiar(["Agree", "Disagree"]) and not gate.familiar(["1", "2", "10"])
-    assert not gate.familiar(None)  # free text is no answer format the expert was trained on
-    assert FormatGate.from_json(json.loads(json.dumps(gate.to_json()))) == gate
-
-
-def test_an_expert_takes_its_gate_s_share_of_the_prior_on_unfamiliar_answer_formats(
+def test_calibration_writes_each_weight_into_its_file_and_the_committees_into_the_priors(
     prior_and_experts, tmp_path
 ):
     base, experts, data = prior_and_experts
-    germany = next(e for e in experts if e.meta.culture == "Germany")
-    test_options = [r.options for r in data.splits["test"]]
-    gate = FormatGate(training_grams(test_options), 1.0, unfamiliar_weight=1.0)
-    gated = replace(germany, meta=replace(germany.meta, prior_weight=0.0, format_gate=gate))
-    path = save_expert(tmp_path / "germany.safetensors", gated)
-    assert load_expert(path).meta.format_gate == gate and load_expert(path).meta.prior_weight == 0.0
-    # The weights one question gets: the expert alone on test's answer formats, the prior on others.
-    assert prior_weights([gated.meta], test_options[0]) == {}
-    assert prior_weights([gated.meta], ["Not at all", "Completely", "No answer (EVS)"]) == {"Germany": 1.0}
-    transfer = data.records_of("transfer_test", ["Germany"])["Germany"]
-    assert transfer and not any(gate.familiar(r.options) for r in transfer)
-    served = [load_expert(path) if e.meta.culture == "Germany" else e for e in experts]
-    report = evaluate_beside_transfer(base, served, data, "test", ["Germany"], n_bootstrap=10)
-    on_test, on_transfer = report["cultures"]["Germany"], report["transfer"]["cultures"]["Germany"]
-    assert on_test["expert"] != pytest.approx(on_test[SHARED])  # familiar: the expert as trained
-    assert on_transfer["expert"] == pytest.approx(on_transfer[SHARED])  # unfamiliar: wholly the prior
-    assert report["unfamiliar_prior_weights"] == {"Germany": 1.0}
-
-
-def test_the_two_weights_and_the_gate_are_fitted_on_val_and_transfer_val_and_never_on_test(
-    prior_and_experts, tmp_path
-):
-    base, experts, data = prior_and_experts
-    # val answered exactly as each expert answers, transfer_val as the prior; test and transfer_test the other
-    # way round, so a single record of either read would move a weight.
-    who = {"val": "own", "transfer_val": SHARED, "test": SHARED, "transfer_test": "own"}
-    splits = {s: surveyed_as(base, experts, rs, who[s]) if s in who else rs for s, rs in data.splits.items()}
-    data = replace(data, splits=splits)
     files = {
         e.meta.culture: save_expert(tmp_path / f"{slug(e.meta.culture)}.safetensors", e) for e in experts
     }
     prior_file = files.pop(SHARED)
-    weights = calibrate_experts(base, files, prior_file, data, "auto", k=2, temperature=0.05)
-    gate = fit_format_gate(data, list(files))
+    # val answered exactly as each expert answers: every expert answers alone.
+    own = replace(data, splits=data.splits | {"val": surveyed_as(base, experts, data.splits["val"], "own")})
+    weights = calibrate_experts(base, files, prior_file, own, "auto", k=2, temperature=0.05)
     for culture, path in files.items():
-        meta = load_expert(path).meta
-        assert meta.prior_weight == weights[culture] == 0.0  # fitted on val
-        assert meta.format_gate == replace(gate, unfamiliar_weight=1.0)  # fitted on transfer_val
-    # The gate reads the training split's options and tells val from transfer_val; test never enters it.
-    assert gate.grams == training_grams(r.options for r in data.splits["train"])
-    blind = replace(data, splits=data.splits | {"test": [], "transfer_test": []})
-    assert fit_format_gate(blind, list(files)) == gate
-    familiar = [gate.familiar(r.options) for r in data.splits["val"]]
-    unfamiliar = [not gate.familiar(r.options) for r in data.splits["transfer_val"]]
-    assert sum(familiar) / len(familiar) + sum(unfamiliar) / len(unfamiliar) > 1  # better than chance
-    # Without a transfer split there is one weight, fitted on val, and no gate.
-    calibrate_experts(base, files, prior_file, replace(data, transfer=None), "auto", k=2, temperature=0.05)
-    assert all(load_expert(p).meta.format_gate is None for p in files.values())
+        assert load_expert(path).meta.prior_weight == weights[culture] == 0.0
+    assert load_expert(prior_file).meta.prior_weight == weights[SHARED]
+    # A number sets every weight, the committees' too.
+    weights = calibrate_experts(base, files, prior_file, own, 0.4, k=2, temperature=0.05)
+    assert {load_expert(p).meta.prior_weight for p in [*files.values(), prior_file]} == {0.4}

@@ -29,6 +29,7 @@ from workers.committees import (
 from workers.cultures import SHARED, UnknownCultureError, find_culture
 from workers.expert_file import Expert, ExpertMeta
 from workers.prompts import SoftPromptBank, bank_from_experts, persona_text
+from workers.renderings import AS_WRITTEN, REVERSED, renderings
 from workers.scoring import alignment
 
 EXPERTS = ["Germany", "Japan", "Kenya", "United Kingdom"]
@@ -151,11 +152,11 @@ def test_a_committee_worse_than_the_prior_on_validation_never_scores_below_it_on
 
     val, test = rows(60), rows(60)
     assert score(val, 0.0) < score(val, 1.0)  # the committee alone is worse than the prior
-    weight = choose_prior_weight(val)
+    weight = choose_prior_weight({"as_written": val})
     assert weight > 0.5 and score(val, weight) >= score(val, 1.0)
     assert score(test, weight) >= score(test, 1.0) - 1e-3 and score(test, weight) > score(test, 0.0)
     with pytest.raises(ValueError):
-        choose_prior_weight([])
+        choose_prior_weight({})
 
 
 def test_the_prior_weight_is_chosen_on_validation_records_never_test(llama_dir):
@@ -168,9 +169,15 @@ def test_the_prior_weight_is_chosen_on_validation_records_never_test(llama_dir):
     bank = bank_from_experts(experts)
     similarity = similarity_table(data.records, trained, trained)
 
+    plain = {AS_WRITTEN, REVERSED}
+
     def answered(split: str, committee_of) -> list:
-        """The split's records with the answers that `committee_of(culture)`'s mixture gives."""
-        records = [r for r in data.splits[split] if r.culture in trained]
+        """The split's records with the answers that `committee_of(culture)`'s mixture gives; only questions
+        with no missing-value code and no numbered scale, so every rendering answers them as written (both
+        option orders are averaged) and the answers forged here are exact in each."""
+        records = [
+            r for r in data.splits[split] if r.culture in trained and set(renderings(r.options)) <= plain
+        ]
         members = [member_indices(committee_of(r.culture), index) for r in records]
         mixes = committee_distributions(base, bank, encode(base, records, 256), members)
         return [replace(r, distribution=tuple(float(x) for x in m)) for r, m in zip(records, mixes)]

@@ -23,7 +23,6 @@ from tests.serving import (
     wait_for,
     write_experts,
 )
-from workers.answer_formats import FormatGate, training_grams
 from workers.cultures import SHARED
 
 pytestmark = pytest.mark.slow  # a local Serve for the module (the last test drives a pool replica without it)
@@ -358,11 +357,7 @@ def test_an_expert_answers_with_its_share_of_the_shared_prior(http, server):
             and r.json()
         )
     )
-    # Its format gate knows QUESTION's answer format; on others it answers wholly as the prior.
-    gate = FormatGate(training_grams([QUESTION["options"]]), 1.0, unfamiliar_weight=1.0)
-    write_experts(
-        server["out"] / "experts", server["model"], ["Chile"], seed=12, prior_weight=0.25, format_gate=gate
-    )
+    write_experts(server["out"] / "experts", server["model"], ["Chile"], seed=12, prior_weight=0.25)
     answer = wait_for(
         lambda: (
             (r := http.post("/v1/opinion", json=QUESTION | {"culture": "Chile"})).status_code == 200
@@ -372,14 +367,15 @@ def test_an_expert_answers_with_its_share_of_the_shared_prior(http, server):
     assert {m["culture"]: m["weight"] for m in answer["committee"]} == {"Chile": 0.75, SHARED: 0.25}
     assert answer["model"] == "shores:chile" and abs(sum(answer["distribution"]) - 1) < 1e-6
     assert not np.allclose(answer["distribution"], prior["distribution"])
-    scale = opinion(http, culture="Chile", options=["1 Not at all", "2", "3", "4 Completely"])
-    assert scale["committee"] == [
-        {"culture": SHARED, "weight": 1.0, "version": scale["committee"][0]["version"]}
-    ]
+    # One share whatever the options: a scale, with or without a missing-value code, gets the same committee.
+    for options in (
+        ["1 Not at all", "2", "3", "4 Completely"],
+        ["1 Not at all", "2", "3", "4 Completely", "Don't know"],
+    ):
+        scale = opinion(http, culture="Chile", options=options)
+        assert {m["culture"]: m["weight"] for m in scale["committee"]} == {"Chile": 0.75, SHARED: 0.25}
     cards = {e["culture"]: e for e in http.get("/v1/experts").json()["experts"]}
     assert cards["Chile"]["prior_weight"] == 0.25 and cards["Germany"]["prior_weight"] == 0.0
-    assert cards["Chile"]["format_gate"] == {"threshold": 1.0, "unfamiliar_prior_weight": 1.0}
-    assert cards["Germany"]["format_gate"] is None
     # The prior's own weight (0 here) keeps it out of committees; Germany, weight 0, still answers alone.
     assert SHARED not in {m["culture"] for m in opinion(http, culture="Canada")["committee"]}
     assert [m["culture"] for m in opinion(http, culture="Germany")["committee"]] == ["Germany"]

@@ -40,6 +40,13 @@ class TrainConfig(BaseModel):
         description="Each expert's epoch is cut into runs of this many batches, each run sorted by question "
         "length, so a batch pads little; 1 keeps the plain shuffle.",
     )
+    # What an expert learns from one way of writing a question can be that way's letter habits, not the
+    # culture: a draw among its renderings keeps only what survives them (docs/results.md).
+    renderings: bool = Field(
+        default=True,
+        description="Each epoch, train on one rendering of each question drawn at random (missing-value "
+        "codes dropped or kept, a scale numbered or not, either option order); false: as written.",
+    )
     eval_batch_size: int = Field(
         default=EVAL_BATCH_SIZE, ge=1, description="Questions in one validation forward pass."
     )

@@ -160,7 +160,7 @@ class PackedTrainer:
     def rendered(self, question: EncodedQuestion, culture: str) -> EncodedQuestion:
         """One of the question's renderings, drawn from its culture's generator (the question itself if it has
         none): an expert then learns what survives how a questionnaire writes the question."""
-        if not question.renderings:
+        if not question.renderings or not self.config.renderings:
             return question
         pick = int(torch.randint(len(question.renderings), (1,), generator=self.generators[culture]))
         return question.renderings[pick]
