@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.encoding import encode
-from orchestrator.survey import ExperimentData, SurveyDataError, SurveyRecord, normalise_question
+from orchestrator.survey import (
+    ExperimentData,
+    SurveyDataError,
+    SurveyRecord,
+    normalise_question,
+    question_programmes,
+)
 from workers.base_model import FrozenBase
 from workers.committees import Committee, culture_committee, prior_weights
 from workers.cultures import SHARED, UnknownCultureError, is_shared
@@ -107,8 +113,27 @@ def evaluate(
             out["held_out"]["cultures"] = held_out
         return out
 
+    # Which survey programme each question comes from (read from its codes), to pool each rendering by programme.
+    programme_of = question_programmes(data.records)
+    trained = [c for c in cultures if c in own]
+    programmes = {c: [programme_of[normalise_question(r.question)] for r in per_culture[c]] for c in trained}
+
+    def pooled_with_experts(scores: dict[str, dict[str, list[float]]]) -> dict:
+        """The records of the cultures with experts pooled (`with_experts`), and pooled by programme."""
+        pooled: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for c in trained:
+            for method, values in scores[c].items():
+                if len(values) == len(programmes[c]):  # a score every record: pairs stay paired
+                    for programme, value in zip(programmes[c], values):
+                        pooled[programme][method].append(value)
+                        pooled[""][method].append(value)
+        summaries = {p: _summarise(v, len(v["uniform"]), n_bootstrap) for p, v in sorted(pooled.items())}
+        return {"with_experts": summaries.pop("", None), "by_programme": summaries}
+
     report = section(scored[AS_WRITTEN])
-    report["renderings"] = {name: section(scored[name]) for name in RENDERINGS}
+    report["renderings"] = {
+        name: section(scored[name]) | pooled_with_experts(scored[name]) for name in RENDERINGS
+    }
     report["worst_rendering"] = worst_renderings(report["renderings"])
     report["split"] = split
     report["experts"] = {e.meta.culture: e.meta.training for e in experts}
@@ -273,7 +298,8 @@ def format_table(report: dict) -> str:
 
 def format_renderings(report: dict) -> list[str]:
     """One row a rendering: pooled alignment of the cultures with experts, the paired gain over the prior, the
-    experts whose interval lies below 0, and the held-out cultures' committees' gain; the worst named."""
+    experts whose interval lies below 0, and the held-out cultures' committees' gain; then the same pooled by
+    survey programme; the worst rendering named."""
     worst = report.get("worst_rendering", {})
     title = (
         f"renderings (the worst counts: experts {worst.get('expert')}, committees {worst.get('committee')})"
@@ -285,7 +311,7 @@ def format_renderings(report: dict) -> list[str]:
     )
     lines = [title, header, "-" * len(header)]
     for name, section in report["renderings"].items():
-        overall = section["overall"]
+        overall = section["with_experts"] or section["overall"]
         below = [
             c
             for c, row in section["cultures"].items()
@@ -304,6 +330,15 @@ def format_renderings(report: dict) -> list[str]:
         )
         if below:
             lines.append(f"{'':<29}below the prior: {', '.join(below)}")
+        for programme, row in section.get("by_programme", {}).items():
+            lines.append(
+                f"{'  ' + programme + ' questions':<24}{row['n']:>5}"
+                + "".join(
+                    f"{row[m]:>9.3f}" if row[m] is not None else f"{'-':>9}"
+                    for m in ("base", SHARED, "expert", "uniform")
+                )
+                + _difference_cell(row["differences"].get(f"expert-{SHARED}"))
+            )
     return lines
 
 

@@ -187,3 +187,8 @@ def test_the_report_scores_every_rendering_and_names_the_worst(llama_base):
     assert gains[worst] == min(gains.values())
     assert report["renderings"][worst]["held_out"]["committee"] is not None
     assert f"renderings (the worst counts: experts {worst}" in format_table(report)
+    # Each rendering pooled by survey programme, over the records of the cultures with experts.
+    by_programme = report["renderings"][NO_MISSING]["by_programme"]
+    assert set(by_programme) <= {"pew", "wvs", "unknown"} and len(by_programme) > 1
+    with_experts = report["overall"]["differences"][f"expert-{SHARED}"]["n"]
+    assert sum(row["n"] for row in by_programme.values()) == with_experts
