@@ -10,9 +10,9 @@ each way of RENDERINGS (missing-value codes dropped, options reversed, a scale's
 written but harms once their codes are dropped is not chosen; and since the weight is one number per expert,
 nothing about how a question is written changes it.
 
-A culture without an expert is answered by the committee of its nearest experts, and the prior joins that
-committee with the weight written in the prior's own file, chosen the same way for every trained culture
-answered by the committee of the *other* experts (leave one culture out).
+A culture without an expert is answered by the committee of its nearest experts, each answering with its own
+share of the prior: the one mechanism guards both. (The prior's own file holds a further share for those
+committees: 0 with `auto`, the number otherwise.)
 
 Only `val` is read: test and the transfer split are for reporting.
 """
@@ -30,20 +30,15 @@ import numpy as np
 from orchestrator.config import ExperimentConfig
 from orchestrator.encoding import encode
 from orchestrator.results import Winner
-from orchestrator.survey import ExperimentData, SurveyDataError, SurveyRecord, similarity_table
+from orchestrator.survey import ExperimentData, SurveyRecord
 from workers.base_model import FrozenBase
 from workers.committees import (
     PRIOR_WEIGHTS,
-    choose_prior_weight,
-    culture_committee,
-    prior_weights,
-    with_member_priors,
     worst_rendering_scores,
 )
-from workers.cultures import SHARED, UnknownCultureError, is_shared
+from workers.cultures import SHARED, is_shared
 from workers.defaults import EVAL_BATCH_SIZE, MAX_LENGTH
 from workers.expert_file import Expert, load_expert, save_expert
-from workers.expert_store import Similarity
 from workers.prompts import bank_from_experts
 from workers.renderings import RENDERINGS
 from workers.scoring import EncodedQuestion, option_distributions
@@ -131,67 +126,19 @@ def fit_prior_weights(
     return choose_weights(rows, grid)
 
 
-def fit_committee_prior_weight(
-    base: FrozenBase,
-    experts: list[Expert],
-    data: ExperimentData,
-    similarity: Similarity,
-    k: int,
-    temperature: float,
-    batch_size: int = EVAL_BATCH_SIZE,
-    max_length: int = MAX_LENGTH,
-    grid: Sequence[float] = PRIOR_WEIGHTS,
-) -> float:
-    """The prior's weight in `grid` whose worst rendering scores best for leave-one-culture-out committees
-    (each trained culture answered by its nearest other experts as served, mixed with the prior) on `val`.
-
-    ValueError without the shared prior among the experts; SurveyDataError without a trained culture that
-    has val records and a committee of other experts.
-    """
-    names = [e.meta.culture for e in experts]
-    if SHARED not in names:
-        raise ValueError("fitting the committees' prior weight needs the shared prior among the experts")
-    own = [c for c in names if not is_shared(c)]
-    served = prior_weights(e.meta for e in experts if not is_shared(e.meta.culture))
-    committees = {}
-    for culture in own:
-        others = [c for c in own if c != culture]
-        try:
-            committee = culture_committee(culture, others, similarity, k, temperature)
-        except UnknownCultureError:
-            continue  # no similarity to any other expert: no held-out-like committee to measure
-        committees[culture] = with_member_priors(committee, served)
-    records = [r for rs in data.records_of(CALIBRATION_SPLIT, list(committees)).values() for r in rs]
-    if not records:
-        raise SurveyDataError(
-            f"no {CALIBRATION_SPLIT} records of a trained culture with a committee of other experts"
-        )
-    # Per record: the prior's row, then a row of each member (the prior among them answers with its own row).
-    answers = rendered_answers(
-        base, experts, records, lambda r: [SHARED, *committees[r.culture].cultures], batch_size, max_length
-    )
-    rows: dict[str, Rows] = defaultdict(list)
-    for name, shown in answers.items():
-        for record, (q, (prior, *members)) in zip(records, shown):
-            mix = sum(w * d for (_, w), d in zip(committees[record.culture].members, members))
-            rows[name].append((mix, prior, np.asarray(q.target)))
-    return choose_prior_weight(rows, grid)
-
-
 def calibrate_experts(
     base: FrozenBase,
     expert_files: Mapping[str, Path],
     prior_file: Path,
     data: ExperimentData,
     setting: float | str,
-    k: int,
-    temperature: float,
     batch_size: int = EVAL_BATCH_SIZE,
     max_length: int = MAX_LENGTH,
 ) -> dict[str, float]:
     """Write the prior's weights into the files (`shared.expert_prior_weight`): each culture's expert's, and the
-    committees' into the prior's own file. `auto` fits them; a number sets them all. Returns them by culture
-    (the committees' under the prior's name)."""
+    committees' into the prior's own file. `auto` fits the experts' (the committees' is 0: their members answer
+    with their own shares); a number sets them all. Returns them by culture (the committees' under the prior's
+    name)."""
     experts = {c: load_expert(path) for c, path in expert_files.items()}
     prior = load_expert(prior_file)
     weights = dict.fromkeys(experts, 0.0 if setting == "auto" else float(setting))
@@ -211,17 +158,6 @@ def calibrate_experts(
         if missing:
             print(f"warning: no {CALIBRATION_SPLIT} records of {missing}: they answer alone", file=sys.stderr)
     calibrated = {c: replace(e, meta=replace(e.meta, prior_weight=weights[c])) for c, e in experts.items()}
-    if setting == "auto":
-        similarity = similarity_table(data.records, list(experts), list(experts))
-        try:
-            committee = fit_committee_prior_weight(
-                base, [prior, *calibrated.values()], data, similarity, k, temperature, batch_size, max_length
-            )
-            print(
-                f"committees: the prior's weight {committee:g}, fitted leave one culture out on every rendering"
-            )
-        except SurveyDataError as err:
-            print(f"warning: committees without the prior: {err}", file=sys.stderr)
     for culture, expert in calibrated.items():
         save_expert(expert_files[culture], expert)
     save_expert(prior_file, replace(prior, meta=replace(prior.meta, prior_weight=committee)))
@@ -243,15 +179,12 @@ def calibrate_winners(
     if SHARED not in winners:
         print("warning: no shared prior among the winners: the experts answer alone", file=sys.stderr)
         return
-    routing = config.serve.routing
     calibrate_experts(
         load_base(),
         files,
         winners[SHARED].expert_file,
         data,
         setting,
-        routing.committee_size,
-        routing.routing_temperature,
         config.eval.batch_size,
         config.data.max_length,
     )

@@ -162,10 +162,10 @@ def test_calibration_writes_each_weight_into_its_file_and_the_committees_into_th
     prior_file = files.pop(SHARED)
     # val answered exactly as each expert answers: every expert answers alone.
     own = replace(data, splits=data.splits | {"val": surveyed_as(base, experts, data.splits["val"], "own")})
-    weights = calibrate_experts(base, files, prior_file, own, "auto", k=2, temperature=0.05)
+    weights = calibrate_experts(base, files, prior_file, own, "auto")
     for culture, path in files.items():
         assert load_expert(path).meta.prior_weight == weights[culture] == 0.0
     assert load_expert(prior_file).meta.prior_weight == weights[SHARED]
     # A number sets every weight, the committees' too.
-    weights = calibrate_experts(base, files, prior_file, own, 0.4, k=2, temperature=0.05)
+    weights = calibrate_experts(base, files, prior_file, own, 0.4)
     assert {load_expert(p).meta.prior_weight for p in [*files.values(), prior_file]} == {0.4}

@@ -3,34 +3,25 @@ shared prior's weight in committees chosen on the calibration split; and the eva
 with the same code."""
 
 import json
-from dataclasses import replace
 
-import numpy as np
 import pytest
 
-from orchestrator.calibration import fit_committee_prior_weight
 from orchestrator.config import load_config
-from orchestrator.encoding import encode
 from orchestrator.evaluate import evaluate, format_table, served_committees
 from orchestrator.experts import write_similarity
-from orchestrator.survey import prepare_data, similarity_table
-from tests.conftest import OPINIONS, TINY_CONFIG, random_expert
+from orchestrator.survey import prepare_data
+from tests.conftest import OPINIONS, TINY_CONFIG
 from workers.base_model import load_frozen_base
 from workers.committees import (
     Committee,
     TextRouter,
-    choose_prior_weight,
-    committee_distributions,
     culture_committee,
-    member_indices,
     softmax_weights,
     with_prior,
 )
 from workers.cultures import SHARED, UnknownCultureError, find_culture
 from workers.expert_file import Expert, ExpertMeta
-from workers.prompts import SoftPromptBank, bank_from_experts, persona_text
-from workers.renderings import AS_WRITTEN, REVERSED, renderings
-from workers.scoring import alignment
+from workers.prompts import SoftPromptBank, persona_text
 
 EXPERTS = ["Germany", "Japan", "Kenya", "United Kingdom"]
 SIMILARITY = {"Canada": {"United Kingdom": 0.9, "Germany": 0.8, "Japan": 0.6, "Kenya": 0.5, "Peru": 0.95}}
@@ -133,63 +124,3 @@ def test_with_a_prior_weight_a_held_out_culture_s_committee_includes_the_prior()
     ]
     assert culture_committee("Canada", EXPERTS, SIMILARITY, 2, 0.05, prior_weights=weights) == plain
     assert with_prior(plain, 1.0).members == [(SHARED, 1.0)] and with_prior(plain, 0.0) == plain
-
-
-def test_a_committee_worse_than_the_prior_on_validation_never_scores_below_it_once_weighted():
-    rng = np.random.default_rng(0)
-
-    def rows(n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        out = []
-        for _ in range(n):
-            survey = rng.dirichlet(np.full(4, 2.0))
-            prior = 0.8 * survey + 0.2 * rng.dirichlet(np.ones(4))  # near the answers
-            committee = rng.dirichlet(np.full(4, 0.3))  # members who know this culture badly
-            out.append((committee, prior, survey))
-        return out
-
-    def score(rows, w: float) -> float:
-        return float(np.mean([alignment((1 - w) * c + w * p, s) for c, p, s in rows]))
-
-    val, test = rows(60), rows(60)
-    assert score(val, 0.0) < score(val, 1.0)  # the committee alone is worse than the prior
-    weight = choose_prior_weight({"as_written": val})
-    assert weight > 0.5 and score(val, weight) >= score(val, 1.0)
-    assert score(test, weight) >= score(test, 1.0) - 1e-3 and score(test, weight) > score(test, 0.0)
-    with pytest.raises(ValueError):
-        choose_prior_weight({})
-
-
-def test_the_prior_weight_is_chosen_on_validation_records_never_test(llama_dir):
-    config = load_config(TINY_CONFIG, [f"data.path={OPINIONS}", "data.held_out=[]"])
-    data = prepare_data(config.data)
-    base = load_frozen_base(str(llama_dir), device="cpu")
-    trained = data.selection.trained
-    experts = [random_expert(base, c, 4, 0, seed) for seed, c in enumerate([SHARED, *trained])]
-    index = {e.meta.culture: i for i, e in enumerate(experts)}
-    bank = bank_from_experts(experts)
-    similarity = similarity_table(data.records, trained, trained)
-
-    plain = {AS_WRITTEN, REVERSED}
-
-    def answered(split: str, committee_of) -> list:
-        """The split's records with the answers that `committee_of(culture)`'s mixture gives; only questions
-        with no missing-value code and no numbered scale, so every rendering answers them as written (both
-        option orders are averaged) and the answers forged here are exact in each."""
-        records = [
-            r for r in data.splits[split] if r.culture in trained and set(renderings(r.options)) <= plain
-        ]
-        members = [member_indices(committee_of(r.culture), index) for r in records]
-        mixes = committee_distributions(base, bank, encode(base, records, 256), members)
-        return [replace(r, distribution=tuple(float(x) for x in m)) for r, m in zip(records, mixes)]
-
-    def others(culture: str) -> Committee:
-        return culture_committee(culture, [c for c in trained if c != culture], similarity, 2, 0.05)
-
-    # Validation answered exactly as the prior answers, test exactly as the other experts' committees do.
-    val, test = answered("val", lambda c: Committee([(SHARED, 1.0)])), answered("test", others)
-    forged = replace(data, splits=data.splits | {"val": val, "test": test})
-    swapped = replace(data, splits=data.splits | {"val": test, "test": val})
-    assert (
-        fit_committee_prior_weight(base, experts, swapped, similarity, 2, 0.05) == 0.0
-    )  # what test would choose
-    assert fit_committee_prior_weight(base, experts, forged, similarity, 2, 0.05) == 1.0

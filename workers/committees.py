@@ -29,7 +29,7 @@ from workers.expert_store import Similarity
 from workers.prompts import NO_EXPERT, SoftPromptBank
 from workers.scoring import EncodedQuestion, alignment, batch_log_probs, option_token_ids
 
-# The prior's weights `choose_prior_weight` tries: 0 (the experts alone) to 1 (the prior alone).
+# The prior's weights calibration tries: 0 (the expert alone) to 1 (the prior alone).
 PRIOR_WEIGHTS = tuple(i / 10 for i in range(11))
 
 
@@ -124,17 +124,6 @@ def worst_rendering_scores(
     if not rows or not all(rows.values()):
         raise ValueError("no records to choose the prior's weight on")
     return np.min([mixture_scores(r, grid) for r in rows.values()], axis=0)
-
-
-def choose_prior_weight(
-    rows: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]],
-    grid: Sequence[float] = PRIOR_WEIGHTS,
-) -> float:
-    """The prior's weight in `grid` whose worst rendering scores best (`worst_rendering_scores`); ties go to the
-    smaller weight. With 1 in the grid the choice never scores below the prior alone on any rendering of these
-    rows. The rows must be validation records: the caller chooses them, never from test.
-    """
-    return float(grid[int(np.argmax(worst_rendering_scores(rows, grid)))])  # argmax: the first of equal bests
 
 
 def served_committee(committee: Committee, prior_weights: Mapping[str, float]) -> Committee:

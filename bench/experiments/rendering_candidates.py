@@ -90,6 +90,7 @@ def candidates(by_rendering: dict[str, list[Row]], keep=lambda i, r: True) -> di
     """Each candidate's answer for a record, fitted on the val rows `keep` admits."""
     fit = rows_for_fit(by_rendering, keep)
     worst = {c: PRIOR_WEIGHTS[int(np.argmax(worst_rendering_scores(r)))] for c, r in fit.items()}
+    cautious = {c: one_se_weight(r) for c, r in fit.items()}
     written = {
         c: PRIOR_WEIGHTS[int(np.argmax(worst_rendering_scores({"as_written": r["as_written"]})))]
         for c, r in fit.items()
@@ -104,8 +105,26 @@ def candidates(by_rendering: dict[str, list[Row]], keep=lambda i, r: True) -> di
         "raw": (lambda r: r["e2"], {}),
         "mix per culture, as written": (lambda r: mix(r, written.get(r["culture"], 0.0)), {"w": written}),
         "mix per culture, worst rendering": (lambda r: mix(r, worst.get(r["culture"], 0.0)), {"w": worst}),
+        "mix per culture, worst rendering, 1 SE": (
+            lambda r: mix(r, cautious.get(r["culture"], 0.0)),
+            {"w": cautious},
+        ),
         "mix pooled, worst rendering": (lambda r: mix(r, pooled), {"w": pooled}),
     }
+
+
+def one_se_weight(rows: dict) -> float:
+    """The largest w whose worst-rendering score is within one standard error of the best w's: the best's
+    paired gain over the prior, on its worst rendering, counts only as far as it stands out of its noise."""
+    scores = worst_rendering_scores(rows)
+    best = int(np.argmax(scores))
+    w = PRIOR_WEIGHTS[best]
+    weakest = min(
+        rows.values(), key=lambda rs: np.mean([alignment((1 - w) * e + w * p, s) for e, p, s in rs])
+    )
+    gains = [alignment((1 - w) * e + w * p, s) - alignment(p, s) for e, p, s in weakest]
+    se = float(np.std(gains, ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else 0.0
+    return max(g for g, score in zip(PRIOR_WEIGHTS, scores) if score >= scores[best] - se)
 
 
 def prior_of(name: str) -> str:
