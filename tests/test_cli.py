@@ -326,15 +326,14 @@ def test_train_local_trains_the_prior_first_and_adds_to_the_published_set(tiny_m
     assert experts.is_symlink()  # published through the same atomic swap as under Tune
     assert sorted(p.stem for p in experts.glob("*.safetensors")) == ["germany", "japan", "shared"]
     assert "shared" not in json.loads((experts / "similarity.json").read_text())["Canada"]
-    # Each expert's share of the prior is in its published file, fitted on every rendering of val; the
-    # committees' is in the prior's.
+    # Each expert's share of the prior is in its published file, fitted on every rendering of val.
     for culture in ("Germany", "Japan"):
         line = next(x for x in first.stdout.splitlines() if x.startswith(f"{culture}: the prior's weight"))
         assert " val records in 4 renderings" in line
         fitted = float(line.split("weight ")[1].split(",")[0])
         assert load_expert(experts / f"{culture.lower()}.safetensors").meta.prior_weight == fitted
-    line = next(x for x in first.stdout.splitlines() if x.startswith("committees: the prior's weight"))
-    assert load_expert(experts / "shared.safetensors").meta.prior_weight == float(line.split()[4].rstrip(","))
+    # Committees take their members' own shares: the prior's file adds none.
+    assert load_expert(experts / "shared.safetensors").meta.prior_weight == 0.0
 
     kenya = [x for s in [*sets[:3], "train.epochs=1", "data.cultures=[Kenya]"] for x in ("--set", s)]
     added = shores("train", "--local", "--config", str(TINY_CONFIG), *kenya)

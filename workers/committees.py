@@ -8,8 +8,8 @@ of the text against each expert's descriptor). Both ranked cases take the top k 
 Where the shared prior is served, it shapes every answer with the weights fitted at training
 (`orchestrator/calibration.py`): each expert answers with its share of the prior (`with_member_priors`), and a
 culture without an expert has the prior in its committee (`with_prior`), so a committee of experts who know
-the culture badly falls back on the culture-blind prior. The shares are fitted on every rendering of the validation questions
-(`workers/renderings.py`), so they key on nothing in how a question is written.
+the culture badly falls back on the culture-blind prior. The shares are fitted on every rendering of the
+validation questions (`workers/renderings.py`), so they key on nothing in how a question is written.
 """
 
 from __future__ import annotations
