@@ -310,40 +310,30 @@ def format_renderings(report: dict) -> list[str]:
         + f"{'expert - shared':>28}  {'below 0':<8}{'committee - shared':>28}"
     )
     lines = [title, header, "-" * len(header)]
+
+    def pooled(label: str, row: dict) -> str:
+        means = "".join(_cell(row[m], 9) for m in ("base", SHARED, "expert", "uniform"))
+        return f"{label:<24}{row['n']:>5}{means}" + _difference_cell(
+            row["differences"].get(f"expert-{SHARED}")
+        )
+
     for name, section in report["renderings"].items():
-        overall = section["with_experts"] or section["overall"]
         below = [
             c
             for c, row in section["cultures"].items()
             if (d := row["differences"].get(f"expert-{SHARED}")) and d["ci95"][1] < 0
         ]
         held = section.get("held_out", {}).get("differences", {}).get(f"committee-{SHARED}")
-        lines.append(
-            f"{name:<24}{overall['n']:>5}"
-            + "".join(
-                f"{overall[m]:>9.3f}" if overall[m] is not None else f"{'-':>9}"
-                for m in ("base", SHARED, "expert", "uniform")
-            )
-            + _difference_cell(overall["differences"].get(f"expert-{SHARED}"))
-            + f"  {len(below):<8}"
-            + _difference_cell(held)
-        )
+        overall = section["with_experts"] or section["overall"]
+        lines.append(pooled(name, overall) + f"  {len(below):<8}" + _difference_cell(held))
         if below:
             lines.append(f"{'':<29}below the prior: {', '.join(below)}")
-        for programme, row in section.get("by_programme", {}).items():
-            lines.append(
-                f"{'  ' + programme + ' questions':<24}{row['n']:>5}"
-                + "".join(
-                    f"{row[m]:>9.3f}" if row[m] is not None else f"{'-':>9}"
-                    for m in ("base", SHARED, "expert", "uniform")
-                )
-                + _difference_cell(row["differences"].get(f"expert-{SHARED}"))
-            )
+        lines += [pooled(f"  {p} questions", row) for p, row in section.get("by_programme", {}).items()]
     return lines
 
 
-def _cell(value: float | None) -> str:
-    return f"{value:>11.3f}" if value is not None else f"{'-':>11}"
+def _cell(value: float | None, width: int = 11) -> str:
+    return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
 
 
 def _difference_cell(entry: dict | None) -> str:
