@@ -177,7 +177,8 @@ def test_eval_on_a_foreign_file_scores_the_experts_cultures_it_holds(trained, tm
     assert report["split"] == "all" and report["data"] == str(foreign)
     # Its MLflow run is named for the file and split, and the file is a param: questionnaires tell apart.
     assert "logged to MLflow: run eval-foreign-all (" in result.stdout
-    assert report["data_file"] == str(foreign) and report["worst_rendering"]["expert"] in report["renderings"]
+    assert report["data_file"] == str(foreign)
+    assert set(report["renderings"]) == {"as_written", "no_missing", "reversed", "numbered_scale"}
     assert report["cultures"]["Germany"]["n"] == report["cultures"]["Japan"]["n"] == 6  # every record
     assert report["cultures"]["Japan"]["expert"] is not None
     skipped = f"note: no records in {foreign} for Kenya (expert), Canada (held out): skipped"

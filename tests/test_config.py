@@ -14,19 +14,18 @@ WHOLE = {
 name: demo
 output_dir: runs/demo
 base_model: {name: smollm2-135m, dtype: float32, device: auto}
-data: {path: ../shared/data/goqa/opinions.jsonl, top: 12, min_questions: 60, held_out: [Canada, Australia],
-       transfer: {hold_out: wvs}}
+data: {path: ../shared/data/goqa/opinions.jsonl, top: 12, min_questions: 60, held_out: [Canada, Australia]}
 shared: {enabled: true, max_questions: 500, cpus_per_trial: 2, train: {batch_size: 8, grad_accum: 1, epochs: 2},
          expert_prior_weight: auto}
 prompt: {kind: deep, num_virtual_tokens: 32, init: shared}
-train: {epochs: 3, batch_size: 2, grad_accum: 2, lr: 0.005, patience: 3, select: group}
+train: {epochs: 2, batch_size: 2, grad_accum: 2, lr: 0.005, patience: 3, select: group}
 tune: {experts_per_trial: 6, scheduler: fifo, cpus_per_trial: 1}
 """,
     "full": """
 name: full
 output_dir: runs/full
 base_model: {name: smollm2-135m, dtype: float32, device: auto}
-data: {path: ../shared/data/goqa/opinions.jsonl, min_questions: 30, transfer: {hold_out: wvs}}
+data: {path: ../shared/data/goqa/opinions.jsonl, min_questions: 30}
 shared: {enabled: true, cpus_per_trial: 2, train: {batch_size: 8, grad_accum: 1, epochs: 2}, expert_prior_weight: auto}
 prompt: {kind: deep, num_virtual_tokens: 32, init: shared}
 train: {epochs: 3, batch_size: 1, grad_accum: 4, lr: 0.005, patience: 3, select: group}
