@@ -450,7 +450,7 @@ class ExpertPool:
 
     def _question(self, job: OpinionJob, experts: ExpertSet) -> EncodedQuestion:
         question = encode_question(self.base.tokenizer, job.question, job.options, max_length=WHOLE)
-        self._check_fits(len(question.input_ids), experts.bank, 0)
+        self._check_fits(max(len(ids) for ids, _ in question.orders()), experts.bank, 0)
         return question
 
     def _decode_requests(

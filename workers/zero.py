@@ -20,7 +20,7 @@ the same prompts as the single-process trainer:
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 from workers.base_model import FrozenBase
 from workers.deepspeed_config import ensure_extensions_dir
 from workers.prompts import NO_EXPERT, SoftPromptBank
-from workers.scoring import EncodedQuestion, alignment, batch_log_probs
+from workers.scoring import EncodedQuestion, alignment, batch_log_probs, order_averaged
 from workers.trainer import PackedTrainer, TrainConfig, kl_to_survey, packed_loss
 
 
@@ -184,11 +184,18 @@ class ZeroTrainer(PackedTrainer):
         for start in range(0, rounds * size, size):
             chunk = mine[start : start + size]
             batch = chunk or items[:1]  # a worker out of questions still joins the forward pass
+            # A row per question and option order, its orders on this worker, averaged as option_distributions does.
+            rows = [(k, c, ids, rev) for k, (c, q) in enumerate(batch) for ids, rev in q.orders()]
             log_probs = self.engine(
-                [q for _, q in batch], [self.bank.index(c) for c, _ in batch], self.letter_ids
+                [EncodedQuestion(ids, batch[k][1].n_options) for k, _, ids, _ in rows],
+                [self.bank.index(c) for _, c, _, _ in rows],
+                self.letter_ids,
             )
-            for row, (culture, question) in enumerate(chunk):
-                probs = log_probs[row, : question.n_options].exp().cpu().double().numpy()
+            answers = defaultdict(list)
+            for row, (k, _, _, rev) in enumerate(rows):
+                answers[k].append((log_probs[row, : batch[k][1].n_options].exp().cpu().double().numpy(), rev))
+            for k, (culture, question) in enumerate(chunk):
+                probs = order_averaged([p for p, _ in answers[k]], [rev for _, rev in answers[k]])
                 totals[0, self.bank.index(culture)] += alignment(probs, question.target)
                 totals[1, self.bank.index(culture)] += 1
         self._all_reduce(totals)
