@@ -1,6 +1,6 @@
 """The router's committees: own expert, nearest experts by survey similarity, sentence-embedding routing, the
-shared prior's weight in committees chosen on the calibration split; and the evaluation's committee column and held-out section built
-with the same code."""
+shared prior's share in committees; and the evaluation's committee column and held-out section built with the
+same code."""
 
 import json
 
