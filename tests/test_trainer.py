@@ -31,7 +31,9 @@ def _examples(tokenizer, culture, n, offset=0):
         options = [f"option {j}" for j in range(k)]
         target = rng.dirichlet(np.ones(k)) * 0.3
         target[LEANING[culture] % k] += 0.7
-        examples.append(encode_question(tokenizer, QUESTIONS[(i + offset) % len(QUESTIONS)], options, target))
+        # One order: the lean is a position ("option j" says nothing), which averaging both orders would halve.
+        question = QUESTIONS[(i + offset) % len(QUESTIONS)]
+        examples.append(encode_question(tokenizer, question, options, target, both_orders=False))
     return examples
 
 

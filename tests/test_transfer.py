@@ -189,7 +189,15 @@ def test_eval_reports_the_transfer_split_beside_the_test_split_from_transfer_rec
     )
     section = report["transfer"]
     assert section["split"] == "transfer_test" and section["hold_out"] == "wvs" and report["split"] == "test"
-    assert set(section) == {"hold_out", "split", "cultures", "overall", "held_out"}
+    assert set(section) == {
+        "hold_out",
+        "split",
+        "cultures",
+        "overall",
+        "held_out",
+        "renderings",
+        "worst_rendering",
+    }
     for culture in cultures:
         row = section["cultures"][culture]
         assert row["n"] == len(data.records_of("transfer_test", [culture])[culture]) > 0
