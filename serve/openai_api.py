@@ -43,6 +43,7 @@ from serve.protocol import (
 from serve.schemas import MODEL_PREFIX, ChatRequest, CompletionRequest, OpenAIRequest
 from workers.committees import BASE, Committee
 from workers.cultures import slug
+from workers.routing import Routed
 
 logger = logging.getLogger("ray.serve")
 AUTO = "auto"
@@ -169,9 +170,7 @@ class Gateway(Protocol):
 
     async def read(self, request: Request, schema: type[Body], check: Callable[[dict], None]) -> Body: ...
 
-    async def route(
-        self, request: Request, culture: str | None, text: str, k: int | None
-    ) -> tuple[Committee, str]: ...
+    async def route(self, request: Request, culture: str | None, text: str, k: int | None) -> Routed: ...
 
     def new_tokens(self, asked: int | None) -> int: ...
 
@@ -222,11 +221,11 @@ class OpenAIEndpoints:
         if not any(m["content"].strip() for m in messages):
             raise ApiError(422, "messages: every message is empty")
         context = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
-        committee, model = await gateway.route(request, culture, context, body.committee_size)
+        routed = await gateway.route(request, culture, context, body.committee_size)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        job = self._job(body, committee, max_new_tokens, logprobs, messages=messages)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-        return await self._answer(body, job, committee, head, _ChatChunks, "chat.completion", _chat_choice)
+        job = self._job(body, routed.committee, max_new_tokens, logprobs, messages=messages)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": routed.model}
+        return await self._answer(body, job, routed, head, _ChatChunks, "chat.completion", _chat_choice)
 
     async def completions(self, request: Request) -> dict | StreamingResponse:
         """OpenAI legacy completion of a text prompt (streamed with `stream: true`); `shores:auto` routes from
@@ -237,18 +236,18 @@ class OpenAIEndpoints:
         )
         culture = model_culture(body.model)
         max_new_tokens = gateway.new_tokens(body.max_tokens)
-        committee, model = await gateway.route(request, culture, body.prompt, body.committee_size)
-        job = self._job(body, committee, max_new_tokens, body.logprobs, prompt=body.prompt)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        routed = await gateway.route(request, culture, body.prompt, body.committee_size)
+        job = self._job(body, routed.committee, max_new_tokens, body.logprobs, prompt=body.prompt)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": routed.model}
         return await self._answer(
-            body, job, committee, head, _CompletionChunks, "text_completion", _completion_choice
+            body, job, routed, head, _CompletionChunks, "text_completion", _completion_choice
         )
 
     async def _answer(
         self,
         body: OpenAIRequest,
         job: GenerateJob,
-        committee: Committee,
+        routed: Routed,
         head: dict,
         chunks: type[_Chunks],
         kind: str,
@@ -258,20 +257,22 @@ class OpenAIEndpoints:
         whose choices hold `content(choice)` between their index and finish reason."""
         if body.stream:
             start, rest = await self.gateway.stream(job)
-            events = chunks(head, start, committee, job, _usage_asked(body), self.gateway)
+            events = chunks(head, start, routed, job, _usage_asked(body), self.gateway)
             return StreamingResponse(events.events(rest), media_type=EVENT_STREAM)
         answer = await self.gateway.complete(job)
         choices = [
             {"index": c.index} | content(c) | {"finish_reason": c.finish_reason} for c in answer.choices
         ]
-        return self._whole(head | {"object": kind}, choices, answer, committee)
+        return self._whole(head | {"object": kind}, choices, answer, routed)
 
-    def _whole(self, head: dict, choices: list[dict], answer: GenerateAnswer, committee: Committee) -> dict:
-        """An answer that is not streamed: its choices, the usage of them all, and shores' committee."""
+    def _whole(self, head: dict, choices: list[dict], answer: GenerateAnswer, routed: Routed) -> dict:
+        """An answer that is not streamed: its choices, the usage of them all, and shores' committee and
+        routing."""
         return head | {
             "choices": choices,
             "usage": usage(answer.prompt_tokens, sum(c.completion_tokens for c in answer.choices)),
-            "committee": self.gateway.members(committee, answer),
+            "committee": self.gateway.members(routed.committee, answer),
+            "routing": routed.routing.as_dict(),
             "experts_version": answer.experts_version,
         }
 
@@ -349,7 +350,7 @@ class _Chunks:
         self,
         head: dict,
         start: GenerateStart,
-        committee: Committee,
+        routed: Routed,
         job: GenerateJob,
         usage: bool,
         gateway: Gateway,
@@ -357,7 +358,8 @@ class _Chunks:
         self.head = head | {"object": self.object} | ({"usage": None} if usage else {})
         self.start, self.job, self.usage = start, job, usage
         self.shores = {
-            "committee": gateway.members(committee, start),
+            "committee": gateway.members(routed.committee, start),
+            "routing": routed.routing.as_dict(),
             "experts_version": start.experts_version,
         }
 

@@ -60,6 +60,8 @@ from workers.committees import (
 )
 from workers.cultures import CultureIndex, UnknownCultureError, culture_key, is_shared, slug
 from workers.engine import EngineStopped
+from workers.places import place_index
+from workers.routing import BY_CULTURE, Routed, Routing, named, read_text
 
 logger = logging.getLogger("ray.serve")
 Body = TypeVar("Body", bound=BaseModel)
@@ -179,6 +181,7 @@ class Router:
         self.embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         # Culture names that are no known culture's key are resolved here (bounded lookups, off the loop).
         self.names_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="names")
+        self.names_thread.submit(place_index)  # built before the first text is read (about 2 s)
         # The newest catalogue read from the pool, and its names.
         self.snapshot: protocol.Catalogue | None = None
         # Versions older than the snapshot (answers at them come from replicas behind): never adopted again.
@@ -438,40 +441,31 @@ class Router:
         culture: str | None,
         text: str,
         k: int | None,
-    ) -> tuple[Committee, str]:
-        """The committee for an explicit culture, else for the text, each member with its share of the prior;
-        and the model id that names the choice (also the request's `expert` in the metrics)."""
-        committee, model = await self._committee(culture, text, k or self.section.routing.committee_size)
-        request.state.expert = model
-        return committee, model
+    ) -> Routed:
+        """The committee for an explicit culture, else for the culture the text points to (`workers/routing.py`),
+        each member with its share of the prior; the model id that names the choice (also the request's
+        `expert` in the metrics); and why (`routing` in responses)."""
+        routed = await self._committee(culture, text, k or self.section.routing.committee_size)
+        request.state.expert = routed.model
+        return routed
 
-    async def _committee(self, culture: str | None, text: str, k: int) -> tuple[Committee, str]:
-        temperature = self.section.routing.routing_temperature
+    async def _committee(self, culture: str | None, text: str, k: int) -> Routed:
         catalogue = await self.catalogue()
-        weights = prior_weights(catalogue.experts)
         names, loop = self.names, asyncio.get_running_loop()
         if culture is not None:
             if culture_key(culture) == BASE:
-                return Committee([(BASE, 1.0)]), MODEL_PREFIX + BASE
+                return Routed(Committee([(BASE, 1.0)]), MODEL_PREFIX + BASE, Routing(BASE, [], BY_CULTURE))
             # Answered from the catalogue alone: an unknown name costs no pool call and waits for nothing.
             # New experts reach the catalogue on the refresh interval, or as soon as an answer shows them.
             name = names.exact(culture) or await loop.run_in_executor(self.names_thread, names.find, culture)
-            experts = [e.culture for e in catalogue.experts]
-            try:
-                if name is None:
-                    raise unknown_culture(culture, len(experts))
-                committee = culture_committee(
-                    name,
-                    experts,
-                    catalogue.similarity,
-                    k,
-                    temperature,
-                    prior_weights=weights,
-                )
-            except UnknownCultureError as err:
-                raise ApiError(404, str(err)) from None
-            return committee, MODEL_PREFIX + slug(name)
+            if name is None:
+                raise unknown_culture(culture, len(catalogue.experts))
+            return Routed(self._culture(name, catalogue, k), MODEL_PREFIX + slug(name), named(name, culture))
+        routing = await loop.run_in_executor(self.names_thread, read_text, text, place_index(), names)
+        if routing.found is not None:
+            return Routed(self._culture(routing.found, catalogue, k), MODEL_PREFIX + AUTO, routing)
         descriptors = {e.culture: e.descriptor or e.culture for e in catalogue.experts}
+        temperature = self.section.routing.routing_temperature
         try:
             committee = await loop.run_in_executor(
                 self.embed_thread, self.text_router.committee, text, descriptors, k, temperature
@@ -479,8 +473,23 @@ class Router:
         except UnknownCultureError as err:
             raise ApiError(503, str(err)) from None
         if any(is_shared(e.culture) for e in catalogue.experts):  # as a culture without an expert is answered
-            committee = served_committee(committee, weights)
-        return committee, MODEL_PREFIX + AUTO
+            committee = served_committee(committee, prior_weights(catalogue.experts))
+        return Routed(committee, MODEL_PREFIX + AUTO, routing)
+
+    def _culture(self, name: str, catalogue: protocol.Catalogue, k: int) -> Committee:
+        """A known culture's committee: its expert, or its nearest experts by survey similarity."""
+        experts = [e.culture for e in catalogue.experts]
+        try:
+            return culture_committee(
+                name,
+                experts,
+                catalogue.similarity,
+                k,
+                self.section.routing.routing_temperature,
+                prior_weights=prior_weights(catalogue.experts),
+            )
+        except UnknownCultureError as err:
+            raise ApiError(404, str(err)) from None
 
     @staticmethod
     def members(
@@ -535,16 +544,15 @@ class Router:
     async def opinion(self, request: Request) -> dict:
         """A committee's distribution over the options of one survey-style question."""
         body = await self.read(request, OpinionRequest)
-        committee, model = await self.route(
-            request, body.culture, body.profile or body.question, body.committee_size
-        )
+        routed = await self.route(request, body.culture, body.profile or body.question, body.committee_size)
         answer: protocol.OpinionAnswer = await self._ask(
-            "opinion", protocol.OpinionJob(body.question, body.options, committee)
+            "opinion", protocol.OpinionJob(body.question, body.options, routed.committee)
         )
         return {
             "distribution": answer.distribution,
-            "committee": self.members(committee, answer),
-            "model": model,
+            "committee": self.members(routed.committee, answer),
+            "model": routed.model,
+            "routing": routed.routing.as_dict(),
             "experts_version": answer.experts_version,
         }
 
@@ -552,11 +560,9 @@ class Router:
         """A committee's joint continuation of a prompt (greedy at temperature 0, else seeded sampling)."""
         body = await self.read(request, GenerateRequest)
         max_new_tokens = self.new_tokens(body.max_new_tokens)
-        committee, model = await self.route(
-            request, body.culture, body.profile or body.prompt, body.committee_size
-        )
+        routed = await self.route(request, body.culture, body.profile or body.prompt, body.committee_size)
         job = protocol.GenerateJob(
-            committee,
+            routed.committee,
             max_new_tokens,
             prompt=body.prompt,
             temperature=body.temperature,
@@ -566,21 +572,20 @@ class Router:
         )
         if body.stream:
             start, rest = await self.stream(job)
-            return StreamingResponse(
-                self._generate_events(start, rest, committee, model), media_type=EVENT_STREAM
-            )
+            return StreamingResponse(self._generate_events(start, rest, routed), media_type=EVENT_STREAM)
         answer = await self.complete(job)
         [choice] = answer.choices
         return {
             "text": choice.text,
             "finish_reason": choice.finish_reason,
-            "committee": self.members(committee, answer),
-            "model": model,
+            "committee": self.members(routed.committee, answer),
+            "model": routed.model,
+            "routing": routed.routing.as_dict(),
             "experts_version": answer.experts_version,
         }
 
     async def _generate_events(
-        self, start: protocol.GenerateStart, rest: AsyncIterator, committee: Committee, model: str
+        self, start: protocol.GenerateStart, rest: AsyncIterator, routed: Routed
     ) -> AsyncIterator[str]:
         """/v1/generate's events: `{"token", "text"}` a token, then the answer's keys with the text held back
         (`text`, `finish_reason`, `completion_tokens`, `committee`, `model`, `experts_version`), then [DONE]."""
@@ -595,8 +600,9 @@ class Router:
                             "text": item.text,
                             "finish_reason": item.finish_reason,
                             "completion_tokens": item.completion_tokens,
-                            "committee": self.members(committee, start),
-                            "model": model,
+                            "committee": self.members(routed.committee, start),
+                            "model": routed.model,
+                            "routing": routed.routing.as_dict(),
                             "experts_version": start.experts_version,
                         }
                     )

@@ -154,6 +154,39 @@ def test_completions_continue_a_prompt(ai, server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
+def test_auto_routes_chats_and_generations_by_the_place_they_name(ai, server):
+    """shores:auto reads the conversation's text as /v1/opinion reads a profile, whole and streamed; so does
+    /v1/generate without a culture."""
+    messages = [
+        {"role": "system", "content": "You answer survey questions."},
+        {"role": "user", "content": "I'm a nurse in Munich. Do you trust people?"},
+    ]
+    ask = {"model": "shores:auto", "messages": messages, "max_tokens": 4, "temperature": 0}
+    reply = ai.chat.completions.create(**ask)
+    routing = {"found": "Germany", "evidence": ['city "Munich"'], "method": "place"}
+    assert reply.model_extra["routing"] == routing
+    assert [m["culture"] for m in reply.model_extra["committee"]] == ["Germany"]
+    as_germany = ai.chat.completions.create(**ask | {"model": "shores:germany"})
+    assert reply.choices[0].message.content == as_germany.choices[0].message.content
+    chunks = list(ai.chat.completions.create(**ask, stream=True))
+    assert chunks[0].model_extra["routing"] == routing  # shores' fields come with the first chunk
+
+    generated = httpx.post(
+        server + "/v1/generate", json={"prompt": "A teacher from Nairobi says", "max_new_tokens": 3}
+    )
+    assert generated.json()["routing"] == {
+        "found": "Kenya",
+        "evidence": ['city "Nairobi"'],
+        "method": "place",
+    }
+    streamed = httpx.post(
+        server + "/v1/generate",
+        json={"prompt": "A teacher from Nairobi says", "max_new_tokens": 3, "stream": True},
+    )
+    last = [line for line in streamed.text.splitlines() if line.startswith("data: {")][-1]
+    assert '"routing": {"found": "Kenya"' in last
+
+
 REFUSED = [
     (
         {"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]},

@@ -29,12 +29,17 @@ pytestmark = pytest.mark.slow  # a local Serve for the module (the last test dri
 
 KEY_ENV, KEY = "SHORES_TEST_API_KEY", "test-key-123"
 QUESTION = {"question": "Do you think people can be trusted?", "options": ["Yes", "No", "Don't know"]}
+# Cultures without an expert that the profiles below name: answered by committees, as `culture` would be.
+NAMED_ONLY = {
+    c: {"Germany": 0.5 + i / 20, "Japan": 0.6, "Kenya": 0.9 - i / 20}
+    for i, c in enumerate(["Australia", "United States", "South Korea", "Nigeria", "Russia", "Jordan"])
+}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve")
-    write_experts(out / "experts", tiny_model_dirs["llama"], CULTURES, similarity=SIMILARITY)
+    write_experts(out / "experts", tiny_model_dirs["llama"], CULTURES, similarity=SIMILARITY | NAMED_ONLY)
     config = serve_config(
         tiny_model_dirs["llama"],
         out,
@@ -105,11 +110,44 @@ def test_a_culture_without_one_gets_its_nearest_experts_mixed(http):
     assert [m["culture"] for m in two["committee"]] == ["Kenya", "Japan"]
 
 
-def test_a_profile_routes_by_sentence_embedding(http):
-    answer = opinion(http, profile="I grew up in Tokyo and work for a Japanese company.")
+# Profiles a user sent (issue 29) that the embedding alone routed elsewhere, with the culture each names.
+NAMED = {
+    "A Canadian lumberjack in British Columbia.": "Canada",
+    "An Australian nurse in Perth.": "Australia",
+    "A surfer from Sydney.": "Australia",
+    "I'm a hockey coach in Toronto.": "Canada",
+    "Je suis infirmière à Montréal.": "Canada",
+    "A rancher from Texas.": "United States",
+    "A fisherman from Busan.": "South Korea",
+    "A trader in Kano market.": "Nigeria",
+    "A factory worker from Yekaterinburg.": "Russia",
+    "أنا طالب في جامعة اليرموك في إربد": "Jordan",  # a student at Yarmouk University in Irbid
+}
+
+
+def test_a_profile_that_names_a_place_is_answered_as_its_culture(http):
+    for profile, culture in NAMED.items():
+        answer = opinion(http, profile=profile)
+        assert answer["model"] == "shores:auto"
+        assert answer["routing"]["found"] == culture and answer["routing"]["method"] == "place", profile
+        assert answer["routing"]["evidence"], profile
+        asked = opinion(http, culture=culture)
+        assert answer["committee"] == asked["committee"], profile
+        np.testing.assert_allclose(answer["distribution"], asked["distribution"], atol=1e-6)
+    assert opinion(http, culture="Japan")["routing"] == {
+        "found": "Japan",
+        "evidence": ['culture "Japan"'],
+        "method": "culture",
+    }
+
+
+def test_a_profile_that_names_no_place_routes_by_sentence_embedding(http):
+    answer = opinion(http, profile="I eat sushi for lunch and take the shinkansen to work.")
     assert answer["model"] == "shores:auto"
-    assert answer["committee"][0]["culture"] == "Japan" and answer["committee"][0]["weight"] > 0.5
-    assert len(answer["committee"]) == 3
+    assert answer["routing"] == {"found": None, "evidence": [], "method": "embedding"}
+    assert answer["committee"][0]["culture"] == "Japan" and len(answer["committee"]) == 3
+    by_language = opinion(http, profile="Ich arbeite als Lehrerin in einem kleinen Dorf.")
+    assert by_language["routing"]["method"] == "language" and by_language["routing"]["found"] == "Germany"
     base = opinion(http, culture="base")
     assert base["committee"] == [{"culture": "base", "weight": 1.0, "version": "base"}]
 

@@ -25,6 +25,7 @@ __all__ = [
     "CultureIndex",
     "UnknownCultureError",
     "canonical_country",
+    "country_aliases",
     "culture_key",
     "find_culture",
     "is_shared",
@@ -178,6 +179,12 @@ def _split_sample(name: str) -> tuple[str, int]:
     return name[: match.start()].strip(), _SAMPLE_RANK[match.group(1).lower()]
 
 
+def country_aliases() -> dict[str, str]:
+    """The everyday and survey spellings of countries that pycountry lacks ("Britain", "Ivory Coast"), by ISO
+    alpha-2; codes ("xk") left out, since they are no names a text would use."""
+    return {name: iso for name, iso in _ALIASES.items() if len(culture_key(name)) > 2}
+
+
 def sample_rank(name: str) -> int:
     """How much a country spelling's survey sample is preferred: 0 national, 1 old national, 2 non-national."""
     return _split_sample(name)[1]
@@ -290,6 +297,10 @@ class CultureIndex:
         wanted = culture_key(str(name))
         # A name with no ASCII letters or digits has an empty key, which must not match another.
         return self._by_key.get(wanted) if wanted else None
+
+    def country(self, iso: str) -> str | None:
+        """The known culture of a country, by its ISO 3166-1 alpha-2 code, or None."""
+        return self._by_iso.get(iso)
 
     def find(self, name: str) -> str | None:
         """The known culture that `name` means, as `find_culture`, or None."""
