@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) -m bench.serve_throughput --out runs/bench/serve_throughput.json
 	$(PY) -m bench.serve_generate --out runs/bench/serve_generate.json
 	$(PY) -m bench.serve_load --out runs/bench/serve_load.json
+	HF_HUB_OFFLINE=1 $(PY) -m bench.routing --out runs/bench/routing.json
 	OMP_NUM_THREADS=1 $(PY) -m bench.experiments.prior_cost --out runs/bench/prior_cost.json
 	$(PY) -m bench.experiments.expert_layers --out runs/bench/expert_layers.json
 	$(PY) -m bench.experiments.system_text --out runs/bench/system_text.json
@@ -64,6 +65,7 @@ bench-smoke: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bench.serve_generate --tiny --requests 8 --rates 8 --max-new-tokens 4 16 --out runs/bench-smoke/serve_generate.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.engine_step --model tiny --baseline HEAD --requests 4 --new-tokens 4 8 --rounds 1 --out runs/bench-smoke/engine_step.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.serve_load --tiny --out runs/bench-smoke/serve_load.json
+	HF_HUB_OFFLINE=1 $(PY) -m bench.routing --limit 40 --out runs/bench-smoke/routing.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.experiments.prior_cost --model tiny --questions 16 --out runs/bench-smoke/prior_cost.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.experiments.expert_layers --model tiny --cultures 3 --steps 2 --layers all 1 --out runs/bench-smoke/expert_layers.json
 	HF_HUB_OFFLINE=1 $(PY) -m bench.experiments.system_text --model tiny --cultures 3 --steps 2 --out runs/bench-smoke/system_text.json

@@ -81,9 +81,8 @@ def test_routing_reaches_a_known_culture_or_says_what_it_read(places):
         "method": "place",
     }
     routing = read_text("A fisherman from Reykjavik", places, names)  # Iceland is no known culture
-    assert (
-        routing.found is None and routing.method == "embedding" and routing.evidence == ['city "Reykjavik"']
-    )
+    assert routing.found is None and routing.method == "embedding"
+    assert [e.endswith('"Reykjavik"') for e in routing.evidence] == [True]  # what was read, and why it failed
     # The first known country of those named, by strength: Iceland is unknown, Germany is not.
     assert read_text("A German fisherman in Reykjavik", places, names).found == "Germany"
     assert read_text("Ninaishi Nairobi na ninafanya kazi sokoni.", places, names).found == "Kenya"

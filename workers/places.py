@@ -43,7 +43,7 @@ _SHORTEST_UNSPACED = 2  # characters, in scripts written without spaces (서울,
 # and Djamaa, Algeria, is "جامعة", a university), and a profile rarely names a small town without its country.
 CITY_FROM = 100_000
 # Cities whose names in other languages in the Latin script are kept (exonyms: Munich, Cologne, Montreal).
-CITY_EXONYMS_FROM = 1_000_000
+CITY_EXONYMS_FROM = 500_000
 # A region name whose every word is a word of region names in this many countries is made of common words
 # ("Western", "North West", "Central"), not a place.
 GENERIC_REGION_COUNTRIES = 3
@@ -83,9 +83,10 @@ class Found:
         scores = self.scores
         return sorted(scores, key=lambda iso: (-scores[iso], order[iso]))
 
-    def evidence(self) -> list[str]:
-        """The mentions as a person reads them: `city "Perth"`, `nationality "Canadian"`."""
-        return [f'{m.kind} "{m.text}"' for m in self.mentions]
+    def evidence(self, iso: str | None = None) -> list[str]:
+        """The mentions as a person reads them (`city "Perth"`, `nationality "Canadian"`): all, or those that
+        point to the country `iso`."""
+        return [f'{m.kind} "{m.text}"' for m in self.mentions if iso is None or iso in dict(m.countries)]
 
 
 def fold(text: str) -> str:
@@ -182,13 +183,17 @@ class PlaceIndex:
                         self._add("nationality", form, iso, self._population.get(iso, 1))
 
     def _add_regions(self) -> None:
+        import countryinfo
         import pycountry
 
-        names = [
-            (fold(name), region.country_code)
-            for region in pycountry.subdivisions
-            for name in _variants(region.name)
-        ]
+        regions = [(region.name, region.country_code) for region in pycountry.subdivisions]
+        written = list(regions)
+        for translations in _translations("iso3166-2"):  # "Bayern" is Bavaria in English, Bavière in French
+            written += [(translations.gettext(name), iso) for name, iso in regions]
+        for info in countryinfo.all_countries():
+            iso = _iso(info)
+            written += [(name, iso) for name in _provinces(info)] if iso else []
+        names = list(dict.fromkeys((fold(v), iso) for name, iso in written for v in _variants(name)))
         countries_by_word: dict[str, set[str]] = {}
         for name, iso in names:
             for word in name.split():
@@ -228,7 +233,7 @@ class PlaceIndex:
         text = unicodedata.normalize("NFC", text)
         matches = list(re.finditer(r"\w+", text))
         words = [(m.group(), fold(m.group())) for m in matches]
-        # A sentence's first word is capitalised whatever it is, so there it takes more than a capital.
+        # A sentence's first word is capitalised whatever it is, so there a region's name is taken for a word.
         starts = {
             i
             for i, m in enumerate(matches)
@@ -239,35 +244,35 @@ class PlaceIndex:
         while i < len(words):
             for n in range(min(LONGEST_NAME_WORDS, len(words) - i), 0, -1):
                 key = " ".join(w for _, w in words[i : i + n])
-                mention = self._mention(key, words[i][0], lower, " ".join(w for w, _ in words[i : i + n]))
-                if mention is not None and n == 1 and i in starts and not self._sure(mention):
-                    mention = None
-                if mention is not None:
-                    yield mention
+                kinds = self._lookup(key)
+                if kinds and words[i][0][:1].islower() and not lower:  # cased scripts capitalise names
+                    kinds = None
+                if kinds and n == 1 and i in starts:
+                    kinds = {k: v for k, v in kinds.items() if k != "region"}
+                if kinds:
+                    yield from self._readings(" ".join(w for w, _ in words[i : i + n]), kinds)
                     i += n
                     break
             else:
                 yield from self._inside(words[i])
                 i += 1
 
-    def _mention(self, key: str, first_word: str, lower: bool, written: str) -> Mention | None:
+    def _lookup(self, key: str) -> dict[str, dict[str, float]] | None:
         kinds = self._names.get(key)
-        if kinds is None and _inflected(key[:1]) and " " not in key:
+        if kinds is None and _inflected(key[:1]) and " " not in key and len(key) > 5:
             stem = next((self._stems[s] for s in (key[:-1], key[:-2]) if s in self._stems), None)
-            kinds = self._names.get(stem or key[:-1]) if len(key) > 5 else None
-        if not kinds:
-            return None
-        if first_word[:1].islower() and not lower:  # a name is written with a capital in a cased script
-            return None
-        # The strongest kind a name has wins ("Mexico" the country over Mexico City's other names).
-        kind = max(kinds, key=lambda k: STRENGTH[k])
-        return Mention(kind, written, _shares(kinds[kind], self._population if kind == "country" else None))
+            kinds = self._names.get(stem or key[:-1])
+        return kinds
 
-    @staticmethod
-    def _sure(mention: Mention) -> bool:
-        """Whether a one-word name opening a sentence is a place, not a capitalised word: a country, a
-        nationality or a city (a region's one-word names are more often words too: "Mary", "Kano")."""
-        return mention.kind != "region"
+    def _readings(self, written: str, kinds: dict[str, dict[str, float]]) -> Iterator[Mention]:
+        """A name's readings, strongest first: "عمان" is Oman the country and Amman the city, and the router
+        takes the first whose country is a known culture. A reading that adds no country is left out."""
+        seen: set[str] = set()
+        for kind in sorted(kinds, key=lambda k: -STRENGTH[k]):
+            shares = _shares(kinds[kind], self._population if kind == "country" else None)
+            if shares[0][0] not in seen:
+                seen.add(shares[0][0])
+                yield Mention(kind, written, shares)
 
     def _inside(self, word: tuple[str, str]) -> Iterator[Mention]:
         """Names inside a word of a script without spaces ("부산에서" is "in Busan"), longest first."""
@@ -279,8 +284,7 @@ class PlaceIndex:
             for end in range(min(len(key), start + 12), start + _SHORTEST_UNSPACED - 1, -1):
                 kinds = self._names.get(key[start:end])
                 if kinds:
-                    kind = max(kinds, key=lambda k: STRENGTH[k])
-                    yield Mention(kind, key[start:end], _shares(kinds[kind], None))
+                    yield from self._readings(key[start:end], kinds)
                     start = end
                     break
             else:
@@ -334,6 +338,15 @@ def _variants(name: str) -> list[str]:
 def _plural(demonym: str) -> str:
     """A nationality's plural ("Canadians"); nouns like "Swiss", "Chinese" and "French" stay as they are."""
     return demonym if demonym.endswith(("s", "sh", "ch", "ese", "x")) else demonym + "s"
+
+
+def _provinces(info) -> list[str]:
+    """countryinfo's provinces of a country ("Guangdong", where pycountry writes "Guangdong Sheng")."""
+    try:
+        provinces = info.provinces()
+    except (KeyError, TypeError, ValueError):
+        return []
+    return [p for p in provinces if isinstance(p, str)] if isinstance(provinces, list) else []
 
 
 def _iso(info) -> str | None:

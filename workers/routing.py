@@ -50,11 +50,12 @@ def named(culture: str, asked: str) -> Routing:
 
 def read_text(text: str, places: PlaceIndex, names: CultureIndex) -> Routing:
     """The known culture a text points to: the first of its named countries (strongest evidence first) that is
-    a known culture, else the language's; `found` None (method embedding) when none is, with what was read."""
+    a known culture, else the language's, with the mentions that point to it; `found` None (method embedding)
+    when none is, with everything read."""
     found = places.find(text)
     method = BY_LANGUAGE if found.language is not None else BY_PLACE
     for iso in found.ranked():
         culture = names.country(iso)
         if culture is not None:
-            return Routing(culture, found.evidence(), method)
+            return Routing(culture, found.evidence(iso), method)
     return Routing(None, found.evidence(), BY_EMBEDDING)
