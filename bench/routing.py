@@ -5,7 +5,8 @@ The experts are the demo's twelve (the twelve most-surveyed cultures but Canada 
 other culture of the survey file is answered by its survey-similarity committee, as `shores serve` answers it.
 A profile is right when routing finds its culture (a held-out culture gets the committee `culture` would get),
 or, when nothing is found, when the embedding's top expert is its culture. Routing runs as the router runs it
-(`workers/routing.py`, then `TextRouter` where nothing is found), in this process, without HTTP.
+(`workers/routing.py`, then `TextRouter` where nothing is found), in this process, without HTTP. Beside it,
+`embedding_only` is the router before it read places: the embedding for every profile.
 
     python -m bench.routing --out runs/bench/routing.json
 """
@@ -83,6 +84,8 @@ def main() -> None:
             committee = embedder.committee(profile.text, descriptors, args.k, args.temperature)
         seconds = time.perf_counter() - started
         top = routing.found or committee.members[0][0]
+        # What the router did before it read places: the embedding alone, for every profile.
+        alone = embedder.committee(profile.text, descriptors, args.k, args.temperature)
         rows.append(
             {
                 "text": profile.text,
@@ -95,14 +98,16 @@ def main() -> None:
                 "right": top == profile.culture,
                 "weight": weight_on(committee, committee_of(profile.culture)),
                 "ms": 1000 * seconds,
+                "embedding_right": alone.members[0][0] == profile.culture,
+                "embedding_weight": weight_on(alone, committee_of(profile.culture)),
             }
         )
 
-    def summary(group: list[dict]) -> dict:
+    def summary(group: list[dict], prefix: str = "") -> dict:
         return {
             "profiles": len(group),
-            "top1": round(float(np.mean([r["right"] for r in group])), 3),
-            "weight_on_right": round(float(np.mean([r["weight"] for r in group])), 3),
+            "top1": round(float(np.mean([r[prefix + "right"] for r in group])), 3),
+            "weight_on_right": round(float(np.mean([r[prefix + "weight"] for r in group])), 3),
         }
 
     by: dict[str, dict[str, list[dict]]] = {"cue": defaultdict(list), "language": defaultdict(list)}
@@ -120,6 +125,11 @@ def main() -> None:
         "overall": summary(rows),
         "explicit_cue": summary(explicit),
         "by_cue": {k: summary(v) for k, v in sorted(by["cue"].items())},
+        "embedding_only": {
+            "overall": summary(rows, "embedding_"),
+            "explicit_cue": summary(explicit, "embedding_"),
+            "by_cue": {k: summary(v, "embedding_") for k, v in sorted(by["cue"].items())},
+        },
         "by_language": {k: summary(v) for k, v in sorted(by["language"].items())},
         "by_method": {m: sum(r["method"] == m for r in rows) for m in ("place", "language", "embedding")},
         "ms_per_request": {

@@ -31,7 +31,7 @@ class Route:
     body: type[BaseModel] | None = None  # the JSON request body, parsed by the router itself
 
 
-MEMBERS = '"committee": [{"culture", "weight", "version"}]'
+MEMBERS = '"committee": [{"culture", "weight", "version"}], "routing": {"found", "evidence", "method"}'
 ROUTES: tuple[Route, ...] = (
     Route(
         "GET", "/healthz", "healthz", "Liveness only; needs no key and answers any Host.", '{"status": "ok"}'
@@ -82,7 +82,7 @@ ROUTES: tuple[Route, ...] = (
         "openai.chat_completions",
         "OpenAI's chat completion; model shores:<culture>, shores:auto (routed from the conversation) "
         "or shores:base.",
-        'OpenAI\'s "chat.completion" plus "committee" and "experts_version"; streamed: "chat.completion.chunk" '
+        'OpenAI\'s "chat.completion" plus "committee", "routing" and "experts_version"; streamed: "chat.completion.chunk" '
         "events, then [DONE]",
         ChatRequest,
     ),
@@ -91,7 +91,7 @@ ROUTES: tuple[Route, ...] = (
         "/v1/completions",
         "openai.completions",
         "OpenAI's legacy completion: one prompt continued as raw text; model as for chat.",
-        'OpenAI\'s "text_completion" plus "committee" and "experts_version"; streamed: "text_completion" '
+        'OpenAI\'s "text_completion" plus "committee", "routing" and "experts_version"; streamed: "text_completion" '
         "events, then [DONE]",
         CompletionRequest,
     ),
