@@ -126,7 +126,9 @@ class PlaceIndex:
         self._add_regions()
         self._add_cities()
         self._languages = _language_countries()
-        self._detector = None
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        self._detector = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
         self._detector_lock = threading.Lock()
 
     # ---- building ----
@@ -295,10 +297,6 @@ class PlaceIndex:
         if sum(c.isalpha() for c in text) < LANGUAGE_MIN_LETTERS:
             return None
         with self._detector_lock:  # the detector keeps state between calls
-            if self._detector is None:
-                from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-                self._detector = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
             lang, confidence = self._detector.classify(text)
         if confidence < LANGUAGE_CONFIDENCE or lang in UNINFORMATIVE_LANGUAGES:
             return None
