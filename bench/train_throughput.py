@@ -23,7 +23,7 @@ from orchestrator.survey import load_survey, select_cultures, split_records
 from workers.base_model import FrozenBase, load_frozen_base
 from workers.prompts import SoftPromptBank
 from workers.scoring import left_pad, option_log_probs, option_token_ids
-from workers.trainer import PackedTrainer, TrainConfig, culture_seed, kl_to_survey
+from workers.trainer import PackedTrainer, TrainConfig, answer_loss, culture_seed
 
 
 def packed(base: FrozenBase, examples: dict, b: int, lr: float, seed: int) -> float:
@@ -52,8 +52,8 @@ def sequential_peft(base: FrozenBase, examples: dict, b: int, lr: float, seed: i
             ids, mask = left_pad([q.input_ids for q in batch], base.tokenizer.pad_token_id)
             logits = model(input_ids=ids.to(base.device), attention_mask=mask.to(base.device)).logits[:, -1]
             n = torch.tensor([q.n_options for q in batch], device=base.device)
-            log_probs = option_log_probs(logits, letter_ids, n)
-            torch.stack([kl_to_survey(log_probs[i], q) for i, q in enumerate(batch)]).mean().backward()
+            log_probs = option_log_probs(logits, letter_ids, n, normalised=False)
+            torch.stack([answer_loss(log_probs[i], q) for i, q in enumerate(batch)]).mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         total += time.perf_counter() - start

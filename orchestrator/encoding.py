@@ -5,7 +5,7 @@ from __future__ import annotations
 from orchestrator.survey import ExperimentData, SurveyRecord
 from workers.base_model import FrozenBase
 from workers.prompts import persona_text
-from workers.renderings import AS_WRITTEN, rendering, training_renderings
+from workers.renderings import AS_WRITTEN, asked_in_chat, rendering, training_renderings
 from workers.scoring import EncodedQuestion, encode_question
 
 
@@ -29,6 +29,7 @@ def encode(
                 written.target(record.distribution),
                 persona_text(record.culture) if persona else None,
                 max_length,
+                chat=asked_in_chat(shown),
             )
         )
     return out
@@ -37,8 +38,9 @@ def encode(
 def training_examples(
     base: FrozenBase, records: list[SurveyRecord], max_length: int
 ) -> list[EncodedQuestion]:
-    """Records as training examples: each carries its renderings (`training_renderings`), one of which the
-    trainer draws each epoch, in one option order (the draw covers both)."""
+    """Records as training examples: each carries its renderings (`training_renderings`), each asked as a
+    survey and as a chat, one of which the trainer draws each epoch, in one option order (the draw covers
+    both)."""
     out = []
     for record in records:
         shown = [
@@ -49,7 +51,9 @@ def training_examples(
                 r.target(record.distribution),
                 max_length=max_length,
                 both_orders=False,
+                chat=chat,
             )
+            for chat in (False, True)
             for r in training_renderings(record.options)
         ]
         out.append(EncodedQuestion(shown[0].input_ids, shown[0].n_options, shown[0].target, renderings=shown))

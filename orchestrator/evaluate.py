@@ -25,12 +25,12 @@ from workers.defaults import EVAL_BATCH_SIZE, MAX_LENGTH
 from workers.expert_file import Expert
 from workers.expert_store import Similarity
 from workers.prompts import NO_EXPERT, bank_from_experts
-from workers.renderings import AS_WRITTEN, RENDERINGS
+from workers.renderings import AS_WRITTEN, CHAT, RENDERINGS, asked_in_chat
 from workers.scoring import (
     alignment,
     bootstrap_ci,
     natural_log_alignment,
-    option_distributions,
+    option_answers,
     paired_bootstrap_ci,
 )
 
@@ -41,6 +41,10 @@ PLOT_ROW = 16  # cultures a row of the report's chart
 # Paired differences over the same records: is a culture's expert, or its committee, worth more than the
 # shared prior; is the expert worth more than the base?
 DIFFERENCES = (("expert", SHARED), ("committee", SHARED), ("expert", "base"))
+# Answers a chat user samples per question in the chat report (`chat_report`), and the draws of them that
+# estimate what such a sample scores.
+CHAT_DRAWS = 8
+CHAT_REPEATS = 200
 # With a transfer split (`data.transfer`), the half of it reported beside each split of the same role.
 TRANSFER_BESIDE = {"test": "transfer_test", "val": "transfer_val"}
 
@@ -91,7 +95,9 @@ def evaluate(
             f"no records of {', '.join(cultures)} in the {split} split of {data.report.path}"
         )
     wanted = {name: RENDERED_METHODS for name in RENDERINGS} | {AS_WRITTEN: METHODS}
-    scored = _scores(base, experts, records, [committees(r) for r in records], wanted, batch_size, max_length)
+    scored, chat = _scores(
+        base, experts, records, [committees(r) for r in records], wanted, batch_size, max_length
+    )
     by_question = defaultdict(list)
     for record in data.records:
         by_question[normalise_question(record.question)].append(record)
@@ -135,6 +141,7 @@ def evaluate(
         name: section(scored[name]) | pooled_with_experts(scored[name]) for name in RENDERINGS
     }
     report["worst_rendering"] = worst_renderings(report["renderings"])
+    report["chat"] = chat_report(report["renderings"], _pool(chat, trained))
     report["split"] = split
     report["experts"] = {e.meta.culture: e.meta.training for e in experts}
     report["prior_weights"] = {e.meta.culture: e.meta.prior_weight for e in experts if e.meta.prior_weight}
@@ -149,9 +156,11 @@ def _scores(
     wanted: dict[str, tuple[str, ...]],
     batch_size: int,
     max_length: int,
-) -> dict[str, dict[str, dict[str, list[float]]]]:
+) -> tuple[dict[str, dict[str, dict[str, list[float]]]], dict[str, dict[str, list[float]]]]:
     """Per rendering, culture and method, the records' alignments: every rendering's rows in one batched pass
-    (a row the renderings share, a question one leaves as written, runs once)."""
+    (a row the renderings share, a question one leaves as written, runs once). And per culture with an
+    expert, what a chat user gets (`chat_report`): the mass each answer puts on the options, and what
+    CHAT_DRAWS sampled answers score in a chat, on the opinion path, and drawn from the survey itself."""
     bank = bank_from_experts(experts, base.device) if experts else None
     index = {e.meta.culture: i for i, e in enumerate(experts)}
     # The shared prior is scored on every record, and is no culture's own expert.
@@ -171,24 +180,79 @@ def _scores(
                     rows[key] = len(questions)
                     questions.append(encoded[i])
                     expert_idx.append(expert)
-            asked.append((name, record, plain[i], rows))
-    dists = option_distributions(
+            asked.append((name, i, record, plain[i], rows))
+    dists, masses = option_answers(
         base, bank, questions, expert_idx, batch_size, progress=f"eval ({len(questions)} rows)"
     )
     scores = {name: {r.culture: defaultdict(list) for r in records} for name in wanted}
-    for (name, record, question, rows), committee in zip(asked, served * len(wanted)):
+    chat: dict[str, dict[str, list[float]]] = {r.culture: defaultdict(list) for r in records}
+    answers: dict[tuple[str, int], tuple[np.ndarray, float]] = {}  # (rendering, record): as served, mass
+    for (name, i, record, question, rows), committee in zip(asked, served * len(wanted)):
         survey, row = np.asarray(question.target), scores[name][record.culture]
         for method in ("base", "persona", SHARED):
             if method in rows and method in wanted[name]:
                 row[method].append(alignment(dists[rows[method]], survey))
         row["uniform"].append(alignment(np.full(len(survey), 1 / len(survey)), survey))
         if committee is not None:
-            # A culture's own committee is its expert as served: with its share of the prior, if any.
-            mix = sum(w * dists[rows[m]] for m, w in committee.members)
+            # A culture's own committee is its expert as served: with its share of the prior, if any. A chat
+            # mixes the members' whole next-token distributions, so each member weighs by its mass on options.
+            weights = {m: w * (masses[rows[m]] if asked_in_chat(name) else 1.0) for m, w in committee.members}
+            mix = sum(weights[m] * dists[rows[m]] for m in weights) / sum(weights.values())
             row["committee"].append(alignment(mix, survey))
             if record.culture in index and not is_shared(record.culture):
                 row["expert"].append(row["committee"][-1])
-    return scores
+                answers[(name, i)] = mix, sum(w * masses[rows[m]] for m, w in committee.members)
+        if asked_in_chat(name) and (name, i) in answers:
+            mine = chat[record.culture]
+            for method in ("base", SHARED):
+                if method in rows:
+                    mine[f"mass.{method}"].append(masses[rows[method]])
+            mine["mass.expert"].append(answers[(name, i)][1])
+    for (name, i), (answer, mass) in answers.items():
+        if asked_in_chat(name) and (AS_WRITTEN, i) in answers:
+            record = records[i]
+            survey = np.asarray(record.distribution)
+            mine = chat[record.culture]
+            mine["sampled.chat"].append(sampled_alignment(answer, mass, survey, seed=i))
+            mine["sampled.opinion"].append(
+                sampled_alignment(answers[(AS_WRITTEN, i)][0], 1.0, survey, seed=i)
+            )
+            mine["sampled.survey"].append(sampled_alignment(survey, 1.0, survey, seed=i))
+    return scores, chat
+
+
+def sampled_alignment(
+    answer: np.ndarray, mass: float, survey: np.ndarray, seed: int, draws: int = CHAT_DRAWS
+) -> float:
+    """What `draws` sampled answers score, on average over CHAT_REPEATS samples: each answer an option with
+    the probability `mass * answer`, else no option at all; the options drawn, counted, are the answer
+    (alignment 0 where none was drawn)."""
+    probs = np.append(np.asarray(answer, float) * mass, max(0.0, 1.0 - mass))
+    counts = np.random.default_rng(seed).multinomial(draws, probs / probs.sum(), size=CHAT_REPEATS)[:, :-1]
+    return float(np.mean([alignment(c / c.sum(), survey) if c.sum() else 0.0 for c in counts]))
+
+
+def chat_report(renderings: dict[str, dict], chat: dict[str, list[float]]) -> dict | None:
+    """What a chat user gets, pooled over the cultures with experts: the first token's alignment as a chat
+    asks (`chat` rendering) beside the opinion path's (as written), each expert's gain over the base, and the
+    chat's share of the opinion path's gain; the mass on the options; what CHAT_DRAWS sampled answers score."""
+    first, opinion = renderings[CHAT]["with_experts"], renderings[AS_WRITTEN]["with_experts"]
+    if not first or not opinion or not chat.get("mass.expert"):
+        return None
+    chat_gain, opinion_gain = first["expert"] - first["base"], opinion["expert"] - opinion["base"]
+    return {
+        "n": len(chat["mass.expert"]),
+        "first_token": {"base": first["base"], "expert": first["expert"], "gain": chat_gain},
+        "opinion": {"base": opinion["base"], "expert": opinion["expert"], "gain": opinion_gain},
+        "gain_ratio": chat_gain / opinion_gain if opinion_gain > 0 else None,
+        "mass_on_options": {
+            m: float(np.mean(chat[f"mass.{m}"])) for m in ("base", SHARED, "expert") if chat[f"mass.{m}"]
+        },
+        "sampled": {
+            "draws": CHAT_DRAWS,
+            **{path: float(np.mean(chat[f"sampled.{path}"])) for path in ("chat", "opinion", "survey")},
+        },
+    }
 
 
 def worst_renderings(sections: dict[str, dict]) -> dict[str, str | None]:
@@ -289,6 +353,8 @@ def format_table(report: dict) -> str:
             lines.append(f"{name:<24}{n:>5}" + "".join(_difference_cell(c) for c in cells))
     if "renderings" in report:
         lines += ["", *format_renderings(report)]
+    if report.get("chat"):
+        lines += ["", *format_chat(report["chat"])]
     if "transfer" in report:
         section = report["transfer"]
         title = f"transfer split: {section['split']} ({section['hold_out']} questions, held out of training)"
@@ -330,6 +396,21 @@ def format_renderings(report: dict) -> list[str]:
             lines.append(f"{'':<29}below the prior: {', '.join(below)}")
         lines += [pooled(f"  {p} questions", row) for p, row in section.get("by_programme", {}).items()]
     return lines
+
+
+def format_chat(chat: dict) -> list[str]:
+    """What a chat user gets beside the opinion path, pooled over the cultures with experts."""
+    first, opinion, sampled = chat["first_token"], chat["opinion"], chat["sampled"]
+    ratio = f"{chat['gain_ratio']:.2f}" if chat["gain_ratio"] is not None else "-"
+    mass = ", ".join(f"{m} {v:.3f}" for m, v in chat["mass_on_options"].items())
+    return [
+        f"the chat path ({chat['n']} records of the cultures with experts)",
+        f"  first token, as a chat asks: base {first['base']:.3f}, expert {first['expert']:.3f}, "
+        f"gain {first['gain']:+.3f} = {ratio} of the opinion path's {opinion['gain']:+.3f}",
+        f"  the first token's mass on the options: {mass}",
+        f"  {sampled['draws']} sampled answers score: chat {sampled['chat']:.3f}, opinion path "
+        f"{sampled['opinion']:.3f}, the survey's own {sampled['survey']:.3f}",
+    ]
 
 
 def _cell(value: float | None, width: int = 11) -> str:

@@ -576,7 +576,7 @@ def trial_cultures(trial: FinishedTrial) -> list[str]:
 def report_metrics(report: dict) -> dict[str, float]:
     """An evaluation report as flat metrics: `<method>.<culture>` and its `.ci95_low` / `.ci95_high` (and
     `transfer.<method>.<culture>` ... for a transfer section, `rendering.<name>.<method>.overall` ... for each
-    rendering)."""
+    rendering, `chat.<part>.<key>` for the chat path)."""
     rows = dict(report["cultures"]) | {"overall": report["overall"]}
     if "held_out" in report:
         rows["held_out"] = report["held_out"]
@@ -601,6 +601,13 @@ def report_metrics(report: dict) -> dict[str, float]:
                     low, high = value["ci95"]
                     metrics[f"rendering.{name}.{diff}.{part}.ci95_low"] = low
                     metrics[f"rendering.{name}.{diff}.{part}.ci95_high"] = high
+    # What a chat user gets: `chat.first_token.expert`, `chat.gain_ratio`, `chat.mass_on_options.expert`, ...
+    chat = report.get("chat") or {}
+    for part in ("first_token", "opinion", "mass_on_options", "sampled"):
+        for key, value in chat.get(part, {}).items():
+            metrics[f"chat.{part}.{key}"] = value
+    if chat.get("gain_ratio") is not None:
+        metrics["chat.gain_ratio"] = chat["gain_ratio"]
     if "transfer" in report:  # the transfer split's section, the same metrics under `transfer.`
         metrics |= {f"transfer.{k}": v for k, v in report_metrics(report["transfer"]).items()}
     return metrics

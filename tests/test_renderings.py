@@ -15,9 +15,11 @@ from orchestrator.encoding import encoded, training_examples
 from orchestrator.evaluate import evaluate, format_table, served_committees
 from orchestrator.survey import normalise_question, prepare_data, question_programmes, similarity_table
 from tests.conftest import REPO, config_with, random_expert
+from workers.chat import chat_prompt
 from workers.cultures import SHARED
 from workers.renderings import (
     AS_WRITTEN,
+    CHAT,
     NO_MISSING,
     NUMBERED_SCALE,
     RENDERINGS,
@@ -29,7 +31,14 @@ from workers.renderings import (
     training_renderings,
     without_missing,
 )
-from workers.scoring import LETTERS, encode_question, option_distributions
+from workers.scoring import (
+    ANSWER_PREFIX,
+    LETTERS,
+    encode_question,
+    option_distributions,
+    question_body,
+    question_text,
+)
 
 WVS_SCALE = ["Never justifiable", *map(str, range(2, 10)), "Always justifiable", "Don't know", "No answer"]
 SHARES = [0.3, 0.05, 0.05, 0.05, 0.1, 0.05, 0.05, 0.05, 0.05, 0.15, 0.06, 0.04]
@@ -145,7 +154,11 @@ def test_training_examples_carry_their_renderings_and_validation_both_orders(lla
     data = prepare_data(config_with().data)
     train = encoded(llama_base, data, "train", ["Germany"], 256)["Germany"]
     records = data.records_of("train", ["Germany"])["Germany"]
-    assert all(len(q.renderings) == len(training_renderings(r.options)) for q, r in zip(train, records))
+    # Each rendering asked as a survey ("...Answer:") and as a chat (the assistant's turn, nothing of ours).
+    assert all(len(q.renderings) == 2 * len(training_renderings(r.options)) for q, r in zip(train, records))
+    answer = llama_base.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+    ends = Counter(x.input_ids[-len(answer) :] == answer for q in train for x in q.renderings)
+    assert ends[True] == ends[False] > 0
     assert all(not x.reversed_ids for q in train for x in q.renderings)  # a draw is one order
     val = encoded(llama_base, data, "val", ["Germany"], 256)["Germany"]
     assert val and all(q.reversed_ids and not q.renderings for q in val)
@@ -192,3 +205,31 @@ def test_the_report_scores_every_rendering_and_names_the_worst(llama_base):
     assert set(by_programme) <= {"pew", "wvs", "unknown"} and len(by_programme) > 1
     with_experts = report["overall"]["differences"][f"expert-{SHARED}"]["n"]
     assert sum(row["n"] for row in by_programme.values()) == with_experts
+
+    # The chat path beside the opinion path, over the same records of the cultures with experts.
+    chat = report["chat"]
+    assert chat["n"] == with_experts
+    first = report["renderings"][CHAT]["with_experts"]
+    assert chat["first_token"]["gain"] == pytest.approx(first["expert"] - first["base"])
+    opinion = report["renderings"][AS_WRITTEN]["with_experts"]
+    assert (
+        chat["gain_ratio"]
+        == pytest.approx(chat["first_token"]["gain"] / (opinion["expert"] - opinion["base"]))
+        if opinion["expert"] > opinion["base"]
+        else chat["gain_ratio"] is None
+    )
+    assert all(0 < m <= 1 for m in chat["mass_on_options"].values())
+    sampled = chat["sampled"]
+    assert sampled["draws"] == 8 and 0 <= sampled["chat"] <= 1 and sampled["opinion"] < sampled["survey"] < 1
+    assert "the chat path" in format_table(report)
+
+
+def test_the_chat_rendering_is_what_a_chat_sends(tiny_base):
+    """The chat rendering's prompt is the one /v1/chat/completions renders for the question as the user's
+    message (serve/pool.py renders messages with chat_prompt too), with and without a chat template."""
+    options, tokenizer = ["Yes", "No", "Don't know"], tiny_base.tokenizer
+    sent = [{"role": "user", "content": question_body("Do you trust people?", options)}]
+    assert question_text(tokenizer, "Do you trust people?", options, chat=True) == chat_prompt(
+        tokenizer, sent
+    )
+    assert question_text(tokenizer, "Do you trust people?", options).endswith(ANSWER_PREFIX)

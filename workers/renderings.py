@@ -1,9 +1,13 @@
-"""Renderings: one survey question written the ways questionnaires write it.
+"""Renderings: one survey question written the ways questionnaires write it, and asked the way a chat asks it.
 
 The same question reaches a user with or without its missing-value options ("Don't know", "No answer",
 "DK/Refused"), in another option order, and with a scale's points as labels or as numbers. An answer that
 changes with the rendering was learned from the format, not the culture. So evaluation reports every rendering
 (and counts the worst), calibration fits on them, and training draws one at random each epoch.
+
+`chat` keeps the options as written but asks as a chat user does: the question is the user's message and the
+answer is the assistant's first token, with no "Answer:" of ours before it (`workers/scoring.py`). That is what
+`/v1/chat/completions` serves, so the chat path gets what the opinion path has.
 
 A `Rendering` keeps, for each option it shows, the index of the original option. That maps the survey's
 shares into the rendering (`target`) and the model's answer back to the original options (`back`) exactly.
@@ -22,8 +26,9 @@ AS_WRITTEN = "as_written"
 NO_MISSING = "no_missing"
 REVERSED = "reversed"
 NUMBERED_SCALE = "numbered_scale"
+CHAT = "chat"
 # Every rendering an evaluation reports; each leaves a question it does not apply to as written.
-RENDERINGS: tuple[str, ...] = (AS_WRITTEN, NO_MISSING, REVERSED, NUMBERED_SCALE)
+RENDERINGS: tuple[str, ...] = (AS_WRITTEN, NO_MISSING, REVERSED, NUMBERED_SCALE, CHAT)
 
 # A missing-value code of any programme: the option's start, lowercased, apostrophes straightened.
 _MISSING = re.compile(
@@ -149,10 +154,15 @@ def renderings(options: Sequence[str]) -> dict[str, Rendering]:
 
 
 def rendering(options: Sequence[str], name: str) -> Rendering:
-    """One rendering of RENDERINGS; a question it does not change stays as written."""
+    """One rendering of RENDERINGS; a question it does not change stays as written (`chat`'s options do)."""
     if name not in RENDERINGS:
         raise ValueError(f"unknown rendering {name!r}; known: {', '.join(RENDERINGS)}")
     return renderings(options).get(name, as_written(options))
+
+
+def asked_in_chat(name: str) -> bool:
+    """Whether a rendering asks as a chat does: the answer opens the assistant's turn (`CHAT`)."""
+    return name == CHAT
 
 
 def training_renderings(options: Sequence[str]) -> list[Rendering]:

@@ -23,17 +23,30 @@ ANSWER_PREFIX = "Answer:"
 INSTRUCTION = "Answer with the letter of one option."
 
 
-def question_text(
-    tokenizer: PreTrainedTokenizerBase, question: str, options: Sequence[str], persona: str | None = None
-) -> str:
-    """The question and lettered options, through the chat template where there is one, then the answer prefix."""
+def question_body(question: str, options: Sequence[str]) -> str:
+    """The question, its lettered options and the instruction: what a user sends, in a chat or a survey."""
     if len(options) > len(LETTERS):
         raise ValueError(f"at most {len(LETTERS)} options, got {len(options)}")
-    body = "\n".join([question.strip(), *(f"{LETTERS[i]}. {o}" for i, o in enumerate(options)), INSTRUCTION])
+    return "\n".join([question.strip(), *(f"{LETTERS[i]}. {o}" for i, o in enumerate(options)), INSTRUCTION])
+
+
+def question_text(
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    options: Sequence[str],
+    persona: str | None = None,
+    chat: bool = False,
+) -> str:
+    """The question and lettered options, through the chat template where there is one, then the answer
+    prefix. With `chat`, what /v1/chat/completions renders for the question sent as the user's message: the
+    assistant's turn opens with nothing of ours."""
+    body = question_body(question, options)
+    messages = ([{"role": "system", "content": persona}] if persona else []) + [
+        {"role": "user", "content": body}
+    ]
+    if chat:
+        return chat_prompt(tokenizer, messages)
     if tokenizer.chat_template:
-        messages = ([{"role": "system", "content": persona}] if persona else []) + [
-            {"role": "user", "content": body}
-        ]
         return chat_prompt(tokenizer, messages) + ANSWER_PREFIX
     return (f"{persona}\n\n" if persona else "") + f"Question: {body}\n{ANSWER_PREFIX}"
 
@@ -49,15 +62,21 @@ def option_token_ids(tokenizer: PreTrainedTokenizerBase, n: int = len(LETTERS)) 
 
 
 def option_log_probs(
-    last_logits: torch.Tensor, letter_ids: torch.Tensor, n_options: torch.Tensor
+    last_logits: torch.Tensor, letter_ids: torch.Tensor, n_options: torch.Tensor, normalised: bool = True
 ) -> torch.Tensor:
-    """B x max_n log-distributions over each row's options (-inf beyond a row's own options)."""
-    letter_logits = last_logits.float()[:, letter_ids]  # B x 26 x 2
+    """B x max_n log-distributions over each row's options (-inf beyond a row's own options). Unless
+    `normalised`, each option's log-probability in the whole next-token distribution: their sum is the mass
+    the answer puts on the options at all (`answer_loss`)."""
+    last = last_logits.float()
+    letter_logits = last[:, letter_ids]  # B x 26 x 2
     same = letter_ids[:, 0] == letter_ids[:, 1]
     letter_logits[:, same, 1] = float("-inf")  # count a letter once when bare and spaced are one token
     per_option = torch.logsumexp(letter_logits, dim=-1)[:, : int(n_options.max())]
     beyond = torch.arange(per_option.shape[1], device=per_option.device)[None, :] >= n_options[:, None]
-    return torch.log_softmax(per_option.masked_fill(beyond.to(per_option.device), float("-inf")), dim=-1)
+    per_option = per_option.masked_fill(beyond.to(per_option.device), float("-inf"))
+    if normalised:
+        return torch.log_softmax(per_option, dim=-1)
+    return per_option - torch.logsumexp(last, dim=-1, keepdim=True)
 
 
 def js_distance(p: np.ndarray, q: np.ndarray) -> float:
@@ -141,11 +160,13 @@ def encode_question(
     persona: str | None = None,
     max_length: int = 512,
     both_orders: bool = True,
+    chat: bool = False,
 ) -> EncodedQuestion:
-    """Tokenise one question (keeping its end if it is too long), and with `both_orders` its options reversed."""
+    """Tokenise one question (keeping its end if it is too long), and with `both_orders` its options reversed;
+    with `chat`, as a chat asks it (`question_text`)."""
 
     def ids(shown: Sequence[str]) -> list[int]:
-        text = question_text(tokenizer, question, shown, persona)
+        text = question_text(tokenizer, question, shown, persona, chat)
         return tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
 
     return EncodedQuestion(
@@ -179,15 +200,17 @@ def batch_log_probs(
     questions: Sequence[EncodedQuestion],
     expert_idx: Sequence[int],
     letter_ids: torch.Tensor,
+    normalised: bool = True,
 ) -> torch.Tensor:
-    """One forward pass over a batch: B x max_n option log-probabilities, each row with its own expert."""
+    """One forward pass over a batch: B x max_n option log-probabilities, each row with its own expert
+    (`option_log_probs`)."""
     ids, mask = left_pad([q.input_ids for q in questions], base.tokenizer.pad_token_id)
     inputs = prompted_inputs(
         base.model, ids.to(base.device), mask.to(base.device), bank, torch.tensor(list(expert_idx))
     )
     out = base.model(**inputs, use_cache=False, logits_to_keep=1)
     n_options = torch.tensor([q.n_options for q in questions], device=base.device)
-    return option_log_probs(out.logits[:, -1], letter_ids.to(base.device), n_options)
+    return option_log_probs(out.logits[:, -1], letter_ids.to(base.device), n_options, normalised)
 
 
 @torch.no_grad()
@@ -201,6 +224,20 @@ def option_distributions(
 ) -> list[np.ndarray]:
     """The model's distribution over each question's options, batched (rows sorted by length), each the mean
     over its option orders (`EncodedQuestion.orders`). A row asked twice (the same ids and expert) runs once."""
+    return option_answers(base, bank, questions, expert_idx, batch_size, progress)[0]
+
+
+@torch.no_grad()
+def option_answers(
+    base: FrozenBase,
+    bank: PromptRows | None,
+    questions: Sequence[EncodedQuestion],
+    expert_idx: Sequence[int] | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+    progress: str | None = None,
+) -> tuple[list[np.ndarray], list[float]]:
+    """`option_distributions`, and each answer's mass on its options: the share of the next token's
+    probability that goes to an option's letter at all (a chat's answer may start with other words)."""
     expert_idx = list(expert_idx) if expert_idx is not None else [NO_EXPERT] * len(questions)
     letter_ids = option_token_ids(base.tokenizer)
     rows: dict[tuple[tuple[int, ...], int], EncodedQuestion] = {}
@@ -212,13 +249,17 @@ def option_distributions(
     starts = range(0, len(keys), batch_size)
     for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch", leave=False):
         chunk = keys[start : start + batch_size]
-        log_probs = batch_log_probs(base, bank, [rows[k] for k in chunk], [k[1] for k in chunk], letter_ids)
+        log_probs = batch_log_probs(
+            base, bank, [rows[k] for k in chunk], [k[1] for k in chunk], letter_ids, normalised=False
+        )
         for row, key in enumerate(chunk):
-            probs[key] = log_probs[row, : rows[key].n_options].exp().cpu().double().numpy()
-    return [
-        order_averaged([probs[(tuple(ids), e)] for ids, _ in q.orders()], [rev for _, rev in q.orders()])
-        for q, e in zip(questions, expert_idx)
-    ]
+            probs[key] = log_probs[row, : rows[key].n_options].cpu().double().exp().numpy()
+    dists, masses = [], []
+    for q, e in zip(questions, expert_idx):
+        answers = [probs[(tuple(ids), e)] for ids, _ in q.orders()]
+        dists.append(order_averaged([a / a.sum() for a in answers], [rev for _, rev in q.orders()]))
+        masses.append(float(np.mean([a.sum() for a in answers])))
+    return dists, masses
 
 
 def mean_alignment(

@@ -193,8 +193,8 @@ class PackedTrainer:
     ) -> dict[str, float]:
         """Forward and backward of one micro-batch (gradients accumulate); each culture's mean loss in it."""
         expert_idx = [self.bank.index(c) for c in cultures]
-        log_probs = batch_log_probs(self.base, self.bank, rows, expert_idx, self.letter_ids)
-        per_row = torch.stack([kl_to_survey(log_probs[i], q) for i, q in enumerate(rows)])
+        log_probs = batch_log_probs(self.base, self.bank, rows, expert_idx, self.letter_ids, normalised=False)
+        per_row = torch.stack([answer_loss(log_probs[i], q) for i, q in enumerate(rows)])
         (packed_loss(per_row, cultures) / self.config.grad_accum).backward()
         return culture_means(per_row.detach(), cultures)
 
@@ -346,12 +346,19 @@ def length_bucketed(order: list[int], lengths: list[int], bucket: int) -> list[i
     return [i for run in runs for i in sorted(run, key=lambda i: lengths[i])]
 
 
-def kl_to_survey(log_probs: torch.Tensor, question: EncodedQuestion) -> torch.Tensor:
-    """KL(survey || model) over one question's options."""
+def answer_loss(log_probs: torch.Tensor, question: EncodedQuestion) -> torch.Tensor:
+    """KL(survey || model) over one question's options, less the log of the model's mass on the options: the
+    survey's answers' cross-entropy under the next token, less the survey's entropy.
+
+    `log_probs` are the options' log-probabilities in the whole next-token distribution
+    (`option_log_probs(normalised=False)`), so an answer that opens with other words than an option letter (a
+    chat's "Sure! ...") costs what a wrong option costs. Normalised log-probabilities give the KL alone.
+    """
     target = torch.tensor(question.target, dtype=torch.float32, device=log_probs.device)
     model = log_probs[: question.n_options]
+    mass = torch.logsumexp(model, dim=0)
     nz = target > 0
-    return torch.sum(target[nz] * (target[nz].log() - model[nz]))
+    return torch.sum(target[nz] * (target[nz].log() - (model[nz] - mass))) - mass
 
 
 def packed_loss(

@@ -30,7 +30,7 @@ from workers.base_model import FrozenBase
 from workers.deepspeed_config import ensure_extensions_dir
 from workers.prompts import NO_EXPERT, SoftPromptBank
 from workers.scoring import EncodedQuestion, alignment, batch_log_probs, order_averaged
-from workers.trainer import PackedTrainer, TrainConfig, kl_to_survey, packed_loss
+from workers.trainer import PackedTrainer, TrainConfig, answer_loss, packed_loss
 
 
 class EveryExpertRows:
@@ -59,7 +59,7 @@ class EveryExpertRows:
 
 
 class PromptedModel(nn.Module):
-    """The frozen base and the prompt bank as one module: forward gives each row's option log-probabilities."""
+    """The frozen base and the prompt bank as one module: forward gives each row's options' log-probabilities."""
 
     def __init__(self, base: FrozenBase, bank: SoftPromptBank):
         super().__init__()
@@ -69,7 +69,10 @@ class PromptedModel(nn.Module):
     def forward(
         self, rows: list[EncodedQuestion], expert_idx: list[int], letter_ids: torch.Tensor
     ) -> torch.Tensor:
-        return batch_log_probs(self.frozen, EveryExpertRows(self.bank), rows, expert_idx, letter_ids)
+        # The options' log-probabilities in the whole next-token distribution (`answer_loss`).
+        return batch_log_probs(
+            self.frozen, EveryExpertRows(self.bank), rows, expert_idx, letter_ids, normalised=False
+        )
 
 
 def adamw_per_expert(bank: SoftPromptBank, config: TrainConfig) -> torch.optim.Optimizer:
@@ -138,7 +141,7 @@ class ZeroTrainer(PackedTrainer):
         local_rows, local_cultures = [rows[i] for i in take], [cultures[i] for i in take]
         self.engine.set_gradient_accumulation_boundary(boundary)
         log_probs = self.engine(local_rows, [self.bank.index(c) for c in local_cultures], self.letter_ids)
-        per_row = torch.stack([kl_to_survey(log_probs[i], q) for i, q in enumerate(local_rows)])
+        per_row = torch.stack([answer_loss(log_probs[i], q) for i, q in enumerate(local_rows)])
         # DeepSpeed averages the workers' gradients: scaling by the world size makes the average the sum.
         scale = (self.world if mine else 0.0) / self.config.grad_accum
         self.engine.backward(packed_loss(per_row, local_cultures, counts) * scale, scale_wrt_gas=False)
@@ -193,7 +196,8 @@ class ZeroTrainer(PackedTrainer):
             )
             answers = defaultdict(list)
             for row, (k, _, _, rev) in enumerate(rows):
-                answers[k].append((log_probs[row, : batch[k][1].n_options].exp().cpu().double().numpy(), rev))
+                probs = log_probs[row, : batch[k][1].n_options].cpu().double().exp().numpy()
+                answers[k].append((probs / probs.sum(), rev))
             for k, (culture, question) in enumerate(chunk):
                 probs = order_averaged([p for p, _ in answers[k]], [rev for _, rev in answers[k]])
                 totals[0, self.bank.index(culture)] += alignment(probs, question.target)
