@@ -51,6 +51,8 @@ def ds_config(section: DeepSpeedSettings, batch_rows: int, grad_accum: int, dtyp
         "train_batch_size": micro * grad_accum * world,
         "zero_optimization": {"stage": section.zero_stage},
         "steps_per_print": sys.maxsize,  # progress is reported per epoch, not logged per step
+        # DeepSpeed clips gradients at norm 1 unless told; one process (PackedTrainer) does not clip at all.
+        "gradient_clipping": 0.0,
     }
     if dtype in HALF:  # DeepSpeed trains a half-precision module with fp32 master weights
         ours[HALF[dtype]] = {"enabled": True}
