@@ -7,7 +7,7 @@ countryinfo, Babel's CLDR, py3langid), with nothing downloaded.
 import pytest
 
 from workers.cultures import CultureIndex
-from workers.places import PlaceIndex, fold
+from workers.places import READ_CHARS, PlaceIndex, fold
 from workers.routing import read_text
 
 
@@ -86,3 +86,11 @@ def test_routing_reaches_a_known_culture_or_says_what_it_read(places):
     # The first known country of those named, by strength: Iceland is unknown, Germany is not.
     assert read_text("A German fisherman in Reykjavik", places, names).found == "Germany"
     assert read_text("Ninaishi Nairobi na ninafanya kazi sokoni.", places, names).found == "Kenya"
+
+
+def test_only_the_start_of_a_long_text_is_read(places):
+    """A request's routing costs the same whatever its length: the first READ_CHARS characters are read."""
+    filler = "and then we talked about the weather for a while " * 2000
+    assert first(places, "I'm a hockey coach in Toronto, " + filler) == "CA"
+    assert places.find(filler + "I'm a hockey coach in Toronto.").mentions == []
+    assert len(filler) > 20 * READ_CHARS

@@ -37,6 +37,9 @@ LANGUAGE_MIN_LETTERS = 12
 # Languages that say nothing about where their writer lives (English is every country's second language).
 UNINFORMATIVE_LANGUAGES = frozenset({"en"})
 LONGEST_NAME_WORDS = 5
+# The start of a text that is read (a profile is a line; a long conversation's first lines say who is asking),
+# so the time a request spends here is bounded whatever its length.
+READ_CHARS = 4000
 _SHORTEST_NAME = 3  # letters; "Of" or "Ur" as a city would match too much
 _SHORTEST_UNSPACED = 2  # characters, in scripts written without spaces (서울, 東京)
 # Cities of at least this many people: among small towns' names are everyday words ("Union", "Bush", "Obama",
@@ -220,6 +223,7 @@ class PlaceIndex:
 
     def find(self, text: str) -> Found:
         """The places `text` names, in the order written; with the language only if it names none."""
+        text = unicodedata.normalize("NFC", text[:READ_CHARS])
         found = Found(list(self._mentions(text)))
         if not found.mentions:
             language = self.language(text)
@@ -232,15 +236,11 @@ class PlaceIndex:
         return found
 
     def _mentions(self, text: str) -> Iterator[Mention]:
-        text = unicodedata.normalize("NFC", text)
         matches = list(re.finditer(r"\w+", text))
         words = [(m.group(), fold(m.group())) for m in matches]
         # A sentence's first word is capitalised whatever it is, so there a region's name is taken for a word.
-        starts = {
-            i
-            for i, m in enumerate(matches)
-            if not text[: m.start()].strip() or text[: m.start()].rstrip()[-1] in ".!?"
-        }
+        ends = [0] + [m.end() for m in matches]
+        starts = {i for i, m in enumerate(matches) if i == 0 or set(text[ends[i] : m.start()]) & set(".!?")}
         lower = text == text.lower()
         i = 0
         while i < len(words):
