@@ -13,6 +13,7 @@ import yaml
 from orchestrator.config import ConfigError, load_config
 from tests.conftest import OPINIONS, REPO, SHARED_DATA, TINY_CONFIG
 from workers.expert_file import load_expert, save_expert
+from workers.renderings import RENDERINGS
 
 SQRT_LN2 = math.sqrt(math.log(2))
 
@@ -178,7 +179,7 @@ def test_eval_on_a_foreign_file_scores_the_experts_cultures_it_holds(trained, tm
     # Its MLflow run is named for the file and split, and the file is a param: questionnaires tell apart.
     assert "logged to MLflow: run eval-foreign-all (" in result.stdout
     assert report["data_file"] == str(foreign)
-    assert set(report["renderings"]) == {"as_written", "no_missing", "reversed", "numbered_scale"}
+    assert set(report["renderings"]) == set(RENDERINGS)
     assert report["cultures"]["Germany"]["n"] == report["cultures"]["Japan"]["n"] == 6  # every record
     assert report["cultures"]["Japan"]["expert"] is not None
     skipped = f"note: no records in {foreign} for Kenya (expert), Canada (held out): skipped"
@@ -330,7 +331,7 @@ def test_train_local_trains_the_prior_first_and_adds_to_the_published_set(tiny_m
     # Each expert's share of the prior is in its published file, fitted on every rendering of val.
     for culture in ("Germany", "Japan"):
         line = next(x for x in first.stdout.splitlines() if x.startswith(f"{culture}: the prior's weight"))
-        assert " val records in 4 renderings" in line
+        assert f" val records in {len(RENDERINGS)} renderings" in line
         fitted = float(line.split("weight ")[1].split(",")[0])
         assert load_expert(experts / f"{culture.lower()}.safetensors").meta.prior_weight == fitted
     # Committees take their members' own shares: the prior's file adds none.

