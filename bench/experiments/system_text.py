@@ -31,9 +31,13 @@ from workers.trainer import PackedTrainer
 def template_default_system():
     """Encode as before workers/chat.py: the template as it is, its default system text included."""
     chat_prompt = workers.scoring.chat_prompt
-    workers.scoring.chat_prompt = lambda tokenizer, messages: tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=True
-    )
+
+    def as_before(tokenizer, messages):
+        if not tokenizer.chat_template:  # a model without a template (the chat rendering asks it too)
+            return chat_prompt(tokenizer, messages)
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    workers.scoring.chat_prompt = as_before
     try:
         yield
     finally:
