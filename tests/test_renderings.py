@@ -212,12 +212,11 @@ def test_the_report_scores_every_rendering_and_names_the_worst(llama_base):
     first = report["renderings"][CHAT]["with_experts"]
     assert chat["first_token"]["gain"] == pytest.approx(first["expert"] - first["base"])
     opinion = report["renderings"][AS_WRITTEN]["with_experts"]
-    assert (
-        chat["gain_ratio"]
-        == pytest.approx(chat["first_token"]["gain"] / (opinion["expert"] - opinion["base"]))
-        if opinion["expert"] > opinion["base"]
-        else chat["gain_ratio"] is None
-    )
+    opinion_gain = opinion["expert"] - opinion["base"]
+    if opinion_gain > 0:
+        assert chat["gain_ratio"] == pytest.approx(chat["first_token"]["gain"] / opinion_gain)
+    else:  # no gain on the opinion path to be a share of
+        assert chat["gain_ratio"] is None
     assert all(0 < m <= 1 for m in chat["mass_on_options"].values())
     sampled = chat["sampled"]
     assert sampled["draws"] == 8 and 0 <= sampled["chat"] <= 1 and sampled["opinion"] < sampled["survey"] < 1
