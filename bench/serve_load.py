@@ -53,7 +53,7 @@ from bench.common import DATA, free_port, machine, model_path, write_report
 from bench.raw_http import RawConnection
 from orchestrator.config import ExperimentConfig
 from serve.edge import EDGE_ENV, EDGE_IMPORT_PATH
-from serve.pool import RELOAD_FAULT_ENV
+from serve.expert_set import RELOAD_FAULT_ENV
 from workers.base_model import load_frozen_base
 from workers.cultures import slug
 from workers.expert_file import Expert, ExpertMeta, save_expert

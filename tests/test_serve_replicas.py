@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from serve.pool import RELOAD_FAULT_ENV
+from serve.expert_set import RELOAD_FAULT_ENV
 from tests.conftest import free_ports, mlflow_server
 from tests.serving import (
     CULTURES,
