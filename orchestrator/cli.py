@@ -144,21 +144,21 @@ def _change_champion(args: argparse.Namespace, config) -> int:
     import getpass
 
     from orchestrator.config import ConfigError
+    from orchestrator.registry import Champions
     from orchestrator.survey import prepare_data
-    from orchestrator.tracking import ExperimentTracker
 
     wanted = 1 if args.action == "retire" else 2
     if len(args.target) != wanted or (wanted == 2 and not args.target[1].isdigit()):
         usage = "retire CULTURE" if wanted == 1 else "promote CULTURE VERSION (a number)"
         raise ConfigError(f"usage: shores experts {usage} --config ...")
     data = prepare_data(config.data)  # read first: a bad data file changes nothing
-    tracker, user = ExperimentTracker(config), getpass.getuser()
+    champions, user = Champions.from_config(config), getpass.getuser()
     culture = args.target[0]
     if args.action == "retire":
-        version = tracker.retire(culture, user)
-        print(f"retired {tracker.store.model_name(culture)} v{version}: it is no longer the champion")
+        version = champions.retire(culture, user)
+        print(f"retired {champions.store.model_name(culture)} v{version}: it is no longer the champion")
     else:
-        row = tracker.promote(culture, int(args.target[1]), force=args.force, user=user)
+        row = champions.promote(culture, int(args.target[1]), force=args.force, user=user)
         if not row.champion:
             why = row.note or "it does not validate better than the champion"
             print(
@@ -180,7 +180,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 def _publish_champions(config, data) -> int:
     from orchestrator.publish import publish_champions
-    from orchestrator.tracking import Store
+    from orchestrator.registry import Store
 
     published = publish_champions(config.experts_dir, Store.from_config(config), data)
     return 0 if published else 1
@@ -190,7 +190,8 @@ def _ui(args: argparse.Namespace) -> int:
     import subprocess
 
     from orchestrator.config import load_config
-    from orchestrator.tracking import ExperimentTracker, TrackingError
+    from orchestrator.registry import TrackingError
+    from orchestrator.tracking import ExperimentTracker
 
     tracker = ExperimentTracker(load_config(args.config, args.set))
     store = tracker.store

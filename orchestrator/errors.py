@@ -1,8 +1,8 @@
 """The errors a user can cause: the CLI and HTTP edges turn these into one clear line."""
 
 from orchestrator.config import ConfigError
+from orchestrator.registry import TrackingError
 from orchestrator.survey import SurveyDataError
-from orchestrator.tracking import TrackingError
 from workers.base_model import BaseModelError
 from workers.cultures import UnknownCultureError
 from workers.expert_file import PromptMismatchError

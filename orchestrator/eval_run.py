@@ -8,6 +8,7 @@ from pathlib import Path
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.evaluate import evaluate_beside_transfer, format_table, served_committees, write_report
+from orchestrator.registry import TrackingError
 from orchestrator.survey import (
     TRANSFER_SPLITS,
     SurveyDataError,
@@ -16,7 +17,7 @@ from orchestrator.survey import (
     prepare_data,
     present_cultures,
 )
-from orchestrator.tracking import ExperimentTracker, TrackingError, evaluation_run_name
+from orchestrator.tracking import ExperimentTracker, evaluation_run_name
 from workers.base_model import load_frozen_base
 from workers.cultures import is_shared
 from workers.expert_store import (

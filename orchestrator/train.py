@@ -16,15 +16,10 @@ from orchestrator.calibration import calibrate_winners
 from orchestrator.config import ExperimentConfig, load_config
 from orchestrator.deepspeed_trial import validate_deepspeed
 from orchestrator.publish import publish_experts
+from orchestrator.registry import Registration, TrackingError, public_config, restore_credentials
 from orchestrator.results import FinishedTrial, best_experts, finished_trials
 from orchestrator.survey import ExperimentData, prepare_data
-from orchestrator.tracking import (
-    ExperimentTracker,
-    Registration,
-    TrackingError,
-    public_config,
-    restore_credentials,
-)
+from orchestrator.tracking import ExperimentTracker
 from orchestrator.trial import expert_groups
 from orchestrator.tune import expected_trials, experiment_path, restore, run_trial, trials_ended, tuner
 from workers.base_model import FrozenBase
@@ -67,7 +62,9 @@ def train(config: ExperimentConfig, resume: bool = False, replace: bool = False)
     connect()
     # The driver loads the frozen base once; the object store hands the same copy to every trial.
     shared = SharedBase.load(config.base_model.name, config.base_model.dtype)
-    tracker.use_base(lambda: shared.materialise("cpu"))  # the champion gate re-scores with this copy
+    tracker.champions.use_base(
+        lambda: shared.materialise("cpu")
+    )  # the champion gate re-scores with this copy
     trials, failed, prior = [], [], None
     for stage, stage_data in stages(public, data):
         if resume and tune.Tuner.can_restore(experiment_path(stage)):

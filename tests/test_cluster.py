@@ -230,7 +230,7 @@ def test_ray_job_submit_trains_and_registers_every_expert(ray_head, llama_dir, t
     print(f"ray job submit of shores train (tiny, 3 cultures): {took:.1f} s")
 
     from orchestrator.config import load_config
-    from orchestrator.tracking import Store
+    from orchestrator.registry import Store
     from workers.expert_store import registered_experts
 
     config = load_config(TINY_CONFIG, overrides)

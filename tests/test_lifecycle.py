@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main as shores_main
-from orchestrator.tracking import Store
+from orchestrator.registry import Store
 from tests.conftest import TINY_CONFIG, running_ray, tiny_config
 from tests.serving import client, local_serve, wait_for
 from tests.test_tune import champions

@@ -16,7 +16,8 @@ import pytest
 
 from orchestrator.cli import main as shores_main
 from orchestrator.config import load_config
-from orchestrator.tracking import CULTURES_TAG, KIND, KIND_TAG, NOTE_TAG, TRIAL_TAG, ExperimentTracker, Store
+from orchestrator.registry import KIND, KIND_TAG, TRIAL_TAG, Store
+from orchestrator.tracking import CULTURES_TAG, NOTE_TAG, ExperimentTracker
 from tests import browser
 from tests.conftest import OPINIONS, REPO, TINY_CONFIG, free_ports, running_ray, tiny_config
 from workers.expert_store import CHAMPION, registered_experts

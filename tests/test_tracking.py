@@ -11,9 +11,10 @@ import yaml
 from orchestrator.config import ConfigError, load_config
 from orchestrator.experts import ANSWERS_FILE
 from orchestrator.publish import publish_experts
+from orchestrator.registry import Store, TrackingError, public_config, restore_credentials
 from orchestrator.results import FinishedTrial, Winner
 from orchestrator.survey import prepare_data
-from orchestrator.tracking import ExperimentTracker, Store, TrackingError, public_config, restore_credentials
+from orchestrator.tracking import ExperimentTracker
 from tests.conftest import OPINIONS, TINY_CONFIG, free_ports, mlflow_server, running_ray
 from workers.cultures import slug
 from workers.expert_file import Expert, ExpertMeta, load_expert, save_expert
