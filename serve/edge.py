@@ -9,7 +9,8 @@ on. The edge answers these refusals in the proxy itself, for a fraction of that 
 - an unknown culture on /v1/opinion and /v1/generate (404).
 
 It refuses only what the router would refuse, with the router's status and words. It runs the router's own
-checks (serve/request_checks.py) on rules the router gives it (`Router.edge_rules`). It hands on everything
+checks (serve/request_checks.py) on rules the router gives it (`Router.edge_rules`, serve/edge_rules.py): the
+edge asks the router, and the router knows nothing of the edge. It hands on everything
 else, including every request it cannot judge: no rules yet, a body over the size cap, invalid JSON, a
 browser's cross-origin request when CORS is on. The router keeps every check: the edge is a shortcut, never the
 authority.
@@ -32,12 +33,11 @@ import contextvars
 import json
 import logging
 import time
-from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
 from starlette.middleware import Middleware
 
-from orchestrator.config import LimitsSection
+from serve.edge_rules import EXPERTS_VERSION_HEADER, EdgeRules
 from serve.errors import ApiError, error_body
 from serve.request_checks import (
     bearer_refusal,
@@ -56,25 +56,11 @@ logger = logging.getLogger("ray.serve")
 # Ray's hook: the import path of a callable that returns the proxy's middlewares.
 EDGE_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 EDGE_IMPORT_PATH = "serve.edge:middlewares"
-EXPERTS_VERSION_HEADER = "x-shores-experts-version"
 EDGE_HEADER = "x-shores-edge"  # on the edge's refusals: "refused"
 REFRESH_S = 1.0
 MAX_HOLD_S = 5.0  # the longest a refusal is held (see RefusalPace)
 MAX_CLIENTS = 10_000  # client addresses whose refusal rate is tracked
 ROUTED: dict[str, type[BaseModel]] = {"/v1/opinion": OpinionRequest, "/v1/generate": GenerateRequest}
-
-
-@dataclass(frozen=True)
-class EdgeRules:
-    """What the router checks requests against, as the edge needs it."""
-
-    version: str  # the experts version of the router's catalogue
-    hosts: frozenset[str] | None  # the Host names served (None: any)
-    key_digest: bytes | None  # the API key's SHA-256 (None: no key)
-    cors: bool  # CORS is on: cross-origin requests are left to the router, which answers with its headers
-    limits: LimitsSection
-    cultures: tuple[str, ...]  # the names a culture may resolve to: the experts' and the similarity table's
-    experts: int
 
 
 def middlewares() -> list[Middleware]:

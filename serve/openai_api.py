@@ -1,8 +1,8 @@
 """The OpenAI-compatible endpoints: chat completions, legacy completions and the model list.
 
 Requests are OpenAI's, and every field either does what OpenAI's does or is refused with a 400 naming it:
-`refuse_unsupported` runs before validation. Honoured: the text (`messages` of text parts, or `prompt`),
-`max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `seed`, `n` (up to
+`refuse_unsupported` (serve/openai_fields.py) runs before validation. Honoured: the text (`messages` of text
+parts, or `prompt`), `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `seed`, `n` (up to
 `serve.limits.max_choices`), `stop`, `logprobs` / `top_logprobs` (of the committee's mixed distribution),
 `stream` and `stream_options`; shores adds `committee_size`. Accepted and ignored, as they change no output:
 `user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`, `safety_identifier`, `prompt_cache_key`.
@@ -10,26 +10,28 @@ Fields that would change the output (tools, response formats, logit bias, penalt
 audio, ...) are refused unless they hold their no-op value (null, `tool_choice: "none"`, `response_format:
 {"type": "text"}`, ...), and so is any field OpenAI does not define, as OpenAI itself answers.
 
-The router (the `Gateway` here) reads bodies, routes, calls the pool and streams; this module turns requests
-into pool jobs and answers into OpenAI's shapes.
+The endpoints reach the rest of the server through one small interface, `Gateway` (the router implements it):
+authorising and reading bodies, routing, the catalogue, and the pool's answers, whole or streamed. This module
+turns requests into pool jobs and answers into OpenAI's shapes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from orchestrator.config import ServeSection
+from orchestrator.config import LimitsSection
+from serve.answers import DONE, EVENT_STREAM, event, members
 from serve.errors import OPENAI_PATHS, ApiError, error_body
+from serve.openai_fields import refuse_unsupported
 from serve.protocol import (
     Catalogue,
     Choice,
@@ -40,104 +42,14 @@ from serve.protocol import (
     TokenLogprobs,
     TokenPiece,
 )
-from serve.schemas import MODEL_PREFIX, ChatRequest, CompletionRequest, OpenAIRequest
+from serve.request_checks import new_tokens
+from serve.schemas import AUTO, MODEL_PREFIX, ChatRequest, CompletionRequest, OpenAIRequest
 from workers.committees import BASE, Committee
 from workers.cultures import slug
 from workers.routing import Routed
 
 logger = logging.getLogger("ray.serve")
-AUTO = "auto"
-EVENT_STREAM = "text/event-stream"
-DONE = "data: [DONE]\n\n"  # the last server-sent event of a stream, as OpenAI sends it
 Body = TypeVar("Body", bound=BaseModel)
-
-# ---- which fields are honoured, accepted or refused ----
-
-_SHARED = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options"}
-HONOURED = {
-    "chat": _SHARED | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "committee_size"},
-    "completions": _SHARED | {"prompt", "logprobs", "committee_size"},
-}
-HARMLESS = {  # accepted and ignored: bookkeeping, routing and caching hints that change no output
-    "user",
-    "metadata",
-    "store",
-    "service_tier",
-    "parallel_tool_calls",
-    "safety_identifier",
-    "prompt_cache_key",
-}
-NO_OP: dict[str, list[Any]] = {  # refused unless they hold a value that changes nothing
-    "tools": [None, []],
-    "tool_choice": [None, "none"],
-    "functions": [None, []],
-    "function_call": [None, "none"],
-    "response_format": [None, {"type": "text"}],
-    "logit_bias": [None, {}],
-    "presence_penalty": [None, 0],
-    "frequency_penalty": [None, 0],
-    "modalities": [None, ["text"]],
-    "audio": [None],
-    "prediction": [None],
-    "reasoning_effort": [None],
-    "verbosity": [None],
-    "web_search_options": [None],
-    "echo": [None, False],  # completions: would need the prompt's log probabilities
-    "best_of": [None, 1],  # completions: also accepted when equal to n
-    "suffix": [None, ""],  # completions: insertion
-}
-MESSAGE_NO_OP: dict[str, list[Any]] = {  # a message's keys besides role and content
-    "name": [None],  # the chat template has no speaker names
-    "tool_calls": [None, []],
-    "tool_call_id": [None],
-    "function_call": [None],
-    "audio": [None],
-    "refusal": [None],
-}
-
-
-def refuse_unsupported(data: dict, endpoint: str) -> None:
-    """A 400 naming the first field of an OpenAI request that shores does not honour and that would change
-    the output (`endpoint` is `chat` or `completions`)."""
-    for key, value in data.items():
-        if key in HONOURED[endpoint] or key in HARMLESS:
-            continue
-        if key not in NO_OP:
-            raise ApiError(400, f"unknown field {key!r}", param=key)
-        if value in NO_OP[key] or (key == "best_of" and value == data.get("n", 1)):
-            continue
-        raise ApiError(400, f"{key} is not supported by this server (only {_no_op(NO_OP[key])})", param=key)
-    if endpoint == "chat" and isinstance(data.get("messages"), list):
-        for i, message in enumerate(data["messages"]):
-            if isinstance(message, dict):
-                _refuse_in_message(i, message)
-    prompt = data.get("prompt")
-    if endpoint == "completions" and isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt):
-        raise ApiError(400, "prompt: token ids are not supported; send the prompt as text", param="prompt")
-
-
-def _refuse_in_message(i: int, message: dict) -> None:
-    if message.get("role") in ("tool", "function"):
-        raise ApiError(
-            400,
-            f"messages[{i}].role: {message['role']} messages are not supported (no tools)",
-            param="messages",
-        )
-    for key, value in message.items():
-        if key not in ("role", "content") and value not in MESSAGE_NO_OP.get(key, [None]):
-            raise ApiError(400, f"messages[{i}].{key} is not supported by this server", param="messages")
-    content = message.get("content")
-    for j, part in enumerate(content if isinstance(content, list) else []):
-        if isinstance(part, dict) and part.get("type") != "text":
-            raise ApiError(
-                400,
-                f"messages[{i}].content[{j}]: {part.get('type')} parts are not supported (text only)",
-                param="messages",
-            )
-
-
-def _no_op(values: list[Any]) -> str:
-    return " or ".join(json.dumps(v) for v in values)
 
 
 def model_culture(model: str) -> str | None:
@@ -157,37 +69,35 @@ def model_list(catalogue: Catalogue, created: int) -> dict:
     return {"object": "list", "data": cards}
 
 
-# ---- what the endpoints need from the router ----
+# ---- what the endpoints need from the rest of the server ----
 
 
 class Gateway(Protocol):
-    """The router's side: reading bodies, routing, and the pool."""
+    """The endpoints' one way into the server (the router implements it)."""
 
-    section: ServeSection
-    started: int
+    def authorise(self, request: Request) -> None:
+        """A 401 unless the request carries the key (when one is needed)."""
+        ...
 
-    def authorise(self, request: Request) -> None: ...
+    async def read(self, request: Request, schema: type[Body], check: Callable[[dict], None]) -> Body:
+        """The request's body as `schema`, authorised and within the caps (`check` runs on the parsed JSON)."""
+        ...
 
-    async def read(self, request: Request, schema: type[Body], check: Callable[[dict], None]) -> Body: ...
+    async def route(self, request: Request, culture: str | None, text: str, k: int | None) -> Routed:
+        """The committee for `culture` (None: from `text`), its model id, and why."""
+        ...
 
-    async def route(self, request: Request, culture: str | None, text: str, k: int | None) -> Routed: ...
+    async def catalogue(self) -> Catalogue:
+        """The experts served and the cultures answered by committees."""
+        ...
 
-    def new_tokens(self, asked: int | None) -> int: ...
+    async def complete(self, job: GenerateJob) -> GenerateAnswer:
+        """The pool's answer to a generation, whole."""
+        ...
 
-    async def catalogue(self) -> Catalogue: ...
-
-    async def complete(self, job: GenerateJob) -> GenerateAnswer: ...
-
-    async def stream(
-        self, job: GenerateJob
-    ) -> tuple[GenerateStart, AsyncIterator[TokenPiece | GenerateEnd]]: ...
-
-    def members(self, committee: Committee, answer: GenerateAnswer | GenerateStart) -> list[dict]: ...
-
-
-def event(data: dict) -> str:
-    """One server-sent event carrying a JSON object."""
-    return f"data: {json.dumps(data)}\n\n"
+    async def stream(self, job: GenerateJob) -> tuple[GenerateStart, AsyncIterator[TokenPiece | GenerateEnd]]:
+        """The pool's first event of a streamed generation, and the rest."""
+        ...
 
 
 def error_event(err: ApiError) -> str:
@@ -198,13 +108,13 @@ def error_event(err: ApiError) -> str:
 class OpenAIEndpoints:
     """POST /v1/chat/completions, POST /v1/completions and GET /v1/models."""
 
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
+    def __init__(self, gateway: Gateway, limits: LimitsSection, created: int):
+        self.gateway, self.limits, self.created = gateway, limits, created  # created: the model cards' time
 
     async def models(self, request: Request) -> dict:
         """OpenAI model list: shores:auto, shores:base and one shores:<culture> per expert."""
         self.gateway.authorise(request)
-        return model_list(await self.gateway.catalogue(), self.gateway.started)
+        return model_list(await self.gateway.catalogue(), self.created)
 
     async def chat_completions(self, request: Request) -> dict | StreamingResponse:
         """OpenAI chat completion (streamed with `stream: true`); `shores:auto` routes from the conversation's
@@ -212,7 +122,7 @@ class OpenAIEndpoints:
         gateway = self.gateway
         body = await gateway.read(request, ChatRequest, lambda data: refuse_unsupported(data, "chat"))
         culture = model_culture(body.model)
-        max_new_tokens = gateway.new_tokens(body.max_completion_tokens or body.max_tokens)
+        max_new_tokens = new_tokens(body.max_completion_tokens or body.max_tokens, self.limits)
         # The chat template knows system, user and assistant; OpenAI's newer `developer` is a system message.
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -235,7 +145,7 @@ class OpenAIEndpoints:
             request, CompletionRequest, lambda data: refuse_unsupported(data, "completions")
         )
         culture = model_culture(body.model)
-        max_new_tokens = gateway.new_tokens(body.max_tokens)
+        max_new_tokens = new_tokens(body.max_tokens, self.limits)
         routed = await gateway.route(request, culture, body.prompt, body.committee_size)
         job = self._job(body, routed.committee, max_new_tokens, body.logprobs, prompt=body.prompt)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": routed.model}
@@ -257,7 +167,7 @@ class OpenAIEndpoints:
         whose choices hold `content(choice)` between their index and finish reason."""
         if body.stream:
             start, rest = await self.gateway.stream(job)
-            events = chunks(head, start, routed, job, _usage_asked(body), self.gateway)
+            events = chunks(head, start, routed, job, _usage_asked(body))
             return StreamingResponse(events.events(rest), media_type=EVENT_STREAM)
         answer = await self.gateway.complete(job)
         choices = [
@@ -271,7 +181,7 @@ class OpenAIEndpoints:
         return head | {
             "choices": choices,
             "usage": usage(answer.prompt_tokens, sum(c.completion_tokens for c in answer.choices)),
-            "committee": self.gateway.members(routed.committee, answer),
+            "committee": members(routed.committee, answer),
             "routing": routed.routing.as_dict(),
             "experts_version": answer.experts_version,
         }
@@ -279,7 +189,7 @@ class OpenAIEndpoints:
     def _job(
         self, body: OpenAIRequest, committee: Committee, max_new_tokens: int, logprobs: int | None, **text
     ) -> GenerateJob:
-        n, cap = body.n or 1, self.gateway.section.limits.max_choices
+        n, cap = body.n or 1, self.limits.max_choices
         if n > cap:
             raise ApiError(422, f"n {n} is over the cap of {cap}", param="n")
         return GenerateJob(
@@ -353,12 +263,11 @@ class _Chunks:
         routed: Routed,
         job: GenerateJob,
         usage: bool,
-        gateway: Gateway,
     ):
         self.head = head | {"object": self.object} | ({"usage": None} if usage else {})
         self.start, self.job, self.usage = start, job, usage
         self.shores = {
-            "committee": gateway.members(routed.committee, start),
+            "committee": members(routed.committee, start),
             "routing": routed.routing.as_dict(),
             "experts_version": start.experts_version,
         }

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 
-from serve.openai_api import HARMLESS, HONOURED, MESSAGE_NO_OP, NO_OP
+from serve.openai_fields import HARMLESS, HONOURED, MESSAGE_NO_OP, NO_OP
 from serve.routes import JSON, ROUTES, add_routes
 
 PAGE = "http.md"

@@ -98,3 +98,11 @@ def unknown_culture(culture: str, experts: int) -> ApiError:
     return ApiError(
         404, f"unknown culture {culture!r}: no expert, and no survey similarity to the {experts} experts"
     )
+
+
+def new_tokens(asked: int | None, limits: LimitsSection) -> int:
+    """The new tokens a request may decode: its own ask under the cap (422 over it), else the default."""
+    refusal = new_tokens_refusal(asked, limits)
+    if refusal:
+        raise refusal
+    return asked or limits.default_max_new_tokens

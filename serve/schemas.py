@@ -1,7 +1,7 @@
 """The HTTP request bodies, validated before anything reaches a model (the contracts: README, docs/serving.md).
 
 shores' own endpoints refuse unknown keys (422). The OpenAI endpoints' bodies are checked first by
-`serve.openai_api.refuse_unsupported` (400 for a field that would change the output and is not honoured, as
+`serve.openai_fields.refuse_unsupported` (400 for a field that would change the output and is not honoured, as
 OpenAI answers an unknown one); these models then validate the fields honoured.
 """
 
@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from workers.defaults import MAX_TOP_LOGPROBS, SEED_LIMIT
 
 MODEL_PREFIX = "shores:"  # model ids are shores:<culture>, shores:auto and shores:base
+AUTO = "auto"  # shores:auto: the router picks the committee from the text
 MAX_NAME_CHARS = 100  # culture names (the longest country name has 56 characters)
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 256

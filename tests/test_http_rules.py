@@ -8,7 +8,8 @@ from orchestrator.config import ServeSection
 from serve.edge import MAX_HOLD_S, RefusalPace
 from serve.errors import ApiError
 from serve.exposure import allowed_host_names, host_name, open_host_refusal
-from serve.openai_api import refuse_unsupported
+from serve.openai_fields import refuse_unsupported
+from serve.pool_client import pool_error
 from serve.request_checks import (
     bearer_refusal,
     host_refusal,
@@ -16,7 +17,6 @@ from serve.request_checks import (
     media_type_refusal,
     text_refusal,
 )
-from serve.router import pool_error
 from workers.engine import EngineStopped
 
 CHAT = {"model": "shores:kenya", "messages": [{"role": "user", "content": "Hi"}]}
