@@ -103,11 +103,11 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     if args.local:
-        from orchestrator.experiment import train_local
+        from orchestrator.local_train import train_local
 
         train_local(config, replace=args.replace)
         return 0
-    from orchestrator.train import train
+    from orchestrator.driver import train
 
     outcome = train(config, resume=args.resume, replace=args.replace)
     if outcome.interrupted:
@@ -231,7 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _register(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
-    from orchestrator.train import register_from
+    from orchestrator.driver import register_from
 
     original = load_config(args.config) if args.config else None
     outcome = register_from(Path(args.source), original)

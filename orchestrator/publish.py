@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from orchestrator.experts import ANSWERS_FILE, Answers, survey_answers, write_similarity
-from workers.cultures import slug
+from orchestrator.survey import similarity_table
+from orchestrator.survey.records import SurveyRecord
+from workers.cultures import SHARED, slug
 from workers.defaults import CHAMPION
 from workers.expert_file import ExpertMeta, load_expert
 from workers.expert_store import (
     SIMILARITY_FILE,
     Registry,
+    Similarity,
     expert_files,
     load_similarity,
     registered_experts,
@@ -35,6 +37,8 @@ from workers.expert_store import (
 if TYPE_CHECKING:
     from orchestrator.survey import ExperimentData
 
+ANSWERS_FILE = "answers.json"  # culture -> its survey answers: {"iso", "questions": {text: options, dist}}
+Answers = dict[str, dict]
 COMPLETE = ".complete"  # written last into a set's folder: only complete sets are ever removed
 # What must match for an expert to take another's place in a served set (one base serves them all).
 SHAPE = ("num_virtual_tokens", "prefix_tokens", "hidden_size")
@@ -236,3 +240,50 @@ def _remove_old_versions(directory: Path, keep: set) -> None:
         if folder.name in keep or folder.is_symlink() or not (folder / COMPLETE).exists():
             continue
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def survey_answers(records: list[SurveyRecord], cultures: list[str]) -> Answers:
+    """Each of `cultures`' survey answers in `records` (those it has), as `answers.json` keeps them."""
+    wanted, out = set(cultures), {}
+    for r in records:
+        if r.culture in wanted:
+            entry = out.setdefault(r.culture, {"iso": r.iso, "questions": {}})
+            entry["questions"].setdefault(r.question, {"options": r.options, "distribution": r.distribution})
+    return out
+
+
+def answer_records(answers: Answers) -> list[SurveyRecord]:
+    """Stored survey answers as survey records again (what similarity is computed from)."""
+    return [
+        SurveyRecord(culture, entry["iso"], question, tuple(q["options"]), tuple(q["distribution"]))
+        for culture, entry in answers.items()
+        for question, q in entry["questions"].items()
+    ]
+
+
+def write_similarity(
+    directory: Path,
+    data: ExperimentData,
+    experts: list[str],
+    answers: Answers | None = None,
+    previous: Similarity | None = None,
+) -> Path:
+    """For every culture with survey answers, its survey similarity to each expert's culture (for committees).
+
+    The data's answers count for every culture but those in `answers` (the stored answers of experts an
+    earlier run trained); a pair neither can score keeps its value in `previous` (the last set's table).
+    """
+    answers = answers or {}
+    records = [r for r in data.records if r.culture not in answers] + answer_records(answers)
+    known = {r.culture for r in records}
+    rows = [c for c in dict.fromkeys([*data.selection.counts, *answers, *(previous or {})]) if c in known]
+    # The prior is no culture: committees of similar cultures never draw it.
+    columns = [e for e in experts if e != SHARED and e in known]
+    table = similarity_table(records, rows, columns)
+    for culture, row in (previous or {}).items():
+        for other, value in row.items():
+            if other in experts and other != culture:
+                table.setdefault(culture, {}).setdefault(other, value)
+    path = directory / SIMILARITY_FILE
+    path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    return path

@@ -26,8 +26,7 @@ from ray import tune
 
 from orchestrator.config import ExperimentConfig, SearchKey, searched_config
 from orchestrator.encoding import encoded
-from orchestrator.experiment import initial_bank, prior_train_config, training_summary
-from orchestrator.experts import save_experts
+from orchestrator.expert_bank import initial_bank, prior_train_config, save_experts, training_summary
 from orchestrator.faults import Fault, after_checkpoint, before_checkpoint
 from orchestrator.survey import ExperimentData
 from workers.base_model import FrozenBase

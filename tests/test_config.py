@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.experiment import prior_train_config
+from orchestrator.expert_bank import prior_train_config
 from tests.conftest import REPO, TINY_CONFIG, config_with
 
 # demo.yaml and full.yaml whole, as they would be without configs/recipe.yaml: what the recipe gives each.

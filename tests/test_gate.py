@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.config import load_config
 from orchestrator.encoding import encode
-from orchestrator.experts import save_experts
+from orchestrator.expert_bank import save_experts
 from orchestrator.gate import RESCORED_CHAMPION_SCORE_TAG, RESCORED_CHAMPION_TAG, RESCORED_TAG
 from orchestrator.results import FinishedTrial, Winner
 from orchestrator.survey import prepare_data

@@ -13,8 +13,8 @@ import ray._private.utils
 from ray import tune
 from ray.cluster_utils import Cluster
 
+from orchestrator.driver import train
 from orchestrator.results import local_checkpoint
-from orchestrator.train import train
 from orchestrator.tune import experiment_path, run_trial, storage_path
 from tests.conftest import tiny_config
 

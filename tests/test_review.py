@@ -38,7 +38,7 @@ def reviewed(llama_dir, tmp_path_factory):
     config, sets = tiny_config(
         llama_dir, out, "data.cultures=[Germany, Japan]", "tune.experts_per_trial=2", "train.epochs=1"
     )
-    from orchestrator.train import train
+    from orchestrator.driver import train
 
     # A Ray of our own, even where other clusters run on this machine.
     with running_ray():

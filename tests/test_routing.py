@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.config import load_config
 from orchestrator.evaluate import evaluate, format_table, served_committees
-from orchestrator.experts import write_similarity
+from orchestrator.publish import write_similarity
 from orchestrator.survey import prepare_data
 from tests.conftest import OPINIONS, TINY_CONFIG
 from workers.base_model import load_frozen_base

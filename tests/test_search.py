@@ -11,11 +11,11 @@ from ray import tune
 
 from orchestrator.cli import main as shores
 from orchestrator.config import ConfigError, load_config
+from orchestrator.driver import train
 from orchestrator.publish import publish_experts
 from orchestrator.registry import TRIAL_TAG, Store
 from orchestrator.results import Winner, finished_trials
 from orchestrator.survey import prepare_data
-from orchestrator.train import train
 from orchestrator.trial import trial_config
 from orchestrator.tune import expected_trials, experiment_path, param_space, run_trial
 from tests.conftest import OPINIONS, TINY_CONFIG, config_with, running_ray, tiny_config

@@ -9,8 +9,7 @@ import torch
 import yaml
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.experts import ANSWERS_FILE
-from orchestrator.publish import publish_experts
+from orchestrator.publish import ANSWERS_FILE, publish_experts
 from orchestrator.registry import Store, TrackingError, public_config, restore_credentials
 from orchestrator.results import FinishedTrial, Winner
 from orchestrator.survey import prepare_data
@@ -252,7 +251,7 @@ def test_a_store_with_credentials_down_during_training_gets_everything_later_onc
     import ray
 
     from orchestrator.cli import main as shores_main
-    from orchestrator.train import train
+    from orchestrator.driver import train
 
     (port,) = free_ports(1)
     uri = f"http://user:{SECRET}@127.0.0.1:{port}"

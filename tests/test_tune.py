@@ -13,8 +13,8 @@ import torch
 from ray import tune
 
 from orchestrator.cli import main as shores_main
+from orchestrator.driver import train
 from orchestrator.registry import Store
-from orchestrator.train import train
 from orchestrator.tune import run_trial
 from tests.conftest import OPINIONS, REPO, TINY_CONFIG, free_ports, mlflow_server, running_ray, tiny_config
 from workers.cultures import SHARED

@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.common import machine, write_report
 from orchestrator.config import load_config
 from orchestrator.evaluate import evaluate_beside_transfer, served_committees
-from orchestrator.experiment import train_local
+from orchestrator.local_train import train_local
 from orchestrator.survey import PROGRAMMES, prepare_data
 from workers.base_model import load_frozen_base
 from workers.cultures import SHARED

@@ -1,25 +1,26 @@
-"""The plain (Ray-free) training path: records -> encoded examples -> experts."""
+"""The plain (Ray-free) training path, `shores train --local`: records -> encoded examples -> experts.
+
+One process trains every culture (the shared prior first, with `init: shared`), calibrates and publishes them
+as the Tune path does; the bank it starts from and how it is saved are `orchestrator.expert_bank`'s, shared
+with the Tune trials.
+"""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-import torch
-
 from orchestrator.calibration import calibrate_winners
 from orchestrator.config import ExperimentConfig
 from orchestrator.encoding import encoded
-from orchestrator.experts import save_experts
+from orchestrator.expert_bank import initial_bank, prior_train_config, save_experts, training_summary
 from orchestrator.publish import publish_experts
 from orchestrator.results import Winner
 from orchestrator.survey import ExperimentData, prepare_data
 from workers.base_model import FrozenBase, load_frozen_base
 from workers.cultures import SHARED
 from workers.expert_file import Expert, load_expert
-from workers.prompts import SoftPromptBank
-from workers.settings import TrainConfig
-from workers.trainer import EpochReport, PackedTrainer, TrainResult
+from workers.trainer import EpochReport, PackedTrainer
 
 
 def print_epoch(report: EpochReport, trainer: PackedTrainer) -> None:
@@ -79,46 +80,4 @@ def _fit_local(
     return {
         c: Winner(c, "local", folder, float(result.best_val_alignment.get(c) or float("-inf")))
         for c in cultures
-    }
-
-
-def initial_bank(
-    base: FrozenBase, cultures: list[str], config: ExperimentConfig, prior: Expert | None
-) -> SoftPromptBank:
-    """The bank training starts from: each expert a copy of the prior's parts (`init: shared`; a search over
-    lengths cuts or cycles them), else from its persona text or random."""
-    tokens = config.prompt.num_virtual_tokens
-    if prior is None:
-        return SoftPromptBank.initialise(base, cultures, tokens, config.prompt.init, kind=config.prompt.kind)
-    prompt, prefix = prior.prompt, prior.prefix
-    prompts = [fit_length(prompt, tokens if prefix is None else 0)] * len(cultures)
-    prefixes = [None if prefix is None else fit_length(prefix, tokens)] * len(cultures)
-    return SoftPromptBank(cultures, prompts, prefixes).to(base.device)
-
-
-def fit_length(part: torch.Tensor, length: int) -> torch.Tensor:
-    """An input prompt or prefix cut or cycled to `length` virtual tokens (a search over lengths starts each
-    from one prior)."""
-    return part[torch.arange(length) % max(part.shape[0], 1)]
-
-
-def prior_train_config(config: ExperimentConfig) -> TrainConfig:
-    """The shared prior's training settings: `shared.train` over `train`."""
-    return config.shared.train.over(config.train)
-
-
-def training_summary(result: TrainResult, config: ExperimentConfig) -> dict[str, dict]:
-    """Per culture, what goes into its expert's metadata."""
-    return {
-        c: {
-            "val_alignment": result.best_val_alignment.get(c),
-            "initial_val_alignment": result.initial_val_alignment.get(c),
-            "best_epoch": result.best_epoch.get(c),
-            "epochs_run": result.epochs_run,
-            "lr": config.train.lr,
-            "num_virtual_tokens": config.prompt.num_virtual_tokens,
-            "prompt_kind": config.prompt.kind,
-            "experiment": config.name,
-        }
-        for c in result.best_epoch
     }
