@@ -43,8 +43,8 @@ lint: $(STAMP)
 
 # The generated reference: every config key and every HTTP endpoint (tests/test_reference.py checks it is current).
 docs: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m orchestrator.reference --out docs/reference
-	HF_HUB_OFFLINE=1 $(PY) -m serve.reference --out docs/reference
+	HF_HUB_OFFLINE=1 $(PY) -m orchestrator.reference > docs/reference/config.md
+	HF_HUB_OFFLINE=1 $(PY) -m serve.reference > docs/reference/http.md
 
 bench: $(STAMP)
 	$(PY) -m bench.train_throughput --out runs/bench/train_throughput.json

@@ -1,18 +1,17 @@
 """The config reference, docs/reference/config.md, generated from the pydantic models of the experiment config.
 
-`python -m orchestrator.reference` (or `make docs`) writes it; tests/test_reference.py fails when the committed
+`python -m orchestrator.reference` prints it and `make docs` writes it; tests/test_reference.py fails when the committed
 page differs from what the code generates. Each section of `ExperimentConfig` is one table of `section.key`
 rows: the type with its bounds, the default, and the field's `description`.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
+import sys
 import types
 import typing
-from pathlib import Path
 
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import BaseModel
@@ -135,20 +134,5 @@ def config_page() -> str:
     return "\n".join(lines)
 
 
-def write_pages(folder: Path) -> list[Path]:
-    """Write the config reference into `folder`; returns the pages written."""
-    folder.mkdir(parents=True, exist_ok=True)
-    page = folder / PAGE
-    page.write_text(config_page(), encoding="utf-8")
-    return [page]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/reference"), help="the folder of the pages")
-    for page in write_pages(parser.parse_args().out):
-        print(f"wrote {page}")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `make docs` writes it to docs/reference/<PAGE>
+    sys.stdout.buffer.write(config_page().encode("utf-8"))

@@ -1,15 +1,14 @@
 """The HTTP reference, docs/reference/http.md, generated from the router's route table and request models.
 
-`python -m serve.reference` (or `make docs`) builds the router's FastAPI app from serve/routes.py without Ray,
+`python -m serve.reference` (printed; `make docs` writes it) builds the router's FastAPI app from serve/routes.py without Ray,
 reads its OpenAPI schema, and writes one section per endpoint: method, path, what it answers, and a table of
 its request body's fields. tests/test_reference.py fails when the committed page differs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
+import sys
 
 from fastapi import FastAPI, Request
 
@@ -127,20 +126,5 @@ def _anchor(path: str) -> str:
     return "".join(c for c in path.lower() if c.isalnum() or c in "-_")
 
 
-def write_pages(folder: Path) -> list[Path]:
-    """Write the HTTP reference into `folder`; returns the pages written."""
-    folder.mkdir(parents=True, exist_ok=True)
-    page = folder / PAGE
-    page.write_text(http_page(), encoding="utf-8")
-    return [page]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/reference"), help="the folder of the pages")
-    for page in write_pages(parser.parse_args().out):
-        print(f"wrote {page}")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `make docs` writes it to docs/reference/<PAGE>
+    sys.stdout.buffer.write(http_page().encode("utf-8"))
