@@ -1,8 +1,9 @@
 """The HTTP reference, docs/reference/http.md, generated from the router's route table and request models.
 
-`python -m serve.reference` (printed; `make docs` writes it) builds the router's FastAPI app from serve/routes.py without Ray,
-reads its OpenAPI schema, and writes one section per endpoint: method, path, what it answers, and a table of
-its request body's fields. tests/test_reference.py fails when the committed page differs.
+`python -m serve.reference` prints it (`make docs` writes it): it builds the router's FastAPI app from
+serve/routes.py without Ray, reads its OpenAPI schema, and writes one section per endpoint: method, path,
+what it answers, and a table of its request body's fields. tests/test_reference.py fails when the committed
+page differs.
 """
 
 from __future__ import annotations
