@@ -44,6 +44,8 @@ from workers.renderings import RENDERINGS
 from workers.scoring import EncodedQuestion, option_distributions
 
 CALIBRATION_SPLIT = "val"
+# In an expert's training metadata once its prior weight is written: the `shared.expert_prior_weight` it followed.
+CALIBRATED = "prior_weight_setting"
 Rows = list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (answer, prior, survey) a record
 
 
@@ -157,10 +159,9 @@ def calibrate_experts(
         missing = sorted(c for c in experts if c not in fits)
         if missing:
             print(f"warning: no {CALIBRATION_SPLIT} records of {missing}: they answer alone", file=sys.stderr)
-    calibrated = {c: replace(e, meta=replace(e.meta, prior_weight=weights[c])) for c, e in experts.items()}
-    for culture, expert in calibrated.items():
-        save_expert(expert_files[culture], expert)
-    save_expert(prior_file, replace(prior, meta=replace(prior.meta, prior_weight=committee)))
+    for culture, expert in experts.items():
+        save_expert(expert_files[culture], _calibrated(expert, weights[culture], setting))
+    save_expert(prior_file, _calibrated(prior, committee, setting))
     return weights | {SHARED: committee}
 
 
@@ -171,14 +172,18 @@ def calibrate_winners(
     load_base: Callable[[], FrozenBase],
 ) -> None:
     """Write the prior's weights (`shared.expert_prior_weight`) into the winning experts' files and the prior's,
-    before they are registered or published; nothing without the setting or without the prior among them."""
+    before they are registered or published; nothing without the setting or without the prior among them.
+    Files that hold them already (`uncalibrated`) are left as they are: calibrating again changes nothing."""
     setting = config.shared.expert_prior_weight
-    files = {c: w.expert_file for c, w in winners.items() if not is_shared(c)}
-    if setting is None or not files:
+    if setting is None or all(is_shared(c) for c in winners):
         return
     if SHARED not in winners:
         print("warning: no shared prior among the winners: the experts answer alone", file=sys.stderr)
         return
+    pending = uncalibrated(config, winners)
+    if not pending:
+        return
+    files = {c: winners[c].expert_file for c in pending if not is_shared(c)}
     calibrate_experts(
         load_base(),
         files,
@@ -188,3 +193,20 @@ def calibrate_winners(
         config.eval.batch_size,
         config.data.max_length,
     )
+
+
+def uncalibrated(config: ExperimentConfig, winners: Mapping[str, Winner]) -> list[str]:
+    """The winners (the prior among them) whose files do not hold the prior's weights of the config's
+    `shared.expert_prior_weight` yet; none without the setting or without the prior among the winners."""
+    setting = config.shared.expert_prior_weight
+    if setting is None or SHARED not in winners or all(is_shared(c) for c in winners):
+        return []
+    return sorted(
+        c for c, w in winners.items() if load_expert(w.expert_file).meta.training.get(CALIBRATED) != setting
+    )
+
+
+def _calibrated(expert: Expert, weight: float, setting: float | str) -> Expert:
+    """An expert with its prior weight written, and the setting it followed marked in its training metadata."""
+    meta = replace(expert.meta, prior_weight=weight, training=expert.meta.training | {CALIBRATED: setting})
+    return replace(expert, meta=meta)

@@ -12,17 +12,18 @@ import ray
 import yaml
 from ray import tune
 
-from orchestrator.calibration import calibrate_winners
+from orchestrator.calibration import calibrate_winners, uncalibrated
 from orchestrator.config import ExperimentConfig, load_config
 from orchestrator.deepspeed_trial import validate_deepspeed
+from orchestrator.faults import Fault, before_calibration
 from orchestrator.publish import publish_experts
 from orchestrator.registry import Registration, TrackingError, public_config, restore_credentials
 from orchestrator.results import FinishedTrial, best_experts, finished_trials
-from orchestrator.survey import ExperimentData, prepare_data
+from orchestrator.survey import ExperimentData, SurveyDataError, prepare_data
 from orchestrator.tracking import ExperimentTracker
 from orchestrator.trial import expert_groups
 from orchestrator.tune import expected_trials, experiment_path, restore, run_trial, trials_ended, tuner
-from workers.base_model import FrozenBase
+from workers.base_model import FrozenBase, load_frozen_base
 from workers.cultures import SHARED
 from workers.expert_file import Expert, load_expert
 from workers.shared_base import SharedBase
@@ -162,6 +163,7 @@ def finish(
     `shores publish --from-registry` bring the registry and the folder together again.
     """
     winners = best_experts(trials)
+    before_calibration(Fault.from_env(config.output_dir))
     if load_base is not None:  # the prior's share in each expert's answers, before anyone reads the files
         calibrate_winners(config, data, winners, load_base)
     missing = [c for c in data.experts if c not in winners]
@@ -208,9 +210,13 @@ def record(
 
 
 def register_from(output_dir: Path, original: ExperimentConfig | None = None) -> TrainOutcome:
-    """Log and register an experiment from its checkpoints (after an MLflow outage, say).
+    """Log and register an experiment from its checkpoints (after an MLflow outage, say): what training would
+    have registered.
 
-    The experts directory is left as it is: a later experiment may have published its own since.
+    Winners whose files lack the prior's weights (a driver stopped before it calibrated them, or checkpoints
+    downloaded again from remote storage) are calibrated first, as `finish` does: the same function on the
+    same data and splits. The experts directory is left as it is: a later experiment may have published its
+    own since.
     Credentials of the MLflow store come from `original` (the config the experiment was started with)
     or the MLFLOW_TRACKING_URI variable, as the saved config.yaml keeps none.
     """
@@ -227,4 +233,25 @@ def register_from(output_dir: Path, original: ExperimentConfig | None = None) ->
     winners = best_experts(trials)
     if not winners:
         print(f"warning: no finished trial of {path} holds an expert", file=sys.stderr)
+    calibrate_pending(config, winners)
     return TrainOutcome(sorted(winners), record(config, ExperimentTracker(config), trials, winners))
+
+
+def calibrate_pending(config: ExperimentConfig, winners: dict) -> None:
+    """Write the prior's weights into the winners' files that lack them, from the experiment's own data (its
+    `val` split, as training splits it); one clear line if that data cannot be read."""
+    pending = uncalibrated(config, winners)
+    if not pending:
+        return
+    print(f"calibrating {', '.join(pending)}: their files lack the prior's weights", flush=True)
+    try:
+        data = prepare_data(config.data, shared=config.shared)
+    except (SurveyDataError, OSError) as err:
+        raise SurveyDataError(
+            f"{', '.join(pending)} lack the prior's weights (shared.expert_prior_weight), fitted on the "
+            f"experiment's val split, and its data cannot be read: {err}"
+        ) from err
+    section = config.base_model
+    calibrate_winners(
+        config, data, winners, lambda: load_frozen_base(section.name, section.dtype, section.device)
+    )

@@ -11,6 +11,9 @@ Kinds (see docs/cluster.md, "Fault injection"):
 - `interrupt-after-epoch:<group>:<epoch>`: the driver sends itself SIGINT as soon as it has the epoch-<epoch>
   report (and checkpoint) of the trial of culture group <group>: an interrupt in the middle of a trial, in
   whichever stage runs that group (with `prompt.init: shared`, the prior's stage has group 0 only).
+- `interrupt-before-calibration`: the driver stops as Ctrl-C stops it (KeyboardInterrupt) once every trial
+  has finished, right before it writes the prior's weights into the winners' files (`shared.expert_prior_weight`):
+  nothing is calibrated, registered or published; `shores register --from` registers what training would have.
 - `await-node-loss:<epoch>`: the first trial running on a node other than the head, right after Tune has
   taken its epoch-<epoch> checkpoint, writes that epoch's report (JSON) to the marker file and waits for
   its node to be removed (the marker is the signal to remove it). It names no group: the scheduler, not
@@ -44,6 +47,7 @@ KINDS = {
     "interrupt-after-trial": ("group",),
     "interrupt-after-epoch": ("group", "epoch"),
     "await-node-loss": ("epoch",),
+    "interrupt-before-calibration": (),
 }
 HEAD_RESOURCE = "node:__internal_head__"  # a resource only Ray's head node has
 NODE_LOSS_WAIT_S = 600  # a trial awaiting its node's removal gives up (and fails) after this long
@@ -119,6 +123,13 @@ def after_checkpoint(fault: Fault | None, group: int, epoch: int, report: dict |
             # shared base it mapped), tells whoever removes the node that it may, and which one.
             threading.Event().wait(NODE_LOSS_WAIT_S)
             raise RuntimeError(f"{ENV}=await-node-loss: the node was not removed in {NODE_LOSS_WAIT_S} s")
+
+
+def before_calibration(fault: Fault | None) -> None:
+    """Called by the driver once its trials are done, before it calibrates the winners: stop there as Ctrl-C
+    would, if the fault says so."""
+    if fault and fault.kind == "interrupt-before-calibration" and fault.fire_once():
+        raise KeyboardInterrupt(f"{ENV}=interrupt-before-calibration")
 
 
 def on_head_node() -> bool:
