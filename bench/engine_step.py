@@ -1,12 +1,12 @@
 """Per-step time of DecodeEngine.step(): this tree's engine beside the engine of another git revision.
 
-The engine and its decoding helpers (workers/engine.py, workers/generation.py) of `--baseline` are loaded from
-git as a second module, so both run in one process on the same model, bank and requests, interleaved round by
-round (a shared machine's drift hits both alike). A round submits R requests at once (serve_generate's
-workload: 16 experts of 4-32 virtual tokens, a third committees, greedy), prefills them, and times the decode
-steps until all are done; `--new-tokens LO HI` draws each request's length, so rows retire along the way
-(LO = HI: one steady batch). Prints JSON: mean ms a step of each, the ratio, whether every request's
-tokens are identical in both, and the cache slots this tree's decode steps used and needed.
+The engine of `--baseline` (its workers/engine package, or workers/engine.py and workers/generation.py before
+the package) is loaded from git as a second module, so both run in one process on the same model, bank and
+requests, interleaved round by round (a shared machine's drift hits both alike). A round submits R requests at
+once (serve_generate's workload: 16 experts of 4-32 virtual tokens, a third committees, greedy), prefills them,
+and times the decode steps until all are done; `--new-tokens LO HI` draws each request's length, so rows retire
+along the way (LO = HI: one steady batch). Prints JSON: mean ms a step of each, the ratio, whether every
+request's tokens are identical in both, and the cache slots this tree's decode steps used and needed.
 
     python -m bench.engine_step --model smollm2-135m --baseline main --requests 24 --new-tokens 16 64
 """
@@ -31,18 +31,33 @@ from workers.engine import DecodeEngine
 
 
 def engine_at(revision: str) -> type:
-    """DecodeEngine as it is at a git revision, importing that revision's workers/generation.py too."""
+    """DecodeEngine as it is at a git revision: its workers/engine package, loaded as `baseline_engine` (or, at
+    a revision before the package, its workers/engine.py importing that revision's workers/generation.py)."""
     folder = Path(tempfile.mkdtemp(prefix="engine-"))
-    for name in ("generation", "engine"):
-        source = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{revision}:workers/{name}.py"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        source = source.replace("from workers.generation import", "from baseline_generation import")
-        (folder / f"baseline_{name}.py").write_text(source)
     sys.path.insert(0, str(folder))
+
+    def show(path: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{revision}:{path}"], check=True, capture_output=True, text=True
+        ).stdout
+
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-tree", "--name-only", revision, "workers/engine/"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    if listed:
+        (folder / "baseline_engine").mkdir()
+        for path in (p for p in listed if p.endswith(".py")):
+            source = show(path).replace("workers.engine", "baseline_engine")
+            (folder / "baseline_engine" / Path(path).name).write_text(source)
+        return importlib.import_module("baseline_engine").DecodeEngine
+    for name in ("generation", "engine"):
+        source = show(f"workers/{name}.py").replace(
+            "from workers.generation import", "from baseline_generation import"
+        )
+        (folder / f"baseline_{name}.py").write_text(source)
     for name in ("generation", "engine"):
         spec = importlib.util.spec_from_file_location(f"baseline_{name}", folder / f"baseline_{name}.py")
         module = importlib.util.module_from_spec(spec)

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from bench.common import machine, model_path, write_report
+from tests.static_decoding import committee_generate
 from workers.base_model import FrozenBase, load_frozen_base
 from workers.chat import chat_prompt
-from workers.engine import DecodeEngine
-from workers.generation import DecodeRequest, committee_generate
+from workers.engine import DecodeEngine, DecodeRequest
 from workers.prompts import SoftPromptBank
 
 EXPERTS = 16

@@ -8,11 +8,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from tests import engine_streams
 from tests.conftest import PROMPTS, experts_of_every_kind, random_expert, token_ids
+from tests.static_decoding import committee_generate
 from workers.committees import committee_distributions
-from workers.engine import DecodeEngine, EngineStopped
+from workers.engine import DecodeEngine, DecodeRequest, EngineStopped
 from workers.expert_file import Expert, ExpertMeta
-from workers.generation import DecodeRequest, committee_generate
 from workers.prefix import cache_kwarg
 from workers.prompts import NO_EXPERT, bank_from_experts
 from workers.scoring import encode_question
@@ -273,10 +274,10 @@ def test_the_asyncio_api_streams_generates_and_cancels(tiny_base, bank, running_
     running_engine.fault_hook = hold_third_token
 
     async def main():
-        results = await asyncio.gather(*(running_engine.generate(r) for r in requests))
-        opinion = await running_engine.opinion(question, [(0, 0.5), (1, 0.5)])
+        results = await asyncio.gather(*(engine_streams.generate(running_engine, r) for r in requests))
+        opinion = await engine_streams.opinion(running_engine, question, [(0, 0.5), (1, 0.5)])
         streamed = []
-        async with running_engine.stream(streamed_request) as tokens:
+        async with engine_streams.stream(running_engine, streamed_request) as tokens:
             async for token in tokens:
                 streamed.append(token)
                 if len(streamed) == 2:
@@ -304,7 +305,9 @@ def test_a_failing_request_raises_in_its_own_stream_only(tiny_base, bank, runnin
     running_engine.fault_hook = fault
 
     async def main():
-        return await asyncio.gather(*(running_engine.generate(r) for r in requests), return_exceptions=True)
+        return await asyncio.gather(
+            *(engine_streams.generate(running_engine, r) for r in requests), return_exceptions=True
+        )
 
     results = asyncio.run(main())
     assert isinstance(results[1], RuntimeError)

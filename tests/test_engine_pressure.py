@@ -7,8 +7,7 @@ import torch
 
 from tests.conftest import PROMPTS, token_ids
 from tests.test_engine import _requests, _static
-from workers.engine import CacheBudgetError, DecodeEngine, EngineBroken, EngineStopped
-from workers.generation import DecodeRequest
+from workers.engine import CacheBudgetError, DecodeEngine, DecodeRequest, EngineBroken, EngineStopped
 from workers.scoring import encode_question
 
 
@@ -33,7 +32,7 @@ def test_a_request_over_the_cache_budget_is_refused_while_its_neighbours_finish(
         engine.submit_opinion(question, [(0, 0.5), (1, 0.5)])
     generations += [engine.submit(r) for r in requests[2:]]
     used, needed = engine.cache_slots
-    assert used == engine.rows * engine._mask.shape[1] and 0 < needed <= used
+    assert used == engine.rows * engine.kv.mask.shape[1] and 0 < needed <= used
     while engine.step():
         assert engine.cache_slots[0] <= budget  # never over the budget, whatever joins
     assert [g.decoded() for g in generations] == [_static(tiny_base, bank, r) for r in requests]

@@ -6,19 +6,19 @@ import torch
 from transformers import DynamicCache
 
 from tests.conftest import PROMPTS, token_ids
+from tests.static_decoding import committee_generate
 from workers.committees import committee_distributions
-from workers.generation import (
+from workers.engine import (
     LOGPROB_FLOOR,
     SPARE_SLOTS,
     DecodeRequest,
-    cache_kwarg,
     choice_seed,
-    committee_generate,
     nucleus,
     pick_tokens,
     token_logprobs,
     with_spare_slots,
 )
+from workers.prefix import cache_kwarg
 from workers.prompts import NO_EXPERT, SoftPromptBank, prompted_inputs
 from workers.scoring import encode_question, option_distributions
 
