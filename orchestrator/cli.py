@@ -187,8 +187,6 @@ def _publish_champions(config, data) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     from orchestrator.config import load_config
     from orchestrator.registry import TrackingError
     from orchestrator.tracking import ExperimentTracker
@@ -215,7 +213,25 @@ def _ui(args: argparse.Namespace) -> int:
     except TrackingError:
         experiment = ""  # the UI itself will say what is wrong with the store
     print(f"MLflow UI on {address}{experiment} (Ctrl-C to stop)", flush=True)
-    return subprocess.call([str(Path(sys.executable).parent / command[0]), *command[1:]])
+    return run_child([str(Path(sys.executable).parent / command[0]), *command[1:]])
+
+
+def run_child(command: list[str]) -> int:
+    """Run a child process (a server) until it ends, and end it with this one: SIGTERM or SIGINT to this process
+    is passed on to it, then waited for. Its own process group: a terminal's Ctrl-C reaches it once, through
+    this process. Returns its exit status; 128 + the signal where a signal ended it."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(command, process_group=0)
+    forwarded = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum)) for s in forwarded}
+    try:
+        code = child.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return 128 - code if code < 0 else code
 
 
 def _serve(args: argparse.Namespace) -> int:
