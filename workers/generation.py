@@ -1,6 +1,6 @@
-"""Kept for serve/pool.py's `from workers.generation import ...` only: the engine's primitives now live in the
-`workers.engine` package (requests, sampling, kv_cache, model_runner). New code imports them from there; this
-module goes once serve imports `workers.engine`."""
+"""Kept for serve's `from workers.generation import ...` only (serve/pool.py, serve/streams.py): the engine's
+primitives now live in the `workers.engine` package (requests, sampling, kv_cache, model_runner). New code
+imports them from `workers.engine`; this module goes once serve does."""
 
 from workers.engine import DecodeRequest, choice_seed, stop_token_ids
 
