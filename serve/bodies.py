@@ -14,9 +14,9 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.config import LimitsSection
 from serve.errors import ApiError
 from serve.request_checks import limit_refusal, media_type_refusal, text_refusal
+from serve.settings import LimitsSection
 
 Body = TypeVar("Body", bound=BaseModel)
 

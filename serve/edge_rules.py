@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.config import LimitsSection
+from serve.settings import LimitsSection
 
 EXPERTS_VERSION_HEADER = (
     "x-shores-experts-version"  # on the router's answers: the catalogue's experts version

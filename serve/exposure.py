@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from orchestrator.config import ServeSection
+from serve.settings import ServeSection
 
 logger = logging.getLogger("ray.serve")
 

@@ -28,7 +28,6 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from orchestrator.config import LimitsSection
 from serve.answers import DONE, EVENT_STREAM, event, members
 from serve.errors import OPENAI_PATHS, ApiError, error_body
 from serve.openai_fields import refuse_unsupported
@@ -44,6 +43,7 @@ from serve.protocol import (
 )
 from serve.request_checks import new_tokens
 from serve.schemas import AUTO, MODEL_PREFIX, ChatRequest, CompletionRequest, OpenAIRequest
+from serve.settings import LimitsSection
 from workers.committees import BASE, Committee
 from workers.cultures import slug
 from workers.routing import Routed

@@ -47,9 +47,17 @@ from workers.base_model import load_frozen_base
 from workers.chat import chat_prompt
 from workers.committees import BASE, Committee, member_indices
 from workers.detokenize import token_text
-from workers.engine import Batch, DecodeEngine, EngineStopped, Generation, auto_cache_tokens
+from workers.engine import (
+    Batch,
+    DecodeEngine,
+    DecodeRequest,
+    EngineStopped,
+    Generation,
+    auto_cache_tokens,
+    choice_seed,
+    stop_token_ids,
+)
 from workers.expert_store import DirectorySource, RegistrySource
-from workers.generation import DecodeRequest, choice_seed, stop_token_ids
 from workers.prompts import SoftPromptBank
 from workers.scoring import EncodedQuestion, encode_question
 

@@ -16,10 +16,10 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
-from orchestrator.config import ServeSection
 from serve import protocol
 from serve.catalogue import CatalogueCache
 from serve.errors import ApiError
+from serve.settings import ServeSection
 from workers.engine import EngineStopped
 
 logger = logging.getLogger("ray.serve")

@@ -11,10 +11,10 @@ import hmac
 
 from pydantic import BaseModel
 
-from orchestrator.config import LimitsSection
 from serve.errors import ApiError
 from serve.exposure import host_name
 from serve.routes import JSON
+from serve.settings import LimitsSection
 
 
 def host_refusal(header: str | None, hosts: frozenset[str] | None) -> ApiError | None:

@@ -28,7 +28,6 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from orchestrator.config import ServeSection
 from serve import protocol
 from serve.answers import DONE, EVENT_STREAM, event, members
 from serve.bodies import Body, read_body
@@ -41,6 +40,7 @@ from serve.pool_client import PoolClient, PoolStream
 from serve.request_checks import bearer_refusal, host_refusal, key_digest, new_tokens, unknown_culture
 from serve.routes import add_routes
 from serve.schemas import AUTO, MODEL_PREFIX, GenerateRequest, OpinionRequest
+from serve.settings import ServeSection
 from workers.committees import (
     BASE,
     Committee,

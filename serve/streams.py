@@ -13,8 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from serve.protocol import BadRequestError
 from workers.detokenize import Detokenizer, StopStrings
-from workers.engine import CacheBudgetError, DecodeEngine, Generation
-from workers.generation import DecodeRequest
+from workers.engine import CacheBudgetError, DecodeEngine, DecodeRequest, Generation
 from workers.prompts import SoftPromptBank
 
 logger = logging.getLogger("ray.serve")

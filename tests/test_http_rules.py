@@ -4,7 +4,6 @@ and the edge share, and how the edge paces a client's refusals."""
 
 import pytest
 
-from orchestrator.config import ServeSection
 from serve.edge import MAX_HOLD_S, RefusalPace
 from serve.errors import ApiError
 from serve.exposure import allowed_host_names, host_name, open_host_refusal
@@ -17,6 +16,7 @@ from serve.request_checks import (
     media_type_refusal,
     text_refusal,
 )
+from serve.settings import ServeSection
 from workers.engine import EngineStopped
 
 CHAT = {"model": "shores:kenya", "messages": [{"role": "user", "content": "Hi"}]}

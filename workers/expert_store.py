@@ -3,7 +3,7 @@
 Training writes one `<slug>.safetensors` a culture (plus a PEFT adapter) and `similarity.json` into a
 directory, and registers each culture's best expert as a version of the model `<prefix>-<slug>`, with the
 alias `champion` on the best. Evaluation and serving read them back through this module (serving without
-importing the driver). The write side stays with the driver (`orchestrator/experts.py`).
+importing the driver). The write side stays with the driver (`orchestrator/expert_bank.py`, `orchestrator/publish.py`).
 """
 
 from __future__ import annotations
