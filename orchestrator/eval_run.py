@@ -7,8 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.evaluate import evaluate_beside_transfer, format_table, served_committees, write_report
+from orchestrator.evaluate import evaluate_beside_transfer, served_committees
 from orchestrator.registry import TrackingError
+from orchestrator.report_view import format_table, write_report
 from orchestrator.survey import (
     TRANSFER_SPLITS,
     SurveyDataError,

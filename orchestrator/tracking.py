@@ -22,7 +22,7 @@ import mlflow
 from ray import tune
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.evaluate import METHODS, format_table
+from orchestrator.evaluate import METHODS
 from orchestrator.registry import (
     EXPERIMENT_TAG,
     TRIAL_TAG,
@@ -32,6 +32,7 @@ from orchestrator.registry import (
     TrackingError,
     public_config,
 )
+from orchestrator.report_view import format_table
 from orchestrator.results import FinishedTrial, Winner, tracked_metrics
 from workers.base_model import FrozenBase
 from workers.cultures import slug

@@ -82,7 +82,8 @@ def test_eval_writes_the_report_contract_table_and_chart(trained):
 def test_a_report_of_many_cultures_charts_them_in_rows_not_one_strip(tmp_path):
     import matplotlib.pyplot as plt
 
-    from orchestrator.evaluate import METHODS, PLOT_ROW, plot_report
+    from orchestrator.evaluate import METHODS
+    from orchestrator.report_view import PLOT_ROW, plot_report
 
     row = {m: 0.6 for m in METHODS} | {"ci95": {m: [0.5, 0.7] for m in METHODS}}
     shapes = []

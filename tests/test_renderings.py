@@ -12,7 +12,8 @@ import torch
 
 from orchestrator.config import load_config
 from orchestrator.encoding import encoded, training_examples
-from orchestrator.evaluate import evaluate, format_table, served_committees
+from orchestrator.evaluate import evaluate, served_committees
+from orchestrator.report_view import format_table
 from orchestrator.survey import normalise_question, prepare_data, question_programmes, similarity_table
 from tests.conftest import REPO, config_with, random_expert
 from workers.chat import chat_prompt

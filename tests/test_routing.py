@@ -7,8 +7,9 @@ import json
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.evaluate import evaluate, format_table, served_committees
+from orchestrator.evaluate import evaluate, served_committees
 from orchestrator.publish import write_similarity
+from orchestrator.report_view import format_table
 from orchestrator.survey import prepare_data
 from tests.conftest import OPINIONS, TINY_CONFIG
 from workers.base_model import load_frozen_base

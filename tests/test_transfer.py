@@ -11,8 +11,9 @@ from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
 from orchestrator.cli import main
 from orchestrator.config import ConfigError
-from orchestrator.evaluate import evaluate_beside_transfer, format_table, served_committees
+from orchestrator.evaluate import evaluate_beside_transfer, served_committees
 from orchestrator.gate import champion_gate
+from orchestrator.report_view import format_table
 from orchestrator.survey import (
     SPLITS,
     TRANSFER_SPLITS,
