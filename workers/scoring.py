@@ -214,17 +214,11 @@ def batch_log_probs(
 
 
 @torch.no_grad()
-def option_distributions(
-    base: FrozenBase,
-    bank: PromptRows | None,
-    questions: Sequence[EncodedQuestion],
-    expert_idx: Sequence[int] | None = None,
-    batch_size: int = EVAL_BATCH_SIZE,
-    progress: str | None = None,
-) -> list[np.ndarray]:
+def option_distributions(*args, **kwargs) -> list[np.ndarray]:
     """The model's distribution over each question's options, batched (rows sorted by length), each the mean
-    over its option orders (`EncodedQuestion.orders`). A row asked twice (the same ids and expert) runs once."""
-    return option_answers(base, bank, questions, expert_idx, batch_size, progress)[0]
+    over its option orders (`EncodedQuestion.orders`). A row asked twice (the same ids and expert) runs once.
+    Takes `option_answers`' arguments; leaves out the mass on the options."""
+    return option_answers(*args, **kwargs)[0]
 
 
 @torch.no_grad()
