@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from orchestrator.config import SERVE_GROUPS, ExperimentConfig
+from orchestrator.config import ExperimentConfig
+from serve.settings import SERVE_GROUPS
 from tests.conftest import OPINIONS, free_ports, running_ray
 from workers.base_model import load_frozen_base
 from workers.cultures import slug

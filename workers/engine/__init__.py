@@ -9,7 +9,8 @@ The package is laid out as vLLM's engine is, one concept a module:
 - `kv_cache`: the running batch's KV cache (merge, keep rows, truncate, slot accounting, spare slots);
 - `sampling`: mixing a committee's distributions, picking tokens (greedy, nucleus), log probabilities;
 - `model_runner`: every forward pass (prefill, decode, opinions) and the picks after decode;
-- `core`: `DecodeEngine`, the step loop, its thread, fault isolation and health, composing the others.
+- `core`: the step loop (admit, decode, pick, retire), fault isolation, composing the parts above;
+- `decode_engine`: `DecodeEngine`, the core's API: submit from any thread, its own thread, health.
 
 The names below are the engine's public API: import them from `workers.engine`.
 """
