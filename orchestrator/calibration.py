@@ -173,17 +173,17 @@ def calibrate_winners(
 ) -> None:
     """Write the prior's weights (`shared.expert_prior_weight`) into the winning experts' files and the prior's,
     before they are registered or published; nothing without the setting or without the prior among them.
-    Files that hold them already (`uncalibrated`) are left as they are: calibrating again changes nothing."""
+    Nothing when every file holds them already (`uncalibrated`): calibrating again changes nothing."""
     setting = config.shared.expert_prior_weight
     if setting is None or all(is_shared(c) for c in winners):
         return
     if SHARED not in winners:
         print("warning: no shared prior among the winners: the experts answer alone", file=sys.stderr)
         return
-    pending = uncalibrated(config, winners)
-    if not pending:
+    if not uncalibrated(config, winners):
         return
-    files = {c: winners[c].expert_file for c in pending if not is_shared(c)}
+    # All of them again, not only the pending: the prior's own share is fitted over the whole set.
+    files = {c: w.expert_file for c, w in winners.items() if not is_shared(c)}
     calibrate_experts(
         load_base(),
         files,

@@ -220,12 +220,20 @@ def run_child(command: list[str]) -> int:
     """Run a child process (a server) until it ends, and end it with this one: SIGTERM or SIGINT to this process
     is passed on to it, then waited for. Its own process group: a terminal's Ctrl-C reaches it once, through
     this process. Returns its exit status; 128 + the signal where a signal ended it."""
+    import os
     import signal
     import subprocess
 
     child = subprocess.Popen(command, process_group=0)
+
+    def pass_on(signum: int, frame: object) -> None:  # to the child's whole group: its workers too
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:  # already gone
+            pass
+
     forwarded = (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum)) for s in forwarded}
+    previous = {s: signal.signal(s, pass_on) for s in forwarded}
     try:
         code = child.wait()
     finally:
