@@ -42,13 +42,14 @@ from serve.protocol import (
     TokenLogprobs,
     TokenPiece,
 )
-from serve.streams import Choices, ChoiceText, prepared
+from serve.streams import ChoiceText, prepared
 from workers.base_model import load_frozen_base
 from workers.chat import chat_prompt
 from workers.committees import BASE, Committee, member_indices
 from workers.detokenize import token_text
 from workers.engine import (
     Batch,
+    Choices,
     DecodeEngine,
     DecodeRequest,
     EngineStopped,

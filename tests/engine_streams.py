@@ -1,5 +1,5 @@
-"""The engine's tokens as asyncio streams, for the tests: `stream`, `generate` and `opinion` over a running
-`DecodeEngine` (serve's pool reads the engine its own way, serve/pool.py's `_Choices`)."""
+"""The engine's asyncio API for the tests: `stream`, `generate` and `opinion` over a running `DecodeEngine`, on
+the engine's own stream (`workers.engine.Choices`, as serve's pool reads it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from workers.engine import CURRENT, Decoded, DecodeEngine, DecodeRequest, Generation
+from workers.engine import CURRENT, Choices, Decoded, DecodeEngine, DecodeRequest
 from workers.prompts import SoftPromptBank
 from workers.scoring import EncodedQuestion
 
@@ -17,38 +17,32 @@ class TokenStream:
     """One request's tokens for `async for`; leaving early (or the task being cancelled) cancels the request."""
 
     def __init__(self, engine: DecodeEngine, request: DecodeRequest, bank: SoftPromptBank | None = CURRENT):
-        self._engine, self._loop, self._queue = engine, asyncio.get_running_loop(), asyncio.Queue()
-        self.generation = engine.submit(request, self._deliver, bank)
-
-    def _deliver(self, generation: Generation, token: int | None) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, token)  # called on the engine thread
+        self.choices = Choices(engine, [request], bank)
+        [self.generation] = self.choices.generations
 
     def __aiter__(self) -> TokenStream:
         return self
 
     async def __anext__(self) -> int:
+        if not self.choices.open:
+            raise StopAsyncIteration
         try:
-            token = await self._queue.get()
+            _, token = await self.choices.next()
         except asyncio.CancelledError:
-            self.cancel()
+            self.choices.cancel()
             raise
         if token is None:
-            self._queue.put_nowait(None)  # stay exhausted
+            self.choices.close(0)
             if self.generation.error is not None:
                 raise self.generation.error
             raise StopAsyncIteration
         return token
 
-    def cancel(self) -> None:
-        """Cancel the request unless it is done: its rows leave the batch at the next step."""
-        if not self.generation.done:
-            self._engine.cancel(self.generation)
-
     async def __aenter__(self) -> TokenStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.cancel()
+        self.choices.cancel()
 
 
 def stream(

@@ -10,7 +10,8 @@ The package is laid out as vLLM's engine is, one concept a module:
 - `sampling`: mixing a committee's distributions, picking tokens (greedy, nucleus), log probabilities;
 - `model_runner`: every forward pass (prefill, decode, opinions) and the picks after decode;
 - `core`: the step loop (admit, decode, pick, retire), fault isolation, composing the parts above;
-- `decode_engine`: `DecodeEngine`, the core's API: submit from any thread, its own thread, health.
+- `decode_engine`: `DecodeEngine`, the core's API: submit from any thread, its own thread, health;
+- `streams`: a request's generations read from asyncio (`Choices`), as the pool and the tests read them.
 
 The names below are the engine's public API: import them from `workers.engine`.
 """
@@ -51,6 +52,7 @@ from workers.engine.sampling import (
     sampler,
     token_logprobs,
 )
+from workers.engine.streams import Choices
 
 __all__ = [
     "CURRENT",
@@ -61,6 +63,7 @@ __all__ = [
     "SPARE_SLOTS",
     "Batch",
     "CacheBudgetError",
+    "Choices",
     "DecodeEngine",
     "DecodeRequest",
     "Decoded",
