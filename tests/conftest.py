@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,21 @@ def ray_options(num_cpus: int = 2, **extra) -> dict:
         "log_to_driver": False,
         **extra,
     }
+
+
+def shores_ui_command(port: int, *args: str) -> list[str]:
+    """`shores ui` on the tests' config (this interpreter), listening on `port`; `args`: e.g. `--set` pairs."""
+    return [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "ui",
+        "--config",
+        str(TINY_CONFIG),
+        *args,
+        "--port",
+        str(port),
+    ]
 
 
 @contextlib.contextmanager

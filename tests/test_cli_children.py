@@ -4,12 +4,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import psutil
 
-from tests.conftest import OPINIONS, REPO, TINY_CONFIG, free_ports
+from tests.conftest import OPINIONS, REPO, free_ports, shores_ui_command
 
 START_S = 180  # how long the MLflow server may take to listen, on a busy machine
 
@@ -25,17 +24,7 @@ def listening(port: int) -> bool:
 def test_sigterm_to_shores_ui_stops_its_mlflow_server_and_frees_the_port(tmp_path):
     (port,) = free_ports(1)
     sets = ["base_model.name=unused", f"data.path={OPINIONS}", f"output_dir={tmp_path}"]
-    command = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "ui",
-        "--config",
-        str(TINY_CONFIG),
-        "--port",
-        str(port),
-    ]
-    command += [x for s in sets for x in ("--set", s)]
+    command = shores_ui_command(port, *[x for s in sets for x in ("--set", s)])
     log = open(tmp_path / "ui.log", "w")
     ui = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     children: list[psutil.Process] = []

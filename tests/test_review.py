@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -19,7 +18,15 @@ from orchestrator.config import load_config
 from orchestrator.registry import KIND, KIND_TAG, TRIAL_TAG, Store
 from orchestrator.tracking import CULTURES_TAG, NOTE_TAG, ExperimentTracker
 from tests import browser
-from tests.conftest import OPINIONS, REPO, TINY_CONFIG, free_ports, running_ray, tiny_config
+from tests.conftest import (
+    OPINIONS,
+    REPO,
+    TINY_CONFIG,
+    free_ports,
+    running_ray,
+    shores_ui_command,
+    tiny_config,
+)
 from workers.expert_store import CHAMPION, registered_experts
 
 
@@ -142,17 +149,7 @@ def test_the_mlflow_ui_shows_the_champions_and_the_evaluation_chart(reviewed, tm
     config, sets, *_ = reviewed
     (port,) = free_ports()
     ui = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
-            "ui",
-            "--config",
-            str(TINY_CONFIG),
-            *sets,
-            "--port",
-            str(port),
-        ],
+        shores_ui_command(port, *sets),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
