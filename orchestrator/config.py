@@ -38,7 +38,8 @@ class BaseModelSection(Strict):
     """The frozen language model every expert is trained on and served with."""
 
     name: str = Field(
-        default="smollm2-135m", description="A Hugging Face hub id, a local folder, or an embedded name."
+        default="smollm2-135m",
+        description="A Hugging Face hub id, a local folder, or an embedded name: `smollm2-135m`, `gemma3-270m`.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="The weights' dtype, in training, evaluation and serving."
