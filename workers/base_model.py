@@ -38,6 +38,8 @@ EMBEDDED_MODELS = {
     ),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Gemma 3's residual stream passes float16's largest value (65504) by its 8th layer: every logit is NaN.
+NO_FLOAT16 = {"gemma3_text"}
 
 
 class BaseModelError(ValueError):
@@ -138,6 +140,10 @@ def load_frozen_base(name: str, dtype: str = "float32", device: str = "auto") ->
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
     except OSError as err:
         raise BaseModelError(f"cannot load base model {name!r}: {str(err).splitlines()[0]}") from err
+    if dtype == "float16" and model.config.model_type in NO_FLOAT16:
+        raise BaseModelError(
+            f"base model {name!r} overflows in float16 (NaN logits): use bfloat16 or float32"
+        )
     return freeze(name, model.to(resolve_device(device)), tokenizer)
 
 
