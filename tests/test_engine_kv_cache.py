@@ -89,7 +89,7 @@ def test_keeping_rows_cuts_the_others_and_the_padding_no_kept_row_attends_to():
 def test_truncate_undoes_a_forward_that_grew_some_layers():
     cache = cache_of(torch.tensor([[1, 2, 3]]))
     cache.layers[0].keys = torch.cat([cache.layers[0].keys, cache.layers[0].keys[..., :1, :]], dim=-2)
-    truncate(cache, 3)
+    truncate(cache, [3, 3])
     assert [layer.keys.shape[-2] for layer in cache.layers] == [3, 3] and slots(cache) == [[1, 2, 3]]
 
 
@@ -131,3 +131,39 @@ def test_slot_bytes_is_one_rows_slot_of_a_real_cache_and_a_cpu_budget_is_the_def
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert slot_bytes(tiny_base) == held
     assert auto_cache_tokens(tiny_base, 0.5) == DEFAULT_CACHE_TOKENS
+
+
+def test_sliding_layers_forget_the_slots_out_of_every_rows_window_and_still_merge_and_keep():
+    window = 4
+    width = SPARE_SLOTS + 10
+    # Row 0: all real; row 1: padding, then 6 real slots. Layer 0 slides, layer 1 attends to everything.
+    mask = torch.ones(2, width, dtype=torch.long)
+    mask[1, : width - 6] = 0
+    values = torch.arange(1, 2 * width + 1).reshape(2, width) * mask
+    running = RunningCache(window, [True, False])
+    running.add(cache_of(values), mask)
+    running.forget_out_of_window()
+    # The next token of row 0 sits at position `width`: it sees positions width-3.. only, so the sliding layer
+    # keeps its last window-1 slots. Row 1's 6 real slots: its first 3 are out of its window too.
+    assert running.widths == [window - 1, width]
+    assert slots(running.cache, 0) == values[:, -(window - 1) :].tolist()
+    # A newcomer wider than the sliding layer pads that layer to its own width, the full layer to the mask's.
+    newcomer = torch.arange(100, 105)[None]
+    running.add(cache_of(newcomer), torch.ones(1, 5, dtype=torch.long))
+    assert running.widths == [5, width] and running.mask.shape == (3, width)
+    assert slots(running.cache, 0)[2] == newcomer[0].tolist()
+    assert slots(running.cache, 0)[0] == [0, 0] + values[0, -(window - 1) :].tolist()
+    # Keeping rows cuts the full layer's leading padding and the sliding layer only where it reaches.
+    requests = [Request(1), Request(1), Request(1)]
+    cache, kept_mask = running.kept(requests, requests[1:])
+    assert kept_mask.shape == (2, 6) and [layer.keys.shape[-2] for layer in cache.layers] == [5, 6]
+    assert slots(cache, 0) == [[0, 0] + values[1, -(window - 1) :].tolist(), newcomer[0].tolist()]
+
+
+def test_sliding_layers_keep_every_slot_until_enough_are_out_of_window():
+    mask = torch.ones(1, SPARE_SLOTS + 2, dtype=torch.long)
+    running = RunningCache(4, [True, True])
+    running.add(cache_of(torch.arange(SPARE_SLOTS + 2)[None]), mask)
+    running.forget_out_of_window()  # 31 slots out of window: fewer than SPARE_SLOTS, so no copy yet
+    assert running.widths == [SPARE_SLOTS + 2] * 2
+    RunningCache().forget_out_of_window()  # no window, no cache: nothing to do

@@ -12,6 +12,8 @@ import inspect
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
+from workers.attention import forward_mask, unwindowed_cache
+
 
 def cache_kwarg(model: PreTrainedModel) -> str:
     # transformers 5 renames `past_key_values` to `cache` (the old name warns, then goes in 5.40).
@@ -42,7 +44,7 @@ def prefix_cache(
     per_layer = prefixes.permute(2, 3, 0, 4, 1, 5)  # N x 2 x B x H x P x Dh, the cache's layout
     frozen = 0 if trained_layers is None else max(0, len(per_layer) - trained_layers)
     layers = [(k.detach(), v.detach()) if i < frozen else (k, v) for i, (k, v) in enumerate(per_layer)]
-    return DynamicCache(ddp_cache_data=layers, config=model.config)
+    return DynamicCache(ddp_cache_data=layers)  # every layer keeps every slot: `workers.attention`
 
 
 @torch.no_grad()
@@ -52,8 +54,10 @@ def text_prefix(model: PreTrainedModel, ids: list[int], length: int) -> torch.Te
     A prefix of exactly the text's tokens makes the model answer as if the text came first (the persona
     init: an untrained deep expert behaves like the persona prompt).
     """
-    cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([ids], device=model.device), use_cache=True, **{cache_kwarg(model): cache})
+    cache = unwindowed_cache(model)  # a text longer than a window keeps all its slots, as a prefix does
+    row = torch.tensor([ids], device=model.device)
+    mask = forward_mask(model, torch.ones_like(row), row.shape[1])
+    model(input_ids=row, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache})
     kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])  # N 2 H T Dh
     kv = kv.permute(3, 0, 1, 2, 4).float().cpu()  # T x N x 2 x H x Dh
     return kv[torch.arange(length) % len(ids)]
@@ -72,4 +76,4 @@ def random_prefix(like: torch.Tensor, length: int, generator: torch.Generator) -
 def start_cache(model: PreTrainedModel, inputs: dict) -> DynamicCache:
     """The cache a forward pass over `inputs` extends: the rows' prefixes (taken out of `inputs`), else empty."""
     cache = inputs.pop(cache_kwarg(model), None)
-    return cache if cache is not None else DynamicCache(config=model.config)
+    return cache if cache is not None else unwindowed_cache(model)

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from workers.attention import windowed
 from workers.base_model import FrozenBase
 from workers.chat import chat_prompt
 from workers.defaults import EVAL_BATCH_SIZE
@@ -208,7 +209,7 @@ def batch_log_probs(
     inputs = prompted_inputs(
         base.model, ids.to(base.device), mask.to(base.device), bank, torch.tensor(list(expert_idx))
     )
-    out = base.model(**inputs, use_cache=False, logits_to_keep=1)
+    out = base.model(**windowed(base.model, inputs), use_cache=False, logits_to_keep=1)
     n_options = torch.tensor([q.n_options for q in questions], device=base.device)
     return option_log_probs(out.logits[:, -1], letter_ids.to(base.device), n_options, normalised)
 

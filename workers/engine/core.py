@@ -26,10 +26,11 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
+from workers.attention import SLIDING, check_layer_kinds, layer_kinds
 from workers.base_model import FrozenBase
 from workers.committees import BASE
 from workers.engine.kv_cache import DEFAULT_CACHE_TOKENS, RunningCache, cache_rows, row_indices, truncate
-from workers.engine.model_runner import ModelRunner, check_full_attention, stop_token_ids
+from workers.engine.model_runner import ModelRunner, stop_token_ids
 from workers.engine.requests import FINISH_REASONS, Batch, FaultHook, Generation, Opinion
 from workers.engine.scheduler import Scheduler, by_bank
 from workers.prompts import NO_EXPERT, SoftPromptBank
@@ -70,12 +71,13 @@ class EngineCore:
         max_cache_tokens: int = DEFAULT_CACHE_TOKENS,
         max_wait_steps: int = 16,
     ):
-        check_full_attention(base)
+        check_layer_kinds(base.model.config)
         self.base, self.bank = base, bank
         self.stop_ids = stop_token_ids(base) if stop_ids is None else set(stop_ids)
         self.scheduler = Scheduler(max_tokens_per_step, max_rows, max_cache_tokens, max_wait_steps)
         self.runner = ModelRunner(base, per_expert)
-        self.kv = RunningCache()
+        kinds = layer_kinds(base.model.config)
+        self.kv = RunningCache(kinds.window, [kind == SLIDING for kind in kinds.kinds])
         self.fault_hook: FaultHook | None = None
         self.step_hook: Callable[[], None] | None = None  # tests: called before each decode step, may block
         self.on_batch: Callable[[Batch], None] | None = None  # told of every forward pass (engine thread)
@@ -198,12 +200,13 @@ class EngineCore:
         """Decode the running batch: rows x V logits. A forward that raises is undone, the request that makes
         it fail ends with the error, and the rest are decoded again (None if none is left)."""
         while self._running:
-            width = self.kv.mask.shape[1]
+            widths = self.kv.widths
             try:
                 logits, self.kv.mask = self._decode(self._running, self.kv.cache, self.kv.mask)
+                self.kv.forget_out_of_window()
                 return logits
             except Exception as error:  # noqa: BLE001 - fails the request that causes it only
-                truncate(self.kv.cache, width)  # the layers the failed forward reached hold one slot more
+                truncate(self.kv.cache, widths)  # the layers the failed forward reached hold one slot more
                 culprit = self._culprit(
                     self._running,
                     error,

@@ -12,6 +12,10 @@ Memory: the cache is rows x padded width slots (left padding and prefix slots in
 `slot_steps_needed` sum, over decode steps, the slots held and the slots the rows need (their real lengths):
 their ratio is the padding's cost.
 
+Sliding-window layers (`workers.attention`) may hold fewer slots than the mask is wide: always the last ones of
+each row (`forget_out_of_window`). Merges pad each layer to its own width, and cutting columns cuts a narrower
+layer only where it reaches.
+
 The layers are `SpareSlotsLayer`s (`with_spare_slots`): a decode step writes its keys and values into free
 slots after the cache's end instead of copying the whole cache, and copies only every `SPARE_SLOTS` steps, or
 after a merge or a trim assigned new tensors.
@@ -87,9 +91,8 @@ def merge(
     Every new tensor is made before `cache` changes: if this raises (out of memory), `cache` is as it was."""
     if cache is None:
         return new_cache, new_mask
-    width = max(mask.shape[1], new_mask.shape[1])
 
-    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+    def pad(t: torch.Tensor, dim: int, width: int) -> torch.Tensor:
         missing = width - t.shape[dim]
         if not missing:
             return t
@@ -97,14 +100,18 @@ def merge(
         shape[dim] = missing
         return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-    merged = [
-        (
-            torch.cat([pad(old.keys, -2), pad(new.keys, -2)]),
-            torch.cat([pad(old.values, -2), pad(new.values, -2)]),
+    merged = []
+    for old, new in zip(cache.layers, new_cache.layers):
+        # Each layer to its own width: sliding layers may hold only their last slots (`forget_out_of_window`).
+        width = max(old.keys.shape[-2], new.keys.shape[-2])
+        merged.append(
+            (
+                torch.cat([pad(old.keys, -2, width), pad(new.keys, -2, width)]),
+                torch.cat([pad(old.values, -2, width), pad(new.values, -2, width)]),
+            )
         )
-        for old, new in zip(cache.layers, new_cache.layers)
-    ]
-    merged_mask = torch.cat([pad(mask, 1), pad(new_mask, 1)])
+    width = max(mask.shape[1], new_mask.shape[1])
+    merged_mask = torch.cat([pad(mask, 1, width), pad(new_mask, 1, width)])
     for layer, (keys, values) in zip(cache.layers, merged):
         layer.keys, layer.values = keys, values
     return cache, merged_mask
@@ -117,29 +124,35 @@ def row_indices(requests: Sequence[HasRows], part: Sequence[HasRows], device: to
     return torch.tensor([r for r, g in enumerate(owners) if id(g) in wanted], dtype=torch.long, device=device)
 
 
-def cache_rows(cache: DynamicCache, rows: torch.Tensor, first: int = 0) -> DynamicCache:
-    """A new cache of `cache`'s rows `rows` from slot `first` on (new tensors: `cache` is unchanged)."""
+def cache_rows(
+    cache: DynamicCache, rows: torch.Tensor, first: int = 0, width: int | None = None
+) -> DynamicCache:
+    """A new cache of `cache`'s rows `rows` from slot `first` of the mask's `width` on (new tensors: `cache`
+    is unchanged). A layer holding fewer slots than `width` holds the last ones: it loses only those before
+    `first`."""
     kept = copy.copy(cache)
     kept.layers = []
     for layer in cache.layers:
         new = copy.copy(layer)
-        new.keys, new.values = layer.keys[rows][..., first:, :], layer.values[rows][..., first:, :]
+        skip = first if width is None else max(0, first - (width - layer.keys.shape[-2]))
+        new.keys, new.values = layer.keys[rows][..., skip:, :], layer.values[rows][..., skip:, :]
         kept.layers.append(new)
     return kept
 
 
-def truncate(cache: DynamicCache, width: int) -> None:
-    """Undo a failed forward: every layer back to its first `width` slots (those it reached held one more)."""
-    for layer in cache.layers:
+def truncate(cache: DynamicCache, widths: Sequence[int]) -> None:
+    """Undo a failed forward: each layer back to its width before it (those it reached hold one slot more)."""
+    for layer, width in zip(cache.layers, widths):
         layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
 
 
 class RunningCache:
     """The running batch's cache and attention mask (None while no row runs), and its slot counters."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: int | None = None, sliding: Sequence[bool] = ()) -> None:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
+        self.window, self.sliding = window, list(sliding)  # the window of the layers that slide, if any
         # Cache slots (rows x width) and the slots rows hold (their real lengths), summed over decode steps:
         # their ratio is the padding's cost. `peak_cache_slots`: the most slots one step held.
         self.slot_steps_used = self.slot_steps_needed = self.peak_cache_slots = 0
@@ -161,6 +174,28 @@ class RunningCache:
         self.slot_steps_needed += int(mask.sum())
         self.peak_cache_slots = max(self.peak_cache_slots, mask.numel())
 
+    @property
+    def widths(self) -> list[int]:
+        """Each layer's slots per row (sliding layers may hold fewer than the mask's width)."""
+        return [layer.keys.shape[-2] for layer in self.cache.layers]
+
+    def forget_out_of_window(self) -> None:
+        """Cut the leading slots of the sliding layers that no row attends to again (padding, or out of its
+        row's window for every later token), once there are SPARE_SLOTS of them: those layers then hold about
+        a window per row, plus the padding between rows' real slots."""
+        if self.window is None or self.mask is None:
+            return
+        layers = [layer for layer, slides in zip(self.cache.layers, self.sliding) if slides]
+        held = layers[0].keys.shape[-2]
+        positions = (self.mask.cumsum(-1) - 1)[:, -held:]
+        next_position = self.mask.sum(-1, keepdim=True)
+        live = self.mask[:, -held:].bool() & (positions > next_position - self.window)
+        dead = int(live.any(0).long().argmax()) if live.any() else held
+        if dead < SPARE_SLOTS:
+            return
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[..., dead:, :], layer.values[..., dead:, :]
+
     def add(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         """Stack new rows under the running ones; if this raises, nothing changed."""
         self.cache, self.mask = merge(self.cache, self.mask, cache, mask)
@@ -178,7 +213,7 @@ class RunningCache:
         rows = row_indices(requests, keep, self.mask.device)
         mask = self.mask[rows]
         first = int(mask.any(0).long().argmax())
-        return cache_rows(self.cache, rows, first), mask[:, first:]
+        return cache_rows(self.cache, rows, first, mask.shape[1]), mask[:, first:]
 
     def clear(self) -> None:
         self.cache = self.mask = None

@@ -9,6 +9,9 @@
 - opinions: a committee's mixed option distribution for a batch of questions (one forward, or one an expert).
 - pick: each request's member rows mixed by weight and its next token chosen (`workers.engine.sampling`).
 
+Every forward takes `workers.attention`'s masks: a sliding window counts a row's real slots, so padding and a
+neighbour's prompt slots change nothing; a decode sees only the slots the sliding layers still hold.
+
 This is the one place that calls the model: a GPU path (CUDA graphs, a paged cache) would change it alone. It
 never calls the tokenizer (the engine thread must not share a fast tokenizer): the pad and option-letter ids are
 read once, at construction.
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from workers.attention import SLIDING, forward_mask, layer_kinds, windowed
 from workers.base_model import FrozenBase
 from workers.committees import committee_distributions
 from workers.engine.kv_cache import with_spare_slots
@@ -40,12 +44,6 @@ def stop_token_ids(base: FrozenBase) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def check_full_attention(base: FrozenBase) -> None:
-    """Refuse a model with sliding-window layers: the engine merges full-attention caches only."""
-    if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=base.model.config).layers):
-        raise ValueError("the engine merges full-attention caches only; this model has sliding-window layers")
-
-
 class ModelRunner:
     """The forward passes of one frozen base: prefill, decode, opinions; and the token picks after decode."""
 
@@ -53,6 +51,7 @@ class ModelRunner:
         self.base = base
         self.per_expert = per_expert  # opinions: one forward per expert (benchmarks only)
         self.letter_ids = option_token_ids(base.tokenizer)  # here, so the engine thread needs no tokenizer
+        self.sliding = [kind == SLIDING for kind in layer_kinds(base.model.config).kinds]
 
     def prefill(self, batch: Sequence[Generation]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """One forward over the prompts of new requests (each member a row): logits, cache and mask."""
@@ -69,11 +68,14 @@ class ModelRunner:
             self.base.model, ids.to(device), mask.to(device), bank, torch.tensor(experts)
         )
         # A row with a deep prefix starts its cache with it: decoding then continues from that cache as usual.
-        cache = with_spare_slots(start_cache(self.base.model, inputs))
+        cache = start_cache(self.base.model, inputs)
         out = self.base.model(
-            **inputs, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.base.model): cache}
+            **windowed(self.base.model, inputs),
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kwarg(self.base.model): cache},
         )
-        return out.logits[:, -1].float(), cache, inputs["attention_mask"]
+        return out.logits[:, -1].float(), with_spare_slots(cache), inputs["attention_mask"]
 
     def decode(
         self, requests: Sequence[Generation], cache: DynamicCache, mask: torch.Tensor
@@ -85,9 +87,10 @@ class ModelRunner:
         # A new token's position is the number of slots its row attends to so far (prompt and padding aside).
         position_ids = mask.sum(-1, keepdim=True)
         mask = torch.cat([mask, mask.new_ones(len(next_ids), 1)], dim=1)
+        sliding = [layer.keys.shape[-2] + 1 for layer, slides in zip(cache.layers, self.sliding) if slides]
         out = self.base.model(
             input_ids=next_ids,
-            attention_mask=mask,
+            attention_mask=forward_mask(self.base.model, mask, 1, sliding[0] if sliding else None),
             position_ids=position_ids,
             use_cache=True,
             **{cache_kwarg(self.base.model): cache},
