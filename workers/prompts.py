@@ -211,7 +211,8 @@ class SoftPromptBank(nn.Module):
             raise ValueError(f"unknown prompt init {init!r}; use 'persona', 'random' or copy_expert()")
         if kind not in ("input", "deep"):
             raise ValueError(f"unknown prompt kind {kind!r}; use 'input' or 'deep'")
-        embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
+        embed = base.model.get_input_embeddings()
+        embeddings = embed.weight.detach().float().cpu()
         generator = torch.Generator().manual_seed(seed)
         prompts, prefixes = [], []
         for culture in cultures:
@@ -225,11 +226,12 @@ class SoftPromptBank(nn.Module):
                     prefixes.append(random_prefix(persona, num_virtual_tokens, generator))
             elif init == "persona":
                 # Like PEFT's TEXT init: repeat the persona's tokens until they fill L.
+                # The embedding module's output, not its weight rows: Gemma scales rows by sqrt(hidden) there.
                 ids = (ids * (num_virtual_tokens // len(ids) + 1))[:num_virtual_tokens]
-                prompts.append(embeddings[torch.tensor(ids)])
+                prompts.append(embed(torch.tensor(ids, device=base.device)).detach().float().cpu())
             else:
                 noise = torch.randn(num_virtual_tokens, embeddings.shape[1], generator=generator)
-                prompts.append(noise * embeddings.std())
+                prompts.append(noise * embeddings.std() * _output_scale(embed, ids))
         return cls(cultures, prompts, prefixes or None, shared_prefix).to(base.device)
 
     def copy_expert(self, source: str, culture: str) -> SoftPromptBank:
@@ -251,6 +253,12 @@ class SoftPromptBank(nn.Module):
             None if prefix is None else prefix.detach().cpu().clone(),
         )
         return replace(expert, meta=described(expert))
+
+
+def _output_scale(embed: nn.Module, ids: list[int]) -> float:
+    """How much the embedding module scales its weight rows (1 for a plain nn.Embedding; sqrt(hidden) for Gemma)."""
+    rows = torch.tensor(ids, device=embed.weight.device)
+    return float(embed(rows).float().norm() / embed.weight[rows].float().norm())
 
 
 def prompted_inputs(
