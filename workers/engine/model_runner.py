@@ -51,7 +51,8 @@ class ModelRunner:
         self.base = base
         self.per_expert = per_expert  # opinions: one forward per expert (benchmarks only)
         self.letter_ids = option_token_ids(base.tokenizer)  # here, so the engine thread needs no tokenizer
-        self.sliding = [kind == SLIDING for kind in layer_kinds(base.model.config).kinds]
+        self.kinds = layer_kinds(base.model.config)
+        self.sliding = [kind == SLIDING for kind in self.kinds.kinds]
 
     def prefill(self, batch: Sequence[Generation]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """One forward over the prompts of new requests (each member a row): logits, cache and mask."""
@@ -90,7 +91,9 @@ class ModelRunner:
         sliding = [layer.keys.shape[-2] + 1 for layer, slides in zip(cache.layers, self.sliding) if slides]
         out = self.base.model(
             input_ids=next_ids,
-            attention_mask=forward_mask(self.base.model, mask, 1, sliding[0] if sliding else None),
+            attention_mask=forward_mask(
+                self.base.model, mask, 1, sliding[0] if sliding else None, self.kinds
+            ),
             position_ids=position_ids,
             use_cache=True,
             **{cache_kwarg(self.base.model): cache},
