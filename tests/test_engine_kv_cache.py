@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from workers.attention import FULL, SLIDING, LayerKinds
 from workers.engine.kv_cache import (
     DEFAULT_CACHE_TOKENS,
     SPARE_SLOTS,
@@ -140,7 +141,7 @@ def test_sliding_layers_forget_the_slots_out_of_every_rows_window_and_still_merg
     mask = torch.ones(2, width, dtype=torch.long)
     mask[1, : width - 6] = 0
     values = torch.arange(1, 2 * width + 1).reshape(2, width) * mask
-    running = RunningCache(window, [True, False])
+    running = RunningCache(LayerKinds((SLIDING, FULL), window))
     running.add(cache_of(values), mask)
     running.forget_out_of_window()
     # The next token of row 0 sits at position `width`: it sees positions width-3.. only, so the sliding layer
@@ -162,7 +163,7 @@ def test_sliding_layers_forget_the_slots_out_of_every_rows_window_and_still_merg
 
 def test_sliding_layers_keep_every_slot_until_enough_are_out_of_window():
     mask = torch.ones(1, SPARE_SLOTS + 2, dtype=torch.long)
-    running = RunningCache(4, [True, True])
+    running = RunningCache(LayerKinds((SLIDING, SLIDING), 4))
     running.add(cache_of(torch.arange(SPARE_SLOTS + 2)[None]), mask)
     running.forget_out_of_window()  # 31 slots out of window: fewer than SPARE_SLOTS, so no copy yet
     assert running.widths == [SPARE_SLOTS + 2] * 2

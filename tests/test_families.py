@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import PROMPTS, experts_of_every_kind, random_expert, token_ids
-from workers.attention import layer_kinds
+from workers.attention import layer_kinds, windowed
 from workers.base_model import load_frozen_base
 from workers.engine import DecodeEngine, DecodeRequest
 from workers.expert_file import Expert
@@ -36,8 +36,6 @@ def base(family_dir):
 
 def _logits(base, bank, ids, expert):
     """The last position's logits of one row under `bank`'s expert `expert` (the forward scoring makes)."""
-    from workers.attention import windowed
-
     ids = torch.tensor([ids])
     inputs = prompted_inputs(base.model, ids, torch.ones_like(ids), bank, torch.tensor([expert]))
     with torch.no_grad():

@@ -28,6 +28,11 @@ class LayerKinds:
     window: int | None  # the sliding layers' window in tokens; None when no layer slides
 
     @property
+    def sliding(self) -> tuple[bool, ...]:
+        """Whether each layer slides."""
+        return tuple(kind == SLIDING for kind in self.kinds)
+
+    @property
     def mixed(self) -> bool:
         """Both full and sliding layers: the model takes one mask per kind."""
         return FULL in self.kinds and SLIDING in self.kinds

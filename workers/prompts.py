@@ -212,13 +212,13 @@ class SoftPromptBank(nn.Module):
         if kind not in ("input", "deep"):
             raise ValueError(f"unknown prompt kind {kind!r}; use 'input' or 'deep'")
         embed = base.model.get_input_embeddings()
-        embeddings = embed.weight.detach().float().cpu()
+        width = embed.weight.shape[1]
         generator = torch.Generator().manual_seed(seed)
         prompts, prefixes = [], []
         for culture in cultures:
             ids = base.tokenizer(persona_text(culture), add_special_tokens=False)["input_ids"]
             if kind == "deep":
-                prompts.append(embeddings.new_zeros(0, embeddings.shape[1]))
+                prompts.append(torch.zeros(0, width))
                 if init == "persona":
                     prefixes.append(text_prefix(base.model, ids, num_virtual_tokens))
                 else:
@@ -230,8 +230,8 @@ class SoftPromptBank(nn.Module):
                 ids = (ids * (num_virtual_tokens // len(ids) + 1))[:num_virtual_tokens]
                 prompts.append(embed(torch.tensor(ids, device=base.device)).detach().float().cpu())
             else:
-                noise = torch.randn(num_virtual_tokens, embeddings.shape[1], generator=generator)
-                prompts.append(noise * embeddings.std() * _output_scale(embed, ids))
+                noise = torch.randn(num_virtual_tokens, width, generator=generator)
+                prompts.append(noise * float(embed.weight.float().std()) * _output_scale(embed, ids))
         return cls(cultures, prompts, prefixes or None, shared_prefix).to(base.device)
 
     def copy_expert(self, source: str, culture: str) -> SoftPromptBank:

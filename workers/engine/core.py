@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from workers.attention import SLIDING, check_layer_kinds, layer_kinds
+from workers.attention import check_layer_kinds
 from workers.base_model import FrozenBase
 from workers.committees import BASE
 from workers.engine.kv_cache import DEFAULT_CACHE_TOKENS, RunningCache, cache_rows, row_indices, truncate
@@ -76,8 +76,7 @@ class EngineCore:
         self.stop_ids = stop_token_ids(base) if stop_ids is None else set(stop_ids)
         self.scheduler = Scheduler(max_tokens_per_step, max_rows, max_cache_tokens, max_wait_steps)
         self.runner = ModelRunner(base, per_expert)
-        kinds = layer_kinds(base.model.config)
-        self.kv = RunningCache(kinds.window, [kind == SLIDING for kind in kinds.kinds])
+        self.kv = RunningCache(self.runner.kinds)
         self.fault_hook: FaultHook | None = None
         self.step_hook: Callable[[], None] | None = None  # tests: called before each decode step, may block
         self.on_batch: Callable[[Batch], None] | None = None  # told of every forward pass (engine thread)

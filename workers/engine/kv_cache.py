@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from workers.attention import LayerKinds
 from workers.base_model import FrozenBase
 
 # Free cache slots a decode layer keeps: one copy of its cache every 32 steps, not every step.
@@ -149,10 +150,10 @@ def truncate(cache: DynamicCache, widths: Sequence[int]) -> None:
 class RunningCache:
     """The running batch's cache and attention mask (None while no row runs), and its slot counters."""
 
-    def __init__(self, window: int | None = None, sliding: Sequence[bool] = ()) -> None:
+    def __init__(self, kinds: LayerKinds | None = None) -> None:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
-        self.window, self.sliding = window, list(sliding)  # the window of the layers that slide, if any
+        self.kinds = kinds  # the model's layer kinds: which layers slide, and their window
         # Cache slots (rows x width) and the slots rows hold (their real lengths), summed over decode steps:
         # their ratio is the padding's cost. `peak_cache_slots`: the most slots one step held.
         self.slot_steps_used = self.slot_steps_needed = self.peak_cache_slots = 0
@@ -183,13 +184,13 @@ class RunningCache:
         """Cut the leading slots of the sliding layers that no row attends to again (padding, or out of its
         row's window for every later token), once there are SPARE_SLOTS of them: those layers then hold about
         a window per row, plus the padding between rows' real slots."""
-        if self.window is None or self.mask is None:
+        if self.kinds is None or self.kinds.window is None or self.mask is None:
             return
-        layers = [layer for layer, slides in zip(self.cache.layers, self.sliding) if slides]
+        layers = [layer for layer, slides in zip(self.cache.layers, self.kinds.sliding) if slides]
         held = layers[0].keys.shape[-2]
         positions = (self.mask.cumsum(-1) - 1)[:, -held:]
         next_position = self.mask.sum(-1, keepdim=True)
-        live = self.mask[:, -held:].bool() & (positions > next_position - self.window)
+        live = self.mask[:, -held:].bool() & (positions > next_position - self.kinds.window)
         dead = int(live.any(0).long().argmax()) if live.any() else held
         if dead < SPARE_SLOTS:
             return

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from workers.attention import SLIDING, forward_mask, layer_kinds, windowed
+from workers.attention import forward_mask, layer_kinds, windowed
 from workers.base_model import FrozenBase
 from workers.committees import committee_distributions
 from workers.engine.kv_cache import with_spare_slots
@@ -51,8 +51,7 @@ class ModelRunner:
         self.base = base
         self.per_expert = per_expert  # opinions: one forward per expert (benchmarks only)
         self.letter_ids = option_token_ids(base.tokenizer)  # here, so the engine thread needs no tokenizer
-        self.kinds = layer_kinds(base.model.config)
-        self.sliding = [kind == SLIDING for kind in self.kinds.kinds]
+        self.kinds = layer_kinds(base.model.config)  # read once: reading them costs ~0.4 ms
 
     def prefill(self, batch: Sequence[Generation]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """One forward over the prompts of new requests (each member a row): logits, cache and mask."""
@@ -88,7 +87,9 @@ class ModelRunner:
         # A new token's position is the number of slots its row attends to so far (prompt and padding aside).
         position_ids = mask.sum(-1, keepdim=True)
         mask = torch.cat([mask, mask.new_ones(len(next_ids), 1)], dim=1)
-        sliding = [layer.keys.shape[-2] + 1 for layer, slides in zip(cache.layers, self.sliding) if slides]
+        sliding = [
+            layer.keys.shape[-2] + 1 for layer, slides in zip(cache.layers, self.kinds.sliding) if slides
+        ]
         out = self.base.model(
             input_ids=next_ids,
             attention_mask=forward_mask(
