@@ -1,4 +1,4 @@
-"""Renderings: each maps back exactly; answers average both option orders, so a position-biased model's answer
+"""Renderings: each maps back exactly; answers combine both option orders, so a position-biased model's answer
 does not depend on the order; training draws renderings; the shipped recipe trains on every programme;
 evaluation reports every rendering and names the worst."""
 
@@ -188,7 +188,7 @@ def test_the_report_scores_every_rendering_and_names_the_worst(llama_base):
     assert set(report["renderings"]) == set(RENDERINGS)
     written = report["renderings"][AS_WRITTEN]["overall"]
     assert written["expert"] == pytest.approx(report["overall"]["expert"])
-    # Both orders averaged: reversing every question's options changes no answer.
+    # Both orders combined: reversing every question's options changes no answer.
     flipped = report["renderings"][REVERSED]
     for column in ("base", SHARED, "expert"):
         assert flipped["overall"][column] == pytest.approx(written[column])

@@ -1,4 +1,5 @@
-"""Alignment arithmetic (workers.scoring): the natural-log scale of published numbers and paired intervals."""
+"""Alignment arithmetic (workers.scoring): the natural-log scale of published numbers, paired intervals, and how
+one question's answers in two option orders combine."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from workers.scoring import (
     bootstrap_ci,
     js_distance,
     natural_log_alignment,
+    order_averaged,
     paired_bootstrap_ci,
 )
 
@@ -76,3 +78,31 @@ def test_paired_interval_resamples_the_same_records_for_both_columns():
     assert paired_bootstrap_ci(a, b, 500) == (lo, hi)  # seeded: the same interval every time
     with pytest.raises(ValueError, match="one score a record"):
         paired_bootstrap_ci(a, b[:-1])
+
+
+def asked_in_both_orders(content: np.ndarray, pull: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What a model whose letter positions multiply its answer by `pull` says in the written order and in the
+    reverse order (the latter in the reversed rendering's own option order)."""
+    written = content * pull
+    shown_reversed = content[::-1] * pull
+    return written / written.sum(), shown_reversed / shown_reversed.sum()
+
+
+def test_a_pull_that_grows_steadily_along_the_positions_cancels_exactly():
+    content = np.array([0.1, 0.5, 0.3, 0.1])
+    pull = 3.0 ** -np.arange(4)  # each letter a third as likely as the one before: a strong pull to "A"
+    written, shown_reversed = asked_in_both_orders(content, pull)
+    combined = order_averaged([written, shown_reversed], [False, True])
+    assert combined == pytest.approx(content, abs=1e-12)
+    # The plain mean keeps half of each order's pull: the option written first gains most.
+    plain = (written + shown_reversed[::-1]) / 2
+    assert abs(plain - content).max() > 0.1
+
+
+def test_combining_orders_ignores_each_answers_scale_and_keeps_one_order_as_it_is():
+    answer = np.array([0.2, 0.5, 0.3])
+    assert order_averaged([answer], [False]) == pytest.approx(answer)
+    assert order_averaged([answer * 7, answer[::-1] * 0.5], [False, True]) == pytest.approx(answer)
+    assert order_averaged(
+        [np.array([0.0, 1.0]), np.array([0.5, 0.5])], [False, False]
+    ).sum() == pytest.approx(1)

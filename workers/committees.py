@@ -27,7 +27,7 @@ from workers.cultures import BASE, SHARED, UnknownCultureError, find_culture, is
 from workers.defaults import ROUTER_MODEL
 from workers.expert_store import Similarity
 from workers.prompts import NO_EXPERT, SoftPromptBank
-from workers.scoring import EncodedQuestion, alignment, batch_log_probs, option_token_ids
+from workers.scoring import EncodedQuestion, alignment, batch_log_probs, option_token_ids, order_averaged
 
 # The prior's weights calibration tries: 0 (the expert alone) to 1 (the prior alone).
 PRIOR_WEIGHTS = tuple(i / 10 for i in range(11))
@@ -214,16 +214,17 @@ def committee_distributions(
     """Each question's option distribution as its committee's weighted mixture, members as rows.
 
     All rows of all questions go through one forward pass, each row with its own expert's prompt, and a
-    question asked in both option orders has a row per order (their answers averaged). With
+    question asked in both option orders has a row per order (a member's orders combined by
+    `order_averaged`, then the members mixed). With
     `per_expert` the rows are grouped by expert instead and each group is its own forward pass: what
     batching by model id does; kept to measure what mixing saves. `letter_ids` (`option_token_ids`) may be
     given by a caller that runs this off the thread that uses the tokenizer.
     """
-    # A row per member and option order (`EncodedQuestion.orders`); each order's answer counts equally.
+    # A row per member and option order (`EncodedQuestion.orders`).
     rows = [
-        (q, expert, w / len(questions[q].orders()), EncodedQuestion(ids, questions[q].n_options), rev)
+        (q, m, expert, EncodedQuestion(ids, questions[q].n_options), rev)
         for q, members in enumerate(committees)
-        for expert, w in members
+        for m, (expert, _) in enumerate(members)
         for ids, rev in questions[q].orders()
     ]
     letter_ids = option_token_ids(base.tokenizer) if letter_ids is None else letter_ids
@@ -231,20 +232,23 @@ def committee_distributions(
     if per_expert:
         by_expert: dict[int, list[int]] = {}
         for r, row in enumerate(rows):
-            by_expert.setdefault(row[1], []).append(r)
+            by_expert.setdefault(row[2], []).append(r)
         groups = list(by_expert.values())
-    row_probs: list[np.ndarray | None] = [None] * len(rows)
+    orders: dict[tuple[int, int], list[np.ndarray]] = {}  # (question, member): its answer in each order
     for group in groups:
-        experts = [rows[r][1] for r in group]
+        experts = [rows[r][2] for r in group]
         # Rows that are all the plain base model need no prompt slots at all, not masked ones.
         group_bank = bank if any(e != NO_EXPERT for e in experts) else None
         log_probs = batch_log_probs(base, group_bank, [rows[r][3] for r in group], experts, letter_ids)
         for slot, r in enumerate(group):
-            probs = log_probs[slot, : rows[r][3].n_options].exp().cpu().double().numpy()
-            row_probs[r] = probs[::-1] if rows[r][4] else probs
+            q, m, _, question, rev = rows[r]
+            probs = log_probs[slot, : question.n_options].exp().cpu().double().numpy()
+            orders.setdefault((q, m), []).append(probs[::-1] if rev else probs)
     mixed = [np.zeros(q.n_options) for q in questions]
-    for r, (q, _, w, _, _) in enumerate(rows):
-        mixed[q] += w * row_probs[r]
+    for q, members in enumerate(committees):
+        for m, (_, w) in enumerate(members):
+            answers = orders[(q, m)]
+            mixed[q] += w * order_averaged(answers, [False] * len(answers))
     return [m / m.sum() for m in mixed]
 
 

@@ -137,8 +137,8 @@ class EncodedQuestion:
     """A question ready for the model: token ids, its number of options, and the survey target if known.
 
     `reversed_ids` is the same question with its options in reverse order. Where it is set, the question's
-    answer is the mean of both orders' answers (`both_orders`): the model's preference for a letter's position
-    cancels, so the answer does not depend on which end of a scale is written first. `renderings` are other
+    answer combines both orders' answers (`both_orders`, `order_averaged`): the model's preference for a
+    letter's position cancels, so the answer does not depend on which end of a scale is written first. `renderings` are other
     ways to write the same question (with their targets), from which training draws one each epoch.
     """
 
@@ -179,8 +179,18 @@ def encode_question(
 
 
 def order_averaged(probs: Sequence[np.ndarray], reversed_flags: Sequence[bool]) -> np.ndarray:
-    """The mean of one question's answers in several option orders, each mapped back to the written order."""
-    return np.mean([p[::-1] if rev else p for p, rev in zip(probs, reversed_flags)], axis=0)
+    """One question's answer from its answers in several option orders, each mapped back to the written order:
+    their mean in log space, renormalised (a normalised geometric mean; each answer's own scale cancels).
+
+    A letter's position multiplies the probability of whichever option stands there (PriDe, ICLR 2024), so in
+    log space the orders share each position's pull out over the options. The arithmetic mean does not: an
+    option one order favours by position alone ("Don't know" written first) keeps half that order's mass.
+    """
+    logs = np.mean(
+        [np.log(np.clip(p[::-1] if rev else p, 1e-300, None)) for p, rev in zip(probs, reversed_flags)], 0
+    )
+    answer = np.exp(logs - logs.max())
+    return answer / answer.sum()
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,8 +226,8 @@ def batch_log_probs(
 
 @torch.no_grad()
 def option_distributions(*args, **kwargs) -> list[np.ndarray]:
-    """The model's distribution over each question's options, batched (rows sorted by length), each the mean
-    over its option orders (`EncodedQuestion.orders`). A row asked twice (the same ids and expert) runs once.
+    """The model's distribution over each question's options, batched (rows sorted by length), each combined
+    over its option orders (`EncodedQuestion.orders`, `order_averaged`). A row asked twice (the same ids and expert) runs once.
     Takes `option_answers`' arguments; leaves out the mass on the options."""
     return option_answers(*args, **kwargs)[0]
 

@@ -3,10 +3,12 @@ and renderings.
 
 The shared prior and each culture's expert answer every record of val and test (and of the transfer split,
 where the config has one) in every rendering of `workers/renderings.py`: options as written alone, and both
-option orders averaged (what shores serves). Each candidate is fitted on val only:
+option orders combined in log space (what shores serves, `workers/scoring.py::order_averaged`). Each candidate is
+fitted on val only:
 
 - `raw, written order`: the expert as trained, its options in the written order alone;
-- `raw`: the expert as trained, both orders averaged;
+- `raw, orders' arithmetic mean`: the expert as trained, the plain mean of both orders' answers;
+- `raw`: the expert as trained, both orders combined in log space;
 - `mix per culture, as written`: (1 - w) expert + w prior, each culture's w best on its val records as written;
 - `mix per culture, worst rendering`: each culture's w best on its val records' worst rendering (what
   `shores train` fits, `orchestrator/calibration.py`);
@@ -41,14 +43,18 @@ from workers.prompts import bank_from_experts
 from workers.renderings import RENDERINGS
 from workers.scoring import alignment, option_distributions, paired_bootstrap_ci
 
-Row = dict  # culture, survey, and the prior's and expert's answers in the written order and both orders
+Row = (
+    dict  # culture, survey, and the prior's and expert's answers: written order, both orders' mean, combined
+)
 Answer = Callable[[Row], np.ndarray]
+ORDERS_MEAN = "raw, orders' arithmetic mean"
 
 
 def score_all(config, experts, base, splits: list[str]) -> dict[str, dict[str, list[Row]]]:
     """Per split and rendering, one row a record of a trained culture: its survey target and the prior's and
-    its expert's answers, written order alone (`*_1`) and both orders averaged (`*_2`), in one batched pass
-    a split (the written-order rows are among the averaged ones, so they cost nothing more)."""
+    its expert's answers, written order alone (`*_1`), the arithmetic mean of both orders (`*_a`) and both
+    combined as served (`*_2`), in one batched pass a split (each order's rows are among the combined ones,
+    so they cost nothing more)."""
     data = prepare_data(config.data)
     index = {e.meta.culture: i for i, e in enumerate(experts)}
     own = [c for c in index if not is_shared(c)]
@@ -60,15 +66,20 @@ def score_all(config, experts, base, splits: list[str]) -> dict[str, dict[str, l
         for name in RENDERINGS:
             for record, q in zip(records, encode(base, records, config.data.max_length, shown=name)):
                 for who in (SHARED, record.culture):
-                    questions += [replace(q, reversed_ids=None), q]
-                    idx += [index[who]] * 2
+                    questions += [
+                        replace(q, reversed_ids=None),
+                        replace(q, input_ids=q.reversed_ids, reversed_ids=None),
+                        q,
+                    ]
+                    idx += [index[who]] * 3
                 keys.append((name, record, q))
         dists = iter(option_distributions(base, bank, questions, idx, config.eval.batch_size, progress=split))
         out[split] = defaultdict(list)
         for name, record, q in keys:
-            p1, p2, e1, e2 = (next(dists) for _ in range(4))
+            (p1, p_rev, p2), (e1, e_rev, e2) = ([next(dists) for _ in range(3)] for _ in range(2))
             row = {"culture": record.culture, "survey": np.asarray(q.target), "p1": p1, "p2": p2, "e1": e1}
-            out[split][name].append(row | {"e2": e2})
+            arithmetic = {"pa": (p1 + p_rev[::-1]) / 2, "ea": (e1 + e_rev[::-1]) / 2}
+            out[split][name].append(row | arithmetic | {"e2": e2})
     return out
 
 
@@ -102,6 +113,7 @@ def candidates(by_rendering: dict[str, list[Row]], keep=lambda i, r: True) -> di
     pooled = PRIOR_WEIGHTS[int(np.argmax(worst_rendering_scores(pooled_rows)))]
     return {
         "raw, written order": (lambda r: r["e1"], {}),
+        ORDERS_MEAN: (lambda r: r["ea"], {}),
         "raw": (lambda r: r["e2"], {}),
         "mix per culture, as written": (lambda r: mix(r, written.get(r["culture"], 0.0)), {"w": written}),
         "mix per culture, worst rendering": (lambda r: mix(r, worst.get(r["culture"], 0.0)), {"w": worst}),
@@ -128,7 +140,8 @@ def one_se_weight(rows: dict) -> float:
 
 
 def prior_of(name: str) -> str:
-    return "p1" if name == "raw, written order" else "p2"
+    """The prior's answer a candidate is compared with: the same order handling as the candidate's."""
+    return {"raw, written order": "p1", ORDERS_MEAN: "pa"}.get(name, "p2")
 
 
 def worst_gain(by_rendering: dict[str, list[Row]], answer: Answer, prior: str, keep) -> float:
