@@ -138,8 +138,9 @@ class EncodedQuestion:
 
     `reversed_ids` is the same question with its options in reverse order. Where it is set, the question's
     answer combines both orders' answers (`both_orders`, `order_averaged`): the model's preference for a
-    letter's position cancels, so the answer does not depend on which end of a scale is written first. `renderings` are other
-    ways to write the same question (with their targets), from which training draws one each epoch.
+    letter's position cancels, so the answer does not depend on which end of a scale is written first.
+    `renderings` are other ways to write the same question (with their targets), from which training draws one
+    each epoch.
     """
 
     input_ids: list[int]
@@ -227,8 +228,8 @@ def batch_log_probs(
 @torch.no_grad()
 def option_distributions(*args, **kwargs) -> list[np.ndarray]:
     """The model's distribution over each question's options, batched (rows sorted by length), each combined
-    over its option orders (`EncodedQuestion.orders`, `order_averaged`). A row asked twice (the same ids and expert) runs once.
-    Takes `option_answers`' arguments; leaves out the mass on the options."""
+    over its option orders (`EncodedQuestion.orders`, `order_averaged`). A row asked twice (the same ids and
+    expert) runs once. Takes `option_answers`' arguments; leaves out the mass on the options."""
     return option_answers(*args, **kwargs)[0]
 
 

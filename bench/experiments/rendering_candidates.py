@@ -14,6 +14,10 @@ fitted on val only:
   `shores train` fits, `orchestrator/calibration.py`);
 - `mix pooled, worst rendering`: one w for every culture, best on the pooled worst rendering.
 
+A temperature on both the prior's and the experts' answers (`temperature_scan`: each answer's probabilities
+raised to 1/T and renormalised) is scanned beside them: T is chosen on val's worst rendering, and test reports it
+by option count, since a sharper answer helps where the model knows and harms where it is below uniform.
+
 The choice is the candidate whose worst rendering gains most over the prior on val out of sample: fitted on one
 half of each culture's val records, scored on the other (2-fold, 20 random halvings, `cross_fitted`). Run it on
 experts trained with and without renderings (`--set train.renderings=false`) to compare the training side.
@@ -198,6 +202,55 @@ def summary(rows: list[Row], answer: Answer, prior: str) -> dict:
     }
 
 
+TEMPERATURES = (0.5, 0.6, 0.7, 0.85, 1.0, 1.25, 1.5)
+# Option counts apart: a ten-point value scale is where a small model is below uniform.
+OPTION_COUNTS = {"2-7 options": range(2, 8), "8+ options": range(8, 100)}
+
+
+def tempered(answer: np.ndarray, t: float) -> np.ndarray:
+    sharper = answer ** (1 / t)
+    return sharper / sharper.sum()
+
+
+def temperature_scan(scored: dict[str, dict[str, list[Row]]]) -> dict:
+    """For each T: the prior's and the experts' (alone) mean alignment on val's worst rendering, and on test
+    per rendering and per option count, with uniform beside them; `chosen` is the T best on val."""
+    out: dict = {"temperatures": {}}
+
+    def mean(rows: list[Row], key: str, t: float) -> float:
+        return (
+            float(np.mean([alignment(tempered(r[key], t), r["survey"]) for r in rows]))
+            if rows
+            else float("nan")
+        )
+
+    for t in TEMPERATURES:
+        val = {who: min(mean(rows, key, t) for rows in scored["val"].values()) for who, key in WHO.items()}
+        test = {
+            f"{name}, {group}": {
+                "n": len(kept := [r for r in rows if len(r["survey"]) in counts]),
+                **{who: mean(kept, key, t) for who, key in WHO.items()},
+                "uniform": float(
+                    np.mean(
+                        [alignment(np.ones(len(r["survey"])) / len(r["survey"]), r["survey"]) for r in kept]
+                    )
+                )
+                if kept
+                else float("nan"),
+            }
+            for name, rows in scored["test"].items()
+            for group, counts in OPTION_COUNTS.items()
+        }
+        out["temperatures"][t] = {"val_worst_rendering": val, "test": test}
+    out["chosen"] = max(
+        TEMPERATURES, key=lambda t: sum(out["temperatures"][t]["val_worst_rendering"].values())
+    )
+    return out
+
+
+WHO = {SHARED: "p2", "expert": "e2"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -236,12 +289,23 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:<34}{row['cross_fitted']:>+13.4f}  " + "".join(f"{c:<40}" for c in cells))
         cells = [f"{row[split][r]['shared']:.3f} / {row[split][r]['uniform']:.3f}" for r in RENDERINGS]
         print(f"{'shared / uniform':<49}" + "".join(f"{c:<40}" for c in cells))
+    temperature = temperature_scan(scored)
+    print(f"\ntemperature on the prior's and experts' answers (chosen on val: {temperature['chosen']})")
+    for t, row in temperature["temperatures"].items():
+        val = row["val_worst_rendering"]
+        cells = [
+            f"{name} {c[SHARED]:.3f}/{c['expert']:.3f}/{c['uniform']:.3f}"
+            for name, c in row["test"].items()
+            if name.startswith(("as_written", "no_missing"))
+        ]
+        print(f"T {t:<5} val worst {val[SHARED]:.4f}/{val['expert']:.4f}  test " + "  ".join(cells))
     write_report(
         {
             "machine": machine(),
             "config": args.config,
             "experts": args.experts,
             "candidates": table,
+            "temperature": temperature,
         },
         args.out,
     )
