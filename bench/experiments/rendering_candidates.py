@@ -47,9 +47,8 @@ from workers.prompts import bank_from_experts
 from workers.renderings import RENDERINGS
 from workers.scoring import alignment, option_distributions, paired_bootstrap_ci
 
-Row = (
-    dict  # culture, survey, and the prior's and expert's answers: written order, both orders' mean, combined
-)
+# culture, survey, and the prior's and expert's answers: written order, both orders' mean, both combined
+Row = dict
 Answer = Callable[[Row], np.ndarray]
 ORDERS_MEAN = "raw, orders' arithmetic mean"
 
@@ -179,6 +178,13 @@ def cross_fitted(by_rendering: dict[str, list[Row]], repeats: int = 20, seed: in
     return {name: float(np.mean(v)) for name, v in gains.items()}
 
 
+def uniform(rows: list[Row]) -> float:
+    """The mean alignment of equal shares over each record's options."""
+    return float(
+        np.mean([alignment(np.full(len(r["survey"]), 1 / len(r["survey"])), r["survey"]) for r in rows])
+    )
+
+
 def summary(rows: list[Row], answer: Answer, prior: str) -> dict:
     """Pooled answer and prior, the paired gain with its interval, cultures above the prior and below it (their
     interval under 0), and uniform."""
@@ -192,9 +198,7 @@ def summary(rows: list[Row], answer: Answer, prior: str) -> dict:
         "n": len(rows),
         "expert": float(np.mean(a)),
         "shared": float(np.mean(s)),
-        "uniform": float(
-            np.mean([alignment(np.full(len(r["survey"]), 1 / len(r["survey"])), r["survey"]) for r in rows])
-        ),
+        "uniform": uniform(rows),
         "diff": float(np.mean(np.subtract(a, s))),
         "ci95": list(paired_bootstrap_ci(a, s)),
         "above": f"{sum(np.mean(x) > np.mean(y) for x, y in per.values())}/{len(per)}",
@@ -203,6 +207,10 @@ def summary(rows: list[Row], answer: Answer, prior: str) -> dict:
 
 
 TEMPERATURES = (0.5, 0.6, 0.7, 0.85, 1.0, 1.25, 1.5)
+WHO = {
+    SHARED: "p2",
+    "expert": "e2",
+}  # the answers a temperature is scanned on: as served, both orders combined
 # Option counts apart: a ten-point value scale is where a small model is below uniform.
 OPTION_COUNTS = {"2-7 options": range(2, 8), "8+ options": range(8, 100)}
 
@@ -230,13 +238,7 @@ def temperature_scan(scored: dict[str, dict[str, list[Row]]]) -> dict:
             f"{name}, {group}": {
                 "n": len(kept := [r for r in rows if len(r["survey"]) in counts]),
                 **{who: mean(kept, key, t) for who, key in WHO.items()},
-                "uniform": float(
-                    np.mean(
-                        [alignment(np.ones(len(r["survey"])) / len(r["survey"]), r["survey"]) for r in kept]
-                    )
-                )
-                if kept
-                else float("nan"),
+                "uniform": uniform(kept) if kept else float("nan"),
             }
             for name, rows in scored["test"].items()
             for group, counts in OPTION_COUNTS.items()
@@ -246,9 +248,6 @@ def temperature_scan(scored: dict[str, dict[str, list[Row]]]) -> dict:
         TEMPERATURES, key=lambda t: sum(out["temperatures"][t]["val_worst_rendering"].values())
     )
     return out
-
-
-WHO = {SHARED: "p2", "expert": "e2"}
 
 
 def main(argv: list[str] | None = None) -> None:
